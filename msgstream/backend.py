@@ -1,0 +1,337 @@
+"""The backend SPI: what a broker plugin implements, and how plugins are found.
+
+A backend moves bytes. It knows channels, subscriptions and broker message ids, nothing of messages,
+packs, repack, positions or time ticks: those are written once in the core, over these three classes.
+
+A plugin is a class registered under its URL scheme in the entry-point group ``msgstream.backends``::
+
+    [project.entry-points."msgstream.backends"]
+    mybroker = "msgstream_mybroker:MyBrokerBackend"
+
+``connect("mybroker://host:1234/?opt=1")`` then loads it through stevedore and calls
+``MyBrokerBackend(url, options)``. docs/plugins.md walks through writing and testing one.
+
+Rules every implementation keeps (the conformance suite, :mod:`msgstream.testing`, checks them):
+
+* Every blocking call takes or has a timeout and raises a ``msgstream.errors`` class, never a native
+  client exception (translate at the boundary, ``raise ... from exc``).
+* Channel names are ``[A-Za-z0-9_.-]``, at most 200 characters (what every supported broker accepts).
+* A message id is opaque bytes, canonical: the id a consumer receives for a message equals the id
+  ``send`` returned for it and the one ``latest_message_id`` reports while it is the newest.
+* Texts of errors, logs and reprs never contain credentials: render URLs with :meth:`URL.redacted`.
+* Backend methods may be called from several threads; one Producer or Consumer is used by one thread
+  at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from typing import Any, ClassVar, NamedTuple
+from urllib.parse import parse_qsl, quote, unquote
+
+from .errors import BackendNotFoundError, InvalidURLError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Backend",
+    "Consumer",
+    "Features",
+    "Producer",
+    "RawMessage",
+    "SubscriptionPosition",
+    "URL",
+    "installed_schemes",
+    "load_backend",
+]
+
+ENTRY_POINT_GROUP = "msgstream.backends"
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_SECRET_MARKERS = ("password", "secret", "token", "credential", "passwd")
+_MASK = "***"
+
+
+class SubscriptionPosition(enum.Enum):
+    """Where a subscription seen for the first time starts; an existing one resumes where it was."""
+
+    EARLIEST = "earliest"
+    LATEST = "latest"
+
+
+class RawMessage(NamedTuple):
+    """One message as a backend delivers it."""
+
+    channel: str
+    msg_id: bytes
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What a backend can honestly do. Only real broker gaps become ``False``; each one must be named
+    in the backend's docs. The core and the conformance suite read the same flags."""
+
+    #: Two consumers on one subscription split the messages (each message to one of them).
+    shared_subscription: bool = True
+    #: Messages, subscriptions and channels survive a broker restart (used by the fault suite).
+    durable: bool = False
+    #: Clients in other processes see the same channels (false for in-process brokers).
+    cross_process: bool = True
+
+
+class URL:
+    """A parsed backend URL: ``scheme://[user[:password]@]host[:port][,host[:port]...][/path][?k=v&...]``.
+
+    ``str()`` and ``repr()`` mask the password and every option whose name mentions a secret
+    (password, secret, token, credential); :meth:`raw` is the only way to get the original back.
+    """
+
+    __slots__ = ("_raw", "hosts", "options", "password", "path", "scheme", "username")
+
+    def __init__(self, raw: str) -> None:
+        if not isinstance(raw, str):
+            raise InvalidURLError(f"a URL must be a str, got {type(raw).__name__}")
+        self._raw = raw
+        scheme, sep, rest = raw.partition("://")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            raise InvalidURLError(f"malformed URL {self._redact(raw)!r}: expected scheme://...")
+        self.scheme = scheme
+        rest, _, query = rest.partition("?")
+        netloc, slash, path = rest.partition("/")
+        self.path = slash + path if slash else ""
+        userinfo, at, hostlist = netloc.rpartition("@")
+        self.username: str | None = None
+        self.password: str | None = None
+        if at:
+            user, colon, password = userinfo.partition(":")
+            self.username = unquote(user) or None
+            self.password = unquote(password) if colon else None
+        self.hosts: list[tuple[str, int | None]] = []
+        for part in filter(None, hostlist.split(",")):
+            host, port = _split_host(part, self)
+            self.hosts.append((host, port))
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            raise InvalidURLError(f"malformed query in URL {self.redacted()!r}") from None
+        self.options: dict[str, str] = dict(pairs)
+
+    @property
+    def host(self) -> str | None:
+        return self.hosts[0][0] if self.hosts else None
+
+    @property
+    def port(self) -> int | None:
+        return self.hosts[0][1] if self.hosts else None
+
+    def raw(self) -> str:
+        """The URL exactly as given, credentials included: pass it only to the broker client."""
+        return self._raw
+
+    def redacted(self) -> str:
+        """The URL with the password and secret options replaced by ``***``."""
+        return self._redact(self._raw)
+
+    @staticmethod
+    def _redact(raw: str) -> str:
+        head, q, query = raw.partition("?")
+        scheme, sep, rest = head.partition("://")
+        netloc, slash, path = rest.partition("/")
+        userinfo, at, hostlist = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            userinfo = userinfo.partition(":")[0] + ":" + _MASK
+        out = scheme + sep + (userinfo + at if at else "") + hostlist + slash + path
+        if q:
+            parts = []
+            for item in query.split("&"):
+                key, eq, value = item.partition("=")
+                secret = any(m in unquote(key).lower() for m in _SECRET_MARKERS)
+                parts.append(key + eq + (_MASK if secret and eq else value))
+            out += "?" + "&".join(parts)
+        return out
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+    def __repr__(self) -> str:
+        return f"URL({self.redacted()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, URL) and other._raw == self._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+
+def _split_host(part: str, url: URL) -> tuple[str, int | None]:
+    if part.startswith("["):  # [ipv6]:port
+        host, _, tail = part[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = part.partition(":")
+    if not host:
+        raise InvalidURLError(f"empty host in URL {url.redacted()!r}")
+    if not port_text:
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidURLError(f"bad port {port_text!r} in URL {url.redacted()!r}")
+    return host, int(port_text)
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether an option's value must be masked in texts."""
+    return any(m in name.lower() for m in _SECRET_MARKERS)
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` fit for a log line or an error text."""
+    return {k: (_MASK if is_secret_option(k) else v) for k, v in options.items()}
+
+
+def quote_password(password: str) -> str:
+    """Percent-encode a password for use in a URL."""
+    return quote(password, safe="")
+
+
+class Producer(abc.ABC):
+    """Sends to one channel."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+
+    @abc.abstractmethod
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        """Send ``payloads`` in order and block until the broker has accepted every one of them, at
+        most ``timeout`` seconds. Returns their message ids, in order.
+
+        Raises ``ProduceError`` (``retriable`` when the broker was unreachable or slow) if any payload
+        was not accepted; it may then have accepted a prefix, never silently lost one in the middle.
+        A channel deleted meanwhile raises ``ProduceError`` too.
+        """
+
+    def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
+        """Release the producer; sending afterwards is an error. Idempotent."""
+
+
+class Consumer(abc.ABC):
+    """Receives from a set of channels as one member of a subscription.
+
+    Within a subscription each message is delivered to one member; another subscription on the same
+    channels receives every message too. Per channel, a member receives messages in channel order.
+    """
+
+    def __init__(self, subscription: str, channels: Sequence[str]) -> None:
+        self.subscription = subscription
+        self.channels = list(channels)
+
+    @abc.abstractmethod
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        """Block until at least one message is available or ``timeout`` seconds passed; return up to
+        ``max_messages`` (``[]`` on timeout). Raises ``ConsumeError`` (``ChannelNotFoundError`` for a
+        deleted channel) rather than hanging on a broken connection."""
+
+    @abc.abstractmethod
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        """Acknowledge messages this consumer received: the subscription will not deliver them again.
+        Messages received and not acknowledged when the consumer closes or dies go to another member
+        (at-least-once)."""
+
+    @abc.abstractmethod
+    def seek(self, channel: str, after: bytes | None) -> None:
+        """Make the subscription resume ``channel`` right after message id ``after``; ``None`` (or
+        ``b""``) resumes from the channel's first message. Unacknowledged deliveries on that channel
+        are forgotten. An id that is not on the channel raises ``SeekError``, never a silent move to
+        the start or the end."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
+        """Leave the subscription (it keeps its place for the next member). Idempotent."""
+
+
+class Backend(abc.ABC):
+    """One connection to a broker. Subclasses set ``features`` and implement the abstract methods.
+
+    Channel metadata is a small opaque blob stored with the channel on the broker; the core keeps
+    owner records in it, so any client on the same broker can describe a channel.
+    """
+
+    features: ClassVar[Features] = Features()
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        self.url = url
+        self.options = dict(options)
+
+    @abc.abstractmethod
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        """Create channel ``name`` with its metadata; ``ChannelExistsError`` if it exists."""
+
+    @abc.abstractmethod
+    def channel_metadata(self, name: str) -> bytes:
+        """The metadata the channel was created with; ``ChannelNotFoundError`` if it does not exist."""
+
+    @abc.abstractmethod
+    def delete_channel(self, name: str) -> None:
+        """Delete the channel, its messages, subscriptions and metadata; ``ChannelNotFoundError`` if
+        it does not exist. Producers and consumers still open on it fail on their next call."""
+
+    @abc.abstractmethod
+    def create_producer(self, channel: str) -> Producer:
+        """A producer for an existing channel (``ChannelNotFoundError`` otherwise)."""
+
+    @abc.abstractmethod
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        """Join ``subscription`` on existing ``channels``. A subscription new on a channel starts at
+        ``initial`` (``LATEST``: after the channel's current last message); an existing one resumes
+        after its last acknowledged message."""
+
+    @abc.abstractmethod
+    def latest_message_id(self, channel: str) -> bytes | None:
+        """The id of the channel's newest message, ``None`` if it has none."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
+        """Close the connection. Idempotent."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url.redacted()!r})"
+
+
+def installed_schemes() -> list[str]:
+    """The URL schemes of every installed backend."""
+    return sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_backend(url: str | URL, options: Mapping[str, Any] | None = None) -> Backend:
+    """Find the backend for the URL's scheme (the whole scheme, else the part before ``+``) through
+    stevedore and open it. Merges ``options`` over the URL's query options."""
+    from stevedore import driver
+    from stevedore.exception import NoMatches
+
+    parsed = url if isinstance(url, URL) else URL(url)
+    merged: dict[str, Any] = dict(parsed.options)
+    merged.update(options or {})
+    candidates = [parsed.scheme] + ([parsed.scheme.split("+", 1)[0]] if "+" in parsed.scheme else [])
+    failures: list[str] = []
+
+    def on_failure(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
+        failures.append(f"{entrypoint.name}: {type(exc).__name__}: {exc}")
+
+    for name in candidates:
+        try:
+            manager = driver.DriverManager(
+                ENTRY_POINT_GROUP, name, invoke_on_load=False, on_load_failure_callback=on_failure
+            )
+        except NoMatches:
+            continue
+        cls = manager.driver
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise BackendNotFoundError(f"entry point {name!r} in {ENTRY_POINT_GROUP} is not a Backend: {cls!r}")
+        backend: Backend = cls(parsed, merged)
+        return backend
+    detail = f"; failed to load: {'; '.join(failures)}" if failures else ""
+    raise BackendNotFoundError(
+        f"no msgstream backend for scheme {parsed.scheme!r} (URL {parsed.redacted()!r});"
+        f" installed: {', '.join(installed_schemes()) or 'none'}{detail}"
+    )

@@ -1,0 +1,119 @@
+"""The ``msgstream`` console script: ``msgstream demo`` and ``msgstream version``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from . import __version__, connect, repack
+from .backend import installed_schemes
+from .client import CreateChannelRequest, OwnerDescription
+from .errors import MsgStreamError
+from .messages import DeleteMsg, InsertMsg, TsMsg
+from .pack import MsgPack, Position
+from .timestamp import HybridClock, Ticker
+
+
+def demo(url: str, num_channels: int, ticks: int, rows_per_tick: int) -> int:
+    """A small Milvus-like pipeline: a proxy writes inserts and deletes routed row by row across DML
+    channels and broadcasts a time tick after each batch; a query node reads through the time-tick
+    stream and prints one line per tick; then it checkpoints, "restarts" and resumes."""
+    out = sys.stdout.write
+    with connect(url) as client:
+        owner = OwnerDescription(role="proxy", address="127.0.0.1:19530", description_text="dml")
+        channels = client.create_channels(CreateChannelRequest(owner=owner, num_channels=num_channels))
+        desc = client.describe_channels(channels).descriptions[0].owner
+        out(f"created {len(channels)} channels on {client.url}, owner {desc.role}@{desc.address}")
+        out(f" ({desc.description_text})\n")
+        clock = HybridClock()
+        with client.msg_stream() as producer, client.tt_msg_stream() as query_node:
+            producer.create_producers(channels)
+            producer.set_repack_func(repack.insert_delete)
+            producer.start()
+            query_node.create_consumers("query-node-1", channels)
+            query_node.start()
+            ticker = Ticker(producer, clock=clock, source_id=1)
+            next_pk = 0
+            for batch in range(ticks):
+                pks = list(range(next_pk, next_pk + rows_per_tick))
+                next_pk += rows_per_tick
+                stamps = [clock.next() for _ in pks]
+                msgs: list[TsMsg] = [
+                    InsertMsg(
+                        begin_ts=stamps[0],
+                        end_ts=stamps[-1],
+                        collection_name="books",
+                        hash_values=[repack.hash_primary_key(pk) for pk in pks],
+                        row_ids=pks,
+                        timestamps=stamps,
+                        row_data=[f"book {pk}".encode() for pk in pks],
+                    )
+                ]
+                if batch % 2 == 1:  # delete the first row of the previous batch
+                    pk = pks[0] - rows_per_tick
+                    ts = clock.next()
+                    msgs.append(
+                        DeleteMsg(
+                            begin_ts=ts,
+                            end_ts=ts,
+                            collection_name="books",
+                            hash_values=[repack.hash_primary_key(pk)],
+                            primary_keys=[pk],
+                            timestamps=[ts],
+                        )
+                    )
+                producer.produce(MsgPack.of(msgs))
+                ticker.tick()
+            checkpoint: list[Position] = []
+            for _ in range(ticks // 2):
+                pack = query_node.consume(timeout=5.0)
+                if pack is None:
+                    out("no tick arrived in 5 s\n")
+                    return 1
+                out(_describe(pack))
+                checkpoint = pack.end_positions
+        blobs = [p.to_bytes() for p in checkpoint]
+        out(f"checkpointed {len(blobs)} positions ({sum(map(len, blobs))} bytes); query node restarts\n")
+        with client.tt_msg_stream() as query_node:
+            query_node.create_consumers("query-node-1", channels)
+            query_node.seek([Position.from_bytes(b) for b in blobs])
+            query_node.start()
+            while (pack := query_node.consume(timeout=0.5)) is not None:
+                out(_describe(pack))
+        client.destroy_channels(channels)
+        out(f"destroyed {len(channels)} channels\n")
+    return 0
+
+
+def _describe(pack: MsgPack) -> str:
+    kinds = Counter(type(m).__name__ for m in pack.msgs)
+    rows = sum(len(m.row_ids) for m in pack.msgs if isinstance(m, InsertMsg))
+    channels = len({m.position.channel for m in pack.msgs if m.position})
+    what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no data"
+    return f"tick {pack.end_ts} (after {pack.begin_ts}): {what}; {rows} rows over {channels} channels\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="msgstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run a small Milvus-like pipeline (default: in-process memory://)")
+    d.add_argument("--url", default="memory://", help="backend URL (default memory://)")
+    d.add_argument("--channels", type=int, default=4)
+    d.add_argument("--ticks", type=int, default=6)
+    d.add_argument("--rows", type=int, default=8, help="rows inserted per tick")
+    sub.add_parser("version", help="print versions and installed backends")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"msgstream {__version__}; backends: {', '.join(installed_schemes())}")
+        return 0
+    try:
+        return demo(args.url, args.channels, args.ticks, args.rows)
+    except MsgStreamError as exc:
+        print(f"msgstream: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

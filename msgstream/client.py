@@ -1,0 +1,193 @@
+"""``connect(url)`` and :class:`Client`: channels with owner records, and the streams over them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .backend import URL, Backend, load_backend
+from .errors import ChannelNotFoundError, InvalidArgumentError, StreamClosedError, UnmarshalError
+
+if TYPE_CHECKING:
+    from .stream import MsgStream
+    from .timetick import TimeTickStream
+
+__all__ = [
+    "ChannelDescription",
+    "ChannelDescriptions",
+    "Client",
+    "CreateChannelRequest",
+    "OwnerDescription",
+    "connect",
+]
+
+log = logging.getLogger("msgstream")
+
+_OWNER_MAGIC = b"MSO\x01"
+
+
+class OwnerDescription(msgspec.Struct, frozen=True, array_like=True):
+    """Who owns a channel: a role (``"proxy"``), an address and free text."""
+
+    role: str
+    address: str = ""
+    description_text: str = ""
+
+
+class CreateChannelRequest(msgspec.Struct, frozen=True):
+    owner: OwnerDescription
+    num_channels: int = 1
+
+
+class ChannelDescription(msgspec.Struct, frozen=True):
+    owner: OwnerDescription
+
+
+class ChannelDescriptions(msgspec.Struct, frozen=True):
+    descriptions: list[ChannelDescription]
+
+
+_OWNER_ENCODER = msgspec.msgpack.Encoder()
+_OWNER_DECODER = msgspec.msgpack.Decoder(OwnerDescription)
+
+
+def encode_owner(owner: OwnerDescription) -> bytes:
+    """Owner record as stored in a channel's metadata (docs/wire-format.md)."""
+    return _OWNER_MAGIC + _OWNER_ENCODER.encode(owner)
+
+
+def decode_owner(channel: str, data: bytes) -> OwnerDescription:
+    if data[:4] != _OWNER_MAGIC:
+        raise UnmarshalError(f"channel {channel!r} carries no msgstream owner record", data=data)
+    try:
+        return _OWNER_DECODER.decode(memoryview(data)[4:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UnmarshalError(f"corrupt owner record on channel {channel!r}: {exc}", data=data) from exc
+
+
+class Client:
+    """Creates, describes and destroys channels, and opens streams, on one backend.
+
+    ``connect(url)`` builds one; ``Client(backend)`` takes a backend you built yourself (tests, odd
+    set-ups). A client is thread-safe and a context manager; closing it closes the backend.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise InvalidArgumentError(f"Client needs a msgstream.backend.Backend, got {type(backend).__name__}")
+        self.backend = backend
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The backend URL with credentials masked."""
+        return self.backend.url.redacted()
+
+    def create_channels(self, request: CreateChannelRequest) -> list[str]:
+        """Create ``request.num_channels`` channels owned by ``request.owner``; returns their unique
+        names (``<role>-<12 hex>-<i>``). Either all are created or, on error, none is left behind."""
+        self._check_open()
+        if not isinstance(request, CreateChannelRequest) or not isinstance(request.owner, OwnerDescription):
+            raise InvalidArgumentError("create_channels takes a CreateChannelRequest(owner=OwnerDescription(...))")
+        n = request.num_channels
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10_000:
+            raise InvalidArgumentError(f"num_channels must be an int in 1..10000, got {n!r}")
+        role = re.sub(r"[^a-z0-9_-]+", "-", request.owner.role.lower()).strip("-")[:32] or "channel"
+        stem = f"{role}-{uuid.uuid4().hex[:12]}"
+        record = encode_owner(request.owner)
+        names: list[str] = []
+        try:
+            for i in range(n):
+                name = f"{stem}-{i}"
+                self.backend.create_channel(name, record)
+                names.append(name)
+        except BaseException:
+            for name in names:
+                try:
+                    self.backend.delete_channel(name)
+                except Exception:  # cleanup after a failure; the original error is what matters
+                    log.warning("could not remove channel %s after a failed create", name, exc_info=True)
+            raise
+        return names
+
+    def describe_channels(self, channel_ids: Sequence[str]) -> ChannelDescriptions:
+        """Owner of each channel, in order; ``ChannelNotFoundError`` names the first unknown one."""
+        self._check_open()
+        ids = _channel_list(channel_ids)
+        return ChannelDescriptions(
+            descriptions=[ChannelDescription(owner=decode_owner(c, self.backend.channel_metadata(c))) for c in ids]
+        )
+
+    def destroy_channels(self, channel_ids: Sequence[str]) -> None:
+        """Delete the channels with their messages, subscriptions and owner records. All ids are
+        checked first: if one is unknown, ``ChannelNotFoundError`` and nothing is deleted."""
+        self._check_open()
+        ids = _channel_list(channel_ids)
+        for c in ids:
+            self.backend.channel_metadata(c)
+        for c in ids:
+            self.backend.delete_channel(c)
+
+    def channel_exists(self, channel: str) -> bool:
+        self._check_open()
+        try:
+            self.backend.channel_metadata(channel)
+        except ChannelNotFoundError:
+            return False
+        return True
+
+    def msg_stream(self, **options: Any) -> MsgStream:
+        """A new :class:`~msgstream.MsgStream` on this client's backend (options: see MsgStream)."""
+        from .stream import MsgStream
+
+        self._check_open()
+        return MsgStream(self.backend, **options)
+
+    def tt_msg_stream(self, **options: Any) -> TimeTickStream:
+        """A :class:`~msgstream.TimeTickStream` over a new MsgStream; options go to the TimeTickStream
+        (``max_buffered``, ``lag_warning_after``) or else to the MsgStream."""
+        from .timetick import TimeTickStream
+
+        tt_keys = {"max_buffered", "lag_warning_after"}
+        tt_opts = {k: v for k, v in options.items() if k in tt_keys}
+        stream_opts = {k: v for k, v in options.items() if k not in tt_keys}
+        return TimeTickStream(self.msg_stream(**stream_opts), **tt_opts)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosedError("client is closed")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+
+def _channel_list(channel_ids: Sequence[str]) -> list[str]:
+    if isinstance(channel_ids, str) or not all(isinstance(c, str) for c in channel_ids):
+        raise InvalidArgumentError("channel ids must be a list of str")
+    return list(channel_ids)
+
+
+def connect(url: str = "memory://", **options: Any) -> Client:
+    """Open a :class:`Client` on the backend registered for the URL's scheme.
+
+    ``options`` override the URL's query options and go to the backend. Raises ``InvalidURLError``
+    for a malformed URL and ``BackendNotFoundError`` (listing the installed schemes) for an unknown
+    scheme.
+    """
+    return Client(load_backend(URL(url), options))

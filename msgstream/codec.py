@@ -1,0 +1,116 @@
+"""Frame decoding by MsgType: :class:`UnmarshalDispatcher` (Milvus's ``UnmarshalDispatcher``).
+
+The frame format itself is defined with the messages (:mod:`msgstream.messages`) and documented in
+docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from struct import error as struct_error
+from typing import Union
+
+import msgspec
+
+from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
+from .messages import HEADER, HEADER_SIZE, MAGIC, STOCK_TYPES, VERSION, TsMsg
+
+__all__ = ["Decode", "UnmarshalDispatcher", "marshal_many"]
+
+#: A decoder takes the whole frame (header included) and returns the message.
+Decode = Callable[[bytes], TsMsg]
+
+
+class UnmarshalDispatcher:
+    """Turns frames into messages by their MsgType; starts with the seven stock types.
+
+    It only reads after set-up, so one instance can be shared by any number of streams and threads.
+    """
+
+    def __init__(self) -> None:
+        self._decoders: dict[int, Decode] = {}
+        for cls in STOCK_TYPES:
+            self.add_msg_template(cls.msg_type, cls)
+
+    def add_msg_template(self, msg_type: int, decode: Union[type[TsMsg], Decode]) -> None:
+        """Register how to decode ``msg_type``: a ``TsMsg`` subclass (decoded by the standard codec) or a
+        function ``(frame: bytes) -> TsMsg``. A later registration for the same type replaces the
+        earlier one. Exceptions a decode function raises reach callers as ``UnmarshalError``."""
+        if isinstance(msg_type, bool) or not isinstance(msg_type, int) or not 0 < msg_type < 2**32:
+            raise InvalidArgumentError(f"msg_type must be an int in 1..2**32-1, got {msg_type!r}")
+        if isinstance(decode, type) and issubclass(decode, TsMsg):
+            decode.prepare()
+            if int(decode.msg_type) != int(msg_type):
+                raise InvalidArgumentError(
+                    f"{decode.__name__}.msg_type is {int(decode.msg_type)}, registered as {msg_type}"
+                )
+            self._decoders[int(msg_type)] = _struct_decoder(decode)
+        elif callable(decode) and not isinstance(decode, type):
+            self._decoders[int(msg_type)] = _guarded(decode)
+        else:
+            raise InvalidArgumentError(f"decode must be a TsMsg subclass or a callable, got {decode!r}")
+
+    def msg_types(self) -> list[int]:
+        """The registered MsgType values."""
+        return sorted(self._decoders)
+
+    def unmarshal(self, data: bytes) -> TsMsg:
+        """Decode one frame. Raises ``UnmarshalError`` for anything that is not a valid frame of a
+        registered type (``UnknownMsgTypeError`` when only the type is unknown); never anything else."""
+        try:
+            magic, version, _flags, msg_type = HEADER.unpack_from(data)
+        except (struct_error, TypeError) as exc:
+            raise UnmarshalError(f"truncated or non-bytes frame ({_describe(data)})", data=_raw(data)) from exc
+        if magic != MAGIC or version != VERSION:
+            raise UnmarshalError(
+                f"not a msgstream frame (magic {magic!r}, version {version}; want {MAGIC!r} v{VERSION})",
+                data=_raw(data),
+            )
+        decode = self._decoders.get(msg_type)
+        if decode is None:
+            raise UnknownMsgTypeError(msg_type, data=_raw(data))
+        return decode(data)
+
+
+def marshal_many(msgs: Sequence[TsMsg]) -> list[bytes]:
+    """Frames for a batch of messages."""
+    return [m.marshal() for m in msgs]
+
+
+def _struct_decoder(cls: type[TsMsg]) -> Decode:
+    decode = cls._decoder.decode
+    name = cls.__name__
+
+    def decode_struct(data: bytes) -> TsMsg:
+        try:
+            msg: TsMsg = decode(memoryview(data)[HEADER_SIZE:])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
+        return msg
+
+    return decode_struct
+
+
+def _guarded(decode: Decode) -> Decode:
+    def decode_user(data: bytes) -> TsMsg:
+        try:
+            msg = decode(data)
+        except MsgStreamError:
+            raise
+        except Exception as exc:  # a user decoder's failure is a bad frame, not a crash
+            raise UnmarshalError(f"decoder {decode!r} failed: {exc!r}", data=bytes(data)) from exc
+        if not isinstance(msg, TsMsg):
+            raise UnmarshalError(f"decoder {decode!r} returned {type(msg).__name__}, not a TsMsg", data=bytes(data))
+        return msg
+
+    return decode_user
+
+
+def _raw(data: object) -> bytes | None:
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+
+
+def _describe(data: object) -> str:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return f"{len(data)} bytes, header needs {HEADER_SIZE}"
+    return f"got {type(data).__name__}"

@@ -1,0 +1,239 @@
+"""The in-process ``memory://`` backend: the zero-setup default and the reference SPI implementation.
+
+``memory://`` and ``memory://NAME`` name brokers living in this process: every client opened on the
+same URL (host part) shares one broker, so a second client describes the first one's channels.
+Nothing survives the process. Message ids are 8-byte big-endian offsets into the channel's log.
+
+Subscriptions work like Redis consumer groups: per channel a cursor shared by the members, a pending
+list of delivered-but-unacknowledged offsets per member, and offsets returned by a closed member
+redelivered first to the next member that asks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from .errors import (
+    ChannelExistsError,
+    ChannelNotFoundError,
+    InvalidArgumentError,
+    InvalidURLError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
+
+__all__ = ["MemoryBackend"]
+
+_ID_LEN = 8
+
+
+def _msg_id(offset: int) -> bytes:
+    return offset.to_bytes(_ID_LEN, "big")
+
+
+class _Subscription:
+    __slots__ = ("cursor", "pending", "redeliver")
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor  # next never-delivered offset
+        self.pending: dict[int, int] = {}  # offset -> consumer token
+        self.redeliver: list[int] = []  # offsets to deliver again, ascending
+
+
+class _Channel:
+    __slots__ = ("log", "metadata", "subs")
+
+    def __init__(self, metadata: bytes) -> None:
+        self.metadata = metadata
+        self.log: list[bytes] = []
+        self.subs: dict[str, _Subscription] = {}
+
+
+class _Broker:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.channels: dict[str, _Channel] = {}
+
+    def channel(self, name: str) -> _Channel:
+        ch = self.channels.get(name)
+        if ch is None:
+            raise ChannelNotFoundError(name)
+        return ch
+
+
+_BROKERS: dict[str, _Broker] = {}
+_BROKERS_LOCK = threading.Lock()
+_TOKENS = itertools.count(1)
+
+
+class MemoryBackend(Backend):
+    """In-process broker; see the module docstring."""
+
+    features = Features(shared_subscription=True, durable=False, cross_process=False)
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        if len(url.hosts) > 1 or url.path not in ("", "/"):
+            raise InvalidURLError(f"memory URLs are memory:// or memory://NAME, got {url.redacted()!r}")
+        name = url.host or ""
+        with _BROKERS_LOCK:
+            self._broker = _BROKERS.setdefault(name, _Broker())
+
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        if not CHANNEL_NAME.fullmatch(name):
+            raise InvalidArgumentError(f"invalid channel name {name!r}")
+        with self._broker.lock:
+            if name in self._broker.channels:
+                raise ChannelExistsError(f"channel exists: {name!r}")
+            self._broker.channels[name] = _Channel(bytes(metadata))
+
+    def channel_metadata(self, name: str) -> bytes:
+        with self._broker.lock:
+            return self._broker.channel(name).metadata
+
+    def delete_channel(self, name: str) -> None:
+        with self._broker.lock:
+            self._broker.channel(name)
+            del self._broker.channels[name]
+            self._broker.changed.notify_all()
+
+    def create_producer(self, channel: str) -> Producer:
+        self.channel_metadata(channel)
+        return _MemoryProducer(self._broker, channel)
+
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        with self._broker.lock:
+            for name in channels:
+                ch = self._broker.channel(name)
+                if subscription not in ch.subs:
+                    start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
+                    ch.subs[subscription] = _Subscription(start)
+        return _MemoryConsumer(self._broker, subscription, channels)
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        with self._broker.lock:
+            n = len(self._broker.channel(channel).log)
+        return _msg_id(n - 1) if n else None
+
+
+class _MemoryProducer(Producer):
+    def __init__(self, broker: _Broker, channel: str) -> None:
+        super().__init__(channel)
+        self._broker = broker
+        self._closed = False
+
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        with self._broker.lock:
+            ch = self._broker.channels.get(self.channel)
+            if ch is None:
+                raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
+            start = len(ch.log)
+            ch.log.extend(payloads)
+            self._broker.changed.notify_all()
+        return [_msg_id(i) for i in range(start, start + len(payloads))]
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _MemoryConsumer(Consumer):
+    def __init__(self, broker: _Broker, subscription: str, channels: Sequence[str]) -> None:
+        super().__init__(subscription, channels)
+        self._broker = broker
+        self._token = next(_TOKENS)
+        self._next_channel = 0
+        self._closed = False
+
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        deadline = time.monotonic() + timeout
+        with self._broker.changed:
+            while True:
+                out = self._take(max_messages)
+                remaining = deadline - time.monotonic()
+                if out or remaining <= 0:
+                    return out
+                self._broker.changed.wait(remaining)
+
+    def _take(self, max_messages: int) -> list[RawMessage]:
+        """Collect up to ``max_messages``, visiting channels round-robin from a rotating start."""
+        out: list[RawMessage] = []
+        n = len(self.channels)
+        first = self._next_channel
+        self._next_channel = (first + 1) % n
+        for k in range(n):
+            name = self.channels[(first + k) % n]
+            ch = self._broker.channel(name)
+            sub = ch.subs.get(self.subscription)
+            if sub is None:  # channel recreated under the same name: a new subscription
+                sub = ch.subs[self.subscription] = _Subscription(0)
+            room = max_messages - len(out)
+            if room <= 0:
+                break
+            offsets = sub.redeliver[:room]
+            del sub.redeliver[: len(offsets)]
+            room -= len(offsets)
+            if room > 0 and sub.cursor < len(ch.log):
+                end = min(len(ch.log), sub.cursor + room)
+                offsets.extend(range(sub.cursor, end))
+                sub.cursor = end
+            token = self._token
+            log = ch.log
+            for off in offsets:
+                sub.pending[off] = token
+                out.append(RawMessage(name, _msg_id(off), log[off]))
+        return out
+
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        with self._broker.lock:
+            for msg in messages:
+                ch = self._broker.channels.get(msg.channel)
+                sub = ch.subs.get(self.subscription) if ch is not None else None
+                if sub is not None:
+                    sub.pending.pop(int.from_bytes(msg.msg_id, "big"), None)
+
+    def seek(self, channel: str, after: bytes | None) -> None:
+        if channel not in self.channels:
+            raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+        with self._broker.changed:
+            ch = self._broker.channel(channel)
+            if after:
+                if len(after) != _ID_LEN:
+                    raise SeekError(f"not a memory message id: {after.hex()!r} on {channel!r}")
+                offset = int.from_bytes(after, "big")
+                if offset >= len(ch.log):
+                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({len(ch.log)} messages)")
+                cursor = offset + 1
+            else:
+                cursor = 0
+            sub = ch.subs.setdefault(self.subscription, _Subscription(cursor))
+            sub.cursor = cursor
+            sub.pending.clear()
+            sub.redeliver.clear()
+            self._broker.changed.notify_all()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._broker.changed:
+            for name in self.channels:
+                ch = self._broker.channels.get(name)
+                sub = ch.subs.get(self.subscription) if ch is not None else None
+                if sub is None:
+                    continue
+                mine = [off for off, tok in sub.pending.items() if tok == self._token]
+                for off in mine:
+                    del sub.pending[off]
+                sub.redeliver = sorted(sub.redeliver + mine)
+            self._broker.changed.notify_all()

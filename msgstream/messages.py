@@ -1,0 +1,247 @@
+"""Typed, timestamped messages (``TsMsg``) and their frame encoding.
+
+Every message is a ``msgspec.Struct``: keyword construction, equality by value, and one C call to
+encode or decode. A frame is an 8-byte header (magic ``MS``, version, flags, MsgType) followed by a
+MessagePack array of the message's fields in declaration order, the first three always ``begin_ts``,
+``end_ts`` and ``hash_values`` (docs/wire-format.md). ``position`` is set on consumed messages; it is
+not part of the encoding or of equality.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from .errors import UnknownMsgTypeError, UnmarshalError
+from .pack import Position
+
+__all__ = [
+    "DeleteMsg",
+    "InsertMsg",
+    "MsgType",
+    "SearchMsg",
+    "SearchResultMsg",
+    "SegStatisticsMsg",
+    "SegmentStats",
+    "TimeSyncMsg",
+    "TimeTickMsg",
+    "TsMsg",
+]
+
+MAGIC = b"MS"
+VERSION = 1
+HEADER = struct.Struct(">2sBBI")  # magic, version, flags (0), msg_type
+HEADER_SIZE = HEADER.size
+_HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+T = TypeVar("T", bound="TsMsg")
+
+
+class MsgType(enum.IntEnum):
+    """The stock message types (Milvus's values). User types pick other integers."""
+
+    INSERT = 400
+    DELETE = 401
+    SEARCH = 500
+    SEARCH_RESULT = 1000
+    SEG_STATISTICS = 1100
+    TIME_TICK = 1200
+    TIME_SYNC = 1201
+
+
+class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
+    """Base of every message: a time range and the hash values the repack function routes by.
+
+    A user type subclasses it with ``kw_only=True`` and a ``msg_type`` class attribute::
+
+        class FlushMsg(ms.TsMsg, kw_only=True):
+            msg_type = 2000
+            segment_ids: list[int] = []
+
+    and is registered on a dispatcher with ``dispatcher.add_msg_template(2000, FlushMsg)``.
+    """
+
+    msg_type: ClassVar[int] = 0
+    _frame_header: ClassVar[bytes] = b""
+    _decoder: ClassVar[msgspec.msgpack.Decoder[Any]]
+
+    begin_ts: int = 0
+    end_ts: int = 0
+    hash_values: list[int] = []
+
+    @classmethod
+    def prepare(cls) -> bytes:
+        """Check the class can travel and build its frame header and decoder (done once, lazily).
+
+        msgspec fills in a Struct's fields only after ``__init_subclass__`` has run, so this cannot
+        happen at class creation; the dispatcher calls it on registration, :meth:`marshal` on first use.
+        """
+        header = cls.__dict__.get("_frame_header")
+        if header:
+            return header  # type: ignore[no-any-return]
+        if cls.__struct_fields__[:3] != _HEADER_FIELDS:
+            raise TypeError(
+                f"{cls.__name__}: declare TsMsg subclasses with kw_only=True so that begin_ts, end_ts and"
+                f" hash_values stay the first fields on the wire (got {cls.__struct_fields__[:3]})"
+            )
+        msg_type = int(cls.msg_type)
+        if not 0 < msg_type < 2**32:
+            raise TypeError(f"{cls.__name__}.msg_type must be an integer in 1..2**32-1, got {cls.msg_type!r}")
+        cls._decoder = msgspec.msgpack.Decoder(cls)
+        cls._frame_header = header = HEADER.pack(MAGIC, VERSION, 0, msg_type)
+        return header
+
+    # -- Milvus's TsMsg interface -------------------------------------------------------------
+    def set_ts(self, ts: int) -> None:
+        """Stamp the message: ``begin_ts = end_ts = ts``."""
+        self.begin_ts = ts
+        self.end_ts = ts
+
+    @property
+    def position(self) -> Position | None:
+        """Where this message was read from; ``None`` until it is consumed."""
+        raw = self.__dict__.get("_raw")  # set by the consuming stream; not a field, never encoded
+        if raw is None:
+            return None
+        return Position(raw[0], raw[1], self.end_ts)
+
+    def marshal(self) -> bytes:
+        """The frame bytes of this message (docs/wire-format.md)."""
+        header = self.__class__.__dict__.get("_frame_header") or self.prepare()
+        return header + _ENCODER.encode(self)
+
+    @classmethod
+    def unmarshal(cls: type[T], data: bytes) -> T:
+        """Decode a frame of exactly this type; see :class:`msgstream.UnmarshalDispatcher` for any type."""
+        msg_type = check_header(data)
+        if msg_type != cls.msg_type:
+            raise UnknownMsgTypeError(msg_type, data=bytes(data))
+        return cls.decode_body(data)
+
+    @classmethod
+    def decode_body(cls: type[T], data: bytes) -> T:
+        """Decode the body of a frame whose header was already checked."""
+        cls.prepare()
+        try:
+            msg: T = cls._decoder.decode(memoryview(data)[HEADER_SIZE:])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise UnmarshalError(f"corrupt {cls.__name__} frame: {exc}", data=bytes(data)) from exc
+        return msg
+
+
+def check_header(data: bytes) -> int:
+    """Validate a frame header and return its MsgType."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UnmarshalError(f"a frame must be bytes, got {type(data).__name__}")
+    if len(data) < HEADER_SIZE:
+        raise UnmarshalError(f"truncated frame: {len(data)} bytes, header needs {HEADER_SIZE}", data=bytes(data))
+    magic, version, _flags, msg_type = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise UnmarshalError(
+            f"not a msgstream frame (magic {magic!r}, version {version}; want {MAGIC!r} v{VERSION})",
+            data=bytes(data),
+        )
+    return int(msg_type)
+
+
+class InsertMsg(TsMsg, kw_only=True):
+    """Rows to insert (Milvus ``InsertRequest``); ``hash_values``, ``row_ids``, ``timestamps`` and
+    ``row_data`` run in parallel, one entry per row."""
+
+    msg_type = MsgType.INSERT
+    collection_name: str = ""
+    partition_name: str = ""
+    segment_id: int = 0
+    channel_id: str = ""
+    row_ids: list[int] = []
+    timestamps: list[int] = []
+    row_data: list[bytes] = []
+
+
+class DeleteMsg(TsMsg, kw_only=True):
+    """Rows to delete by primary key (Milvus ``DeleteRequest``); one hash value per key."""
+
+    msg_type = MsgType.DELETE
+    collection_name: str = ""
+    partition_name: str = ""
+    primary_keys: list[int | str] = []
+    timestamps: list[int] = []
+
+
+class SearchMsg(TsMsg, kw_only=True):
+    """A search request (Milvus ``SearchRequest``): the query, its placeholder vectors and where to answer."""
+
+    msg_type = MsgType.SEARCH
+    req_id: int = 0
+    db_name: str = ""
+    collection_name: str = ""
+    partition_names: list[str] = []
+    dsl: str = ""
+    placeholder_group: bytes = b""
+    result_channel_id: str = ""
+    travel_timestamp: int = 0
+    guarantee_timestamp: int = 0
+
+
+class SearchResultMsg(TsMsg, kw_only=True):
+    """Results of a search (Milvus ``SearchResults``): status, and one serialized hit blob per query."""
+
+    msg_type = MsgType.SEARCH_RESULT
+    req_id: int = 0
+    status_code: int = 0
+    reason: str = ""
+    result_channel_id: str = ""
+    metric_type: str = ""
+    hits: list[bytes] = []
+
+
+class SegmentStats(msgspec.Struct, array_like=True, kw_only=True):
+    """One segment's statistics update (Milvus ``SegmentStatisticsUpdates``)."""
+
+    segment_id: int = 0
+    memory_size: int = 0
+    num_rows: int = 0
+    create_time: int = 0
+    end_time: int = 0
+    is_new_segment: bool = False
+
+
+class SegStatisticsMsg(TsMsg, kw_only=True):
+    """Segment statistics reported by a data node (Milvus ``SegmentStatistics``)."""
+
+    msg_type = MsgType.SEG_STATISTICS
+    seg_stats: list[SegmentStats] = []
+
+
+class TimeTickMsg(TsMsg, kw_only=True):
+    """ "No message with ``end_ts <=`` this tick will follow on this channel." The tick is ``end_ts``."""
+
+    msg_type = MsgType.TIME_TICK
+    source_id: int = 0
+
+
+class TimeSyncMsg(TsMsg, kw_only=True):
+    """A peer's time-sync report (Milvus ``TimeSyncMsg``)."""
+
+    msg_type = MsgType.TIME_SYNC
+    peer_id: int = 0
+    timestamp: int = 0
+
+
+STOCK_TYPES: tuple[type[TsMsg], ...] = (
+    InsertMsg,
+    DeleteMsg,
+    SearchMsg,
+    SearchResultMsg,
+    SegStatisticsMsg,
+    TimeTickMsg,
+    TimeSyncMsg,
+)
+
+for _cls in STOCK_TYPES:
+    _cls.prepare()

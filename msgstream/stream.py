@@ -1,0 +1,380 @@
+"""``MsgStream``: produce, broadcast, consume, positions and seek, written once over the backend SPI."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
+from .codec import UnmarshalDispatcher
+from .errors import (
+    InvalidArgumentError,
+    MsgStreamError,
+    ProduceError,
+    RepackError,
+    SeekError,
+    StreamClosedError,
+    StreamStateError,
+    UnmarshalError,
+)
+from .messages import TsMsg
+from .pack import MsgPack, Position
+from .repack import RepackFunc
+from .repack import default as default_repack
+
+__all__ = ["MsgStream"]
+
+_DEFAULT_DISPATCHER = UnmarshalDispatcher()
+MAX_TIMEOUT = 3600.0
+
+
+class MsgStream:
+    """A stream of typed messages over one backend: producers on some channels, one consumer (a
+    member of one subscription) on some channels.
+
+    Options: ``produce_timeout`` (seconds a produce may block until the broker accepted everything,
+    default 30), ``receive_batch`` (most messages one consume returns, default 1024), ``on_error``
+    (called with each ``UnmarshalError`` instead of raising it from consume), ``auto_ack`` (default
+    True: a pack is acknowledged when the next consume, seek or close runs, so a consumer that dies
+    while handling a pack gets it again; with False, call :meth:`ack`).
+
+    One thread at a time may produce and one (possibly another) consume.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        produce_timeout: float = 30.0,
+        receive_batch: int = 1024,
+        on_error: Callable[[UnmarshalError], None] | None = None,
+        auto_ack: bool = True,
+    ) -> None:
+        self._backend = backend
+        self._produce_timeout = _check_timeout(produce_timeout, "produce_timeout")
+        if isinstance(receive_batch, bool) or not isinstance(receive_batch, int) or receive_batch < 1:
+            raise InvalidArgumentError(f"receive_batch must be a positive int, got {receive_batch!r}")
+        self._batch = receive_batch
+        self._on_error = on_error
+        self.auto_ack = auto_ack
+        self._repack: RepackFunc = default_repack
+        self._producers: list[Producer] = []
+        self._consumer: Consumer | None = None
+        self._dispatcher = _DEFAULT_DISPATCHER
+        self._unacked: list[RawMessage] = []
+        self._backlog: list[RawMessage] = []
+        self._started = False
+        self._closed = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    @property
+    def producer_channels(self) -> list[str]:
+        return [p.channel for p in self._producers]
+
+    @property
+    def consumer_channels(self) -> list[str]:
+        return list(self._consumer.channels) if self._consumer else []
+
+    @property
+    def subscription(self) -> str | None:
+        return self._consumer.subscription if self._consumer else None
+
+    def create_producers(self, channels: Sequence[str]) -> None:
+        """Add a producer per channel; the channel order fixes the indexes repack routes to."""
+        self._check_open()
+        names = _names(channels, "channels")
+        made: list[Producer] = []
+        try:
+            for name in names:
+                made.append(self._backend.create_producer(name))
+        except BaseException:
+            for p in made:
+                p.close()
+            raise
+        self._producers.extend(made)
+
+    def create_consumers(
+        self,
+        subscription: str,
+        channels: Sequence[str],
+        dispatcher: UnmarshalDispatcher | None = None,
+        position: SubscriptionPosition = SubscriptionPosition.EARLIEST,
+    ) -> None:
+        """Join ``subscription`` on ``channels``. ``position`` applies where the subscription is new;
+        an existing subscription resumes after its last acknowledged message. ``dispatcher`` decodes
+        (default: the seven stock types)."""
+        self._check_open()
+        if self._consumer is not None:
+            raise StreamStateError(f"this stream already consumes {self.consumer_channels} as {self.subscription!r}")
+        if not isinstance(subscription, str) or not subscription:
+            raise InvalidArgumentError(f"subscription must be a non-empty str, got {subscription!r}")
+        if dispatcher is not None and not isinstance(dispatcher, UnmarshalDispatcher):
+            raise InvalidArgumentError(f"dispatcher must be an UnmarshalDispatcher, got {type(dispatcher).__name__}")
+        if not isinstance(position, SubscriptionPosition):
+            raise InvalidArgumentError(f"position must be a SubscriptionPosition, got {position!r}")
+        names = _names(channels, "channels")
+        self._consumer = self._backend.create_consumer(subscription, names, position)
+        self._dispatcher = dispatcher or _DEFAULT_DISPATCHER
+
+    def set_repack_func(self, repack: RepackFunc) -> None:
+        """Route produced messages with ``repack`` (see :mod:`msgstream.repack`)."""
+        if not callable(repack):
+            raise InvalidArgumentError(f"repack function must be callable, got {repack!r}")
+        self._repack = repack
+
+    def start(self) -> None:
+        """Mark the stream ready; set-up calls come before, produce/consume after."""
+        self._check_open()
+        if not self._producers and self._consumer is None:
+            raise StreamStateError("start() before create_producers() or create_consumers()")
+        self._started = True
+
+    # -- producing ----------------------------------------------------------------------------
+    def produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        """Route ``pack.msgs`` with the repack function and send them; returns once the broker accepted
+        every message, as ``{channel: [message ids]}``. ``RepackError`` (nothing sent) for a bad
+        routing, ``ProduceError`` naming the channel for a failed delivery (its ``sent`` lists what
+        was accepted before)."""
+        msgs = self._check_pack(pack)
+        n = len(self._producers)
+        if not msgs:
+            return {}
+        hash_keys = [[h % n for h in m.hash_values] for m in msgs]
+        try:
+            routed = self._repack(msgs, hash_keys)
+        except MsgStreamError:
+            raise
+        except Exception as exc:
+            raise RepackError(f"repack function {self._repack!r} failed: {exc!r}") from exc
+        if not isinstance(routed, dict):
+            raise RepackError(f"repack function returned {type(routed).__name__}, not dict[int, MsgPack]")
+        batches: list[tuple[Producer, list[bytes]]] = []
+        for key in sorted(routed, key=lambda k: k if isinstance(k, int) else -1):
+            sub = routed[key]
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < n:
+                raise RepackError(f"repack routed to channel index {key!r}; this stream has {n} channels (0..{n - 1})")
+            if not isinstance(sub, MsgPack):
+                raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
+            batches.append((self._producers[key], _marshal(sub.msgs)))
+        return self._send(batches)
+
+    def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
+        msgs = self._check_pack(pack)
+        if not msgs:
+            return {}
+        payloads = _marshal(msgs)
+        return self._send([(p, payloads) for p in self._producers])
+
+    def _check_pack(self, pack: MsgPack) -> list[TsMsg]:
+        self._check_open()
+        if not self._producers:
+            raise StreamStateError("no producers: call create_producers() first")
+        if not isinstance(pack, MsgPack):
+            raise InvalidArgumentError(f"produce takes a MsgPack, got {type(pack).__name__}")
+        if not isinstance(pack.msgs, list):
+            raise InvalidArgumentError(f"MsgPack.msgs must be a list, got {type(pack.msgs).__name__}")
+        return pack.msgs
+
+    def _send(self, batches: list[tuple[Producer, list[bytes]]]) -> dict[str, list[bytes]]:
+        sent: dict[str, list[bytes]] = {}
+        for producer, payloads in batches:
+            try:
+                ids = producer.send(payloads, self._produce_timeout)
+            except ProduceError as exc:
+                exc.sent = dict(sent)
+                exc.channel = exc.channel or producer.channel
+                raise
+            except MsgStreamError as exc:
+                raise ProduceError(
+                    f"send to {producer.channel!r} failed: {exc}",
+                    channel=producer.channel,
+                    sent=dict(sent),
+                    retriable=exc.retriable,
+                ) from exc
+            if len(ids) != len(payloads):
+                raise ProduceError(
+                    f"backend accepted {len(ids)} of {len(payloads)} messages on {producer.channel!r}",
+                    channel=producer.channel,
+                    sent=dict(sent),
+                )
+            sent.setdefault(producer.channel, []).extend(ids)
+        return sent
+
+    # -- consuming ----------------------------------------------------------------------------
+    def consume(self, timeout: float = 1.0) -> MsgPack | None:
+        """The next messages (up to ``receive_batch``), or ``None`` if nothing arrived in ``timeout``
+        seconds. A frame that cannot be decoded raises ``UnmarshalError`` carrying its ``position``
+        (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
+        consumer = self._require_consumer()
+        timeout = _check_timeout(timeout, "timeout")
+        if self.auto_ack:
+            self._ack_delivered()
+        while True:
+            raws = self._backlog or consumer.receive(self._batch, timeout)
+            self._backlog = []
+            if not raws:
+                return None
+            pack = self._decode(raws)
+            if pack is not None:
+                return pack
+            # only bad frames, all handed to on_error: go on without waiting again
+            timeout = 0.0
+
+    def _decode(self, raws: list[RawMessage]) -> MsgPack | None:
+        unmarshal = self._dispatcher.unmarshal
+        msgs: list[TsMsg] = []
+        for raw in raws:
+            try:
+                msg = unmarshal(raw.payload)
+            except UnmarshalError as exc:
+                good = len(msgs)
+                if good:  # return what decoded; the bad frame comes up on the next call
+                    self._backlog = raws[good:]
+                    raws = raws[:good]
+                    break
+                if self.auto_ack:  # reported, so acknowledged with the rest
+                    self._unacked.append(raw)
+                else:
+                    self._consumer.ack([raw])  # type: ignore[union-attr]
+                self._backlog = raws[1:]
+                exc.with_position(Position(raw.channel, raw.msg_id, 0))
+                if self._on_error is None:
+                    raise
+                self._on_error(exc)
+                return self._decode(self._backlog) if self._backlog else None
+            msg.__dict__["_raw"] = raw
+            msgs.append(msg)
+        if self.auto_ack:
+            self._unacked.extend(raws)
+        return _pack(msgs)
+
+    def ack(self, msgs: Sequence[TsMsg]) -> None:
+        """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
+        consumer = self._require_consumer()
+        raws = [m.__dict__["_raw"] for m in msgs if "_raw" in m.__dict__]
+        if raws:
+            consumer.ack(raws)
+
+    def _ack_delivered(self) -> None:
+        if self._unacked and self._consumer is not None:
+            unacked, self._unacked = self._unacked, []
+            self._consumer.ack(unacked)
+
+    def seek(self, positions: Sequence[Position]) -> None:
+        """Resume each position's channel right after that position (a position with an empty msg_id:
+        from the channel's start). Channels not named keep their place. An invalid position raises
+        ``SeekError``; it never falls back silently to the start or the end."""
+        consumer = self._require_consumer()
+        if isinstance(positions, Position) or not all(isinstance(p, Position) for p in positions):
+            raise InvalidArgumentError("seek takes a list of Position")
+        channels = set(consumer.channels)
+        for pos in positions:
+            if pos.channel not in channels:
+                raise SeekError(f"position for channel {pos.channel!r}, which this stream does not consume")
+        if self.auto_ack:
+            self._ack_delivered()
+        sought = {p.channel for p in positions}
+        self._backlog = [r for r in self._backlog if r.channel not in sought]
+        for pos in positions:
+            consumer.seek(pos.channel, pos.msg_id or None)
+
+    def get_latest_positions(self) -> list[Position]:
+        """The newest message of each consumed channel (else each produced channel); an empty
+        channel's position has ``msg_id == b""``. ``timestamp`` is 0: the id alone is known."""
+        self._check_open()
+        channels = self.consumer_channels or self.producer_channels
+        if not channels:
+            raise StreamStateError("no channels: call create_consumers() or create_producers() first")
+        return [Position(c, self._backend.latest_message_id(c) or b"", 0) for c in channels]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Acknowledge what was consumed, close producers and consumer. Idempotent."""
+        if self._closed:
+            return
+        errors: list[BaseException] = []
+        try:
+            if self.auto_ack:
+                self._ack_delivered()
+        except MsgStreamError as exc:
+            errors.append(exc)
+        self._closed = True
+        closeables: list[Producer | Consumer] = [*self._producers, *([self._consumer] if self._consumer else [])]
+        for closeable in closeables:
+            try:
+                closeable.close()
+            except MsgStreamError as exc:
+                errors.append(exc)
+        self._producers = []
+        self._consumer = None
+        if errors:
+            raise errors[0]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosedError("stream is closed")
+
+    def _require_consumer(self) -> Consumer:
+        self._check_open()
+        if self._consumer is None:
+            raise StreamStateError("no consumer: call create_consumers() first")
+        return self._consumer
+
+    def __enter__(self) -> MsgStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("started" if self._started else "new")
+        return (
+            f"MsgStream({self._backend!r}, {state}, producers={self.producer_channels},"
+            f" consumer={self.subscription!r}:{self.consumer_channels})"
+        )
+
+
+def _pack(msgs: list[TsMsg]) -> MsgPack:
+    first: dict[str, TsMsg] = {}
+    last: dict[str, TsMsg] = {}
+    for m in msgs:
+        ch = m.__dict__["_raw"][0]
+        if ch not in first:
+            first[ch] = m
+        last[ch] = m
+    begin = min(m.begin_ts for m in msgs)
+    end = max(m.end_ts for m in msgs)
+    starts = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in first.items()]
+    ends = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in last.items()]
+    return MsgPack(begin, end, msgs, starts, ends)
+
+
+def _marshal(msgs: Sequence[Any]) -> list[bytes]:
+    out = []
+    for m in msgs:
+        if not isinstance(m, TsMsg):
+            raise InvalidArgumentError(f"a MsgPack holds TsMsg instances, got {type(m).__name__}")
+        out.append(m.marshal())
+    return out
+
+
+def _names(channels: Sequence[str], what: str) -> list[str]:
+    if isinstance(channels, str) or not channels or not all(isinstance(c, str) and c for c in channels):
+        raise InvalidArgumentError(f"{what} must be a non-empty list of channel names, got {channels!r}")
+    if len(set(channels)) != len(channels):
+        raise InvalidArgumentError(f"{what} lists a channel twice: {list(channels)}")
+    return list(channels)
+
+
+def _check_timeout(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidArgumentError(f"{name} must be a number of seconds, got {value!r}")
+    if not 0 <= value <= MAX_TIMEOUT:
+        raise InvalidArgumentError(f"{name} must be between 0 and {MAX_TIMEOUT} seconds, got {value!r}")
+    return float(value)

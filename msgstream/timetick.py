@@ -1,0 +1,290 @@
+"""``TimeTickStream``: a decorator over any :class:`MsgStream` whose ``consume()`` returns the messages
+of exactly one time tick, across all channels, in timestamp order. It imports no backend.
+
+How it works (docs/architecture.md has the long form). Producers broadcast ``TimeTickMsg`` into every
+channel; a tick ``t`` on a channel promises that no data message with ``end_ts <= t`` follows there.
+Per channel the stream keeps, in arrival order, every message since that channel's checkpoint
+(``log``) and the ticks above the last emitted one (``ticks``). Once every channel has a pending tick,
+the smallest of them, ``T``, is complete: every data message with ``end_ts <= T`` on every channel has
+arrived. The pack for ``T`` holds those not emitted yet (``end_ts`` above the previous tick), sorted by
+``end_ts`` (stable, so channel order breaks ties).
+
+Because of the promise above, a buffered message has been fully handled exactly when its ``end_ts`` is
+at or below the last emitted tick. After a pack, each channel's log is popped while its head is such
+a message; the last one popped is the channel's ``end_position`` (timestamp ``T``) and is acknowledged.
+``seek(end_positions)`` replays each channel from just after it and drops what is ``<= T`` until the
+channel shows a tick above ``T`` — the replayed messages that were already emitted — so nothing is lost
+or repeated even when a channel had delivered messages beyond the tick before the crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
+
+from .backend import SubscriptionPosition
+from .codec import UnmarshalDispatcher
+from .errors import InvalidArgumentError, SeekError, StreamStateError, TimeTickError
+from .messages import TimeTickMsg, TsMsg
+from .pack import MsgPack, Position
+from .repack import RepackFunc
+from .stream import MsgStream
+
+__all__ = ["TimeTickStream"]
+
+log = logging.getLogger("msgstream.timetick")
+_END_TS = attrgetter("end_ts")
+
+
+class _Channel:
+    __slots__ = ("last_tick", "log", "name", "position", "skip_upto", "ticks")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.log: deque[TsMsg] = deque()  # every message since the checkpoint, in arrival order
+        self.ticks: deque[int] = deque()  # pending tick values above the last emitted tick
+        self.last_tick = 0  # highest tick seen on this channel
+        self.position = Position(name, b"", 0)  # checkpoint: resume after this
+        self.skip_upto: int | None = None  # after a seek: drop replayed messages <= this
+
+
+class TimeTickStream:
+    """Wraps a :class:`MsgStream`; each :meth:`consume` returns one tick's pack (see module doc).
+
+    ``max_buffered``: most messages held across channels while waiting for a tick; past it
+    ``consume`` raises ``TimeTickError`` naming the channels that have not ticked (instead of growing
+    without bound behind a stalled channel). ``lag_warning_after``: seconds after which a channel that
+    has not ticked while others have is named in a log warning (repeated at that interval).
+
+    The wrapped stream's acknowledgements are taken over: a message is acknowledged once the pack
+    that covers it was returned, so its subscription never skips a buffered message.
+    """
+
+    def __init__(self, stream: MsgStream, *, max_buffered: int = 1_000_000, lag_warning_after: float = 10.0) -> None:
+        if not isinstance(stream, MsgStream):
+            raise InvalidArgumentError(f"TimeTickStream wraps a MsgStream, got {type(stream).__name__}")
+        if isinstance(max_buffered, bool) or not isinstance(max_buffered, int) or max_buffered < 1:
+            raise InvalidArgumentError(f"max_buffered must be a positive int, got {max_buffered!r}")
+        if (
+            not isinstance(lag_warning_after, (int, float))
+            or not lag_warning_after > 0
+            or math.isinf(lag_warning_after)
+        ):
+            raise InvalidArgumentError(f"lag_warning_after must be a positive number, got {lag_warning_after!r}")
+        self._stream = stream
+        stream.auto_ack = False
+        self._max_buffered = max_buffered
+        self._lag_after = float(lag_warning_after)
+        self._channels: dict[str, _Channel] = {}
+        self._order: list[_Channel] = []
+        self._last_tick = 0
+        self._buffered = 0
+        self._lag_since: float | None = None
+        self._lag_warned_at = 0.0
+
+    @property
+    def inner(self) -> MsgStream:
+        return self._stream
+
+    # -- set-up (delegated) ---------------------------------------------------------------------
+    def create_consumers(
+        self,
+        subscription: str,
+        channels: Sequence[str],
+        dispatcher: UnmarshalDispatcher | None = None,
+        position: SubscriptionPosition = SubscriptionPosition.EARLIEST,
+    ) -> None:
+        self._stream.create_consumers(subscription, channels, dispatcher, position)
+        self._order = [_Channel(c) for c in self._stream.consumer_channels]
+        self._channels = {c.name: c for c in self._order}
+
+    def create_producers(self, channels: Sequence[str]) -> None:
+        self._stream.create_producers(channels)
+
+    def set_repack_func(self, repack: RepackFunc) -> None:
+        self._stream.set_repack_func(repack)
+
+    def start(self) -> None:
+        self._stream.start()
+
+    def produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        return self._stream.produce(pack)
+
+    def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        return self._stream.broadcast(pack)
+
+    def get_latest_positions(self) -> list[Position]:
+        return self._stream.get_latest_positions()
+
+    # -- consuming ------------------------------------------------------------------------------
+    def consume(self, timeout: float = 1.0) -> MsgPack | None:
+        """The pack of the next complete tick, or ``None`` if none completed within ``timeout``."""
+        if not self._order:
+            self._stream.consume(0)  # raises the stream's own error (closed / no consumer)
+            raise StreamStateError("no consumer: call create_consumers() first")
+        deadline = time.monotonic() + timeout
+        while True:
+            pack = self._emit()
+            if pack is not None:
+                return pack
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._check_lag()
+                return None
+            got = self._stream.consume(remaining)
+            if got is not None:
+                self._ingest(got.msgs)
+
+    def _ingest(self, msgs: list[TsMsg]) -> None:
+        channels = self._channels
+        ack_now: list[TsMsg] = []
+        try:
+            for i, m in enumerate(msgs):
+                ch = channels[m.__dict__["_raw"][0]]
+                ts = m.end_ts
+                if ch.skip_upto is not None:
+                    if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
+                        ack_now.append(m)
+                        continue
+                    if isinstance(m, TimeTickMsg):
+                        ch.skip_upto = None
+                if isinstance(m, TimeTickMsg):
+                    if ts < ch.last_tick:
+                        ack_now.append(m)
+                        self._ingest(msgs[i + 1 :])
+                        raise TimeTickError(
+                            f"time tick went backwards on channel {ch.name!r}: {ts} after {ch.last_tick}"
+                        )
+                    if ts > ch.last_tick:
+                        ch.last_tick = ts
+                        ch.ticks.append(ts)
+                elif ts <= ch.last_tick:
+                    ack_now.append(m)
+                    self._ingest(msgs[i + 1 :])
+                    raise TimeTickError(
+                        f"{type(m).__name__} with end_ts {ts} on channel {ch.name!r} is at or below the tick"
+                        f" {ch.last_tick} already passed there"
+                    )
+                ch.log.append(m)
+                self._buffered += 1
+        finally:
+            if ack_now:
+                self._stream.ack(ack_now)
+        if self._buffered > self._max_buffered:
+            lagging = self.lagging_channels()
+            raise TimeTickError(
+                f"{self._buffered} messages buffered (max_buffered={self._max_buffered}) waiting for a tick on"
+                f" {lagging or 'some channel'}"
+            )
+
+    def _emit(self) -> MsgPack | None:
+        order = self._order
+        tick: int | None = None
+        for ch in order:
+            if not ch.ticks:
+                return None
+            if tick is None or ch.ticks[0] < tick:
+                tick = ch.ticks[0]
+        assert tick is not None
+        prev = self._last_tick
+        data: list[TsMsg] = []
+        done: list[TsMsg] = []
+        starts: list[Position] = []
+        ends: list[Position] = []
+        for ch in order:
+            for m in ch.log:
+                ts = m.end_ts
+                if isinstance(m, TimeTickMsg):
+                    if ts > tick:
+                        break
+                elif prev < ts <= tick:
+                    data.append(m)
+            ticks = ch.ticks
+            while ticks and ticks[0] <= tick:
+                ticks.popleft()
+            starts.append(ch.position)
+            chlog = ch.log
+            last = None
+            while chlog and chlog[0].end_ts <= tick:
+                last = chlog.popleft()
+                done.append(last)
+            if last is not None:
+                ch.position = Position(ch.name, last.__dict__["_raw"][1], tick)
+            elif ch.position.timestamp != tick:
+                ch.position = Position(ch.name, ch.position.msg_id, tick)
+            ends.append(ch.position)
+        self._buffered -= len(done)
+        data.sort(key=_END_TS)
+        self._last_tick = tick
+        self._lag_since = None
+        if done:
+            self._stream.ack(done)
+        return MsgPack(prev, tick, data, starts, ends)
+
+    def lagging_channels(self) -> list[str]:
+        """Channels with no pending tick while some other channel has one (what holds packs back)."""
+        waiting = [ch.name for ch in self._order if not ch.ticks]
+        return waiting if len(waiting) < len(self._order) else []
+
+    def _check_lag(self) -> None:
+        lagging = self.lagging_channels()
+        now = time.monotonic()
+        if not lagging:
+            self._lag_since = None
+            return
+        if self._lag_since is None:
+            self._lag_since = now
+        elif now - self._lag_since >= self._lag_after and now - self._lag_warned_at >= self._lag_after:
+            self._lag_warned_at = now
+            log.warning(
+                "time-tick stream stalled for %.1fs: channel(s) %s have not ticked past %d while others have"
+                " (%d messages buffered)",
+                now - self._lag_since,
+                ", ".join(lagging),
+                self._last_tick,
+                self._buffered,
+            )
+
+    def seek(self, positions: Sequence[Position]) -> None:
+        """Resume after the pack whose ``end_positions`` these are: the next consume returns the next
+        tick's messages. Pass every channel's position, as a pack's ``end_positions`` has them."""
+        if not self._order:
+            raise StreamStateError("no consumer: call create_consumers() first")
+        if isinstance(positions, Position) or not all(isinstance(p, Position) for p in positions):
+            raise InvalidArgumentError("seek takes a list of Position")
+        unknown = [p.channel for p in positions if p.channel not in self._channels]
+        if unknown:
+            raise SeekError(f"positions for channels this stream does not consume: {unknown}")
+        self._stream.seek(positions)
+        for p in positions:
+            ch = self._channels[p.channel]
+            self._buffered -= len(ch.log)
+            ch.log.clear()
+            ch.ticks.clear()
+            ch.position = p
+            ch.last_tick = p.timestamp
+            ch.skip_upto = p.timestamp
+        self._last_tick = min(p.timestamp for p in positions) if positions else self._last_tick
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the wrapped stream. Messages buffered and not yet returned stay unacknowledged."""
+        self._stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    def __enter__(self) -> TimeTickStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TimeTickStream({self._stream!r}, last_tick={self._last_tick}, buffered={self._buffered})"
