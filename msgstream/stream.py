@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
@@ -173,9 +172,13 @@ class MsgStream:
             raise StreamStateError("no producers: call create_producers() first")
         if not isinstance(pack, MsgPack):
             raise InvalidArgumentError(f"produce takes a MsgPack, got {type(pack).__name__}")
-        if not isinstance(pack.msgs, list):
-            raise InvalidArgumentError(f"MsgPack.msgs must be a list, got {type(pack.msgs).__name__}")
-        return pack.msgs
+        msgs = pack.msgs
+        if not isinstance(msgs, list):
+            raise InvalidArgumentError(f"MsgPack.msgs must be a list, got {type(msgs).__name__}")
+        for m in msgs:
+            if not isinstance(m, TsMsg):
+                raise InvalidArgumentError(f"a MsgPack holds TsMsg instances, got {type(m).__name__}")
+        return msgs
 
     def _send(self, batches: list[tuple[Producer, list[bytes]]]) -> dict[str, list[bytes]]:
         sent: dict[str, list[bytes]] = {}
@@ -355,13 +358,12 @@ def _pack(msgs: list[TsMsg]) -> MsgPack:
     return MsgPack(begin, end, msgs, starts, ends)
 
 
-def _marshal(msgs: Sequence[Any]) -> list[bytes]:
-    out = []
-    for m in msgs:
-        if not isinstance(m, TsMsg):
-            raise InvalidArgumentError(f"a MsgPack holds TsMsg instances, got {type(m).__name__}")
-        out.append(m.marshal())
-    return out
+def _marshal(msgs: Sequence[TsMsg]) -> list[bytes]:
+    try:
+        return [m.marshal() for m in msgs]
+    except (AttributeError, TypeError) as exc:  # a repack function put something else in a pack
+        bad = next((type(m).__name__ for m in msgs if not isinstance(m, TsMsg)), "?")
+        raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances): {exc}") from exc
 
 
 def _names(channels: Sequence[str], what: str) -> list[str]:

@@ -1,0 +1,673 @@
+"""The conformance suite: every backend, ours or a third party's, must pass it.
+
+Subclass :class:`ConformanceSuite` in a test module and give it a ``url`` fixture::
+
+    import pytest
+    from msgstream.testing import ConformanceSuite
+
+    class TestMyBroker(ConformanceSuite):
+        @pytest.fixture
+        def url(self) -> str:
+            return "mybroker://127.0.0.1:1234"
+
+pytest then runs every test below against that URL. Features come from the backend class's
+``features`` (set ``features = Features(...)`` on the subclass to override); a test that needs a
+feature the backend declares missing is skipped with the reason, and pytest's ``-rs`` summary lists
+them. Each test creates its own channels (unique names) and subscriptions, so tests may share one
+broker and run in parallel. Waits are bounded by ``timeout`` (seconds, default 30); "nothing more
+arrives" checks wait ``quiet_period`` (default 0.5 s). See docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import pytest
+
+import msgstream as ms
+from msgstream.backend import Features
+from msgstream.errors import (
+    ChannelNotFoundError,
+    InvalidArgumentError,
+    RepackError,
+    SeekError,
+    StreamClosedError,
+    TimeTickError,
+    UnknownMsgTypeError,
+    UnmarshalError,
+)
+
+__all__ = ["ConformanceSuite", "FlushMsg", "consume_n", "every_message_type", "expect_quiet"]
+
+
+class _Consuming(Protocol):
+    def consume(self, timeout: float = ...) -> ms.MsgPack | None: ...
+
+
+class FlushMsg(ms.TsMsg, kw_only=True):
+    """A user-registered message type (MsgType 5000) used by the suite."""
+
+    msg_type = 5000
+    collection_name: str = ""
+    segment_ids: list[int] = []
+
+
+def every_message_type(ts: int = 10, hash_value: int = 0) -> list[ms.TsMsg]:
+    """One message of each stock type with every body field set."""
+    h = [hash_value]
+    return [
+        ms.InsertMsg(
+            begin_ts=ts,
+            end_ts=ts,
+            hash_values=h,
+            collection_name="c",
+            partition_name="p",
+            segment_id=7,
+            channel_id="ch",
+            row_ids=[1],
+            timestamps=[ts],
+            row_data=[b"\x00\xffrow"],
+        ),
+        ms.DeleteMsg(
+            begin_ts=ts,
+            end_ts=ts,
+            hash_values=h,
+            collection_name="c",
+            partition_name="p",
+            primary_keys=[42],
+            timestamps=[ts],
+        ),
+        ms.SearchMsg(
+            begin_ts=ts,
+            end_ts=ts,
+            hash_values=h,
+            req_id=9,
+            db_name="db",
+            collection_name="c",
+            partition_names=["p1", "p2"],
+            dsl="x > 1",
+            placeholder_group=b"\x01\x02",
+            result_channel_id="r",
+            travel_timestamp=ts,
+            guarantee_timestamp=ts,
+        ),
+        ms.SearchResultMsg(
+            begin_ts=ts,
+            end_ts=ts,
+            hash_values=h,
+            req_id=9,
+            status_code=1,
+            reason="partial",
+            result_channel_id="r",
+            metric_type="L2",
+            hits=[b"hit1", b""],
+        ),
+        ms.SegStatisticsMsg(
+            begin_ts=ts,
+            end_ts=ts,
+            hash_values=h,
+            seg_stats=[
+                ms.SegmentStats(segment_id=1, memory_size=2, num_rows=3, create_time=4, end_time=5, is_new_segment=True)
+            ],
+        ),
+        ms.TimeTickMsg(begin_ts=ts, end_ts=ts, hash_values=h, source_id=3),
+        ms.TimeSyncMsg(begin_ts=ts, end_ts=ts, hash_values=h, peer_id=5, timestamp=ts),
+    ]
+
+
+def consume_n(stream: _Consuming, n: int, timeout: float = 30.0) -> list[ms.TsMsg]:
+    """Consume until ``n`` messages arrived; fail (naming how many came) once ``timeout`` passed.
+    Fails as well if more than ``n`` arrive."""
+    deadline = time.monotonic() + timeout
+    out: list[ms.TsMsg] = []
+    while len(out) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"received {len(out)} of {n} messages within {timeout}s")
+        pack = stream.consume(timeout=min(remaining, 1.0))
+        if pack is not None:
+            out.extend(pack.msgs)
+    assert len(out) == n, f"expected {n} messages, received {len(out)}"
+    return out
+
+
+def expect_quiet(stream: _Consuming, period: float) -> None:
+    """Assert that nothing more arrives within ``period`` seconds."""
+    pack = stream.consume(timeout=period)
+    assert pack is None, f"expected no more messages, got {len(pack.msgs)}: {pack.msgs[:3]}"
+
+
+def _data(i: int, hash_value: int, ts: int | None = None) -> ms.InsertMsg:
+    t = i + 1 if ts is None else ts
+    return ms.InsertMsg(
+        begin_ts=t, end_ts=t, hash_values=[hash_value], row_ids=[i], timestamps=[t], row_data=[i.to_bytes(4, "big")]
+    )
+
+
+def _tick(ts: int) -> ms.MsgPack:
+    return ms.MsgPack(ts, ts, [ms.TimeTickMsg(begin_ts=ts, end_ts=ts)])
+
+
+class ConformanceSuite:
+    """Every semantic of DESIGN.md, against the backend at the ``url`` fixture (see module doc)."""
+
+    features: Features | None = None
+    timeout: float = 30.0
+    quiet_period: float = 0.5
+
+    # -- fixtures -------------------------------------------------------------------------------
+    @pytest.fixture
+    def url(self) -> str:
+        pytest.fail("a ConformanceSuite subclass must define a `url` fixture returning the backend URL")
+
+    @pytest.fixture
+    def client(self, url: str) -> Iterator[ms.Client]:
+        client = ms.connect(url)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    @pytest.fixture
+    def feats(self, client: ms.Client) -> Features:
+        return self.features or type(client.backend).features
+
+    @pytest.fixture
+    def streams(self, client: ms.Client) -> Iterator[Any]:
+        opened: list[ms.MsgStream | ms.TimeTickStream] = []
+
+        def make(tt: bool = False, **options: Any) -> Any:
+            stream = client.tt_msg_stream(**options) if tt else client.msg_stream(**options)
+            opened.append(stream)
+            return stream
+
+        yield make
+        for s in opened:
+            s.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def channels(client: ms.Client, n: int, role: str = "proxy") -> list[str]:
+        owner = ms.OwnerDescription(role=role, address="127.0.0.1:19530", description_text="conformance")
+        return client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=n))
+
+    @staticmethod
+    def sub() -> str:
+        return f"sub-{uuid.uuid4().hex[:10]}"
+
+    def producer(self, make: Any, chans: Sequence[str]) -> ms.MsgStream:
+        out: ms.MsgStream = make()
+        out.create_producers(chans)
+        out.start()
+        return out
+
+    def consumer(self, make: Any, chans: Sequence[str], sub: str | None = None, tt: bool = False, **kw: Any) -> Any:
+        inp = make(tt=tt)
+        inp.create_consumers(sub or self.sub(), chans, **kw)
+        inp.start()
+        return inp
+
+    # -- channels -------------------------------------------------------------------------------
+    def test_create_describe_destroy(self, client: ms.Client, url: str) -> None:
+        owner = ms.OwnerDescription(role="proxy", address="10.0.0.7:19530", description_text="dml")
+        ids = client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=3))
+        assert len(ids) == 3 and len(set(ids)) == 3
+        assert client.describe_channels(ids) == ms.ChannelDescriptions(
+            descriptions=[ms.ChannelDescription(owner=owner)] * 3
+        )
+        with ms.connect(url) as other:  # owner records live on the broker, not in this client
+            assert other.describe_channels(ids[1:2]).descriptions[0].owner == owner
+        client.destroy_channels(ids[:2])
+        for gone in ids[:2]:
+            with pytest.raises(ChannelNotFoundError):
+                client.describe_channels([gone])
+            with pytest.raises(ChannelNotFoundError):
+                client.msg_stream().create_producers([gone])
+        assert client.describe_channels(ids[2:]).descriptions[0].owner == owner
+
+    def test_destroy_unknown_deletes_nothing(self, client: ms.Client) -> None:
+        ids = self.channels(client, 2)
+        with pytest.raises(ChannelNotFoundError):
+            client.destroy_channels([ids[0], "no-such-channel-" + uuid.uuid4().hex])
+        assert len(client.describe_channels(ids).descriptions) == 2
+
+    def test_create_channels_rejects_bad_requests(self, client: ms.Client) -> None:
+        owner = ms.OwnerDescription(role="proxy")
+        for bad in (0, -1, "2", True):
+            with pytest.raises(InvalidArgumentError):
+                client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=bad))  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            client.create_channels("proxy")  # type: ignore[arg-type]
+
+    # -- produce / consume ----------------------------------------------------------------------
+    def test_roundtrip_every_message_type(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        dispatcher = ms.UnmarshalDispatcher()
+        dispatcher.add_msg_template(FlushMsg.msg_type, FlushMsg)
+        inp = self.consumer(streams, chans, dispatcher=dispatcher)
+        out = self.producer(streams, chans)
+        msgs = [
+            *every_message_type(),
+            FlushMsg(begin_ts=10, end_ts=10, hash_values=[0], collection_name="c", segment_ids=[1, 2]),
+        ]
+        ids = out.produce(ms.MsgPack(10, 10, msgs))
+        got = consume_n(inp, len(msgs), self.timeout)
+        assert got == msgs
+        assert [type(m) for m in got] == [type(m) for m in msgs]
+        assert [m.position.msg_id for m in got if m.position] == ids[chans[0]]
+        assert all(m.position == ms.Position(chans[0], m.position.msg_id, m.end_ts) for m in got if m.position)
+
+    def test_unregistered_type_is_reported(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        inp = self.consumer(streams, chans)  # stock dispatcher: FlushMsg unknown
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack(1, 2, [FlushMsg(begin_ts=1, end_ts=1, hash_values=[0]), _data(1, 0)]))
+        with pytest.raises(UnknownMsgTypeError) as err:
+            consume_n(inp, 1, self.timeout)
+        assert err.value.msg_type == FlushMsg.msg_type and err.value.position is not None
+        assert err.value.position.channel == chans[0]
+        assert consume_n(inp, 1, self.timeout) == [_data(1, 0)]
+
+    def test_order_kept_per_channel(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 3)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        sent = [_data(i, hash_value=i * 7) for i in range(300)]
+        for k in range(0, 300, 50):
+            out.produce(ms.MsgPack.of(sent[k : k + 50]))
+        got = consume_n(inp, 300, self.timeout)
+        for idx, ch in enumerate(chans):
+            want = [m for m in sent if m.hash_values[0] % 3 == idx]
+            assert [m for m in got if m.position and m.position.channel == ch] == want
+
+    def test_default_repack_routes_by_first_hash_value(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 4)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        msgs = [_data(i, hash_value=h) for i, h in enumerate([0, 5, 10, 7, 4])]
+        out.produce(ms.MsgPack.of(msgs))
+        got = consume_n(inp, 5, self.timeout)
+        where = {m.row_ids[0]: m.position.channel for m in got if isinstance(m, ms.InsertMsg) and m.position}
+        assert where == {i: chans[h % 4] for i, h in enumerate([0, 5, 10, 7, 4])}
+
+    def test_insert_delete_repack_splits_rows(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        out.set_repack_func(ms.repack.insert_delete)
+        pks = list(range(20))
+        hashes = [ms.repack.hash_primary_key(pk) for pk in pks]
+        ins = ms.InsertMsg(
+            begin_ts=1,
+            end_ts=20,
+            hash_values=hashes,
+            row_ids=pks,
+            timestamps=[pk + 1 for pk in pks],
+            row_data=[bytes([pk]) for pk in pks],
+        )
+        dele = ms.DeleteMsg(
+            begin_ts=30, end_ts=30, hash_values=hashes[:4], primary_keys=list[int | str](pks[:4]), timestamps=[30] * 4
+        )
+        out.produce(ms.MsgPack(1, 30, [ins, dele]))
+        got = [m for m in consume_n(inp, 4, self.timeout)]  # one insert and one delete per channel
+        rows: dict[int, str] = {}
+        for m in got:
+            assert m.position is not None
+            if isinstance(m, ms.InsertMsg):
+                assert m.row_data == [bytes([pk]) for pk in m.row_ids]
+                assert (m.begin_ts, m.end_ts) == (min(m.timestamps), max(m.timestamps))
+                rows.update(dict.fromkeys(m.row_ids, m.position.channel))
+            else:
+                assert isinstance(m, ms.DeleteMsg)
+                assert all(chans[ms.repack.hash_primary_key(pk) % 2] == m.position.channel for pk in m.primary_keys)
+        assert rows == {pk: chans[h % 2] for pk, h in zip(pks, hashes, strict=True)}
+
+    def test_bad_repack_sends_nothing(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        before = out.get_latest_positions()
+        out.set_repack_func(lambda msgs, keys: {0: ms.MsgPack.of(list(msgs)), 2: ms.MsgPack.of(list(msgs))})
+        with pytest.raises(RepackError, match="index 2"):
+            out.produce(ms.MsgPack.of([_data(1, 0)]))
+        out.set_repack_func(ms.repack.default)
+        with pytest.raises(RepackError, match="no hash_values"):
+            out.produce(ms.MsgPack.of([_data(1, 0), ms.SearchMsg(begin_ts=1, end_ts=1)]))
+        assert out.get_latest_positions() == before
+
+    def test_broadcast_reaches_every_channel(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 3)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        ids = out.broadcast(_tick(5))
+        assert sorted(ids) == sorted(chans) and all(len(v) == 1 for v in ids.values())
+        got = consume_n(inp, 3, self.timeout)
+        assert sorted(m.position.channel for m in got if m.position) == sorted(chans)
+        assert all(m == ms.TimeTickMsg(begin_ts=5, end_ts=5) for m in got)
+
+    def test_pack_positions(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(10)]))
+        got: list[ms.TsMsg] = []
+        deadline = time.monotonic() + self.timeout
+        while len(got) < 10 and time.monotonic() < deadline:
+            pack = inp.consume(timeout=1.0)
+            if pack is None:
+                continue
+            got.extend(pack.msgs)
+            for ch in {m.position.channel for m in pack.msgs if m.position}:
+                mine = [m.position for m in pack.msgs if m.position and m.position.channel == ch]
+                assert mine[0] in pack.start_positions and mine[-1] in pack.end_positions
+            assert len(pack.end_positions) == len({p.channel for p in pack.end_positions})
+            assert pack.begin_ts == min(m.begin_ts for m in pack.msgs)
+            assert pack.end_ts == max(m.end_ts for m in pack.msgs)
+        assert len(got) == 10
+
+    # -- subscriptions --------------------------------------------------------------------------
+    def test_two_subscriptions_each_see_everything(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        a = self.consumer(streams, chans)
+        b = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        sent = [_data(i, i) for i in range(40)]
+        out.produce(ms.MsgPack.of(sent))
+        for inp in (a, b):
+            got = consume_n(inp, 40, self.timeout)
+            assert sorted(got, key=lambda m: m.row_ids if isinstance(m, ms.InsertMsg) else []) == sent
+
+    def test_one_subscription_shares_without_duplicates(self, client: ms.Client, streams: Any, feats: Features) -> None:
+        if not feats.shared_subscription:
+            pytest.skip("backend declares shared_subscription=False")
+        chans = self.channels(client, 4)
+        sub = self.sub()
+        members = [self.consumer(streams, chans, sub=sub) for _ in range(2)]
+        out = self.producer(streams, chans)
+        sent = [_data(i, i) for i in range(200)]
+        for k in range(0, 200, 20):
+            out.produce(ms.MsgPack.of(sent[k : k + 20]))
+        got: dict[int, list[int]] = {0: [], 1: []}
+        deadline = time.monotonic() + self.timeout
+        while len(got[0]) + len(got[1]) < 200:
+            assert time.monotonic() < deadline, f"received {len(got[0]) + len(got[1])} of 200"
+            for i, inp in enumerate(members):
+                pack = inp.consume(timeout=0.2)
+                if pack is not None:
+                    got[i].extend(r for m in pack.msgs if isinstance(m, ms.InsertMsg) for r in m.row_ids)
+        everything = got[0] + got[1]
+        assert sorted(everything) == list(range(200)), "a message was lost or delivered twice"
+        for inp in members:
+            expect_quiet(inp, self.quiet_period)
+
+    def test_existing_subscription_resumes_after_acknowledged(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(10)]))
+        with client.msg_stream(receive_batch=4) as first:
+            first.create_consumers(sub, chans)
+            got = consume_n(first, 4, self.timeout)
+        # position=LATEST is ignored for an existing subscription: it resumes where it was
+        second = self.consumer(streams, chans, sub=sub, position=ms.SubscriptionPosition.LATEST)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(10, 12)]))
+        rest = consume_n(second, 8, self.timeout)
+        assert [m.row_ids[0] for m in got + rest if isinstance(m, ms.InsertMsg)] == list(range(12))
+
+    def test_latest_subscription_starts_after_existing_messages(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(6)]))
+        inp = self.consumer(streams, chans, position=ms.SubscriptionPosition.LATEST)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(6, 9)]))
+        got = consume_n(inp, 3, self.timeout)
+        assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == [6, 7, 8]
+        expect_quiet(inp, self.quiet_period)
+
+    # -- positions and seek ---------------------------------------------------------------------
+    def test_seek_to_checkpoint_loses_and_repeats_nothing(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 3)
+        out = self.producer(streams, chans)
+        sent = [_data(i, i) for i in range(90)]
+        out.produce(ms.MsgPack.of(sent[:60]))
+        first = self.consumer(streams, chans, sub=self.sub())
+        seen: list[ms.TsMsg] = []
+        checkpoint: dict[str, bytes] = {}
+        while len(seen) < 30:
+            pack = first.consume(timeout=self.timeout)
+            assert pack is not None, "no messages"
+            seen.extend(pack.msgs)
+            checkpoint.update({p.channel: p.to_bytes() for p in pack.end_positions})
+        out.produce(ms.MsgPack.of(sent[60:]))
+        # a new process: fresh stream, its own subscription, positions restored from bytes
+        resumed = streams()
+        resumed.create_consumers(self.sub(), chans)
+        resumed.seek([ms.Position.from_bytes(b) for b in checkpoint.values()])
+        resumed.start()
+        untouched = [m for m in sent if chans[m.hash_values[0] % 3] not in checkpoint]
+        touched = [m for m in sent if chans[m.hash_values[0] % 3] in checkpoint]
+        rest = consume_n(
+            resumed, 90 - len(seen) + len(untouched) - len([m for m in seen if m in untouched]), self.timeout
+        )
+        assert sorted(m.row_ids[0] for m in [*seen, *rest] if m in touched) == sorted(m.row_ids[0] for m in touched)
+        assert len({m.row_ids[0] for m in rest if isinstance(m, ms.InsertMsg)}) == len(rest), "repeated"
+        expect_quiet(resumed, self.quiet_period)
+
+    def test_seek_to_empty_position_starts_from_first(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        inp = self.consumer(streams, chans, position=ms.SubscriptionPosition.LATEST)
+        empty = inp.get_latest_positions()
+        assert empty == [ms.Position(chans[0], b"", 0)]
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(5)]))
+        got = consume_n(inp, 5, self.timeout)
+        inp.seek(empty)
+        assert consume_n(inp, 5, self.timeout) == got
+
+    def test_latest_positions(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        ids = out.produce(ms.MsgPack.of([_data(i, 0) for i in range(5)]))
+        latest = out.get_latest_positions()
+        assert latest[0] == ms.Position(chans[0], ids[chans[0]][-1], 0)
+        assert latest[1] == ms.Position(chans[1], b"", 0)
+        inp = streams()
+        inp.create_consumers(self.sub(), chans)
+        inp.seek(latest)  # resume after the newest message: only what comes next
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(5, 7)]))
+        got = consume_n(inp, 2, self.timeout)
+        assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == [5, 6]
+        assert {m.position.msg_id for m in got if m.position and m.position.channel == chans[0]} == {
+            out.get_latest_positions()[0].msg_id
+        }
+
+    def test_seek_rejects_invalid_positions(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        other = self.channels(client, 1)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(3)]))
+        inp = streams()
+        inp.create_consumers(self.sub(), chans)
+        with pytest.raises(SeekError):
+            inp.seek([ms.Position(other[0], b"", 0)])
+        with pytest.raises(SeekError):
+            inp.seek([ms.Position(chans[0], b"\xff" * 8, 0)])
+        with pytest.raises(InvalidArgumentError):
+            inp.seek(ms.Position(chans[0], b"", 0))
+
+    # -- errors ---------------------------------------------------------------------------------
+    def test_unknown_channels_raise(self, client: ms.Client) -> None:
+        missing = "missing-" + uuid.uuid4().hex
+        with pytest.raises(ChannelNotFoundError), client.msg_stream() as s:
+            s.create_producers([missing])
+        with pytest.raises(ChannelNotFoundError), client.msg_stream() as s:
+            s.create_consumers(self.sub(), [missing])
+        with pytest.raises(ChannelNotFoundError):
+            client.describe_channels([missing])
+
+    def test_closed_stream_raises(self, client: ms.Client) -> None:
+        chans = self.channels(client, 1)
+        s = client.msg_stream()
+        s.create_producers(chans)
+        s.create_consumers(self.sub(), chans)
+        s.close()
+        s.close()  # idempotent
+        with pytest.raises(StreamClosedError):
+            s.produce(ms.MsgPack.of([_data(1, 0)]))
+        with pytest.raises(StreamClosedError):
+            s.consume(timeout=0.1)
+        with pytest.raises(StreamClosedError):
+            s.seek([])
+
+    def test_bad_arguments_raise_typed_errors(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        s = self.producer(streams, chans)
+        s.create_consumers(self.sub(), chans)
+        bad_packs: list[Any] = [[_data(1, 0)], None, ms.MsgPack(1, 1, [b"raw"])]  # type: ignore[list-item]
+        for bad in bad_packs:
+            with pytest.raises(InvalidArgumentError):
+                s.produce(bad)
+        bad_timeouts: list[Any] = [-1, float("nan"), "1", None]
+        for timeout in bad_timeouts:
+            with pytest.raises(InvalidArgumentError):
+                s.consume(timeout=timeout)
+        with pytest.raises(InvalidArgumentError):
+            s.create_producers(chans[0])  # a str, not a list
+        assert s.produce(ms.MsgPack(0, 0, [])) == {}
+
+    def test_consume_timeout_is_kept(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        inp = self.consumer(streams, chans)
+        for timeout in (0.0, 0.3):
+            start = time.monotonic()
+            assert inp.consume(timeout=timeout) is None
+            assert time.monotonic() - start < timeout + 2.0
+
+    def test_corrupt_frame_is_reported_and_stream_goes_on(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        inp = self.consumer(streams, chans)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(0, 0)]))
+        raw = client.backend.create_producer(chans[0])
+        try:
+            bad_ids = raw.send([b"not a frame", _data(1, 0).marshal()[:-3]], self.timeout)
+        finally:
+            raw.close()
+        out.produce(ms.MsgPack.of([_data(2, 0)]))
+        good: list[ms.TsMsg] = []
+        errors: list[UnmarshalError] = []
+        deadline = time.monotonic() + self.timeout
+        while len(good) < 2 or len(errors) < 2:
+            assert time.monotonic() < deadline, f"good={len(good)} errors={len(errors)}"
+            try:
+                pack = inp.consume(timeout=1.0)
+            except UnmarshalError as exc:
+                errors.append(exc)
+                continue
+            if pack is not None:
+                good.extend(pack.msgs)
+        assert good == [_data(0, 0), _data(2, 0)]
+        assert [e.position.msg_id for e in errors if e.position] == bad_ids
+        assert all(e.position and e.position.channel == chans[0] for e in errors)
+
+    def test_on_error_hook_gets_bad_frames(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        reported: list[UnmarshalError] = []
+        inp = streams(on_error=reported.append)
+        inp.create_consumers(self.sub(), chans)
+        raw = client.backend.create_producer(chans[0])
+        try:
+            raw.send([b"\x00" * 3], self.timeout)
+        finally:
+            raw.close()
+        self.producer(streams, chans).produce(ms.MsgPack.of([_data(5, 0)]))
+        assert consume_n(inp, 1, self.timeout) == [_data(5, 0)]
+        assert len(reported) == 1 and reported[0].position is not None
+
+    # -- time-tick stream -----------------------------------------------------------------------
+    def test_tt_one_pack_per_tick_in_timestamp_order(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 3)
+        tt = self.consumer(streams, chans, tt=True)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i, ts=ts) for i, ts in enumerate([5, 3, 9, 12, 1, 8])]))
+        out.broadcast(_tick(10))
+        out.broadcast(_tick(20))
+        first = tt.consume(timeout=self.timeout)
+        assert first is not None and (first.begin_ts, first.end_ts) == (0, 10)
+        assert [m.end_ts for m in first.msgs] == [1, 3, 5, 8, 9]
+        assert all(not isinstance(m, ms.TimeTickMsg) for m in first.msgs)
+        second = tt.consume(timeout=self.timeout)
+        assert second is not None and (second.begin_ts, second.end_ts) == (10, 20)
+        assert [m.end_ts for m in second.msgs] == [12]
+        assert tt.consume(timeout=self.quiet_period) is None
+        out.broadcast(_tick(30))
+        empty = tt.consume(timeout=self.timeout)
+        assert empty is not None and (empty.begin_ts, empty.end_ts, empty.msgs) == (20, 30, [])
+
+    def test_tt_waits_for_every_channel(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        tt = self.consumer(streams, chans, tt=True)
+        only_first = self.producer(streams, chans[:1])
+        only_first.produce(ms.MsgPack.of([_data(1, 0, ts=4)]))
+        only_first.broadcast(_tick(10))
+        assert tt.consume(timeout=self.quiet_period) is None  # second channel has not ticked
+        assert tt.lagging_channels() == chans[1:]
+        second = self.producer(streams, chans[1:])
+        second.broadcast(_tick(10))
+        pack = tt.consume(timeout=self.timeout)
+        assert pack is not None and [m.end_ts for m in pack.msgs] == [4]
+
+    def test_tt_seek_resumes_after_tick(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        sent = [_data(0, 0, ts=3), _data(1, 1, ts=7), _data(2, 0, ts=15), _data(3, 1, ts=12)]
+        out = self.producer(streams, chans)
+        # channel 0 ticks 10 then 20; channel 1 goes ahead: tick 20 arrives before 10's pack is taken
+        out.produce(ms.MsgPack.of(sent))
+        out.broadcast(_tick(10))
+        out.produce(ms.MsgPack.of([_data(4, 1, ts=25)]))
+        out.broadcast(_tick(20))
+        tt = self.consumer(streams, chans, tt=True)
+        pack = tt.consume(timeout=self.timeout)
+        assert pack is not None and pack.end_ts == 10
+        assert [m.end_ts for m in pack.msgs] == [3, 7]
+        saved = [p.to_bytes() for p in pack.end_positions]
+        tt.close()
+        resumed = self.consumer(streams, chans, tt=True)
+        resumed.seek([ms.Position.from_bytes(b) for b in saved])
+        nxt = resumed.consume(timeout=self.timeout)
+        assert nxt is not None and (nxt.begin_ts, nxt.end_ts) == (10, 20)
+        assert [m.end_ts for m in nxt.msgs] == [12, 15]
+        out.broadcast(_tick(30))
+        last = resumed.consume(timeout=self.timeout)
+        assert last is not None and [m.end_ts for m in last.msgs] == [25]
+
+    def test_tt_backwards_tick_raises(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        tt = self.consumer(streams, chans, tt=True)
+        out = self.producer(streams, chans)
+        out.broadcast(_tick(10))
+        assert tt.consume(timeout=self.timeout) is not None
+        out.broadcast(_tick(5))
+        with pytest.raises(TimeTickError, match=chans[0]):
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                tt.consume(timeout=1.0)
+        out.produce(ms.MsgPack.of([_data(0, 0, ts=8)]))
+        with pytest.raises(TimeTickError, match="at or below the tick 10"):
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                tt.consume(timeout=1.0)
+
+    def test_tt_passes_user_types(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        dispatcher = ms.UnmarshalDispatcher()
+        dispatcher.add_msg_template(FlushMsg.msg_type, FlushMsg)
+        tt = self.consumer(streams, chans, tt=True, dispatcher=dispatcher)
+        out = self.producer(streams, chans)
+        flush = FlushMsg(begin_ts=4, end_ts=4, hash_values=[1], segment_ids=[9])
+        out.produce(ms.MsgPack.of([flush, _data(0, 0, ts=2)]))
+        out.broadcast(_tick(5))
+        pack = tt.consume(timeout=self.timeout)
+        assert pack is not None and pack.msgs == [_data(0, 0, ts=2), flush]
