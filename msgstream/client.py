@@ -66,7 +66,7 @@ def decode_owner(channel: str, data: bytes) -> OwnerDescription:
         raise UnmarshalError(f"channel {channel!r} carries no msgstream owner record", data=data)
     try:
         return _OWNER_DECODER.decode(memoryview(data)[4:])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
         raise UnmarshalError(f"corrupt owner record on channel {channel!r}: {exc}", data=data) from exc
 
 

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 from struct import error as struct_error
 from typing import Union
 
-import msgspec
-
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
 from .messages import HEADER, HEADER_SIZE, MAGIC, STOCK_TYPES, VERSION, TsMsg
 
@@ -84,7 +82,7 @@ def _struct_decoder(cls: type[TsMsg]) -> Decode:
     def decode_struct(data: bytes) -> TsMsg:
         try:
             msg: TsMsg = decode(memoryview(data)[HEADER_SIZE:])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
             raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
         return msg
 

@@ -129,7 +129,7 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
         cls.prepare()
         try:
             msg: T = cls._decoder.decode(memoryview(data)[HEADER_SIZE:])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
             raise UnmarshalError(f"corrupt {cls.__name__} frame: {exc}", data=bytes(data)) from exc
         return msg
 

@@ -42,7 +42,7 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
             raise UnmarshalError("not a msgstream position (bad magic or version)", data=bytes(data))
         try:
             return _DECODER.decode(memoryview(data)[4:])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
             raise UnmarshalError(f"corrupt position: {exc}", data=bytes(data)) from exc
 
     def __repr__(self) -> str:

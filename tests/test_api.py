@@ -1,0 +1,174 @@
+"""The public names of DESIGN.md's contract, backend discovery, URLs and secrets."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+
+import msgstream as ms
+from msgstream import errors
+from msgstream.backend import URL, installed_schemes, load_backend
+
+CONTRACT = {
+    "connect",
+    "CreateChannelRequest",
+    "OwnerDescription",
+    "ChannelDescriptions",
+    "ChannelDescription",
+    "MsgStream",
+    "MsgPack",
+    "InsertMsg",
+    "DeleteMsg",
+    "SearchMsg",
+    "SearchResultMsg",
+    "SegStatisticsMsg",
+    "TimeTickMsg",
+    "TimeSyncMsg",
+    "TsMsg",
+    "MsgType",
+    "SubscriptionPosition",
+    "Position",
+    "UnmarshalDispatcher",
+    "TimeTickStream",
+    "repack",
+    "errors",
+}
+ERRORS = {
+    "MsgStreamError",
+    "InvalidURLError",
+    "BackendNotFoundError",
+    "ChannelNotFoundError",
+    "ProduceError",
+    "UnmarshalError",
+    "UnknownMsgTypeError",
+    "StreamClosedError",
+    "TimeTickError",
+}
+
+
+def test_public_names_match_the_contract() -> None:
+    assert set(ms.__all__) >= CONTRACT
+    assert all(hasattr(ms, name) for name in ms.__all__)
+    assert {"default", "insert_delete", "all_keys"} <= set(ms.repack.__all__)
+    client_methods = {"create_channels", "describe_channels", "destroy_channels", "msg_stream", "tt_msg_stream"}
+    assert client_methods <= set(dir(ms.Client))
+    stream_methods = {
+        "create_producers",
+        "create_consumers",
+        "set_repack_func",
+        "start",
+        "produce",
+        "broadcast",
+        "consume",
+        "seek",
+        "get_latest_positions",
+        "close",
+        "__enter__",
+        "__exit__",
+    }
+    assert stream_methods <= set(dir(ms.MsgStream))
+    assert stream_methods - {"set_repack_func", "produce", "broadcast"} <= set(dir(ms.TimeTickStream))
+    assert list(inspect.signature(ms.MsgStream.create_consumers).parameters) == [
+        "self",
+        "subscription",
+        "channels",
+        "dispatcher",
+        "position",
+    ]
+    assert [m.name for m in ms.SubscriptionPosition] == ["EARLIEST", "LATEST"]
+    assert ms.MsgType.INSERT == 400 and ms.MsgType.TIME_TICK == 1200
+
+
+def test_error_tree() -> None:
+    assert set(errors.__all__) >= ERRORS
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.MsgStreamError)
+    assert issubclass(errors.UnknownMsgTypeError, errors.UnmarshalError)
+    assert issubclass(errors.StreamClosedError, errors.StreamStateError)
+    assert not any(name in dir(__builtins__) for name in errors.__all__), "an error shadows a builtin"
+
+
+def test_value_classes() -> None:
+    owner = ms.OwnerDescription(role="proxy", address="a:1", description_text="dml")
+    assert owner == ms.OwnerDescription("proxy", "a:1", "dml")
+    req = ms.CreateChannelRequest(owner=owner, num_channels=4)
+    assert req.num_channels == 4
+    assert ms.ChannelDescriptions(descriptions=[ms.ChannelDescription(owner=owner)]).descriptions[0].owner == owner
+    pack = ms.MsgPack(begin_ts=1, end_ts=2, msgs=[])
+    assert pack.start_positions == [] and pack.end_positions == []
+    assert ms.TimeTickStream(ms.connect().msg_stream()) is not None
+
+
+def test_stream_and_client_are_context_managers() -> None:
+    with ms.connect("memory://ctx") as client:
+        with client.msg_stream() as s:
+            assert not s.closed
+        assert s.closed
+        with client.tt_msg_stream() as tt:
+            assert isinstance(tt, ms.TimeTickStream)
+        assert tt.closed
+    with pytest.raises(errors.StreamClosedError):
+        client.msg_stream()
+
+
+def test_memory_is_found_through_its_entry_point() -> None:
+    assert "memory" in installed_schemes()
+    assert type(load_backend("memory://")).__name__ == "MemoryBackend"
+
+
+def test_unknown_scheme_lists_installed_ones() -> None:
+    with pytest.raises(errors.BackendNotFoundError, match="'nosuch'.*installed: .*memory"):
+        ms.connect("nosuch://u:hunter2@host/")
+    try:
+        ms.connect("nosuch://u:hunter2@host/")
+    except errors.BackendNotFoundError as exc:
+        assert "hunter2" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "no-scheme",
+        "://x",
+        "HTTP://x",
+        "redis://h:99999/",
+        "redis://h:port/",
+        "kafka://h:1,:2/",
+        42,
+        "memory://a?x=1&&y",
+    ],
+)
+def test_malformed_urls(url: object) -> None:
+    with pytest.raises(errors.InvalidURLError):
+        ms.connect(url)  # type: ignore[arg-type]
+
+
+def test_url_parts_and_masking() -> None:
+    u = URL("kafka://user:p%40ss@h1:9092,[::1]:9093/tenant?linger.ms=5&sasl.password=s3&ssl.key.password=k")
+    assert u.hosts == [("h1", 9092), ("::1", 9093)] and u.username == "user" and u.password == "p@ss"
+    assert u.options == {"linger.ms": "5", "sasl.password": "s3", "ssl.key.password": "k"}
+    for text in (str(u), repr(u), u.redacted()):
+        assert "p%40ss" not in text and "s3" not in text and "=k" not in text and "linger.ms=5" in text
+    assert URL("redis://:secret@h:1/0").redacted() == "redis://:***@h:1/0"
+    assert "secret" not in repr(load_backend("memory://x?token=secret"))
+
+
+def test_secrets_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    for url in ("memory://a/b/c?password=hunter2", "nosuch://:hunter2@h/", "memory://:hunter2@x:0"):
+        try:
+            ms.connect(url)
+        except errors.MsgStreamError as exc:
+            assert "hunter2" not in str(exc) and "hunter2" not in repr(exc)
+    assert "hunter2" not in caplog.text
+
+
+def test_client_takes_a_backend_instance() -> None:
+    backend = load_backend("memory://direct")
+    client = ms.Client(backend)
+    assert client.backend is backend and client.url == "memory://direct"
+    with pytest.raises(errors.InvalidArgumentError):
+        ms.Client("memory://")  # type: ignore[arg-type]

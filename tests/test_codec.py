@@ -1,0 +1,145 @@
+"""Wire format: every type round-trips; anything else is an UnmarshalError, never another exception."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msgstream as ms
+from msgstream.errors import InvalidArgumentError, UnknownMsgTypeError, UnmarshalError
+from msgstream.messages import HEADER_SIZE, STOCK_TYPES
+from msgstream.testing import FlushMsg, every_message_type
+
+from .strategies import any_message
+
+DISPATCHER = ms.UnmarshalDispatcher()
+
+
+@settings(max_examples=500)
+@given(any_message)
+def test_every_type_round_trips(msg: ms.TsMsg) -> None:
+    frame = msg.marshal()
+    back = DISPATCHER.unmarshal(frame)
+    assert back == msg and type(back) is type(msg)
+    assert type(msg).unmarshal(frame) == msg
+
+
+def test_header_layout_is_as_documented() -> None:
+    msg = ms.InsertMsg(begin_ts=3, end_ts=4, hash_values=[7], row_ids=[1], timestamps=[3], row_data=[b"ab"])
+    frame = msg.marshal()
+    assert frame[:HEADER_SIZE] == b"MS\x01\x00" + struct.pack(">I", 400)
+    # docs/wire-format.md: a MessagePack array, begin_ts, end_ts, hash_values first, then the body in order
+    import msgspec
+
+    body = msgspec.msgpack.decode(frame[HEADER_SIZE:])
+    assert body == [3, 4, [7], "", "", 0, "", [1], [3], [b"ab"]]
+
+
+def test_stock_types_and_values() -> None:
+    assert {int(c.msg_type) for c in STOCK_TYPES} == {400, 401, 500, 1000, 1100, 1200, 1201}
+    assert ms.MsgType.TIME_SYNC == 1201 and DISPATCHER.msg_types() == [400, 401, 500, 1000, 1100, 1200, 1201]
+    for msg in every_message_type():
+        assert msg.msg_type == type(msg).msg_type
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_unmarshal_error(data: bytes) -> None:
+    try:
+        DISPATCHER.unmarshal(data)
+    except UnmarshalError:
+        pass
+
+
+@settings(max_examples=2000)
+@given(any_message, st.data())
+def test_mutated_frames_raise_only_unmarshal_error(msg: ms.TsMsg, data: st.DataObject) -> None:
+    frame = bytearray(msg.marshal())
+    how = data.draw(st.sampled_from(["truncate", "flip", "insert", "body"]))
+    if how == "truncate":
+        del frame[data.draw(st.integers(0, len(frame) - 1)) :]
+    elif how == "flip":
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "insert":
+        frame.insert(data.draw(st.integers(0, len(frame))), data.draw(st.integers(0, 255)))
+    else:
+        frame[HEADER_SIZE:] = data.draw(st.binary(max_size=40))
+    try:
+        out = DISPATCHER.unmarshal(bytes(frame))
+    except UnmarshalError as exc:
+        assert exc.data == bytes(frame)
+    else:
+        assert isinstance(out, ms.TsMsg)
+
+
+def test_specific_corruptions() -> None:
+    good = ms.TimeTickMsg(begin_ts=1, end_ts=1).marshal()
+    with pytest.raises(UnmarshalError, match="truncated"):
+        DISPATCHER.unmarshal(good[:5])
+    with pytest.raises(UnmarshalError, match="not a msgstream frame"):
+        DISPATCHER.unmarshal(b"XX" + good[2:])
+    with pytest.raises(UnmarshalError, match="corrupt TimeTickMsg"):
+        DISPATCHER.unmarshal(good[:-1])
+    with pytest.raises(UnknownMsgTypeError) as err:
+        DISPATCHER.unmarshal(good[:4] + struct.pack(">I", 4242) + good[8:])
+    assert err.value.msg_type == 4242
+    with pytest.raises(UnmarshalError):
+        DISPATCHER.unmarshal("a str")  # type: ignore[arg-type]
+
+
+def test_user_types_register_and_round_trip() -> None:
+    d = ms.UnmarshalDispatcher()
+    msg = FlushMsg(begin_ts=1, end_ts=2, hash_values=[3], collection_name="c", segment_ids=[4])
+    with pytest.raises(UnknownMsgTypeError):
+        d.unmarshal(msg.marshal())
+    d.add_msg_template(5000, FlushMsg)
+    assert d.unmarshal(msg.marshal()) == msg
+    with pytest.raises(InvalidArgumentError, match="registered as 5001"):
+        d.add_msg_template(5001, FlushMsg)
+    with pytest.raises(InvalidArgumentError):
+        d.add_msg_template(0, FlushMsg)
+
+    def broken(_data: bytes) -> ms.TsMsg:
+        raise KeyError("oops")
+
+    d.add_msg_template(5000, broken)
+    with pytest.raises(UnmarshalError, match="oops"):
+        d.unmarshal(msg.marshal())
+    d.add_msg_template(5000, lambda data: "not a message")  # type: ignore[arg-type,return-value]
+    with pytest.raises(UnmarshalError, match="not a TsMsg"):
+        d.unmarshal(msg.marshal())
+
+
+def test_subclass_must_keep_header_fields_first() -> None:
+    class Wrong(ms.TsMsg):  # forgot kw_only=True: body fields would come first on the wire
+        msg_type = 6000
+        extra: int = 0
+
+    with pytest.raises(TypeError, match="kw_only=True"):
+        Wrong(extra=1).marshal()
+
+
+def test_messages_behave_as_values() -> None:
+    a = ms.SearchMsg(begin_ts=1, end_ts=1, hash_values=[0])
+    assert a == ms.SearchMsg(begin_ts=1, end_ts=1, hash_values=[0]) and a.position is None
+    a.set_ts(9)
+    assert (a.begin_ts, a.end_ts) == (9, 9)
+    assert ms.InsertMsg().row_ids == [] and ms.InsertMsg().row_ids is not ms.InsertMsg().row_ids
+
+
+@given(st.text(), st.binary(max_size=40), st.integers(0, 2**64 - 1))
+def test_position_round_trips(channel: str, msg_id: bytes, ts: int) -> None:
+    pos = ms.Position(channel, msg_id, ts)
+    assert ms.Position.from_bytes(pos.to_bytes()) == pos
+
+
+@given(st.binary(max_size=60))
+def test_position_rejects_garbage(data: bytes) -> None:
+    try:
+        ms.Position.from_bytes(data)
+    except UnmarshalError:
+        pass

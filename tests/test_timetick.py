@@ -1,0 +1,126 @@
+"""Time-tick stream behaviours beyond the conformance suite: lag reporting, the buffer limit, idle CPU,
+and the producer-side helpers (hybrid timestamps, Ticker)."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import msgstream as ms
+from msgstream import timestamp
+from msgstream.errors import InvalidArgumentError, TimeTickError
+
+
+@pytest.fixture
+def client() -> Iterator[ms.Client]:
+    with ms.connect(f"memory://tt-{uuid.uuid4().hex[:8]}") as c:
+        yield c
+
+
+def _chans(client: ms.Client, n: int) -> list[str]:
+    return client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="dml"), num_channels=n))
+
+
+def _data(ts: int, ch: int) -> ms.InsertMsg:
+    return ms.InsertMsg(begin_ts=ts, end_ts=ts, hash_values=[ch], row_ids=[ts])
+
+
+def test_lagging_channel_is_named_in_a_warning(client: ms.Client, caplog: pytest.LogCaptureFixture) -> None:
+    chans = _chans(client, 3)
+    with client.msg_stream() as out, client.tt_msg_stream(lag_warning_after=0.2) as tt:
+        out.create_producers(chans[:2])  # the third channel never ticks
+        tt.create_consumers("qn", chans)
+        out.broadcast(ms.MsgPack(5, 5, [ms.TimeTickMsg(begin_ts=5, end_ts=5)]))
+        deadline = time.monotonic() + 5
+        with caplog.at_level(logging.WARNING, logger="msgstream.timetick"):
+            while "stalled" not in caplog.text and time.monotonic() < deadline:
+                assert tt.consume(timeout=0.1) is None
+        assert f"channel(s) {chans[2]} have not ticked" in caplog.text
+        assert tt.lagging_channels() == [chans[2]]
+
+
+def test_buffer_limit_raises_instead_of_growing(client: ms.Client) -> None:
+    chans = _chans(client, 2)
+    with client.msg_stream() as out, client.tt_msg_stream(max_buffered=50) as tt:
+        out.create_producers(chans)
+        tt.create_consumers("qn", chans)
+        out.produce(ms.MsgPack.of([_data(i + 1, 0) for i in range(60)]))
+        out.broadcast(ms.MsgPack(100, 100, [ms.TimeTickMsg(begin_ts=100, end_ts=100)]))
+        with pytest.raises(TimeTickError, match="max_buffered=50"):
+            for _ in range(10):
+                tt.consume(timeout=0.1)
+
+
+def test_waiting_consume_does_not_spin(client: ms.Client) -> None:
+    chans = _chans(client, 2)
+    with client.tt_msg_stream() as tt:
+        tt.create_consumers("qn", chans)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.monotonic()
+        assert tt.consume(timeout=1.0) is None
+        wall = time.monotonic() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert wall >= 0.99
+    assert cpu < 0.1, f"an idle consume used {cpu:.3f}s of CPU in {wall:.2f}s"
+
+
+def test_empty_ticks_give_empty_packs_and_positions_advance(client: ms.Client) -> None:
+    chans = _chans(client, 2)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        tt.create_consumers("qn", chans)
+        ticker = ms.Ticker(out)
+        t1, t2 = ticker.tick(10), ticker.tick(20)
+        p1, p2 = tt.consume(timeout=5), tt.consume(timeout=5)
+        assert p1 is not None and p2 is not None
+        assert (p1.begin_ts, p1.end_ts, p1.msgs) == (0, t1, []) and (p2.begin_ts, p2.end_ts, p2.msgs) == (t1, t2, [])
+        assert p2.start_positions == p1.end_positions
+        assert all(p.msg_id for p in p2.end_positions) and p2.end_positions != p1.end_positions
+
+
+def test_options_are_validated(client: ms.Client) -> None:
+    for bad in ({"max_buffered": 0}, {"lag_warning_after": 0}, {"lag_warning_after": float("inf")}):
+        with pytest.raises(InvalidArgumentError):
+            client.tt_msg_stream(**bad)
+    with pytest.raises(InvalidArgumentError):
+        ms.TimeTickStream("stream")  # type: ignore[arg-type]
+
+
+def test_hybrid_timestamps() -> None:
+    ts = timestamp.compose(1_700_000_000_123, 5)
+    assert timestamp.parse(ts) == (1_700_000_000_123, 5) and ts == (1_700_000_000_123 << 18) | 5
+    assert abs(timestamp.parse(timestamp.now())[0] - time.time() * 1000) < 5_000
+    with pytest.raises(InvalidArgumentError):
+        timestamp.compose(1, 1 << 18)
+    frozen = timestamp.HybridClock(clock_ms=lambda: 1000)
+    stamps = [frozen.next() for _ in range(3)]
+    assert stamps == [1000 << 18, (1000 << 18) + 1, (1000 << 18) + 2]
+
+
+def test_ticker_interval_and_errors(client: ms.Client) -> None:
+    chans = _chans(client, 2)
+    out = client.msg_stream()
+    out.create_producers(chans)
+    with client.tt_msg_stream() as tt:
+        tt.create_consumers("qn", chans)
+        ticker = ms.Ticker(out, source_id=7)
+        ticker.start(0.02)
+        packs = [tt.consume(timeout=5) for _ in range(3)]
+        ticker.stop()
+        assert all(p is not None for p in packs)
+        ends = [p.end_ts for p in packs if p is not None]
+        assert ends == sorted(set(ends))
+    out.close()
+    broken = ms.Ticker(out)
+    broken.start(0.01)
+    deadline = time.monotonic() + 5
+    while broken.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(ms.errors.StreamClosedError):
+        broken.stop()
