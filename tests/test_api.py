@@ -119,7 +119,7 @@ def test_memory_is_found_through_its_entry_point() -> None:
 
 
 def test_unknown_scheme_lists_installed_ones() -> None:
-    with pytest.raises(errors.BackendNotFoundError, match="'nosuch'.*installed: .*memory"):
+    with pytest.raises(errors.BackendNotFoundError, match=r"'nosuch'.*installed: .*memory"):
         ms.connect("nosuch://u:hunter2@host/")
     try:
         ms.connect("nosuch://u:hunter2@host/")
