@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .backend import URL, Backend, load_backend
-from .errors import ChannelNotFoundError, InvalidArgumentError, StreamClosedError, UnmarshalError
+from .errors import ChannelNotFoundError, InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
 
 if TYPE_CHECKING:
     from .stream import MsgStream
@@ -82,6 +83,7 @@ class Client:
             raise InvalidArgumentError(f"Client needs a msgstream.backend.Backend, got {type(backend).__name__}")
         self.backend = backend
         self._closed = False
+        self._streams: weakref.WeakSet[MsgStream] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
@@ -146,7 +148,9 @@ class Client:
         from .stream import MsgStream
 
         self._check_open()
-        return MsgStream(self.backend, **options)
+        stream = MsgStream(self.backend, **options)
+        self._streams.add(stream)
+        return stream
 
     def tt_msg_stream(self, **options: Any) -> TimeTickStream:
         """A :class:`~msgstream.TimeTickStream` over a new MsgStream; options go to the TimeTickStream
@@ -159,8 +163,17 @@ class Client:
         return TimeTickStream(self.msg_stream(**stream_opts), **tt_opts)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        """Close the streams opened from this client that are still open, then the backend."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for stream in list(self._streams):
+                try:
+                    stream.close()
+                except MsgStreamError:
+                    log.warning("error closing %r with its client", stream, exc_info=True)
+        finally:
             self.backend.close()
 
     def _check_open(self) -> None:

@@ -32,6 +32,7 @@ from msgstream.backend import Features
 from msgstream.errors import (
     ChannelNotFoundError,
     InvalidArgumentError,
+    ProduceError,
     RepackError,
     SeekError,
     StreamClosedError,
@@ -415,6 +416,38 @@ class ConformanceSuite:
         out.produce(ms.MsgPack.of([_data(i, 0) for i in range(10, 12)]))
         rest = consume_n(second, 8, self.timeout)
         assert [m.row_ids[0] for m in got + rest if isinstance(m, ms.InsertMsg)] == list(range(12))
+
+    def test_unacknowledged_messages_go_to_the_next_member(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        sub = self.sub()
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(10)]))
+        first = streams(auto_ack=False)
+        first.create_consumers(sub, chans)
+        got = consume_n(first, 10, self.timeout)
+        first.ack([m for m in got if isinstance(m, ms.InsertMsg) and m.row_ids[0] < 4])
+        first.close()  # leaves 4..9 delivered but not acknowledged: they must not be lost
+        second = self.consumer(streams, chans, sub=sub)
+        again = consume_n(second, 6, self.timeout)
+        assert sorted(m.row_ids[0] for m in again if isinstance(m, ms.InsertMsg)) == [4, 5, 6, 7, 8, 9]
+        for ch in chans:  # and in channel order
+            mine = [m for m in again if m.position and m.position.channel == ch]
+            assert mine == [m for m in got if m.position and m.position.channel == ch and m in mine]
+        expect_quiet(second, self.quiet_period)
+
+    def test_destroyed_channel_fails_open_streams(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        out = self.producer(streams, chans)
+        inp = self.consumer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(0, 0)]))
+        consume_n(inp, 1, self.timeout)
+        client.destroy_channels(chans)
+        with pytest.raises(ProduceError):
+            out.produce(ms.MsgPack.of([_data(1, 0)]))
+        with pytest.raises(ChannelNotFoundError):
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                inp.consume(timeout=0.5)
 
     def test_latest_subscription_starts_after_existing_messages(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 2)
