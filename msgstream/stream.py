@@ -262,8 +262,8 @@ class MsgStream:
 
     def _ack_delivered(self) -> None:
         if self._unacked and self._consumer is not None:
-            unacked, self._unacked = self._unacked, []
-            self._consumer.ack(unacked)
+            self._consumer.ack(self._unacked)  # on failure they stay, and the next call tries again
+            self._unacked = []
 
     def seek(self, positions: Sequence[Position]) -> None:
         """Resume each position's channel right after that position (a position with an empty msg_id:
