@@ -1,0 +1,421 @@
+"""Redis Streams backend for msgstream: ``redis://[[user]:password@]host[:port][/db][?options]``, ``rediss://``.
+
+Mapping (docs/backends.md has the long form):
+
+* channel -> one stream key ``<prefix>ch:<name>``; the channel registry is the hash ``<prefix>channels``
+  (name -> metadata, i.e. the owner record). A channel exists iff it is in the registry.
+* produce -> one Lua script per batch that checks the registry and XADDs every payload (field ``d``):
+  atomic, one round trip, and a deleted channel is never re-created by a late XADD.
+* subscription -> consumer group; each consumer -> a group member with a unique name; message id ->
+  the entry id (``b"<ms>-<seq>"``).
+* receive -> XREADGROUP ``>`` with COUNT and a BLOCK never longer than half the socket timeout.
+  Entries that a member left pending are recovered with XAUTOCLAIM: a member that closes hands its
+  pending entries over at once (XCLAIM with a large IDLE to a placeholder owner), a member that died
+  is recovered after ``claim_idle`` seconds by whichever member claims next.
+* ack -> XACK. seek -> the entry must exist (XRANGE), then XGROUP SETID to it (``0`` for the start)
+  and the group's pending entries on that stream are acknowledged (forgotten).
+* latest message id -> XREVRANGE + - COUNT 1.
+
+Options (URL query or ``connect(**options)``): ``prefix`` (``msgstream:``), ``socket_timeout`` (5 s),
+``connect_timeout`` (5 s), ``retries`` (1), ``maxlen`` (0 = never trim; else approximate MAXLEN ~),
+``claim_idle`` (30 s), ``claim_interval`` (5 s), and for ``rediss://`` ``ssl_ca_certs``,
+``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from msgstream.backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from msgstream.errors import (
+    BrokerUnavailableError,
+    ChannelExistsError,
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
+
+__all__ = ["RedisBackend"]
+
+_ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
+_RELEASED = "__msgstream_released__"  # placeholder owner of entries handed over by a closing member
+_RAW_COMMANDS = ("XREADGROUP", "XCLAIM", "XAUTOCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
+_SEND_CHUNK = 2000  # payloads per script call
+_SEND = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return redis.error_reply('MSGSTREAM_NO_CHANNEL ' .. ARGV[1])
+end
+local ids = {}
+local maxlen = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  if maxlen > 0 then
+    ids[#ids + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i])
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', 'd', ARGV[i])
+  end
+end
+return ids
+"""
+
+
+def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
+    value = options.get(name, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidURLError(f"option {name}={value!r} is not a number (URL {url.redacted()!r})") from None
+    if number < 0:
+        raise InvalidURLError(f"option {name} must be >= 0, got {value!r}")
+    return number
+
+
+class RedisBackend(Backend):
+    """See the module docstring."""
+
+    features = Features(shared_subscription=True, durable=True, cross_process=True)
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        if url.scheme not in ("redis", "rediss"):
+            raise InvalidURLError(f"the redis backend takes redis:// or rediss:// URLs, got {url.redacted()!r}")
+        if len(url.hosts) > 1:
+            raise InvalidURLError(f"one Redis host per URL (no cluster support): {url.redacted()!r}")
+        db_text = url.path.strip("/") or "0"
+        if not db_text.isdigit():
+            raise InvalidURLError(f"the URL path is the database number, got {url.redacted()!r}")
+        opts = self.options
+        self.prefix = str(opts.get("prefix", "msgstream:"))
+        self.socket_timeout = _number(opts, "socket_timeout", 5.0, url) or 5.0
+        self.maxlen = int(_number(opts, "maxlen", 0, url))
+        self.claim_idle = _number(opts, "claim_idle", 30.0, url)
+        self.claim_interval = _number(opts, "claim_interval", 5.0, url)
+        retries = int(_number(opts, "retries", 1, url))
+        ssl: dict[str, Any] = {}
+        if url.scheme == "rediss":
+            ssl = {
+                "ssl": True,
+                **{k: opts[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs") if k in opts},
+            }
+        self._registry = self.prefix + "channels"
+        self._redis = redis.Redis(
+            host=url.host or "localhost",
+            port=url.port or 6379,
+            db=int(db_text),
+            username=url.username,
+            password=url.password,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=_number(opts, "connect_timeout", 5.0, url) or 5.0,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+            client_name="msgstream",
+            **ssl,
+        )
+        for command in _RAW_COMMANDS:  # raw replies: no per-entry dicts on the hot path
+            self._redis.set_response_callback(command, lambda response, **_: response)
+        self._send_script = self._redis.register_script(_SEND)
+        self._consumers: set[_RedisConsumer] = set()
+        self._closed = False
+        with self.errors("connect", BrokerUnavailableError):
+            self._redis.ping()
+
+    # -- errors ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
+        """Translate redis-py exceptions into msgstream errors; no credential reaches the text."""
+        try:
+            yield
+        except redis.AuthenticationError as exc:
+            self._raise(BrokerUnavailableError, f"{what}: authentication failed", exc, channel, retriable=False)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._raise(cls, f"{what}: Redis unreachable ({type(exc).__name__}: {exc})", exc, channel, retriable=True)
+        except redis.ResponseError as exc:
+            if "MSGSTREAM_NO_CHANNEL" in str(exc) or "NOGROUP" in str(exc):
+                raise ChannelNotFoundError(channel or "?", "deleted") from None
+            self._raise(cls, f"{what}: {exc}", exc, channel, retriable=False)
+        except redis.RedisError as exc:
+            self._raise(cls, f"{what}: {type(exc).__name__}: {exc}", exc, channel, retriable=False)
+
+    def _raise(
+        self, cls: type[MsgStreamError], text: str, exc: BaseException, channel: str | None, retriable: bool
+    ) -> NoReturn:
+        if self.url.password:
+            text = text.replace(self.url.password, "***")
+        text = f"{text} [{self.url.redacted()}]"
+        err = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
+        err.retriable = retriable
+        raise err from None
+
+    # -- keys -----------------------------------------------------------------------------------
+    def key(self, channel: str) -> str:
+        return f"{self.prefix}ch:{channel}"
+
+    def check_channel(self, channel: str) -> None:
+        with self.errors("check channel"):
+            if not self._redis.hexists(self._registry, channel):
+                raise ChannelNotFoundError(channel)
+
+    # -- Backend --------------------------------------------------------------------------------
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        if not CHANNEL_NAME.fullmatch(name):
+            raise InvalidArgumentError(f"invalid channel name {name!r}")
+        with self.errors("create channel", BrokerUnavailableError):
+            if not self._redis.hsetnx(self._registry, name, metadata):
+                raise ChannelExistsError(f"channel exists: {name!r}")
+
+    def channel_metadata(self, name: str) -> bytes:
+        with self.errors("describe channel", BrokerUnavailableError):
+            data = self._redis.hget(self._registry, name)
+        if data is None:
+            raise ChannelNotFoundError(name)
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    def delete_channel(self, name: str) -> None:
+        with self.errors("delete channel", BrokerUnavailableError):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hdel(self._registry, name)
+            pipe.delete(self.key(name))
+            removed, _ = pipe.execute()
+        if not removed:
+            raise ChannelNotFoundError(name)
+
+    def create_producer(self, channel: str) -> Producer:
+        self.check_channel(channel)
+        return _RedisProducer(self, channel)
+
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        start = "0" if initial is SubscriptionPosition.EARLIEST else "$"
+        for channel in channels:
+            self.check_channel(channel)
+            with self.errors("create consumer group"):
+                try:
+                    self._redis.xgroup_create(self.key(channel), subscription, id=start, mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):  # BUSYGROUP: the subscription exists and resumes
+                        raise
+        consumer = _RedisConsumer(self, subscription, channels)
+        self._consumers.add(consumer)
+        return consumer
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        with self.errors("latest message id"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hexists(self._registry, channel)
+            pipe.xrevrange(self.key(channel), count=1)
+            exists, newest = pipe.execute()
+        if not exists:
+            raise ChannelNotFoundError(channel)
+        return bytes(newest[0][0]) if newest else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            with contextlib.suppress(MsgStreamError):
+                consumer.close()
+        self._redis.close()
+
+    def command(self, *args: Any) -> Any:
+        """One raw command (redis-py's ``execute_command`` is untyped)."""
+        return self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    @property
+    def client(self) -> redis.Redis:
+        """The underlying redis-py client (for tests and diagnostics)."""
+        return self._redis
+
+
+class _RedisProducer(Producer):
+    def __init__(self, backend: RedisBackend, channel: str) -> None:
+        super().__init__(channel)
+        self._backend = backend
+        self._keys = [backend._registry, backend.key(channel)]
+        self._closed = False
+
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        ids: list[bytes] = []
+        head = [self.channel, self._backend.maxlen]
+        for start in range(0, len(payloads), _SEND_CHUNK):
+            chunk = payloads[start : start + _SEND_CHUNK]
+            try:
+                with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
+                    ids.extend(self._backend._send_script(keys=self._keys, args=[*head, *chunk]))  # type: ignore[list-item]
+            except ChannelNotFoundError:
+                raise ProduceError(
+                    f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel
+                ) from None
+            except ProduceError as exc:
+                exc.args = (f"{exc.args[0]}; {len(ids)} of {len(payloads)} accepted before",)
+                raise
+        return ids
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _RedisConsumer(Consumer):
+    def __init__(self, backend: RedisBackend, subscription: str, channels: Sequence[str]) -> None:
+        super().__init__(subscription, channels)
+        self._backend = backend
+        self._r = backend.client
+        self._name = f"m-{uuid.uuid4().hex[:16]}"
+        self._keys = [backend.key(c) for c in channels]
+        self._channel_of = {k.encode(): c for k, c in zip(self._keys, channels, strict=True)}
+        self._buffer: deque[RawMessage] = deque()  # delivered by Redis beyond what a receive returns
+        self._claim_cursor = dict.fromkeys(channels, b"0-0")
+        self._next_claim = 0.0
+        self._max_block = max(0.05, backend.socket_timeout / 2)
+        self._closed = False
+
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        if self._buffer:
+            return [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
+        now = time.monotonic()
+        deadline = now + timeout
+        if now >= self._next_claim:
+            self._next_claim = now + self._backend.claim_interval
+            claimed = self._claim(max_messages)
+            if claimed:
+                return claimed
+        args: list[Any] = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
+        streams = ["STREAMS", *self._keys, *([">"] * len(self._keys))]
+        while True:
+            remaining = deadline - time.monotonic()
+            block = int(min(remaining, self._max_block) * 1000)
+            with self._backend.errors("receive"):
+                try:
+                    reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        self._missing_channel()
+                    raise
+            out = self._parse(reply)
+            if out or remaining <= 0 or block <= 0:
+                if len(out) > max_messages:
+                    self._buffer.extend(out[max_messages:])
+                    del out[max_messages:]
+                return out
+
+    def _parse(self, reply: Any) -> list[RawMessage]:
+        if not reply:
+            return []
+        items = reply.items() if isinstance(reply, dict) else reply
+        out: list[RawMessage] = []
+        channel_of = self._channel_of
+        for key, entries in items:
+            channel = channel_of[key]
+            for entry_id, fields in entries:
+                payload = fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
+                out.append(RawMessage(channel, entry_id, payload))
+        return out
+
+    def _claim(self, max_messages: int) -> list[RawMessage]:
+        """Take over entries other members left pending for ``claim_idle`` seconds (or handed over)."""
+        idle_ms = int(self._backend.claim_idle * 1000)
+        out: list[RawMessage] = []
+        for channel, key in zip(self.channels, self._keys, strict=True):
+            room = max_messages - len(out)
+            if room <= 0:
+                break
+            with self._backend.errors("claim pending entries"):
+                try:
+                    cursor, entries, *_ = self._backend.command(
+                        "XAUTOCLAIM",
+                        key,
+                        self.subscription,
+                        self._name,
+                        idle_ms,
+                        self._claim_cursor[channel],
+                        "COUNT",
+                        room,
+                    )
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        self._missing_channel()
+                    raise
+            self._claim_cursor[channel] = cursor
+            for entry_id, fields in entries:
+                if fields:
+                    payload = fields[1] if len(fields) > 1 and fields[0] == b"d" else b""
+                    out.append(RawMessage(channel, entry_id, payload))
+        return out
+
+    def _missing_channel(self) -> NoReturn:
+        for channel in self.channels:
+            self._backend.check_channel(channel)
+        raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}")
+
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        by_key: dict[str, list[bytes]] = {}
+        for m in messages:
+            by_key.setdefault(self._backend.key(m.channel), []).append(m.msg_id)
+        with self._backend.errors("ack"):
+            pipe = self._r.pipeline(transaction=False)
+            for key, ids in by_key.items():
+                pipe.xack(key, self.subscription, *ids)
+            pipe.execute()
+
+    def seek(self, channel: str, after: bytes | None) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        if channel not in self.channels:
+            raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+        key = self._backend.key(channel)
+        if after and not _ENTRY_ID.fullmatch(after):
+            raise SeekError(f"not a Redis stream entry id: {after!r} on {channel!r}")
+        with self._backend.errors("seek"):
+            if after and not self._backend.command("XRANGE", key, after, after):
+                self._backend.check_channel(channel)
+                raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
+            self._r.xgroup_setid(key, self.subscription, after or "0")
+            while True:  # forget the group's deliveries on this stream
+                pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
+                if not pending:
+                    break
+                self._r.xack(key, self.subscription, *[p[0] for p in pending])
+        self._buffer = deque(m for m in self._buffer if m.channel != channel)
+        self._claim_cursor[channel] = b"0-0"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._consumers.discard(self)
+        with self._backend.errors("close consumer"):
+            for key in self._keys:
+                try:
+                    self._release(key)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):  # NOGROUP: the channel was deleted meanwhile
+                        raise
+
+    def _release(self, key: str) -> None:
+        """Hand what this member holds on ``key`` to the next member, then leave the group."""
+        while True:
+            mine = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000, self._name)
+            if not mine:
+                break
+            self._backend.command(
+                "XCLAIM", key, self.subscription, _RELEASED, 0, *[p[0] for p in mine], "IDLE", 2**40, "JUSTID"
+            )
+        self._r.xgroup_delconsumer(key, self.subscription, self._name)

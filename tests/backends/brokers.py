@@ -1,0 +1,124 @@
+"""Start and stop real brokers for the backend suites: each on a free loopback port, in a temp dir,
+waited for until it answers, stopped by PID. A broker that cannot start fails the test run; it is
+never skipped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready within {timeout}s")
+        time.sleep(0.02)
+
+
+class Broker:
+    """A broker process we started: ``kill()`` (SIGKILL), ``restart()`` (same port and data), ``stop()``."""
+
+    def __init__(self, argv: list[str], port: int, workdir: Path, ready: Callable[[], bool], name: str) -> None:
+        self.argv, self.port, self.workdir, self._ready, self.name = argv, port, workdir, ready, name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.workdir / f"{self.name}.out", "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+        )
+        log.close()
+        try:
+            wait_until(
+                lambda: self.proc is not None and self.proc.poll() is None and self._ready(),
+                timeout,
+                f"{self.name} on port {self.port}",
+            )
+        except TimeoutError:
+            self.stop()
+            tail = (self.workdir / f"{self.name}.out").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} did not start: {' '.join(self.argv)}\n{tail}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _redis_ping(port: int, password: str | None) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            s.recv(64)
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+def start_redis(workdir: Path, *, durable: bool = False, password: str | None = None) -> Broker:
+    """redis-server from Debian's package (.ci/run installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); the Redis suite needs it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for _ in range(5):  # another process may take the port between choosing and binding it
+        port = free_port()
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(workdir / "redis.log"),
+            "--daemonize",
+            "no",
+        ]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+        if password:
+            argv += ["--requirepass", password]
+        broker = Broker(argv, port, workdir, lambda p=port: _redis_ping(p, password), "redis")
+        try:
+            broker.start()
+            return broker
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"could not start redis-server: {last}")
