@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from struct import error as struct_error
-from typing import Union
+from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
 from .messages import HEADER, HEADER_SIZE, MAGIC, STOCK_TYPES, VERSION, TsMsg
@@ -27,6 +27,9 @@ class UnmarshalDispatcher:
 
     def __init__(self) -> None:
         self._decoders: dict[int, Decode] = {}
+        # fast path: the exact 8-byte header of a Struct type -> its msgspec decode (body only)
+        self._by_header: dict[bytes, Callable[[Any], TsMsg]] = {}
+        self._names: dict[bytes, str] = {}  # header -> class name, for error texts
         for cls in STOCK_TYPES:
             self.add_msg_template(cls.msg_type, cls)
 
@@ -43,8 +46,12 @@ class UnmarshalDispatcher:
                     f"{decode.__name__}.msg_type is {int(decode.msg_type)}, registered as {msg_type}"
                 )
             self._decoders[int(msg_type)] = _struct_decoder(decode)
+            self._drop_fast_path(int(msg_type))
+            self._by_header[decode.prepare()] = decode._decoder.decode
+            self._names[decode.prepare()] = decode.__name__
         elif callable(decode) and not isinstance(decode, type):
             self._decoders[int(msg_type)] = _guarded(decode)
+            self._drop_fast_path(int(msg_type))
         else:
             raise InvalidArgumentError(f"decode must be a TsMsg subclass or a callable, got {decode!r}")
 
@@ -52,9 +59,26 @@ class UnmarshalDispatcher:
         """The registered MsgType values."""
         return sorted(self._decoders)
 
+    def _drop_fast_path(self, msg_type: int) -> None:
+        for header in [h for h in self._by_header if int.from_bytes(h[4:8], "big") == msg_type]:
+            del self._by_header[header]
+
     def unmarshal(self, data: bytes) -> TsMsg:
         """Decode one frame. Raises ``UnmarshalError`` for anything that is not a valid frame of a
         registered type (``UnknownMsgTypeError`` when only the type is unknown); never anything else."""
+        try:
+            decode = self._by_header.get(data[:HEADER_SIZE])
+        except TypeError:  # not bytes (a memoryview slice is unhashable): the careful path decides
+            decode = None
+        if decode is None:
+            return self._unmarshal_slow(data)
+        try:  # small frames: copying the body is cheaper than a memoryview
+            return decode(data[HEADER_SIZE:] if len(data) < 2048 else memoryview(data)[HEADER_SIZE:])
+        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
+            name = self._names.get(data[:HEADER_SIZE], "?")
+            raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
+
+    def _unmarshal_slow(self, data: bytes) -> TsMsg:
         try:
             magic, version, _flags, msg_type = HEADER.unpack_from(data)
         except (struct_error, TypeError) as exc:

@@ -74,6 +74,10 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
     end_ts: int = 0
     hash_values: list[int] = []
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._frame_header = b""  # each type builds its own on first use (prepare); never inherit one
+
     @classmethod
     def prepare(cls) -> bytes:
         """Check the class can travel and build its frame header and decoder (done once, lazily).
@@ -81,9 +85,9 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
         msgspec fills in a Struct's fields only after ``__init_subclass__`` has run, so this cannot
         happen at class creation; the dispatcher calls it on registration, :meth:`marshal` on first use.
         """
-        header = cls.__dict__.get("_frame_header")
+        header = cls._frame_header
         if header:
-            return header  # type: ignore[no-any-return]
+            return header
         if cls.__struct_fields__[:3] != _HEADER_FIELDS:
             raise TypeError(
                 f"{cls.__name__}: declare TsMsg subclasses with kw_only=True so that begin_ts, end_ts and"
@@ -112,8 +116,7 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
 
     def marshal(self) -> bytes:
         """The frame bytes of this message (docs/wire-format.md)."""
-        header = self.__class__.__dict__.get("_frame_header") or self.prepare()
-        return header + _ENCODER.encode(self)
+        return (self._frame_header or self.prepare()) + _ENCODER.encode(self)
 
     @classmethod
     def unmarshal(cls: type[T], data: bytes) -> T:
