@@ -4,8 +4,10 @@ Mapping (docs/backends.md has the long form):
 
 * channel -> one stream key ``<prefix>ch:<name>``; the channel registry is the hash ``<prefix>channels``
   (name -> metadata, i.e. the owner record). A channel exists iff it is in the registry.
-* produce -> one Lua script per batch that checks the registry and XADDs every payload (field ``d``):
-  atomic, one round trip, and a deleted channel is never re-created by a late XADD.
+* produce -> ``XADD <key> NOMKSTREAM * d <frame>`` per payload, the whole batch packed by hand into one
+  write and one round trip. ``create_channel`` makes the (empty) stream and ``NOMKSTREAM`` never creates
+  one, so a deleted channel is never re-created by a late XADD: its XADD answers nil -> ProduceError.
+  No automatic retry on produce: re-sending a batch whose reply was lost would duplicate it.
 * subscription -> consumer group; each consumer -> a group member with a unique name; message id ->
   the entry id (``b"<ms>-<seq>"``).
 * receive -> XREADGROUP ``>`` with COUNT and a BLOCK never longer than half the socket timeout.
@@ -55,22 +57,18 @@ __all__ = ["RedisBackend"]
 _ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
 _RELEASED = "__msgstream_released__"  # placeholder owner of entries handed over by a closing member
 _RAW_COMMANDS = ("XREADGROUP", "XCLAIM", "XAUTOCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
-_SEND_CHUNK = 2000  # payloads per script call
-_SEND = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
-  return redis.error_reply('MSGSTREAM_NO_CHANNEL ' .. ARGV[1])
-end
-local ids = {}
-local maxlen = tonumber(ARGV[2])
-for i = 3, #ARGV do
-  if maxlen > 0 then
-    ids[#ids + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i])
-  else
-    ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', 'd', ARGV[i])
-  end
-end
-return ids
+_SEND_CHUNK = 5000  # payloads per write
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XGROUP', 'CREATE', KEYS[2], '__msgstream_init', '$', 'MKSTREAM')
+redis.call('XGROUP', 'DESTROY', KEYS[2], '__msgstream_init')
+return 1
 """
+
+
+def _resp(*args: bytes) -> bytes:
+    """RESP encoding of a command's leading arguments (without the array length)."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
@@ -126,7 +124,7 @@ class RedisBackend(Backend):
         )
         for command in _RAW_COMMANDS:  # raw replies: no per-entry dicts on the hot path
             self._redis.set_response_callback(command, lambda response, **_: response)
-        self._send_script = self._redis.register_script(_SEND)
+        self._create_script = self._redis.register_script(_CREATE)
         self._consumers: set[_RedisConsumer] = set()
         self._closed = False
         with self.errors("connect", BrokerUnavailableError):
@@ -173,7 +171,7 @@ class RedisBackend(Backend):
         if not CHANNEL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid channel name {name!r}")
         with self.errors("create channel", BrokerUnavailableError):
-            if not self._redis.hsetnx(self._registry, name, metadata):
+            if not self._create_script(keys=[self._registry, self.key(name)], args=[name, metadata]):
                 raise ChannelExistsError(f"channel exists: {name!r}")
 
     def channel_metadata(self, name: str) -> bytes:
@@ -243,26 +241,39 @@ class _RedisProducer(Producer):
     def __init__(self, backend: RedisBackend, channel: str) -> None:
         super().__init__(channel)
         self._backend = backend
-        self._keys = [backend._registry, backend.key(channel)]
+        maxlen = [b"MAXLEN", b"~", str(backend.maxlen).encode()] if backend.maxlen else []
+        args = [b"XADD", backend.key(channel).encode(), b"NOMKSTREAM", *maxlen, b"*", b"d"]
+        self._head = b"*%d\r\n" % (len(args) + 1) + _resp(*args)  # every XADD up to its payload
         self._closed = False
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
         if self._closed:
             raise StreamClosedError("producer is closed")
         ids: list[bytes] = []
-        head = [self.channel, self._backend.maxlen]
+        head = self._head
+        pool = self._backend.client.connection_pool
         for start in range(0, len(payloads), _SEND_CHUNK):
             chunk = payloads[start : start + _SEND_CHUNK]
-            try:
-                with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
-                    ids.extend(self._backend._send_script(keys=self._keys, args=[*head, *chunk]))  # type: ignore[list-item]
-            except ChannelNotFoundError:
+            parts: list[bytes] = []
+            for p in chunk:
+                parts += (head, b"$%d\r\n" % len(p), p, b"\r\n")
+            with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
+                conn = pool.get_connection()
+                try:
+                    conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
+                    replies = [conn.read_response() for _ in chunk]
+                except BaseException:
+                    conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread: never reuse it
+                    raise
+                finally:
+                    pool.release(conn)
+            if None in replies:  # NOMKSTREAM on a missing stream: the channel was deleted
+                accepted = len(ids) + replies.index(None)
                 raise ProduceError(
-                    f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel
-                ) from None
-            except ProduceError as exc:
-                exc.args = (f"{exc.args[0]}; {len(ids)} of {len(payloads)} accepted before",)
-                raise
+                    f"channel {self.channel!r} does not exist (deleted?); {accepted} of {len(payloads)} accepted",
+                    channel=self.channel,
+                )
+            ids.extend(replies)
         return ids
 
     def close(self) -> None:
@@ -276,6 +287,7 @@ class _RedisConsumer(Consumer):
         self._r = backend.client
         self._name = f"m-{uuid.uuid4().hex[:16]}"
         self._keys = [backend.key(c) for c in channels]
+        self._key_of = dict(zip(channels, self._keys, strict=True))
         self._channel_of = {k.encode(): c for k, c in zip(self._keys, channels, strict=True)}
         self._buffer: deque[RawMessage] = deque()  # delivered by Redis beyond what a receive returns
         self._claim_cursor = dict.fromkeys(channels, b"0-0")
@@ -320,11 +332,12 @@ class _RedisConsumer(Consumer):
         items = reply.items() if isinstance(reply, dict) else reply
         out: list[RawMessage] = []
         channel_of = self._channel_of
+        new = tuple.__new__  # RawMessage(...) costs twice as much per entry
         for key, entries in items:
             channel = channel_of[key]
             for entry_id, fields in entries:
                 payload = fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
-                out.append(RawMessage(channel, entry_id, payload))
+                out.append(new(RawMessage, (channel, entry_id, payload)))
         return out
 
     def _claim(self, max_messages: int) -> list[RawMessage]:
@@ -366,13 +379,21 @@ class _RedisConsumer(Consumer):
     def ack(self, messages: Sequence[RawMessage]) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        by_key: dict[str, list[bytes]] = {}
-        for m in messages:
-            by_key.setdefault(self._backend.key(m.channel), []).append(m.msg_id)
+        by_channel: dict[str, list[bytes]] = {}
+        for channel, msg_id, _ in messages:
+            ids = by_channel.get(channel)
+            if ids is None:
+                by_channel[channel] = [msg_id]
+            else:
+                ids.append(msg_id)
         with self._backend.errors("ack"):
+            if len(by_channel) == 1:
+                ((channel, ids),) = by_channel.items()
+                self._backend.command("XACK", self._key_of[channel], self.subscription, *ids)
+                return
             pipe = self._r.pipeline(transaction=False)
-            for key, ids in by_key.items():
-                pipe.xack(key, self.subscription, *ids)
+            for channel, ids in by_channel.items():
+                pipe.xack(self._key_of[channel], self.subscription, *ids)
             pipe.execute()
 
     def seek(self, channel: str, after: bytes | None) -> None:

@@ -1,0 +1,75 @@
+"""``python -m benchmarks NAME [options]``: run one benchmark suite by name.
+
+Every suite takes ``--seconds`` (length of one timed run), ``--repeats`` (runs per figure; the median
+is reported) and ``--json PATH`` (also write the numbers there). A suite is a module with
+``run(args: argparse.Namespace) -> int``; it is imported only when chosen, so a suite's client
+libraries are needed only to run that suite. Options of one suite alone are declared in ``OPTIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+#: name -> (module, one-line description)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
+    "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
+}
+
+
+def _redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("MSGSTREAM_REDIS_URL") or None,
+        help="an existing Redis server, redis://[[user]:password@]host[:port][/db] (default: $MSGSTREAM_REDIS_URL,"
+        " else a redis-server started for the run on a free loopback port)",
+    )
+
+
+#: name -> adds the options only that suite takes
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"redis": _redis_options}
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0 or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--seconds", type=_positive(float), default=2.0, help="length of one timed run, in seconds (default 2)"
+    )
+    common.add_argument(
+        "--repeats", type=_positive(int), default=3, help="timed runs per figure; the median is reported (default 3)"
+    )
+    common.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Run one msgstream benchmark suite by name."
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (_module, description) in BENCHMARKS.items():
+        suite = sub.add_parser(name, parents=[common], help=description, description=description)
+        if name in OPTIONS:
+            OPTIONS[name](suite)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(BENCHMARKS[args.benchmark][0])
+    status: int = module.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

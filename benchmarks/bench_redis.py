@@ -1,0 +1,497 @@
+"""Redis benchmark: msgstream's Redis Streams backend against raw redis-py doing the same work.
+
+``python -m benchmarks redis [--seconds S] [--repeats N] [--json PATH] [--url URL]``
+
+Runs against a redis-server started for the run (loopback, free port, no persistence; stopped at the
+end) unless ``--url`` or ``MSGSTREAM_REDIS_URL`` names one. Both sides talk to the same server from
+the same process over one connection each, with redis-py's default protocol (RESP3 from redis-py 8 on,
+so XREADGROUP replies are maps) and its hiredis parser.
+
+For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames are built once):
+
+1. produce: ``MsgStream.produce`` of a pack of 1000 messages into one channel (marshal, repack, then
+   one Lua script per pack: HEXISTS + an XADD per frame) against raw redis-py: a non-transactional
+   pipeline of 1000 ``XADD key * d <frame>`` per round trip, with the very frames msgstream sends.
+2. consume: ``MsgStream.consume`` (``receive_batch=1000``) of N pre-produced messages until all arrived,
+   then ``close()`` (which acknowledges the last pack), against raw redis-py:
+   ``XREADGROUP GROUP g c COUNT 1000 BLOCK 100 STREAMS key >`` then ``XACK`` of the returned ids, with
+   the reply left as nested lists (as the backend does: no per-entry dicts). Raw runs twice: decoding
+   nothing, and with ``UnmarshalDispatcher().unmarshal`` of every payload, so that the two ratios
+   separate the codec's cost from the transport's.
+
+A timed run is made of rounds, the sides of one comparison taking turns (the order alternates) until
+the run's timed seconds reach ``--seconds``. Every round uses a fresh stream (a new channel for
+msgstream, a new key for raw) that is deleted afterwards, so Redis never holds more than about
+``ROUND_BYTES`` of frames. Untimed: channel and group creation, filling the stream a consume round
+reads, checking what arrived, deleting. Each figure is the median of ``--repeats`` runs after an
+untimed warm-up round of every side; a ratio is the median of the per-run ratios (msgstream rate over
+raw rate, both measured in the same run). MB = 10**6 bytes of frames (header included); both sides
+move the same frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from msgstream_redis import RedisBackend
+
+import msgstream as ms
+from benchmarks.bench_core import Figure, clock, environment, insert_msg
+
+ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
+PACK_SIZE = 1000  # messages per produce() / pipeline / XREADGROUP COUNT
+TARGETS = {100: 0.7, 1024: 0.9}  # least msgstream/raw ratio the issue asks for, by row size
+ROUND_BYTES = 32 * 2**20  # most frame bytes one round leaves in Redis before its stream is deleted
+CONSUME_ROUND_MSGS = 50_000  # most messages one consume round reads
+WARMUP_SECONDS = 0.1  # produce: budget of the untimed warm-up round of each side
+WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of each side
+CONSUME_TIMEOUT = 10.0  # a consume that returns nothing for this long means a bug, not a slow machine
+GROUP = "bench"
+RAW_CONSUMER = "c"
+
+Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
+
+
+@dataclass
+class Row(Figure):
+    """A figure with the issue's target for its ratio (if it has one)."""
+
+    target: float | None = None
+
+    @property
+    def met(self) -> bool | None:
+        ratio = self.ratio
+        return None if self.target is None or ratio is None else ratio >= self.target
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "target": self.target, "target_met": self.met}
+
+
+# -- redis-server ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5) as r:
+            return bool(r.ping())
+    except redis.RedisError:
+        return False
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server (no persistence) on a free loopback port for the ``with`` block; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH: install it (apt-get install redis-server) or pass --url")
+    with tempfile.TemporaryDirectory(prefix="msgstream-bench-redis-") as tmp:
+        workdir = Path(tmp)
+        for _ in range(5):  # another process may take the port between choosing and binding it
+            port = _free_port()
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            argv += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and not _answers(port) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is None and _answers(port):
+                break
+            _stop(proc)
+        else:
+            log = workdir / "redis.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"redis-server did not start: {' '.join(argv)}\n{tail}")
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def raw_client(url: str) -> redis.Redis:
+    """A plain redis-py client for ``url``, without msgstream's query options (TLS ones are kept)."""
+    parts = urlsplit(url)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.startswith("ssl_")])
+    client = redis.Redis.from_url(urlunsplit(parts._replace(query=query)), client_name="msgstream-bench-raw")
+    # like the backend: XREADGROUP replies as nested lists, not one dict per entry
+    client.set_response_callback("XREADGROUP", lambda response, **_: response)
+    return client
+
+
+# -- the two sides ----------------------------------------------------------------------------------
+class Bench:
+    """One msgstream client and one raw client on the same server, and the rounds of each side."""
+
+    def __init__(self, url: str) -> None:
+        self.prefix = f"msgstream-bench-{uuid.uuid4().hex[:12]}:"
+        self.client = ms.connect(url, prefix=self.prefix)
+        backend = self.client.backend
+        if not isinstance(backend, RedisBackend):
+            raise SystemExit(f"{self.client.url} is not served by the Redis backend ({type(backend).__name__})")
+        self.backend = backend
+        self.raw = raw_client(url)
+        self.owner = ms.OwnerDescription(role="bench", description_text="benchmarks.bench_redis")
+        self._keys = 0
+
+    def close(self) -> None:
+        try:
+            for key in self.raw.scan_iter(match=self.prefix + "*"):  # left by a failed round
+                self.raw.delete(key)
+        finally:
+            self.raw.close()
+            self.client.close()
+
+    def server_info(self) -> dict[str, Any]:
+        info = self.raw.info("server")
+        return {
+            "redis_server": info.get("redis_version"),
+            "redis_py": redis.__version__,
+            "hiredis_parser": redis.utils.HIREDIS_AVAILABLE,
+            "key_prefix": self.prefix,  # every key of the run; deleted at the end
+            "resp_protocol": {  # as the server sees each connection
+                "msgstream": self.backend.client.client_info().get("resp"),
+                "raw": self.raw.client_info().get("resp"),
+            },
+        }
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def new_key(self) -> str:
+        self._keys += 1
+        return f"{self.prefix}raw:{self._keys}"
+
+    @contextmanager
+    def channel(self) -> Iterator[tuple[str, str]]:
+        """A fresh msgstream channel and its stream key; destroyed (key deleted) afterwards."""
+        [name] = self.client.create_channels(ms.CreateChannelRequest(owner=self.owner, num_channels=1))
+        try:
+            yield name, self.backend.key(name)
+        finally:
+            self.client.destroy_channels([name])
+
+    def check_length(self, key: str, expected: int) -> None:
+        length = self.raw.xlen(key)
+        if length != expected:
+            raise RuntimeError(f"stream {key} holds {length} entries, expected {expected}")
+
+    def check_acked(self, key: str, received: int, expected: int) -> None:
+        if received != expected:
+            raise RuntimeError(f"consumed {received} messages from {key}, expected {expected}")
+        pending = self.raw.xpending(key, GROUP)["pending"]
+        if pending:
+            raise RuntimeError(f"{pending} entries of {key} left unacknowledged")
+
+    def pipeline_xadd(self, key: str, frames: list[bytes]) -> None:
+        """Raw: one round trip of ``XADD key * d <frame>`` for each frame."""
+        pipe = self.raw.pipeline(transaction=False)
+        for frame in frames:
+            pipe.execute_command("XADD", key, "*", "d", frame)  # type: ignore[no-untyped-call]
+        pipe.execute()
+
+    # -- produce ------------------------------------------------------------------------------------
+    def produce_msgstream(self, pack: ms.MsgPack, budget: float, max_msgs: int) -> tuple[int, float]:
+        with self.channel() as (name, key):
+            with self.client.msg_stream() as stream:
+                stream.create_producers([name])
+                stream.start()
+                gc.collect()
+                sent = 0
+                t0 = clock()
+                deadline = t0 + budget
+                while sent < max_msgs:
+                    stream.produce(pack)
+                    sent += PACK_SIZE
+                    if clock() >= deadline:
+                        break
+                elapsed = clock() - t0
+            self.check_length(key, sent)
+        return sent, elapsed
+
+    def produce_raw(self, frames: list[bytes], budget: float, max_msgs: int) -> tuple[int, float]:
+        key = self.new_key()
+        try:
+            gc.collect()
+            sent = 0
+            t0 = clock()
+            deadline = t0 + budget
+            while sent < max_msgs:
+                self.pipeline_xadd(key, frames)
+                sent += PACK_SIZE
+                if clock() >= deadline:
+                    break
+            elapsed = clock() - t0
+            self.check_length(key, sent)
+        finally:
+            self.raw.delete(key)
+        return sent, elapsed
+
+    # -- consume ------------------------------------------------------------------------------------
+    def consume_msgstream(self, pack: ms.MsgPack, n_msgs: int) -> tuple[int, float]:
+        with self.channel() as (name, key):
+            with self.client.msg_stream() as producer:  # untimed: fill the channel
+                producer.create_producers([name])
+                producer.start()
+                for _ in range(n_msgs // PACK_SIZE):
+                    producer.produce(pack)
+            stream = self.client.msg_stream(receive_batch=PACK_SIZE)
+            try:
+                stream.create_consumers(GROUP, [name])
+                stream.start()
+                gc.collect()
+                received = 0
+                t0 = clock()
+                while received < n_msgs:
+                    got = stream.consume(timeout=CONSUME_TIMEOUT)
+                    if got is None:
+                        raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
+                    received += len(got.msgs)
+                stream.close()  # acknowledges the last pack
+                elapsed = clock() - t0
+            finally:
+                stream.close()
+            self.check_acked(key, received, n_msgs)
+        return received, elapsed
+
+    def consume_raw(
+        self, frames: list[bytes], n_msgs: int, unmarshal: Callable[[bytes], Any] | None
+    ) -> tuple[int, float]:
+        key = self.new_key()
+        raw = self.raw
+        try:
+            for _ in range(n_msgs // PACK_SIZE):  # untimed: fill the stream
+                self.pipeline_xadd(key, frames)
+            raw.xgroup_create(key, GROUP, id="0")
+            gc.collect()
+            received = 0
+            t0 = clock()
+            while received < n_msgs:
+                reply = raw.execute_command(  # type: ignore[no-untyped-call]
+                    "XREADGROUP", "GROUP", GROUP, RAW_CONSUMER, "COUNT", PACK_SIZE, "BLOCK", 100, "STREAMS", key, ">"
+                )
+                if not reply:
+                    raise RuntimeError(f"raw XREADGROUP returned nothing after {received} of {n_msgs} messages")
+                for entries in reply.values() if isinstance(reply, dict) else [e for _k, e in reply]:
+                    ids = [entry_id for entry_id, _fields in entries]
+                    if unmarshal is None:
+                        payloads = [fields[1] for _entry_id, fields in entries]
+                    else:
+                        payloads = [unmarshal(fields[1]) for _entry_id, fields in entries]
+                    raw.xack(key, GROUP, *ids)
+                    received += len(payloads)
+            elapsed = clock() - t0
+            self.check_acked(key, received, n_msgs)
+        finally:
+            raw.delete(key)
+        return received, elapsed
+
+
+# -- runs -------------------------------------------------------------------------------------------
+def _runs(sides: dict[str, Round], seconds: float, repeats: int) -> dict[str, list[float]]:
+    """Msgs/s of each side in each of ``repeats`` runs; the sides take turns, the order alternating."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    turn = 0
+    for _ in range(repeats):
+        msgs = dict.fromkeys(sides, 0)
+        spent = dict.fromkeys(sides, 0.0)
+        while sum(spent.values()) < seconds:
+            names = list(sides) if turn % 2 == 0 else list(reversed(sides))
+            turn += 1
+            for name in names:
+                n, t = sides[name]()
+                msgs[name] += n
+                spent[name] += t
+        for name in sides:
+            rates[name].append(msgs[name] / spent[name])
+    return rates
+
+
+def _workload(row_bytes: int) -> tuple[ms.MsgPack, list[bytes], float]:
+    row = os.urandom(row_bytes)
+    ts = ms.timestamp.now()
+    pack = ms.MsgPack.of([insert_msg(i, ts + i, row) for i in range(PACK_SIZE)])
+    frames = [m.marshal() for m in pack.msgs]
+    return pack, frames, sum(map(len, frames)) / len(frames)
+
+
+def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
+    pack, frames, size = _workload(row_bytes)
+    max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
+    raw = Row("produce", "raw redis-py: pipeline of 1000 XADD", row_bytes, size)
+    msgstream = Row(
+        "produce",
+        "msgstream MsgStream.produce (packs of 1000)",
+        row_bytes,
+        size,
+        ratio_to="raw",
+        target=TARGETS[row_bytes],
+    )
+    budget = seconds / 4
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.produce_msgstream(pack, budget, max_msgs),
+        "raw": lambda: bench.produce_raw(frames, budget, max_msgs),
+    }
+    bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
+    bench.produce_raw(frames, WARMUP_SECONDS, max_msgs)
+    rates = _runs(sides, seconds, repeats)
+    msgstream.rates, raw.rates = rates["msgstream"], rates["raw"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    return [msgstream, raw]
+
+
+def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
+    pack, frames, size = _workload(row_bytes)
+    n_msgs = max(1, min(CONSUME_ROUND_MSGS, int(ROUND_BYTES / size)) // PACK_SIZE) * PACK_SIZE
+    unmarshal = ms.UnmarshalDispatcher().unmarshal
+    if unmarshal(frames[0]) != pack.msgs[0]:
+        raise AssertionError("codec round trip changed the message")
+    raw = Row("consume", "raw redis-py: XREADGROUP + XACK", row_bytes, size)
+    raw_codec = Row("consume", "raw redis-py: XREADGROUP + XACK + unmarshal", row_bytes, size)
+    msgstream = Row(
+        "consume",
+        "msgstream MsgStream.consume (batch 1000)",
+        row_bytes,
+        size,
+        ratio_to="raw",
+        target=TARGETS[row_bytes],
+    )
+    msgstream_codec = Row(
+        "consume", "msgstream MsgStream.consume (batch 1000)", row_bytes, size, ratio_to="raw + unmarshal"
+    )
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.consume_msgstream(pack, n_msgs),
+        "raw": lambda: bench.consume_raw(frames, n_msgs, None),
+        "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
+    }
+    bench.consume_msgstream(pack, WARMUP_MSGS)
+    bench.consume_raw(frames, WARMUP_MSGS, None)
+    bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
+    rates = _runs(sides, seconds, repeats)
+    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
+    raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
+    return [msgstream, raw, msgstream_codec, raw_codec]
+
+
+# -- report -----------------------------------------------------------------------------------------
+def _size(n: float) -> str:
+    return f"{n / 1024:g} KiB" if n >= 1024 and n % 1024 == 0 else f"{n:.0f} B"
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _target_text(row: Row) -> str:
+    if row.target is None:
+        return ""
+    return f">= {row.target:.2f}x: {'met' if row.met else 'MISSED'}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| Operation | Measurement | Row data | Bytes/msg | msgs/s | MB/s | msgstream/raw | Target | Spread |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x {r.ratio_to}"
+        lines.append(
+            f"| {r.section} | {r.name} | {_size(r.row_bytes)} | {r.msg_bytes:,.0f} | {r.msgs_per_s:,.0f} |"
+            f" {r.mb_per_s:,.1f} | {ratio} | {_target_text(r)} | {r.spread:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds: float = args.seconds
+    repeats: int = args.repeats
+    url: str | None = args.url
+    with redis_server() if url is None else _given(url) as server_url:
+        bench = Bench(server_url)
+        try:
+            env = {
+                **environment(),
+                **bench.server_info(),
+                "server": bench.client.url + ("" if url else " (redis-server started for this run, no persistence)"),
+            }
+            print("## Environment\n")
+            for key, value in env.items():
+                print(f"- {key}: {value}")
+            print(f"- settings: median of {repeats} runs of ~{seconds:g} s each, after a warm-up\n", flush=True)
+
+            started = clock()
+            rows: list[Row] = []
+            for row_bytes in ROW_SIZES:
+                _progress(f"produce, {_size(row_bytes)} rows ...")
+                rows += bench_produce(bench, row_bytes, seconds, repeats)
+                _progress(f"consume, {_size(row_bytes)} rows ...")
+                rows += bench_consume(bench, row_bytes, seconds, repeats)
+            elapsed = clock() - started
+        finally:
+            bench.close()
+
+    print("## Results\n")
+    print(markdown_table(rows))
+    print(
+        f"\nOne-row InsertMsg, one channel / stream key, {PACK_SIZE} messages per produce call, pipeline,"
+        f" consume batch and XREADGROUP COUNT. MB = 10^6 bytes of frames (Bytes/msg; the same bytes on both"
+        " sides). msgstream/raw: median over runs of msgstream's rate divided by the named raw row's, measured"
+        f" in the same run; the target applies to the comparison with raw redis-py decoding nothing. Spread:"
+        f" (max - min) / median of the {repeats} runs. Total time {elapsed:.0f} s.\n"
+    )
+    for r in rows:
+        if r.target is not None:
+            print(f"- {r.section} {_size(r.row_bytes)}: {r.ratio:.2f}x raw, target {_target_text(r)}")
+    if args.json is not None:
+        report = {
+            "benchmark": "redis",
+            "environment": env,
+            "settings": {
+                "seconds": seconds,
+                "repeats": repeats,
+                "pack_size": PACK_SIZE,
+                "row_sizes": list(ROW_SIZES),
+                "round_bytes": ROUND_BYTES,
+                "consume_round_msgs": CONSUME_ROUND_MSGS,
+            },
+            "elapsed_s": round(elapsed, 1),
+            "results": [r.as_dict() for r in rows],
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _progress(f"wrote {args.json}")
+    return 0
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
