@@ -51,7 +51,8 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "msgstream.backends"
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
-_SECRET_MARKERS = ("password", "secret", "token", "credential", "passwd")
+_SECRET_MARKERS = ("password", "passwd", "secret", "token", "credential", "auth", "jaas", "key")
+_HOSTLIST = re.compile(r"[A-Za-z0-9.\-\[\]:,%]*")
 _MASK = "***"
 
 
@@ -100,13 +101,13 @@ class URL:
         if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
             raise InvalidURLError(f"malformed URL {self._redact(raw)!r}: expected scheme://...")
         self.scheme = scheme
+        userinfo, rest = _split_userinfo(rest)
         rest, _, query = rest.partition("?")
-        netloc, slash, path = rest.partition("/")
+        hostlist, slash, path = rest.partition("/")
         self.path = slash + path if slash else ""
-        userinfo, at, hostlist = netloc.rpartition("@")
         self.username: str | None = None
         self.password: str | None = None
-        if at:
+        if userinfo is not None:
             user, colon, password = userinfo.partition(":")
             self.username = unquote(user) or None
             self.password = unquote(password) if colon else None
@@ -138,13 +139,15 @@ class URL:
 
     @staticmethod
     def _redact(raw: str) -> str:
-        head, q, query = raw.partition("?")
-        scheme, sep, rest = head.partition("://")
-        netloc, slash, path = rest.partition("/")
-        userinfo, at, hostlist = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            userinfo = userinfo.partition(":")[0] + ":" + _MASK
-        out = scheme + sep + (userinfo + at if at else "") + hostlist + slash + path
+        scheme, sep, rest = raw.partition("://")
+        userinfo, rest = _split_userinfo(rest)
+        if userinfo is not None:
+            user, colon, _ = userinfo.partition(":")
+            rest = (user + ":" + _MASK if colon else userinfo) + "@" + rest
+        elif "@" in rest:  # ambiguous: an unescaped password, or an @ in an option; mask, never leak
+            rest = _MASK + rest[rest.rfind("@") :]
+        head, q, query = rest.partition("?")
+        out = scheme + sep + head
         if q:
             parts = []
             for item in query.split("&"):
@@ -165,6 +168,30 @@ class URL:
 
     def __hash__(self) -> int:
         return hash(self._raw)
+
+
+def _split_userinfo(rest: str) -> tuple[str | None, str]:
+    """Split ``user:password@hosts/...`` at the ``@`` that ends the userinfo: the last one followed by
+    something shaped like a host list, so a password holding an unescaped ``/``, ``?`` or ``@`` is
+    still recognised as a password (and masked) rather than read as a path or a query."""
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) >= 0:
+        after = rest[at + 1 :]
+        hosts = re.split(r"[/?#]", after, maxsplit=1)[0]
+        looks_like_query = re.search(r"\?.*=", rest[:at]) is not None  # an @ inside an option value
+        if _HOSTLIST.fullmatch(hosts) and not looks_like_query:
+            return rest[:at], after
+    return None, rest
+
+
+def scrub(text: str, url: URL, options: Mapping[str, Any] | None = None) -> str:
+    """``text`` with the URL's password and every secret option value replaced by ``***``."""
+    secrets = [url.password] if url.password else []
+    for source in (url.options, options or {}):
+        secrets += [str(v) for k, v in source.items() if is_secret_option(k) and v]
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    return text
 
 
 def _split_host(part: str, url: URL) -> tuple[str, int | None]:
@@ -241,11 +268,11 @@ class Consumer(abc.ABC):
         (at-least-once)."""
 
     @abc.abstractmethod
-    def seek(self, channel: str, after: bytes | None) -> None:
-        """Make the subscription resume ``channel`` right after message id ``after``; ``None`` (or
-        ``b""``) resumes from the channel's first message. Unacknowledged deliveries on that channel
-        are forgotten. An id that is not on the channel raises ``SeekError``, never a silent move to
-        the start or the end."""
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+        """Make the subscription resume each channel of ``targets`` right after its message id;
+        ``None`` resumes from the channel's first message. Unacknowledged deliveries on those channels
+        are forgotten. Check every target before moving any: an id that is not on its channel raises
+        ``SeekError`` and changes nothing — never a silent move to the start or the end."""
 
     def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
         """Leave the subscription (it keeps its place for the next member). Idempotent."""

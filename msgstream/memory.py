@@ -159,6 +159,8 @@ class _MemoryConsumer(Consumer):
         deadline = time.monotonic() + timeout
         with self._broker.changed:
             while True:
+                if self._closed:  # closed by another thread while we waited: take nothing
+                    raise StreamClosedError("consumer is closed")
                 out = self._take(max_messages)
                 remaining = deadline - time.monotonic()
                 if out or remaining <= 0:
@@ -202,24 +204,30 @@ class _MemoryConsumer(Consumer):
                 if sub is not None:
                     sub.pending.pop(int.from_bytes(msg.msg_id, "big"), None)
 
-    def seek(self, channel: str, after: bytes | None) -> None:
-        if channel not in self.channels:
-            raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
         with self._broker.changed:
-            ch = self._broker.channel(channel)
-            if after:
+            cursors: dict[str, int] = {}
+            for channel, after in targets.items():  # check every target before moving any
+                if channel not in self.channels:
+                    raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+                log = self._broker.channel(channel).log
+                if not after:
+                    cursors[channel] = 0
+                    continue
                 if len(after) != _ID_LEN:
                     raise SeekError(f"not a memory message id: {after.hex()!r} on {channel!r}")
                 offset = int.from_bytes(after, "big")
-                if offset >= len(ch.log):
-                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({len(ch.log)} messages)")
-                cursor = offset + 1
-            else:
-                cursor = 0
-            sub = ch.subs.setdefault(self.subscription, _Subscription(cursor))
-            sub.cursor = cursor
-            sub.pending.clear()
-            sub.redeliver.clear()
+                if offset >= len(log):
+                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({len(log)} messages)")
+                cursors[channel] = offset + 1
+            for channel, cursor in cursors.items():
+                ch = self._broker.channels[channel]
+                sub = ch.subs.setdefault(self.subscription, _Subscription(cursor))
+                sub.cursor = cursor
+                sub.pending.clear()
+                sub.redeliver.clear()
             self._broker.changed.notify_all()
 
     def close(self) -> None:

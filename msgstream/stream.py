@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
@@ -35,8 +36,10 @@ class MsgStream:
     Options: ``produce_timeout`` (seconds a produce may block until the broker accepted everything,
     default 30), ``receive_batch`` (most messages one consume returns, default 1024), ``on_error``
     (called with each ``UnmarshalError`` instead of raising it from consume), ``auto_ack`` (default
-    True: a pack is acknowledged when the next consume, seek or close runs, so a consumer that dies
-    while handling a pack gets it again; with False, call :meth:`ack`).
+    True: a pack is acknowledged when the next consume, seek or close runs — not when a ``with`` block
+    exits on an exception — so a consumer that dies while handling a pack gets it again; with False,
+    call :meth:`ack`), ``validate`` (default True: each produced message is decoded back once, so a
+    field of the wrong type is refused at produce; False saves ~0.25 µs per message).
 
     One thread at a time may produce and one (possibly another) consume.
     """
@@ -49,14 +52,16 @@ class MsgStream:
         receive_batch: int = 1024,
         on_error: Callable[[UnmarshalError], None] | None = None,
         auto_ack: bool = True,
+        validate: bool = True,
     ) -> None:
         self._backend = backend
-        self._produce_timeout = _check_timeout(produce_timeout, "produce_timeout")
+        self._produce_timeout = check_timeout(produce_timeout, "produce_timeout")
         if isinstance(receive_batch, bool) or not isinstance(receive_batch, int) or receive_batch < 1:
             raise InvalidArgumentError(f"receive_batch must be a positive int, got {receive_batch!r}")
         self._batch = receive_batch
         self._on_error = on_error
         self.auto_ack = auto_ack
+        self._validate = validate
         self._repack: RepackFunc = default_repack
         self._producers: list[Producer] = []
         self._consumer: Consumer | None = None
@@ -139,7 +144,10 @@ class MsgStream:
         n = len(self._producers)
         if not msgs:
             return {}
-        hash_keys = [[h % n for h in m.hash_values] for m in msgs]
+        try:
+            hash_keys = [[h % n for h in m.hash_values] for m in msgs]
+        except TypeError:
+            raise InvalidArgumentError("hash_values must be a list of int on every message") from None
         try:
             routed = self._repack(msgs, hash_keys)
         except MsgStreamError:
@@ -155,7 +163,7 @@ class MsgStream:
                 raise RepackError(f"repack routed to channel index {key!r}; this stream has {n} channels (0..{n - 1})")
             if not isinstance(sub, MsgPack):
                 raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
-            batches.append((self._producers[key], _marshal(sub.msgs)))
+            batches.append((self._producers[key], self._marshal(sub.msgs)))
         return self._send(batches)
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
@@ -163,8 +171,28 @@ class MsgStream:
         msgs = self._check_pack(pack)
         if not msgs:
             return {}
-        payloads = _marshal(msgs)
+        payloads = self._marshal(msgs)
         return self._send([(p, payloads) for p in self._producers])
+
+    def _marshal(self, msgs: Sequence[TsMsg]) -> list[bytes]:
+        """Frames for ``msgs``; with ``validate`` each is decoded back once, so a message that no consumer
+        could read (a float in ``row_ids``, a str in ``row_data``) is refused here, not on every consumer."""
+        try:
+            frames = [m.marshal() for m in msgs]
+        except (AttributeError, TypeError) as exc:  # a repack function put something else in a pack
+            bad = next((type(m).__name__ for m in msgs if not isinstance(m, TsMsg)), "?")
+            raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances): {exc}") from exc
+        except Exception as exc:  # msgspec refuses the value (e.g. an int too large for MessagePack)
+            raise InvalidArgumentError(f"a message cannot be encoded: {exc}") from exc
+        if self._validate:
+            for i, (m, frame) in enumerate(zip(msgs, frames, strict=True)):
+                try:
+                    type(m).decode_body(frame)
+                except UnmarshalError as exc:
+                    raise InvalidArgumentError(
+                        f"message {i} ({type(m).__name__}) has a field of the wrong type: {exc.__cause__}"
+                    ) from None
+        return frames
 
     def _check_pack(self, pack: MsgPack) -> list[TsMsg]:
         self._check_open()
@@ -186,7 +214,7 @@ class MsgStream:
             try:
                 ids = producer.send(payloads, self._produce_timeout)
             except ProduceError as exc:
-                exc.sent = dict(sent)
+                exc.sent = {**sent, **exc.sent}  # the backend may name what it accepted of this batch
                 exc.channel = exc.channel or producer.channel
                 raise
             except MsgStreamError as exc:
@@ -211,42 +239,42 @@ class MsgStream:
         seconds. A frame that cannot be decoded raises ``UnmarshalError`` carrying its ``position``
         (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
         consumer = self._require_consumer()
-        timeout = _check_timeout(timeout, "timeout")
+        deadline = time.monotonic() + check_timeout(timeout, "timeout")
         if self.auto_ack:
             self._ack_delivered()
         while True:
-            raws = self._backlog or consumer.receive(self._batch, timeout)
+            raws = self._backlog or consumer.receive(self._batch, max(0.0, deadline - time.monotonic()))
             self._backlog = []
             if not raws:
                 return None
             pack = self._decode(raws)
             if pack is not None:
                 return pack
-            # only bad frames, all handed to on_error: go on without waiting again
-            timeout = 0.0
+            # the batch began with a bad frame that went to on_error: go on with the rest
 
     def _decode(self, raws: list[RawMessage]) -> MsgPack | None:
+        """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
+        A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
         unmarshal = self._dispatcher.unmarshal
         msgs: list[TsMsg] = []
-        for raw in raws:
+        for i, raw in enumerate(raws):
             try:
                 msg = unmarshal(raw.payload)
             except UnmarshalError as exc:
-                good = len(msgs)
-                if good:  # return what decoded; the bad frame comes up on the next call
-                    self._backlog = raws[good:]
-                    raws = raws[:good]
+                if msgs:  # return what decoded; the bad frame comes up on the next call
+                    self._backlog = raws[i:]
+                    raws = raws[:i]
                     break
+                self._backlog = raws[1:]
                 if self.auto_ack:  # reported, so acknowledged with the rest
                     self._unacked.append(raw)
                 else:
-                    self._consumer.ack([raw])  # type: ignore[union-attr]
-                self._backlog = raws[1:]
+                    self._require_consumer().ack([raw])
                 exc.with_position(Position(raw.channel, raw.msg_id, 0))
                 if self._on_error is None:
                     raise
                 self._on_error(exc)
-                return self._decode(self._backlog) if self._backlog else None
+                return None
             msg.__dict__["_raw"] = raw
             msgs.append(msg)
         if self.auto_ack:
@@ -256,6 +284,8 @@ class MsgStream:
     def ack(self, msgs: Sequence[TsMsg]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
         consumer = self._require_consumer()
+        if isinstance(msgs, TsMsg) or not all(isinstance(m, TsMsg) for m in msgs):
+            raise InvalidArgumentError("ack takes a list of consumed TsMsg")
         raws = [m.__dict__["_raw"] for m in msgs if "_raw" in m.__dict__]
         if raws:
             consumer.ack(raws)
@@ -267,21 +297,15 @@ class MsgStream:
 
     def seek(self, positions: Sequence[Position]) -> None:
         """Resume each position's channel right after that position (a position with an empty msg_id:
-        from the channel's start). Channels not named keep their place. An invalid position raises
-        ``SeekError``; it never falls back silently to the start or the end."""
+        from the channel's start). Channels not named keep their place. Every position is checked
+        before any channel moves: an invalid one raises ``SeekError`` and nothing changes; seek never
+        falls back silently to the start or the end."""
         consumer = self._require_consumer()
-        if isinstance(positions, Position) or not all(isinstance(p, Position) for p in positions):
-            raise InvalidArgumentError("seek takes a list of Position")
-        channels = set(consumer.channels)
-        for pos in positions:
-            if pos.channel not in channels:
-                raise SeekError(f"position for channel {pos.channel!r}, which this stream does not consume")
+        targets = seek_targets(positions, consumer.channels)
         if self.auto_ack:
             self._ack_delivered()
-        sought = {p.channel for p in positions}
-        self._backlog = [r for r in self._backlog if r.channel not in sought]
-        for pos in positions:
-            consumer.seek(pos.channel, pos.msg_id or None)
+        consumer.seek(targets)
+        self._backlog = [r for r in self._backlog if r.channel not in targets]
 
     def get_latest_positions(self) -> list[Position]:
         """The newest message of each consumed channel (else each produced channel); an empty
@@ -332,7 +356,9 @@ class MsgStream:
     def __enter__(self) -> MsgStream:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
+            self._unacked = []
         self.close()
 
     def __repr__(self) -> str:
@@ -358,14 +384,6 @@ def _pack(msgs: list[TsMsg]) -> MsgPack:
     return MsgPack(begin, end, msgs, starts, ends)
 
 
-def _marshal(msgs: Sequence[TsMsg]) -> list[bytes]:
-    try:
-        return [m.marshal() for m in msgs]
-    except (AttributeError, TypeError) as exc:  # a repack function put something else in a pack
-        bad = next((type(m).__name__ for m in msgs if not isinstance(m, TsMsg)), "?")
-        raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances): {exc}") from exc
-
-
 def _names(channels: Sequence[str], what: str) -> list[str]:
     if isinstance(channels, str) or not channels or not all(isinstance(c, str) and c for c in channels):
         raise InvalidArgumentError(f"{what} must be a non-empty list of channel names, got {channels!r}")
@@ -374,9 +392,25 @@ def _names(channels: Sequence[str], what: str) -> list[str]:
     return list(channels)
 
 
-def _check_timeout(value: float, name: str) -> float:
+def check_timeout(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise InvalidArgumentError(f"{name} must be a number of seconds, got {value!r}")
     if not 0 <= value <= MAX_TIMEOUT:
         raise InvalidArgumentError(f"{name} must be between 0 and {MAX_TIMEOUT} seconds, got {value!r}")
     return float(value)
+
+
+def seek_targets(positions: Sequence[Position], channels: Sequence[str]) -> dict[str, bytes | None]:
+    """``{channel: msg_id or None}`` from positions, checked: a list of Position, each on a consumed
+    channel, each channel once."""
+    if not isinstance(positions, (list, tuple)) or not all(isinstance(p, Position) for p in positions):
+        raise InvalidArgumentError(f"seek takes a list of Position, got {type(positions).__name__}")
+    known = set(channels)
+    targets: dict[str, bytes | None] = {}
+    for pos in positions:
+        if pos.channel not in known:
+            raise SeekError(f"position for channel {pos.channel!r}, which this stream does not consume")
+        if pos.channel in targets:
+            raise SeekError(f"two positions for channel {pos.channel!r}")
+        targets[pos.channel] = pos.msg_id or None
+    return targets

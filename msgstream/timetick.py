@@ -29,11 +29,11 @@ from typing import Any
 
 from .backend import SubscriptionPosition
 from .codec import UnmarshalDispatcher
-from .errors import InvalidArgumentError, SeekError, StreamStateError, TimeTickError
+from .errors import InvalidArgumentError, StreamStateError, TimeTickError
 from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
-from .stream import MsgStream
+from .stream import MsgStream, check_timeout, seek_targets
 
 __all__ = ["TimeTickStream"]
 
@@ -123,64 +123,68 @@ class TimeTickStream:
 
     # -- consuming ------------------------------------------------------------------------------
     def consume(self, timeout: float = 1.0) -> MsgPack | None:
-        """The pack of the next complete tick, or ``None`` if none completed within ``timeout``."""
+        """The pack of the next complete tick, or ``None`` if none completed within ``timeout``.
+        ``timeout=0`` still takes what the broker has ready. Raises ``TimeTickError`` instead of
+        reading on once ``max_buffered`` messages are held (the rest stays on the broker)."""
         if not self._order:
             self._stream.consume(0)  # raises the stream's own error (closed / no consumer)
             raise StreamStateError("no consumer: call create_consumers() first")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_timeout(timeout, "timeout")
         while True:
             pack = self._emit()
             if pack is not None:
                 return pack
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._check_lag()
-                return None
+            if self._buffered >= self._max_buffered:
+                raise TimeTickError(
+                    f"{self._buffered} messages buffered (max_buffered={self._max_buffered}) waiting for a tick"
+                    f" on {[ch.name for ch in self._order if not ch.ticks]}"
+                )
+            remaining = max(0.0, deadline - time.monotonic())
             got = self._stream.consume(remaining)
             if got is not None:
                 self._ingest(got.msgs)
+            elif remaining <= 0:
+                self._check_lag()
+                return None
 
     def _ingest(self, msgs: list[TsMsg]) -> None:
+        """Buffer a batch. A message that breaks a tick invariant is acknowledged and dropped, the
+        rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
         ack_now: list[TsMsg] = []
-        try:
-            for i, m in enumerate(msgs):
-                ch = channels[m.__dict__["_raw"][0]]
-                ts = m.end_ts
-                if ch.skip_upto is not None:
-                    if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
-                        ack_now.append(m)
-                        continue
-                    if isinstance(m, TimeTickMsg):
-                        ch.skip_upto = None
-                if isinstance(m, TimeTickMsg):
-                    if ts < ch.last_tick:
-                        ack_now.append(m)
-                        self._ingest(msgs[i + 1 :])
-                        raise TimeTickError(
-                            f"time tick went backwards on channel {ch.name!r}: {ts} after {ch.last_tick}"
-                        )
-                    if ts > ch.last_tick:
-                        ch.last_tick = ts
-                        ch.ticks.append(ts)
-                elif ts <= ch.last_tick:
+        error: TimeTickError | None = None
+        for m in msgs:
+            ch = channels[m.__dict__["_raw"][0]]
+            ts = m.end_ts
+            if ch.skip_upto is not None:
+                if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
                     ack_now.append(m)
-                    self._ingest(msgs[i + 1 :])
-                    raise TimeTickError(
-                        f"{type(m).__name__} with end_ts {ts} on channel {ch.name!r} is at or below the tick"
-                        f" {ch.last_tick} already passed there"
+                    continue
+                if isinstance(m, TimeTickMsg):
+                    ch.skip_upto = None
+            if isinstance(m, TimeTickMsg):
+                if ts < ch.last_tick:
+                    ack_now.append(m)
+                    error = error or TimeTickError(
+                        f"time tick went backwards on channel {ch.name!r}: {ts} after {ch.last_tick}"
                     )
-                ch.log.append(m)
-                self._buffered += 1
-        finally:
-            if ack_now:
-                self._stream.ack(ack_now)
-        if self._buffered > self._max_buffered:
-            lagging = self.lagging_channels()
-            raise TimeTickError(
-                f"{self._buffered} messages buffered (max_buffered={self._max_buffered}) waiting for a tick on"
-                f" {lagging or 'some channel'}"
-            )
+                    continue
+                if ts > ch.last_tick:
+                    ch.last_tick = ts
+                    ch.ticks.append(ts)
+            elif ts <= ch.last_tick:
+                ack_now.append(m)
+                error = error or TimeTickError(
+                    f"{type(m).__name__} with end_ts {ts} on channel {ch.name!r} is at or below the tick"
+                    f" {ch.last_tick} already passed there"
+                )
+                continue
+            ch.log.append(m)
+            self._buffered += 1
+        if ack_now:
+            self._stream.ack(ack_now)
+        if error is not None:
+            raise error
 
     def _emit(self) -> MsgPack | None:
         order = self._order
@@ -255,11 +259,7 @@ class TimeTickStream:
         tick's messages. Pass every channel's position, as a pack's ``end_positions`` has them."""
         if not self._order:
             raise StreamStateError("no consumer: call create_consumers() first")
-        if isinstance(positions, Position) or not all(isinstance(p, Position) for p in positions):
-            raise InvalidArgumentError("seek takes a list of Position")
-        unknown = [p.channel for p in positions if p.channel not in self._channels]
-        if unknown:
-            raise SeekError(f"positions for channels this stream does not consume: {unknown}")
+        seek_targets(positions, list(self._channels))  # checked before anything moves
         self._stream.seek(positions)
         for p in positions:
             ch = self._channels[p.channel]

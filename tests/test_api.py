@@ -156,6 +156,35 @@ def test_url_parts_and_masking() -> None:
     assert "secret" not in repr(load_backend("memory://x?token=secret"))
 
 
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://:se/cr3t@127.0.0.1:1/0", "se/cr3t"),
+        ("redis://:a?b=c@127.0.0.1:1/0", "a?b=c"),
+        ("redis://:p@ss@h:1/0", "p@ss"),
+        ("pulsar://h:6650/?auth_params=TOKEN123", "TOKEN123"),
+        ("kafka://h:9092/?sasl.jaas.config=JAAS123", "JAAS123"),
+        ("x://h/?api_key=KEY123", "KEY123"),
+    ],
+)
+def test_odd_secrets_are_masked(url: str, secret: str) -> None:
+    try:
+        texts = [str(URL(url)), repr(URL(url))]
+    except errors.InvalidURLError as exc:  # malformed, and the error text must not show it either
+        texts = [str(exc)]
+    assert all(secret not in text for text in texts)
+    try:
+        ms.connect(url)
+    except errors.MsgStreamError as exc:
+        assert secret not in str(exc)
+
+
+def test_at_sign_in_an_option_is_not_userinfo() -> None:
+    u = URL("redis://h:1/0?email=a@b")
+    assert u.hosts == [("h", 1)] and u.password is None and u.options == {"email": "a@b"}
+    assert u.redacted() == "redis://***@b"  # ambiguous text is masked rather than risked
+
+
 def test_secrets_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     for url in ("memory://a/b/c?password=hunter2", "nosuch://:hunter2@h/", "memory://:hunter2@x:0"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -15,3 +16,43 @@ class TestMemoryConformance(ConformanceSuite):
     @pytest.fixture
     def url(self) -> str:
         return f"memory://conformance-{uuid.uuid4().hex[:8]}"
+
+
+def test_close_from_another_thread_loses_nothing() -> None:
+    import threading
+
+    import msgstream as ms
+
+    with ms.connect(f"memory://race-{uuid.uuid4().hex[:8]}") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=1))
+        blocked = client.msg_stream()
+        blocked.create_consumers("s", chans)
+        outcome: list[object] = []
+        waiter = threading.Thread(target=lambda: outcome.append(_consume_or_error(blocked)))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not _is_waiting(blocked):
+            assert time.monotonic() < deadline, "the consumer never started waiting"
+            time.sleep(0.005)
+        blocked._consumer.close()  # type: ignore[union-attr]  # close under the waiting receive
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], row_ids=[1])]))
+        waiter.join(5)
+        assert outcome and not isinstance(outcome[0], ms.MsgPack), "a closed consumer took a message"
+        with client.msg_stream() as nxt:
+            nxt.create_consumers("s", chans)
+            pack = nxt.consume(timeout=2)
+            assert pack is not None and pack.msgs[0].row_ids == [1]  # type: ignore[attr-defined]
+
+
+def _consume_or_error(stream: object) -> object:
+    try:
+        return stream.consume(timeout=3)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return exc
+
+
+def _is_waiting(stream: object) -> bool:
+    """True once a receive is blocked on the broker's condition variable (CPython's Condition)."""
+    return bool(stream._consumer._broker.changed._waiters)  # type: ignore[attr-defined]

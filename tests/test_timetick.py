@@ -46,14 +46,58 @@ def test_lagging_channel_is_named_in_a_warning(client: ms.Client, caplog: pytest
 
 def test_buffer_limit_raises_instead_of_growing(client: ms.Client) -> None:
     chans = _chans(client, 2)
-    with client.msg_stream() as out, client.tt_msg_stream(max_buffered=50) as tt:
+    with client.msg_stream() as out, client.tt_msg_stream(max_buffered=50, receive_batch=10) as tt:
+        out.create_producers(chans[:1])  # the second channel never ticks
+        tt.create_consumers("qn", chans)
+        for k in range(0, 200, 20):
+            out.produce(ms.MsgPack.of([_data(i + 1, 0) for i in range(k, k + 20)]))
+        out.broadcast(ms.MsgPack(1000, 1000, [ms.TimeTickMsg(begin_ts=1000, end_ts=1000)]))
+        with pytest.raises(TimeTickError, match=f"max_buffered=50.*{chans[1]}"):
+            for _ in range(100):
+                tt.consume(timeout=0.1)
+        for _ in range(3):  # a caller that catches and goes on does not make the buffer grow
+            with pytest.raises(TimeTickError):
+                tt.consume(timeout=0.1)
+        assert "buffered=5" in repr(tt) and 50 <= tt._buffered < 60  # one batch past the limit at most
+
+
+def test_zero_timeout_still_reads(client: ms.Client) -> None:
+    chans = _chans(client, 1)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
         out.create_producers(chans)
         tt.create_consumers("qn", chans)
-        out.produce(ms.MsgPack.of([_data(i + 1, 0) for i in range(60)]))
+        out.produce(ms.MsgPack.of([_data(3, 0)]))
+        out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+        pack = tt.consume(timeout=0)
+        assert pack is not None and [m.end_ts for m in pack.msgs] == [3]
+        for bad in (-1, None, "1"):
+            with pytest.raises(InvalidArgumentError):
+                tt.consume(timeout=bad)  # type: ignore[arg-type]
+
+
+def test_many_bad_messages_in_one_batch_are_all_reported_and_dropped(client: ms.Client) -> None:
+    chans = _chans(client, 1)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        tt.create_consumers("qn", chans)
         out.broadcast(ms.MsgPack(100, 100, [ms.TimeTickMsg(begin_ts=100, end_ts=100)]))
-        with pytest.raises(TimeTickError, match="max_buffered=50"):
-            for _ in range(10):
-                tt.consume(timeout=0.1)
+        assert tt.consume(timeout=5) is not None
+        out.produce(ms.MsgPack.of([_data(5, 0) for _ in range(3000)]))  # all below the passed tick
+        out.produce(ms.MsgPack.of([_data(150, 0)]))
+        out.broadcast(ms.MsgPack(200, 200, [ms.TimeTickMsg(begin_ts=200, end_ts=200)]))
+        errors = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                pack = tt.consume(timeout=0.5)
+            except TimeTickError:
+                errors += 1
+                continue
+            assert pack is not None and [m.end_ts for m in pack.msgs] == [150]
+            break
+        else:
+            pytest.fail("no pack after the bad messages")
+        assert errors >= 1
 
 
 def test_waiting_consume_does_not_spin(client: ms.Client) -> None:

@@ -38,7 +38,17 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from msgstream.backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from msgstream.backend import (
+    CHANNEL_NAME,
+    URL,
+    Backend,
+    Consumer,
+    Features,
+    Producer,
+    RawMessage,
+    SubscriptionPosition,
+    scrub,
+)
 from msgstream.errors import (
     BrokerUnavailableError,
     ChannelExistsError,
@@ -115,7 +125,7 @@ class RedisBackend(Backend):
             port=url.port or 6379,
             db=int(db_text),
             username=url.username,
-            password=url.password,
+            password=url.password or opts.get("password"),
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=_number(opts, "connect_timeout", 5.0, url) or 5.0,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
@@ -150,9 +160,7 @@ class RedisBackend(Backend):
     def _raise(
         self, cls: type[MsgStreamError], text: str, exc: BaseException, channel: str | None, retriable: bool
     ) -> NoReturn:
-        if self.url.password:
-            text = text.replace(self.url.password, "***")
-        text = f"{text} [{self.url.redacted()}]"
+        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
         err = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
         err.retriable = retriable
         raise err from None
@@ -257,21 +265,36 @@ class _RedisProducer(Producer):
             parts: list[bytes] = []
             for p in chunk:
                 parts += (head, b"$%d\r\n" % len(p), p, b"\r\n")
-            with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
-                conn = pool.get_connection()
-                try:
-                    conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
-                    replies = [conn.read_response() for _ in chunk]
-                except BaseException:
-                    conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread: never reuse it
-                    raise
-                finally:
-                    pool.release(conn)
-            if None in replies:  # NOMKSTREAM on a missing stream: the channel was deleted
-                accepted = len(ids) + replies.index(None)
+            try:
+                with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
+                    conn = pool.get_connection()
+                    try:
+                        conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
+                        replies: list[Any] = []
+                        for _ in chunk:  # read every reply, errors included, to know what was accepted
+                            try:
+                                replies.append(conn.read_response())
+                            except redis.ResponseError as exc:
+                                replies.append(exc)
+                    except BaseException:
+                        conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread
+                        raise
+                    finally:
+                        pool.release(conn)
+            except ProduceError as exc:  # connection lost: earlier chunks were accepted, this one unknown
+                exc.sent = {self.channel: list(ids)}
+                raise
+            failed = [r for r in replies if not isinstance(r, bytes)]
+            if failed:
+                accepted = [r for r in replies if isinstance(r, bytes)]
+                first = failed[0]
+                reason = "the channel does not exist (deleted?)" if first is None else f"Redis said: {first}"
                 raise ProduceError(
-                    f"channel {self.channel!r} does not exist (deleted?); {accepted} of {len(payloads)} accepted",
+                    f"send to {self.channel!r}: {len(failed)} of {len(payloads)} messages refused, {reason};"
+                    f" accepted ids are in .sent",
                     channel=self.channel,
+                    sent={self.channel: ids + accepted},
+                    retriable=first is not None and ("OOM" in str(first) or "LOADING" in str(first)),
                 )
             ids.extend(replies)
         return ids
@@ -290,7 +313,6 @@ class _RedisConsumer(Consumer):
         self._key_of = dict(zip(channels, self._keys, strict=True))
         self._channel_of = {k.encode(): c for k, c in zip(self._keys, channels, strict=True)}
         self._buffer: deque[RawMessage] = deque()  # delivered by Redis beyond what a receive returns
-        self._claim_cursor = dict.fromkeys(channels, b"0-0")
         self._next_claim = 0.0
         self._max_block = max(0.05, backend.socket_timeout / 2)
         self._closed = False
@@ -341,34 +363,40 @@ class _RedisConsumer(Consumer):
         return out
 
     def _claim(self, max_messages: int) -> list[RawMessage]:
-        """Take over entries other members left pending for ``claim_idle`` seconds (or handed over)."""
+        """Take over entries that *other* members left pending for ``claim_idle`` seconds (or handed
+        over on close). Entries this member holds itself (a time-tick stream buffers them unacknowledged
+        for as long as a tick takes) are never claimed back: that would deliver them twice."""
         idle_ms = int(self._backend.claim_idle * 1000)
+        me = self._name.encode()
         out: list[RawMessage] = []
         for channel, key in zip(self.channels, self._keys, strict=True):
-            room = max_messages - len(out)
-            if room <= 0:
-                break
-            with self._backend.errors("claim pending entries"):
-                try:
-                    cursor, entries, *_ = self._backend.command(
-                        "XAUTOCLAIM",
-                        key,
-                        self.subscription,
-                        self._name,
-                        idle_ms,
-                        self._claim_cursor[channel],
-                        "COUNT",
-                        room,
-                    )
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        self._missing_channel()
-                    raise
-            self._claim_cursor[channel] = cursor
-            for entry_id, fields in entries:
-                if fields:
-                    payload = fields[1] if len(fields) > 1 and fields[0] == b"d" else b""
-                    out.append(RawMessage(channel, entry_id, payload))
+            start = "-"
+            for _page in range(10):  # bounded scan of the pending list
+                room = max_messages - len(out)
+                if room <= 0:
+                    return out
+                with self._backend.errors("claim pending entries"):
+                    try:
+                        pending = self._backend.command(
+                            "XPENDING", key, self.subscription, "IDLE", idle_ms, start, "+", 1000
+                        )
+                        theirs = [p[0] for p in pending if p[1] != me][:room]
+                        entries = (
+                            self._backend.command("XCLAIM", key, self.subscription, self._name, idle_ms, *theirs)
+                            if theirs
+                            else []
+                        )
+                    except redis.ResponseError as exc:
+                        if "NOGROUP" in str(exc):
+                            self._missing_channel()
+                        raise
+                for entry_id, fields in entries:
+                    if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
+                        payload = fields[1] if len(fields) > 1 and fields[0] == b"d" else b""
+                        out.append(RawMessage(channel, entry_id, payload))
+                if len(pending) < 1000:
+                    break
+                start = b"(" + pending[-1][0]
         return out
 
     def _missing_channel(self) -> NoReturn:
@@ -396,26 +424,29 @@ class _RedisConsumer(Consumer):
                 pipe.xack(self._key_of[channel], self.subscription, *ids)
             pipe.execute()
 
-    def seek(self, channel: str, after: bytes | None) -> None:
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        if channel not in self.channels:
-            raise SeekError(f"channel {channel!r} is not consumed by this consumer")
-        key = self._backend.key(channel)
-        if after and not _ENTRY_ID.fullmatch(after):
-            raise SeekError(f"not a Redis stream entry id: {after!r} on {channel!r}")
         with self._backend.errors("seek"):
-            if after and not self._backend.command("XRANGE", key, after, after):
-                self._backend.check_channel(channel)
-                raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
-            self._r.xgroup_setid(key, self.subscription, after or "0")
-            while True:  # forget the group's deliveries on this stream
-                pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
-                if not pending:
-                    break
-                self._r.xack(key, self.subscription, *[p[0] for p in pending])
-        self._buffer = deque(m for m in self._buffer if m.channel != channel)
-        self._claim_cursor[channel] = b"0-0"
+            for channel, after in targets.items():  # check every target before moving any
+                if channel not in self.channels:
+                    raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+                if after is None:
+                    continue
+                if not _ENTRY_ID.fullmatch(after):
+                    raise SeekError(f"not a Redis stream entry id: {after!r} on {channel!r}")
+                if not self._backend.command("XRANGE", self._key_of[channel], after, after):
+                    self._backend.check_channel(channel)
+                    raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
+            for channel, after in targets.items():
+                key = self._key_of[channel]
+                self._r.xgroup_setid(key, self.subscription, after or "0")
+                while True:  # forget the group's deliveries on this stream
+                    pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
+                    if not pending:
+                        break
+                    self._r.xack(key, self.subscription, *[p[0] for p in pending])
+        self._buffer = deque(m for m in self._buffer if m.channel not in targets)
 
     def close(self) -> None:
         if self._closed:

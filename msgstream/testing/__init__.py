@@ -611,13 +611,61 @@ class ConformanceSuite:
         inp = streams(on_error=reported.append)
         inp.create_consumers(self.sub(), chans)
         raw = client.backend.create_producer(chans[0])
-        try:
-            raw.send([b"\x00" * 3], self.timeout)
+        try:  # a batch that starts with many bad frames (no recursion limit may bite), then good ones
+            raw.send([b"\x00" * 3] * 1100, self.timeout)
         finally:
             raw.close()
-        self.producer(streams, chans).produce(ms.MsgPack.of([_data(5, 0)]))
-        assert consume_n(inp, 1, self.timeout) == [_data(5, 0)]
-        assert len(reported) == 1 and reported[0].position is not None
+        good = [_data(i, 0) for i in range(3)]
+        self.producer(streams, chans).produce(ms.MsgPack.of(good))
+        assert consume_n(inp, 3, self.timeout) == good
+        expect_quiet(inp, self.quiet_period)  # and nothing twice
+        assert len(reported) == 1100 and all(e.position is not None for e in reported)
+
+    def test_exception_in_with_block_leaves_pack_for_redelivery(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        self.producer(streams, chans).produce(ms.MsgPack.of([_data(i, 0) for i in range(5)]))
+        with pytest.raises(ZeroDivisionError), client.msg_stream() as failing:
+            failing.create_consumers(sub, chans)
+            assert consume_n(failing, 5, self.timeout)
+            raise ZeroDivisionError("the handler failed")
+        again = self.consumer(streams, chans, sub=sub)
+        assert [m.row_ids[0] for m in consume_n(again, 5, self.timeout) if isinstance(m, ms.InsertMsg)] == list(
+            range(5)
+        )
+
+    def test_seek_is_all_or_nothing(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        ids = out.produce(ms.MsgPack.of([_data(i, i) for i in range(6)]))
+        inp = streams()
+        inp.create_consumers(self.sub(), chans)
+        first = ms.Position(chans[0], ids[chans[0]][-1], 0)  # valid: would skip all of channel 0
+        with pytest.raises(SeekError):
+            inp.seek([first, ms.Position(chans[1], b"\xff" * 8, 0)])
+        got = consume_n(inp, 6, self.timeout)  # nothing moved: everything still comes
+        assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == list(range(6))
+        for bad in (None, first, [first, first]):
+            with pytest.raises((InvalidArgumentError, SeekError)):
+                inp.seek(bad)
+
+    def test_messages_no_consumer_could_read_are_refused(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        out = self.producer(streams, chans)
+        before = out.get_latest_positions()
+        bad_msgs: list[Any] = [
+            ms.InsertMsg(hash_values=[0], row_ids=[1.5]),  # type: ignore[list-item]
+            ms.InsertMsg(hash_values=[0], row_data=["text"]),  # type: ignore[list-item]
+            ms.InsertMsg(hash_values=["a"]),  # type: ignore[list-item]
+            ms.InsertMsg(hash_values=None),  # type: ignore[arg-type]
+        ]
+        for bad in bad_msgs:
+            with pytest.raises(InvalidArgumentError):
+                out.produce(ms.MsgPack.of([_data(0, 0), bad]))
+        assert out.get_latest_positions() == before
+        inp = self.consumer(streams, chans)
+        with pytest.raises(InvalidArgumentError):
+            inp.ack([ms.MsgPack(0, 0, [])])
 
     # -- time-tick stream -----------------------------------------------------------------------
     def test_tt_one_pack_per_tick_in_timestamp_order(self, client: ms.Client, streams: Any) -> None:

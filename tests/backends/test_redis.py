@@ -202,3 +202,26 @@ def test_bad_options_are_invalid_url_errors(redis_url: str, options: dict[str, s
         ms.connect(redis_url, **options)
     with pytest.raises(InvalidURLError):
         ms.connect(redis_url.replace("/0", "/zero"))
+
+
+def test_time_tick_stream_is_not_handed_its_own_held_messages(redis_url: str) -> None:
+    """The tt stream holds messages unacknowledged while a channel lags; recovery of idle entries
+    (XAUTOCLAIM-style) must not give a member back what it holds itself: that would duplicate them."""
+    with ms.connect(redis_url, claim_idle=0.2, claim_interval=0.05) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+        with client.msg_stream() as out, client.tt_msg_stream() as tt:
+            out.create_producers(chans)
+            tt.create_consumers("tt", chans)
+            out.produce(ms.MsgPack.of([_row(i) for i in range(1, 21)]))
+            first = client.msg_stream()
+            first.create_producers(chans[:1])
+            first.broadcast(ms.MsgPack(100, 100, [ms.TimeTickMsg(begin_ts=100, end_ts=100)]))
+            deadline = time.monotonic() + 1.0  # the second channel lags well past claim_idle
+            while time.monotonic() < deadline:
+                assert tt.consume(timeout=0.1) is None
+            out.broadcast(ms.MsgPack(100, 100, [ms.TimeTickMsg(begin_ts=100, end_ts=100)]))
+            pack = tt.consume(timeout=5)
+            assert pack is not None
+            rows = [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)]
+            assert sorted(rows) == list(range(1, 21)), "held messages were delivered twice or lost"
+            first.close()

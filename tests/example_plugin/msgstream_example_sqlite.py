@@ -338,21 +338,26 @@ class _SqliteConsumer(Consumer):
                     "DELETE FROM pending WHERE channel = ? AND sub = ? AND seq = ? AND consumer IS NOT NULL", rows
                 )
 
-    def seek(self, channel: str, after: bytes | None) -> None:
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
         self._check_open()
-        if channel not in self.channels:
-            raise SeekError(f"channel {channel!r} is not consumed by this consumer")
-        with self._backend._tx(_consume_error) as conn:
-            length = SqliteBackend._length(conn, channel)
-            cursor = 0
-            if after:
-                if len(after) != _ID_LEN:
-                    raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
-                cursor = int.from_bytes(after, "big") + 1
-                if cursor > length:
-                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({length} messages)")
-            conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (channel, self.subscription, cursor))
-            conn.execute("DELETE FROM pending WHERE channel = ? AND sub = ?", (channel, self.subscription))
+        with self._backend._tx(_consume_error) as conn:  # one transaction: all targets or none
+            cursors: dict[str, int] = {}
+            for channel, after in targets.items():
+                if channel not in self.channels:
+                    raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+                length = SqliteBackend._length(conn, channel)
+                cursors[channel] = 0
+                if after:
+                    if len(after) != _ID_LEN:
+                        raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
+                    cursors[channel] = int.from_bytes(after, "big") + 1
+                    if cursors[channel] > length:
+                        raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({length} messages)")
+            for channel, cursor in cursors.items():
+                conn.execute(
+                    "INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (channel, self.subscription, cursor)
+                )
+                conn.execute("DELETE FROM pending WHERE channel = ? AND sub = ?", (channel, self.subscription))
 
     def close(self) -> None:
         if self._closed:
