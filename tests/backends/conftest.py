@@ -1,35 +1,40 @@
+"""Session brokers for the backend suites: an existing one named by an environment variable, else one
+started here (free loopback port, temp dir) and stopped at the end."""
+
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from .brokers import start_redis, start_tansu
+from .brokers import Broker, start_redis, start_tansu
+
+
+def _broker_url(
+    env: str, factory: pytest.TempPathFactory, start: Callable[[Path], Broker], url: Callable[[int], str]
+) -> Iterator[str]:
+    if os.environ.get(env):
+        yield os.environ[env]
+        return
+    broker = start(Path(factory.mktemp(env.lower())))
+    try:
+        yield url(broker.port)
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """MSGSTREAM_REDIS_URL, else a redis-server started for this session."""
-    if os.environ.get("MSGSTREAM_REDIS_URL"):
-        yield os.environ["MSGSTREAM_REDIS_URL"]
-        return
-    broker = start_redis(Path(tmp_path_factory.mktemp("redis")))
-    try:
-        yield f"redis://127.0.0.1:{broker.port}/0"
-    finally:
-        broker.stop()
+    yield from _broker_url("MSGSTREAM_REDIS_URL", tmp_path_factory, start_redis, lambda p: f"redis://127.0.0.1:{p}/0")
 
 
 @pytest.fixture(scope="session")
 def kafka_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """MSGSTREAM_KAFKA_URL, else a Tansu broker started for this session."""
-    if os.environ.get("MSGSTREAM_KAFKA_URL"):
-        yield os.environ["MSGSTREAM_KAFKA_URL"]
-        return
-    broker = start_tansu(Path(tmp_path_factory.mktemp("tansu")))
-    try:  # delete_topics=false: Tansu + librdkafka 2.16 crash on deleting a subscribed topic (backends.md)
-        yield f"kafka://127.0.0.1:{broker.port}/?delete_topics=false"
-    finally:
-        broker.stop()
+    """MSGSTREAM_KAFKA_URL, else a Tansu broker started for this session. delete_topics=false: on Tansu,
+    deleting a topic a consumer still subscribes to crashes librdkafka 2.16 (docs/backends.md)."""
+    yield from _broker_url(
+        "MSGSTREAM_KAFKA_URL", tmp_path_factory, start_tansu, lambda p: f"kafka://127.0.0.1:{p}/?delete_topics=false"
+    )
