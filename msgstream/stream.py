@@ -18,7 +18,7 @@ from .errors import (
     StreamStateError,
     UnmarshalError,
 )
-from .messages import TsMsg
+from .messages import HEADER_SIZE, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
 from .repack import default as default_repack
@@ -179,18 +179,20 @@ class MsgStream:
         could read (a float in ``row_ids``, a str in ``row_data``) is refused here, not on every consumer."""
         try:
             frames = [m.marshal() for m in msgs]
-        except (AttributeError, TypeError) as exc:  # a repack function put something else in a pack
-            bad = next((type(m).__name__ for m in msgs if not isinstance(m, TsMsg)), "?")
-            raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances): {exc}") from exc
-        except Exception as exc:  # msgspec refuses the value (e.g. an int too large for MessagePack)
-            raise InvalidArgumentError(f"a message cannot be encoded: {exc}") from exc
+        except Exception as exc:
+            bad = next((type(m).__name__ for m in msgs if not isinstance(m, TsMsg)), None)
+            if bad is not None:  # a repack function put something else in a pack
+                raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances)") from exc
+            raise InvalidArgumentError(f"a message cannot be encoded: {exc}") from exc  # e.g. an int > 2**64
         if self._validate:
             for i, (m, frame) in enumerate(zip(msgs, frames, strict=True)):
-                try:
-                    type(m).decode_body(frame)
-                except UnmarshalError as exc:
+                try:  # small frames: a bytes slice is cheaper than a memoryview
+                    type(m)._decoder.decode(
+                        frame[HEADER_SIZE:] if len(frame) < 2048 else memoryview(frame)[HEADER_SIZE:]
+                    )
+                except Exception as exc:
                     raise InvalidArgumentError(
-                        f"message {i} ({type(m).__name__}) has a field of the wrong type: {exc.__cause__}"
+                        f"message {i} ({type(m).__name__}) has a field of the wrong type: {exc}"
                     ) from None
         return frames
 
