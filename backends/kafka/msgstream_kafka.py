@@ -396,9 +396,10 @@ class _KafkaConsumer(Consumer):
             self._c = ck.Consumer(conf)
             if initial is SubscriptionPosition.LATEST:
                 self._start_new_partitions_at_end()
-            self._c.subscribe(
-                list(channels), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-            )
+        # subscribe() starts the group join in librdkafka's own thread, and a commit made while that
+        # join is half done is refused (UNKNOWN_MEMBER_ID). So the member joins on its first receive:
+        # a seek on a fresh stream then commits as a plain non-member, which the broker accepts.
+        self._subscribed = False
 
     def _start_new_partitions_at_end(self) -> None:
         """LATEST for a group new on a channel: commit the true end first, so the group does not start
@@ -451,6 +452,12 @@ class _KafkaConsumer(Consumer):
             backend.check_channel(channel, refresh=False)
         deadline = time.monotonic() + timeout
         new = tuple.__new__
+        if not self._subscribed:
+            with backend.errors("subscribe"):
+                self._c.subscribe(
+                    list(self.channels), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+                )
+            self._subscribed = True
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             with backend.errors("receive"):
@@ -509,13 +516,31 @@ class _KafkaConsumer(Consumer):
                 )
             offsets.append(ck.TopicPartition(channel, 0, offset + 1))
         with backend.errors("seek", SeekError):
-            self._c.commit(offsets=offsets, asynchronous=False)
+            self._commit_retrying(offsets)
             for tp in offsets:
                 self._delivered[tp.topic].clear()
                 self._acked[tp.topic].clear()
                 self._committed.pop(tp.topic, None)
                 if tp.topic in self._assigned:
                     self._c.seek(tp)
+
+    def _commit_retrying(self, offsets: list[ck.TopicPartition]) -> None:
+        """A synchronous commit, tried again while the group is between generations (a rebalance)."""
+        transient = (
+            ck.KafkaError.REBALANCE_IN_PROGRESS,
+            ck.KafkaError.UNKNOWN_MEMBER_ID,
+            ck.KafkaError.ILLEGAL_GENERATION,
+            ck.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        )
+        deadline = time.monotonic() + self._backend.timeout
+        while True:
+            try:
+                self._c.commit(offsets=offsets, asynchronous=False)
+                return
+            except ck.KafkaException as exc:
+                if exc.args[0].code() not in transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def close(self) -> None:
         if self._closed:
