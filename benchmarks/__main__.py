@@ -19,6 +19,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
+    "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Tansu broker)"),
 }
 
 
@@ -31,8 +32,18 @@ def _redis_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _kafka_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("MSGSTREAM_KAFKA_URL") or None,
+        help="an existing Kafka-protocol broker, kafka://host:port[,host:port...][/][?options] (default:"
+        " $MSGSTREAM_KAFKA_URL, else a Tansu broker started for the run on a free loopback port; for Tansu add"
+        " ?delete_topics=false)",
+    )
+
+
 #: name -> adds the options only that suite takes
-OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"redis": _redis_options}
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"redis": _redis_options, "kafka": _kafka_options}
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:

@@ -36,15 +36,12 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -53,7 +50,8 @@ import redis
 from msgstream_redis import RedisBackend
 
 import msgstream as ms
-from benchmarks.bench_core import Figure, clock, environment, insert_msg
+from benchmarks.bench_core import clock, environment, insert_msg
+from benchmarks.report import Row, free_port, markdown_table, progress, size_text, target_text
 
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / pipeline / XREADGROUP COUNT
@@ -69,26 +67,7 @@ RAW_CONSUMER = "c"
 Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
 
 
-@dataclass
-class Row(Figure):
-    """A figure with the issue's target for its ratio (if it has one)."""
-
-    target: float | None = None
-
-    @property
-    def met(self) -> bool | None:
-        ratio = self.ratio
-        return None if self.target is None or ratio is None else ratio >= self.target
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**super().as_dict(), "target": self.target, "target_met": self.met}
-
-
 # -- redis-server ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _answers(port: int) -> bool:
@@ -108,7 +87,7 @@ def redis_server() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="msgstream-bench-redis-") as tmp:
         workdir = Path(tmp)
         for _ in range(5):  # another process may take the port between choosing and binding it
-            port = _free_port()
+            port = free_port()
             argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
             proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -404,32 +383,6 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
 
 
 # -- report -----------------------------------------------------------------------------------------
-def _size(n: float) -> str:
-    return f"{n / 1024:g} KiB" if n >= 1024 and n % 1024 == 0 else f"{n:.0f} B"
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _target_text(row: Row) -> str:
-    if row.target is None:
-        return ""
-    return f">= {row.target:.2f}x: {'met' if row.met else 'MISSED'}"
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| Operation | Measurement | Row data | Bytes/msg | msgs/s | MB/s | msgstream/raw | Target | Spread |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for r in rows:
-        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x {r.ratio_to}"
-        lines.append(
-            f"| {r.section} | {r.name} | {_size(r.row_bytes)} | {r.msg_bytes:,.0f} | {r.msgs_per_s:,.0f} |"
-            f" {r.mb_per_s:,.1f} | {ratio} | {_target_text(r)} | {r.spread:.1%} |"
-        )
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -452,9 +405,9 @@ def run(args: argparse.Namespace) -> int:
             started = clock()
             rows: list[Row] = []
             for row_bytes in ROW_SIZES:
-                _progress(f"produce, {_size(row_bytes)} rows ...")
+                progress(f"produce, {size_text(row_bytes)} rows ...")
                 rows += bench_produce(bench, row_bytes, seconds, repeats)
-                _progress(f"consume, {_size(row_bytes)} rows ...")
+                progress(f"consume, {size_text(row_bytes)} rows ...")
                 rows += bench_consume(bench, row_bytes, seconds, repeats)
             elapsed = clock() - started
         finally:
@@ -471,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for r in rows:
         if r.target is not None:
-            print(f"- {r.section} {_size(r.row_bytes)}: {r.ratio:.2f}x raw, target {_target_text(r)}")
+            print(f"- {r.section} {size_text(r.row_bytes)}: {r.ratio:.2f}x raw, target {target_text(r)}")
     if args.json is not None:
         report = {
             "benchmark": "redis",
@@ -488,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
             "results": [r.as_dict() for r in rows],
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _progress(f"wrote {args.json}")
+        progress(f"wrote {args.json}")
     return 0
 
 

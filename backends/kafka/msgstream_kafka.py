@@ -78,6 +78,9 @@ _CONSUMER_DEFAULTS = {
     # one partition per channel: the default range assignor would give partition 0 of every topic, so
     # every channel, to the same member; round-robin spreads the channels over the members
     "partition.assignment.strategy": "roundrobin",
+    # librdkafka pauses fetching for 1 s whenever its local queue is full; a consumer that decodes
+    # then sits idle on a long backlog (132k vs 350k msgs/s measured at 100 B with 300,000 queued)
+    "fetch.queue.backoff.ms": 10,
     "max.poll.interval.ms": 300000,
 }
 

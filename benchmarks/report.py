@@ -1,0 +1,59 @@
+"""Shared by the broker benchmarks: the target-carrying row, the Markdown table, small helpers."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.bench_core import Figure
+
+
+@dataclass
+class Row(Figure):
+    """A figure with the issue's target for its ratio (if it has one)."""
+
+    target: float | None = None
+
+    @property
+    def met(self) -> bool | None:
+        ratio = self.ratio
+        return None if self.target is None or ratio is None else ratio >= self.target
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "target": self.target, "target_met": self.met}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def size_text(n: float) -> str:
+    return f"{n / 1024:g} KiB" if n >= 1024 and n % 1024 == 0 else f"{n:.0f} B"
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def target_text(row: Row) -> str:
+    if row.target is None:
+        return ""
+    return f">= {row.target:.2f}x: {'met' if row.met else 'MISSED'}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| Operation | Measurement | Row data | Bytes/msg | msgs/s | MB/s | msgstream/raw | Target | Spread |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x {r.ratio_to}"
+        lines.append(
+            f"| {r.section} | {r.name} | {size_text(r.row_bytes)} | {r.msg_bytes:,.0f} | {r.msgs_per_s:,.0f} |"
+            f" {r.mb_per_s:,.1f} | {ratio} | {target_text(r)} | {r.spread:.1%} |"
+        )
+    return "\n".join(lines)
