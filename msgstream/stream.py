@@ -144,6 +144,8 @@ class MsgStream:
         n = len(self._producers)
         if not msgs:
             return {}
+        if self._repack is default_repack:
+            return self._send(self._route_default(msgs, n))
         try:
             hash_keys = [[h % n for h in m.hash_values] for m in msgs]
         except TypeError:
@@ -165,6 +167,27 @@ class MsgStream:
                 raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
             batches.append((self._producers[key], self._marshal(sub.msgs)))
         return self._send(batches)
+
+    def _route_default(self, msgs: list[TsMsg], n: int) -> list[tuple[Producer, list[bytes]]]:
+        """What :func:`msgstream.repack.default` does, without building every message's hash-key list:
+        message ``i`` to channel ``hash_values[0] % n``."""
+        buckets: dict[int, list[TsMsg]] = {}
+        for i, m in enumerate(msgs):
+            hash_values = m.hash_values
+            if not hash_values:
+                if not isinstance(hash_values, list):
+                    raise InvalidArgumentError("hash_values must be a list of int on every message")
+                raise RepackError(f"message {i} ({type(m).__name__}) has no hash_values to route by")
+            try:
+                key = hash_values[0] % n
+            except TypeError:
+                raise InvalidArgumentError("hash_values must be a list of int on every message") from None
+            bucket = buckets.get(key)
+            if bucket is None:
+                buckets[key] = [m]
+            else:
+                bucket.append(m)
+        return [(self._producers[key], self._marshal(buckets[key])) for key in sorted(buckets)]
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
