@@ -69,7 +69,7 @@ from msgstream_kafka import KafkaBackend
 
 import msgstream as ms
 from benchmarks.bench_core import clock, environment, insert_msg
-from benchmarks.report import Row, free_port, markdown_table, progress, size_text, target_text
+from benchmarks.report import Row, consume_rows, free_port, markdown_table, progress, size_text, target_text
 
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / flush / consume batch
@@ -491,19 +491,6 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
-    raw = Row("consume", "raw confluent-kafka: consume(1000) + async commit", row_bytes, size)
-    raw_codec = Row("consume", "raw confluent-kafka: consume(1000) + async commit + unmarshal", row_bytes, size)
-    msgstream = Row(
-        "consume",
-        "msgstream MsgStream.consume (batch 1000)",
-        row_bytes,
-        size,
-        ratio_to="raw",
-        target=TARGETS[row_bytes],
-    )
-    msgstream_codec = Row(
-        "consume", "msgstream MsgStream.consume (batch 1000)", row_bytes, size, ratio_to="raw + unmarshal"
-    )
     sides: dict[str, Round] = {
         "msgstream": lambda: bench.consume_msgstream(frames, n_msgs),
         "raw": lambda: bench.consume_raw(frames, n_msgs, None),
@@ -513,11 +500,7 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
     rates = _runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
-    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
-    raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
-    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
-    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
-    return [msgstream, raw, msgstream_codec, raw_codec]
+    return consume_rows("raw confluent-kafka: consume(1000) + async commit", row_bytes, size, TARGETS[row_bytes], rates)
 
 
 # -- report -----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from msgstream_redis import RedisBackend
 
 import msgstream as ms
 from benchmarks.bench_core import clock, environment, insert_msg
-from benchmarks.report import Row, free_port, markdown_table, progress, size_text, target_text
+from benchmarks.report import Row, consume_rows, free_port, markdown_table, progress, size_text, target_text
 
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / pipeline / XREADGROUP COUNT
@@ -353,19 +353,6 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
-    raw = Row("consume", "raw redis-py: XREADGROUP + XACK", row_bytes, size)
-    raw_codec = Row("consume", "raw redis-py: XREADGROUP + XACK + unmarshal", row_bytes, size)
-    msgstream = Row(
-        "consume",
-        "msgstream MsgStream.consume (batch 1000)",
-        row_bytes,
-        size,
-        ratio_to="raw",
-        target=TARGETS[row_bytes],
-    )
-    msgstream_codec = Row(
-        "consume", "msgstream MsgStream.consume (batch 1000)", row_bytes, size, ratio_to="raw + unmarshal"
-    )
     sides: dict[str, Round] = {
         "msgstream": lambda: bench.consume_msgstream(pack, n_msgs),
         "raw": lambda: bench.consume_raw(frames, n_msgs, None),
@@ -375,11 +362,7 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
     rates = _runs(sides, seconds, repeats)
-    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
-    raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
-    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
-    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
-    return [msgstream, raw, msgstream_codec, raw_codec]
+    return consume_rows("raw redis-py: XREADGROUP + XACK", row_bytes, size, TARGETS[row_bytes], rates)
 
 
 # -- report -----------------------------------------------------------------------------------------

@@ -57,3 +57,19 @@ def markdown_table(rows: list[Row]) -> str:
             f" {r.mb_per_s:,.1f} | {ratio} | {target_text(r)} | {r.spread:.1%} |"
         )
     return "\n".join(lines)
+
+
+def consume_rows(raw_name: str, row_bytes: int, size: float, target: float, rates: dict[str, list[float]]) -> list[Row]:
+    """The four consume rows every broker benchmark reports: msgstream against ``raw_name`` (the raw client
+    decoding nothing; the target applies here) and against the raw client plus ``unmarshal``. ``rates``
+    holds the per-run rates of the sides "msgstream", "raw" and "raw + unmarshal"."""
+    mine = "msgstream MsgStream.consume (batch 1000)"
+    msgstream = Row("consume", mine, row_bytes, size, ratio_to="raw", target=target)
+    raw = Row("consume", raw_name, row_bytes, size)
+    msgstream_codec = Row("consume", mine, row_bytes, size, ratio_to="raw + unmarshal")
+    raw_codec = Row("consume", f"{raw_name} + unmarshal", row_bytes, size)
+    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
+    raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
+    return [msgstream, raw, msgstream_codec, raw_codec]
