@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, unquote
 
 from .errors import BackendNotFoundError, InvalidURLError
 
@@ -217,11 +217,6 @@ def is_secret_option(name: str) -> bool:
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``options`` fit for a log line or an error text."""
     return {k: (_MASK if is_secret_option(k) else v) for k, v in options.items()}
-
-
-def quote_password(password: str) -> str:
-    """Percent-encode a password for use in a URL."""
-    return quote(password, safe="")
 
 
 class Producer(abc.ABC):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .backend import URL, Backend, load_backend
-from .errors import ChannelNotFoundError, InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
+from .errors import InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
 
 if TYPE_CHECKING:
     from .stream import MsgStream
@@ -134,14 +134,6 @@ class Client:
             self.backend.channel_metadata(c)
         for c in ids:
             self.backend.delete_channel(c)
-
-    def channel_exists(self, channel: str) -> bool:
-        self._check_open()
-        try:
-            self.backend.channel_metadata(channel)
-        except ChannelNotFoundError:
-            return False
-        return True
 
     def msg_stream(self, **options: Any) -> MsgStream:
         """A new :class:`~msgstream.MsgStream` on this client's backend (options: see MsgStream)."""

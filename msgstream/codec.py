@@ -6,14 +6,13 @@ docs/wire-format.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from struct import error as struct_error
+from collections.abc import Callable
 from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
-from .messages import HEADER, HEADER_SIZE, MAGIC, STOCK_TYPES, VERSION, TsMsg
+from .messages import HEADER_SIZE, STOCK_TYPES, TsMsg, check_header
 
-__all__ = ["Decode", "UnmarshalDispatcher", "marshal_many"]
+__all__ = ["Decode", "UnmarshalDispatcher"]
 
 #: A decoder takes the whole frame (header included) and returns the message.
 Decode = Callable[[bytes], TsMsg]
@@ -79,24 +78,11 @@ class UnmarshalDispatcher:
             raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
 
     def _unmarshal_slow(self, data: bytes) -> TsMsg:
-        try:
-            magic, version, _flags, msg_type = HEADER.unpack_from(data)
-        except (struct_error, TypeError) as exc:
-            raise UnmarshalError(f"truncated or non-bytes frame ({_describe(data)})", data=_raw(data)) from exc
-        if magic != MAGIC or version != VERSION:
-            raise UnmarshalError(
-                f"not a msgstream frame (magic {magic!r}, version {version}; want {MAGIC!r} v{VERSION})",
-                data=_raw(data),
-            )
+        msg_type = check_header(data)  # raises UnmarshalError for anything that is not a v1 frame
         decode = self._decoders.get(msg_type)
         if decode is None:
-            raise UnknownMsgTypeError(msg_type, data=_raw(data))
+            raise UnknownMsgTypeError(msg_type, data=bytes(data))
         return decode(data)
-
-
-def marshal_many(msgs: Sequence[TsMsg]) -> list[bytes]:
-    """Frames for a batch of messages."""
-    return [m.marshal() for m in msgs]
 
 
 def _struct_decoder(cls: type[TsMsg]) -> Decode:
@@ -126,13 +112,3 @@ def _guarded(decode: Decode) -> Decode:
         return msg
 
     return decode_user
-
-
-def _raw(data: object) -> bytes | None:
-    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
-
-
-def _describe(data: object) -> str:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return f"{len(data)} bytes, header needs {HEADER_SIZE}"
-    return f"got {type(data).__name__}"

@@ -113,6 +113,34 @@ def test_stream_and_client_are_context_managers() -> None:
         client.msg_stream()
 
 
+def test_closing_a_client_closes_its_open_streams() -> None:
+    client = ms.connect("memory://close-streams")
+    chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+    out, tt = client.msg_stream(), client.tt_msg_stream()
+    out.create_producers(chans)
+    client.close()
+    assert out.closed and tt.closed
+    with pytest.raises(errors.StreamClosedError):
+        out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0])]))
+
+
+def test_validate_false_skips_the_produce_check() -> None:
+    with ms.connect("memory://no-validate") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+        bad = ms.InsertMsg(hash_values=[0], row_ids=[1.5])  # type: ignore[list-item]
+        checked = client.msg_stream()
+        checked.create_producers(chans)
+        with pytest.raises(errors.InvalidArgumentError):
+            checked.produce(ms.MsgPack.of([bad]))
+        fast = client.msg_stream(validate=False)
+        fast.create_producers(chans)
+        fast.produce(ms.MsgPack.of([bad]))  # accepted unchecked; consumers then report it
+        inp = client.msg_stream()
+        inp.create_consumers("s", chans)
+        with pytest.raises(errors.UnmarshalError):
+            inp.consume(timeout=1)
+
+
 def test_memory_is_found_through_its_entry_point() -> None:
     assert "memory" in installed_schemes()
     assert type(load_backend("memory://")).__name__ == "MemoryBackend"
