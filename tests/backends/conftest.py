@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .brokers import Broker, start_redis, start_tansu
+from .brokers import Broker, start_pulsar_lite, start_redis, start_tansu
 
 
 def _broker_url(
@@ -37,4 +37,12 @@ def kafka_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     deleting a topic a consumer still subscribes to crashes librdkafka 2.16 (docs/backends.md)."""
     yield from _broker_url(
         "MSGSTREAM_KAFKA_URL", tmp_path_factory, start_tansu, lambda p: f"kafka://127.0.0.1:{p}/?delete_topics=false"
+    )
+
+
+@pytest.fixture(scope="session")
+def pulsar_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MSGSTREAM_PULSAR_URL, else a pulsar-lite broker started for this session."""
+    yield from _broker_url(
+        "MSGSTREAM_PULSAR_URL", tmp_path_factory, start_pulsar_lite, lambda p: f"pulsar://127.0.0.1:{p}"
     )

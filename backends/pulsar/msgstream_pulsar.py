@@ -1,0 +1,644 @@
+"""Pulsar backend for msgstream on pulsar-client: ``pulsar://host:6650[,host:6650...][/][?options]``,
+``pulsar+ssl://``.
+
+Mapping (docs/backends.md has the long form):
+
+* channel -> a persistent topic ``persistent://<tenant>/<namespace>/<name>`` (``<name>:<n>`` for the n-th
+  re-creation of a destroyed name). Which channels exist, with their metadata, is the registry topic
+  ``__msgstream_channels``: a log of create/destroy records, read to its end by a kept reader. A
+  concurrent create of one name is decided by the log's order: the first record wins, the other
+  creator reads that back and raises ``ChannelExistsError``.
+* destroy -> a destroy record: msgstream refuses the channel from then on (other clients within
+  ``registry_refresh`` seconds). With ``admin_url`` (Apache Pulsar) the topic is also deleted through
+  the admin REST API; pulsar-lite has no admin plane, so there the topic stays, unlisted and unused.
+* message id -> ``MessageId.serialize()`` as the client hands it out (send callback, receive, reader).
+* produce -> one producer per channel, ``send_async`` for every payload (batching off by default, see
+  ``batching`` below); every callback's
+  result is collected and waited for with the timeout; any failure raises ``ProduceError`` with the ids
+  that were accepted. ``block_if_queue_full``: the async queue never drops a message.
+* subscription -> a Pulsar subscription, ``Failover`` by default (each channel has one active member,
+  which gets its messages in order; another member takes over a channel, unacknowledged messages
+  included, when it leaves); ``subscription_type=shared`` spreads one channel's messages over members.
+* receive -> one multi-topic consumer; a blocking ``receive`` for the first message, then a
+  ``batch_receive`` drain. ack -> individual acknowledgement of each message.
+* seek -> each target is checked (it must be at or before the channel's newest message, and a reader
+  started at it must read exactly it); then the consumer is closed, the subscription's cursor moved
+  with ``seek`` by a short-lived consumer, and the consumer subscribed again. Pulsar resumes at the
+  target's entry (a whole batch): what is at or before the target is acknowledged and dropped.
+* latest message id -> ``get_last_message_id`` (on a short-lived subscription, removed again) gives the
+  newest entry; a reader reads that entry to learn the id of its last message.
+
+Options: ``tenant`` (public), ``namespace`` (default), ``operation_timeout`` (5 s), ``subscription_type``
+(failover | shared), ``token`` (masked everywhere), ``admin_url``, ``registry_topic``, ``registry_refresh``
+(1 s), ``batching`` (false: each message its own entry, so acknowledgements are exact; true: faster,
+but a member leaving mid-batch makes the next one see the whole batch again), ``batch_index_ack``
+(false; true fixes that on Apache Pulsar with ``acknowledgmentAtBatchIndexLevelEnabled``, never on
+pulsar-lite), ``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
+(10000), ``receiver_queue_size`` (1000), ``client_log_level`` (warn: the C++ client's lines on stdout),
+and for TLS ``tls_trust_certs_file_path``,
+``tls_allow_insecure_connection``, ``tls_validate_hostname``, ``tls_certificate_file_path``,
+``tls_private_key_file_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
+
+import msgspec
+import pulsar  # type: ignore[import-untyped]  # pulsar-client ships no type information
+
+from msgstream.backend import (
+    CHANNEL_NAME,
+    URL,
+    Backend,
+    Consumer,
+    Features,
+    Producer,
+    RawMessage,
+    SubscriptionPosition,
+    redact_options,
+    scrub,
+)
+from msgstream.errors import (
+    BrokerUnavailableError,
+    ChannelExistsError,
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
+
+__all__ = ["PulsarBackend"]
+
+log = logging.getLogger("msgstream.pulsar")
+_LOG_LEVELS = {
+    "debug": pulsar.LoggerLevel.Debug,
+    "info": pulsar.LoggerLevel.Info,
+    "warn": pulsar.LoggerLevel.Warn,
+    "error": pulsar.LoggerLevel.Error,
+}
+_SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "shared": pulsar.ConsumerType.Shared}
+_TLS_OPTIONS = {
+    "tls_trust_certs_file_path": str,
+    "tls_allow_insecure_connection": bool,
+    "tls_validate_hostname": bool,
+    "tls_certificate_file_path": str,
+    "tls_private_key_file_path": str,
+}
+# results a retry may cure: the broker was unreachable, slow or moving the topic
+_RETRIABLE = {
+    pulsar.Result.Timeout,
+    pulsar.Result.ConnectError,
+    pulsar.Result.NotConnected,
+    pulsar.Result.LookupError,
+    pulsar.Result.ServiceUnitNotReady,
+    pulsar.Result.TooManyLookupRequestException,
+    pulsar.Result.BrokerPersistenceError,
+    pulsar.Result.ProducerQueueIsFull,
+    pulsar.Result.MemoryBufferIsFull,
+}
+_RETRIABLE_EXC: tuple[type[BaseException], ...] = (pulsar.Timeout, pulsar.ConnectError, pulsar.LookupError)
+_Key = tuple[int, int, int]  # (ledger, entry, batch index): the order of messages on a topic
+_NONE: _Key = (-2, -2, -2)  # before every message
+
+
+def _key(msg_id: Any) -> _Key:
+    return (msg_id.ledger_id(), msg_id.entry_id(), msg_id.batch_index())
+
+
+def _parse_id(raw: bytes, channel: str) -> Any:
+    try:
+        return pulsar.MessageId.deserialize(raw)
+    except Exception:
+        raise SeekError(f"not a Pulsar message id: {raw.hex()!r} on {channel!r}") from None
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() not in ("false", "0", "no", "off", "")
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    """A registry record: ``kind`` "C" (create, with the channel's metadata) or "D" (destroy)."""
+
+    kind: str
+    name: str
+    nonce: bytes
+    metadata: bytes = b""
+
+
+class _Live(msgspec.Struct, frozen=True):
+    topic: str
+    nonce: bytes
+    metadata: bytes
+
+
+class _Admin:
+    """Apache Pulsar's admin REST API, over one kept HTTP connection (pulsar-lite has none)."""
+
+    def __init__(self, base: str, token: str | None, timeout: float) -> None:
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidURLError("admin_url must be http(s)://host[:port]")
+        self._cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def request(self, method: str, path: str, ok: Sequence[int]) -> None:
+        """One call; raises BrokerUnavailableError unless the status is in ``ok``."""
+        with self._lock:
+            for attempt in (1, 2):  # a kept connection the server closed meanwhile: reconnect once
+                if self._conn is None:
+                    self._conn = self._cls(self._host, self._port, timeout=self._timeout)
+                try:
+                    self._conn.request(method, self._prefix + path, headers=self._headers)
+                    response = self._conn.getresponse()
+                    body = response.read()[:200]
+                except (OSError, http.client.HTTPException) as exc:
+                    self._conn.close()
+                    self._conn = None
+                    if attempt == 2:
+                        raise BrokerUnavailableError(f"admin {method} {path}: {type(exc).__name__}") from None
+                    continue
+                if response.status not in ok:
+                    raise BrokerUnavailableError(
+                        f"admin {method} {path}: HTTP {response.status} {body.decode(errors='replace')}"
+                    )
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class PulsarBackend(Backend):
+    """See the module docstring."""
+
+    features = Features(shared_subscription=True, durable=True, cross_process=True)
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        if not url.hosts:
+            raise InvalidURLError(f"pulsar URLs name at least one broker: {url.redacted()!r}")
+        opts = self.options
+        try:
+            self.timeout = float(opts.get("operation_timeout", 5.0))
+            self.registry_refresh = float(opts.get("registry_refresh", 1.0))
+            self.producer_conf: dict[str, Any] = {
+                # off by default: with batching, a batch is one broker entry, and a member that leaves
+                # after acknowledging part of a batch gets the whole batch redelivered to the next
+                # member, acknowledged messages included (unless batch-index acks are on, which
+                # pulsar-lite gets wrong). docs/backends.md weighs the trade.
+                "batching_enabled": _flag(opts.get("batching", False)),
+                "batching_max_messages": int(opts.get("batching_max_messages", 1000)),
+                "batching_max_publish_delay_ms": int(opts.get("batching_max_publish_delay_ms", 1)),
+                "max_pending_messages": int(opts.get("max_pending_messages", 10000)),
+                "block_if_queue_full": True,
+                "send_timeout_millis": int(self.timeout * 1000),
+            }
+            self.receiver_queue_size = int(opts.get("receiver_queue_size", 1000))
+            self.batch_index_ack = _flag(opts.get("batch_index_ack", False))
+        except (TypeError, ValueError):
+            raise InvalidURLError(f"a numeric option is not a number in {url.redacted()!r}") from None
+        kind = str(opts.get("subscription_type", "failover")).lower()
+        if kind not in _SUBSCRIPTION_TYPES:
+            raise InvalidURLError(f"subscription_type must be one of {sorted(_SUBSCRIPTION_TYPES)}, got {kind!r}")
+        self.consumer_type = _SUBSCRIPTION_TYPES[kind]
+        log_level = str(opts.get("client_log_level", "warn")).lower()
+        if log_level not in _LOG_LEVELS:
+            raise InvalidURLError(f"client_log_level must be one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
+        self.tenant = str(opts.get("tenant", "public"))
+        self.namespace = str(opts.get("namespace", "default"))
+        self.registry_topic = self.topic(str(opts.get("registry_topic", "__msgstream_channels")))
+        token = opts.get("token") or url.password  # pulsar://:TOKEN@host works too
+        self.admin = _Admin(str(opts["admin_url"]), token, self.timeout) if opts.get("admin_url") else None
+        default_port = 6651 if url.scheme == "pulsar+ssl" else 6650
+        service = f"{url.scheme}://" + ",".join(f"{h}:{p or default_port}" for h, p in url.hosts)
+        client_kw: dict[str, Any] = {
+            "operation_timeout_seconds": max(1, round(self.timeout)),
+            "connection_timeout_ms": int(self.timeout * 1000),
+            # The C++ client's own lines go to stdout at ``client_log_level`` (warn). Not through a Python
+            # logger: with pulsar-client 3.13 that bridge printed every received payload at DEBUG to
+            # stdout whatever the logger's level, and could abort the process at exit.
+            "logger": pulsar.ConsoleLogger(_LOG_LEVELS[log_level]),
+            "use_tls": url.scheme == "pulsar+ssl",
+        }
+        for name, convert in _TLS_OPTIONS.items():
+            if name in opts:
+                client_kw[name] = _flag(opts[name]) if convert is bool else str(opts[name])
+        if token:
+            client_kw["authentication"] = pulsar.AuthenticationToken(str(token))
+        self._lock = threading.RLock()
+        self._registry: dict[str, _Live | None] = {}
+        self._generations: dict[str, int] = {}
+        self._refreshed = 0.0
+        self._closed = False
+        self._consumers: set[_PulsarConsumer] = set()
+        self._producers: set[_PulsarProducer] = set()
+        with self.errors("connect", BrokerUnavailableError):
+            self.client = pulsar.Client(service, **client_kw)
+            try:
+                self._reader = self.client.create_reader(self.registry_topic, pulsar.MessageId.earliest)
+                self._writer = self.client.create_producer(
+                    self.registry_topic, send_timeout_millis=int(self.timeout * 1000)
+                )
+            except BaseException:
+                self.client.close()
+                raise
+        self.refresh_registry()
+
+    def topic(self, physical: str) -> str:
+        return f"persistent://{self.tenant}/{self.namespace}/{physical}"
+
+    # -- errors ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except pulsar.PulsarException as exc:
+            self.fail(cls, f"{what}: {type(exc).__name__}: {exc}", isinstance(exc, _RETRIABLE_EXC), channel)
+
+    def fail(self, cls: type[MsgStreamError], text: str, retriable: bool, channel: str | None = None) -> NoReturn:
+        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
+        exc = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
+        exc.retriable = retriable
+        raise exc from None
+
+    # -- the registry ---------------------------------------------------------------------------
+    def refresh_registry(self, force: bool = True) -> None:
+        """Apply the registry records written since the last refresh (by any client). Without ``force``
+        only when the last refresh is older than ``registry_refresh`` seconds (the hot paths)."""
+        if not force and time.monotonic() - self._refreshed < self.registry_refresh:
+            return
+        with self._lock, self.errors("read the channel registry", BrokerUnavailableError):
+            while self._available():
+                record = msgspec.msgpack.decode(self._reader.read_next(int(self.timeout * 1000)).data(), type=_Entry)
+                self._apply(record)
+            self._refreshed = time.monotonic()
+
+    def _available(self) -> bool:
+        try:
+            return bool(self._reader.has_message_available())
+        except pulsar.UnknownError:  # a topic never written to (pulsar-lite): nothing to read
+            return False
+
+    def _apply(self, record: _Entry) -> None:
+        live = self._registry.get(record.name)
+        if record.kind == "C" and live is None:  # the first create after a destroy wins
+            gen = self._generations.get(record.name, 0)
+            self._generations[record.name] = gen + 1
+            physical = record.name if gen == 0 else f"{record.name}:{gen}"
+            self._registry[record.name] = _Live(self.topic(physical), record.nonce, record.metadata)
+        elif record.kind == "D" and live is not None and live.nonce == record.nonce:
+            self._registry[record.name] = None
+
+    def _append(self, record: _Entry) -> None:
+        with self.errors(f"write the channel registry for {record.name!r}", BrokerUnavailableError, record.name):
+            self._writer.send(msgspec.msgpack.encode(record))
+
+    def live(self, name: str, force: bool = True) -> _Live:
+        self.refresh_registry(force)
+        entry = self._registry.get(name)
+        if entry is None:
+            raise ChannelNotFoundError(name)
+        return entry
+
+    def still_live(self, name: str, nonce: bytes) -> bool:
+        """Whether the incarnation ``nonce`` of ``name`` is still the live one (refreshed now and then)."""
+        self.refresh_registry(force=False)
+        entry = self._registry.get(name)
+        return entry is not None and entry.nonce == nonce
+
+    # -- Backend --------------------------------------------------------------------------------
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        if not CHANNEL_NAME.fullmatch(name) or self.topic(name) == self.registry_topic:
+            raise InvalidArgumentError(f"invalid channel name {name!r}")
+        with self._lock:
+            self.refresh_registry()
+            if self._registry.get(name) is not None:
+                raise ChannelExistsError(f"channel exists: {name!r}")
+            nonce = uuid.uuid4().bytes
+            self._append(_Entry("C", name, nonce, bytes(metadata)))
+            self.refresh_registry()
+            entry = self._registry.get(name)
+            if entry is None or entry.nonce != nonce:  # another client created it first
+                raise ChannelExistsError(f"channel exists: {name!r}")
+            if self.admin is not None:  # Apache Pulsar: create it now, whatever auto-creation says
+                self.admin.request("PUT", self._admin_path(entry.topic), ok=(204, 409))
+
+    def _admin_path(self, topic: str) -> str:
+        return f"/admin/v2/persistent/{quote(self.tenant)}/{quote(self.namespace)}/{quote(topic.rsplit('/', 1)[1])}"
+
+    def channel_metadata(self, name: str) -> bytes:
+        return self.live(name).metadata
+
+    def delete_channel(self, name: str) -> None:
+        with self._lock:
+            entry = self.live(name)
+            self._append(_Entry("D", name, entry.nonce))
+            self._registry[name] = None
+        for producer in list(self._producers):
+            if producer.channel == name:
+                producer.close()
+        if self.admin is not None:
+            self.admin.request("DELETE", self._admin_path(entry.topic) + "?force=true", ok=(204, 404))
+
+    def create_producer(self, channel: str) -> Producer:
+        entry = self.live(channel)
+        with self.errors(f"create producer for {channel!r}", BrokerUnavailableError, channel):
+            native = self.client.create_producer(entry.topic, **self.producer_conf)
+        producer = _PulsarProducer(self, channel, entry.nonce, native)
+        self._producers.add(producer)
+        return producer
+
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        if not subscription or "/" in subscription:
+            raise InvalidArgumentError(f"invalid subscription name {subscription!r}")
+        entries = {channel: self.live(channel) for channel in channels}
+        consumer = _PulsarConsumer(self, subscription, entries, initial)
+        self._consumers.add(consumer)
+        return consumer
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        last = self.last_id(self.live(channel).topic)
+        return None if last is None else bytes(last.serialize())
+
+    def last_id(self, topic: str) -> Any:
+        """The MessageId of the topic's newest message, or None. ``get_last_message_id`` names an entry,
+        not a message in a batch; reading that entry gives the exact id of its last message."""
+        with self.errors(f"latest message of {topic!r}", BrokerUnavailableError):
+            probe = self.client.subscribe(
+                topic, f"__msgstream_probe_{uuid.uuid4().hex}", consumer_type=pulsar.ConsumerType.Exclusive
+            )
+            try:
+                entry = probe.get_last_message_id()
+            except pulsar.UnknownError:  # never written to (pulsar-lite)
+                entry = None
+            finally:
+                probe.unsubscribe()
+            if entry is None or entry.entry_id() < 0:
+                return None
+            start = pulsar.MessageId(entry.partition(), entry.ledger_id(), entry.entry_id(), -1)
+            last = None
+            for message in self._read(topic, start, lambda _m: True):
+                last = message.message_id()
+            return last
+
+    def read_one(self, topic: str, start: Any) -> Any:
+        """The id of the first message at or after ``start``, or None."""
+        for message in self._read(topic, start, lambda _m: False):
+            return message.message_id()
+        return None
+
+    def _read(self, topic: str, start: Any, more: Callable[[Any], bool]) -> Iterator[Any]:
+        reader = self.client.create_reader(topic, start, start_message_id_inclusive=True)
+        try:
+            while self._has(reader):
+                message = reader.read_next(int(self.timeout * 1000))
+                yield message
+                if not more(message):
+                    return
+        finally:
+            reader.close()
+
+    @staticmethod
+    def _has(reader: Any) -> bool:
+        try:
+            return bool(reader.has_message_available())
+        except pulsar.UnknownError:
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            with contextlib.suppress(MsgStreamError):
+                consumer.close()
+        for producer in list(self._producers):
+            producer.close()
+        if self.admin is not None:
+            self.admin.close()
+        with contextlib.suppress(pulsar.PulsarException):
+            self.client.close()
+
+    def __repr__(self) -> str:
+        return f"PulsarBackend({self.url.redacted()!r}, {redact_options(self.options)})"
+
+
+class _PulsarProducer(Producer):
+    def __init__(self, backend: PulsarBackend, channel: str, nonce: bytes, native: Any) -> None:
+        super().__init__(channel)
+        self._backend = backend
+        self._nonce = nonce
+        self._native = native
+        self._closed = False
+
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        backend, channel = self._backend, self.channel
+        if not backend.still_live(channel, self._nonce):
+            raise ProduceError(f"channel {channel!r} does not exist (deleted?)", channel=channel)
+        n = len(payloads)
+        # one callback for the whole batch: a producer's callbacks come in send order (the C++
+        # client completes its pending queue in order), so the i-th report belongs to the i-th payload
+        reports: list[tuple[Any, Any]] = []
+        report = reports.append
+        done = threading.Event()
+
+        def delivered(result: Any, msg_id: Any) -> None:
+            report((result, msg_id))
+            if len(reports) >= n:
+                done.set()
+
+        send_async = self._native.send_async
+        with backend.errors(f"send to {channel!r}", ProduceError, channel):
+            for payload in payloads:
+                send_async(payload, delivered)
+        finished = done.wait(timeout) if n else True
+        accepted: list[bytes] = []
+        failure = None if finished else f"not confirmed within {timeout}s"
+        retriable = not finished
+        ok = pulsar.Result.Ok
+        for result, msg_id in list(reports):
+            if result != ok:
+                failure, retriable = str(result), result in _RETRIABLE
+                break
+            accepted.append(msg_id.serialize())
+        if len(accepted) < n:
+            raise ProduceError(
+                f"send to {channel!r}: {n - len(accepted)} of {n} not accepted ({failure})",
+                channel=channel,
+                sent={channel: accepted},
+                retriable=retriable,
+            )
+        return accepted
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._producers.discard(self)
+        with contextlib.suppress(pulsar.PulsarException):
+            self._native.close()
+
+
+class _PulsarConsumer(Consumer):
+    def __init__(
+        self,
+        backend: PulsarBackend,
+        subscription: str,
+        entries: dict[str, _Live],
+        initial: SubscriptionPosition,
+    ) -> None:
+        super().__init__(subscription, list(entries))
+        self._backend = backend
+        self._entries = entries
+        self._channel_of = {entry.topic: channel for channel, entry in entries.items()}
+        earliest = initial is SubscriptionPosition.EARLIEST
+        self._initial = pulsar.InitialPosition.Earliest if earliest else pulsar.InitialPosition.Latest
+        self._pending: dict[bytes, Any] = {}  # id -> MessageId of what was delivered and is not acked
+        self._buffered: deque[Any] = deque()  # fetched beyond a receive's max_messages
+        self._skip: dict[str, _Key] = {}  # after a seek: drop (and ack) what is at or before the target
+        self._ordered = backend.consumer_type == pulsar.ConsumerType.Failover
+        self._last: dict[str, _Key] = {}  # failover: the newest id delivered per channel since subscribing
+        self._closed = False
+        self._native = self._subscribe()
+
+    def _subscribe(self) -> Any:
+        with self._backend.errors(f"subscribe {self.subscription!r}", BrokerUnavailableError):
+            return self._backend.client.subscribe(
+                [entry.topic for entry in self._entries.values()],
+                self.subscription,
+                consumer_type=self._backend.consumer_type,
+                initial_position=self._initial,
+                receiver_queue_size=self._backend.receiver_queue_size,
+                batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(self._backend.receiver_queue_size, -1, 1),
+                batch_index_ack_enabled=self._backend.batch_index_ack,
+            )
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        for channel, entry in self._entries.items():
+            if not self._backend.still_live(channel, entry.nonce):
+                raise ChannelNotFoundError(channel, "destroyed")
+
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        self._check()
+        buffered = self._buffered
+        if not buffered:
+            native = self._native
+            with self._backend.errors("receive"):
+                try:
+                    buffered.append(native.receive(max(0, int(timeout * 1000))))
+                except pulsar.Timeout:
+                    return []
+                buffered.extend(native.batch_receive())
+        out: list[RawMessage] = []
+        new = tuple.__new__
+        pending = self._pending
+        channel_of = self._channel_of
+        skip = self._skip
+        ordered = self._ordered
+        last = self._last
+        while buffered and len(out) < max_messages:
+            message = buffered.popleft()
+            channel = channel_of[message.topic_name()]
+            msg_id = message.message_id()
+            if skip and channel in skip:
+                if _key(msg_id) <= skip[channel]:
+                    self._native.acknowledge(msg_id)  # at or before the seek target: already consumed
+                    continue
+                del skip[channel]
+            raw = msg_id.serialize()
+            if raw in pending:  # delivered twice (pulsar-lite, right after a subscribe): the caller has it
+                continue
+            if ordered:  # failover: a channel's ids only grow, so a smaller one was delivered already
+                key = _key(msg_id)
+                if key <= last.get(channel, _NONE):
+                    continue
+                last[channel] = key
+            pending[raw] = msg_id
+            out.append(new(RawMessage, (channel, raw, message.data())))
+        return out
+
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        pending = self._pending
+        acknowledge = self._native.acknowledge
+        with self._backend.errors("ack"):
+            for message in messages:
+                msg_id = pending.pop(message[1], None)
+                if msg_id is not None:  # not pending: forgotten by a seek, or acked already
+                    acknowledge(msg_id)
+
+    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        backend = self._backend
+        starts: dict[str, Any] = {}  # channel -> where its cursor goes (None: an empty channel)
+        skips: dict[str, _Key] = {}
+        for channel, after in targets.items():  # check every target before moving any
+            if channel not in self._entries:
+                raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+            topic = self._entries[channel].topic
+            with backend.errors(f"seek on {channel!r}", SeekError):
+                if after is None:  # seek to MessageId.earliest does nothing on pulsar-lite: use the first id
+                    starts[channel] = backend.read_one(topic, pulsar.MessageId.earliest)
+                    continue
+                target = _parse_id(after, channel)
+                last = backend.last_id(topic)
+                found = backend.read_one(topic, target) if last is not None and _key(target) <= _key(last) else None
+            if found is None or _key(found) != _key(target):
+                raise SeekError(f"message id {after.hex()!r} is not on channel {channel!r}")
+            starts[channel], skips[channel] = target, _key(target)
+        with backend.errors("seek", SeekError):
+            # pulsar-lite delivers nothing new to a consumer that stays connected through a seek: close
+            # it, move the cursor with a short-lived consumer, subscribe again
+            self._native.close()
+            self._pending.clear()
+            self._buffered.clear()
+            self._last.clear()
+            try:
+                for channel, start in starts.items():
+                    self._skip.pop(channel, None)
+                    if start is None:
+                        continue
+                    mover = backend.client.subscribe(
+                        self._entries[channel].topic, self.subscription, consumer_type=backend.consumer_type
+                    )
+                    try:  # the cursor goes to the target's entry, inclusive; its batch is filtered in receive
+                        mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
+                    finally:
+                        mover.close()
+                self._skip.update(skips)
+            finally:
+                self._native = self._subscribe()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._consumers.discard(self)
+        with self._backend.errors("close consumer"):
+            self._native.close()
