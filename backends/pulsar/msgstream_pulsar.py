@@ -110,7 +110,22 @@ _RETRIABLE = {
     pulsar.Result.ProducerQueueIsFull,
     pulsar.Result.MemoryBufferIsFull,
 }
-_RETRIABLE_EXC: tuple[type[BaseException], ...] = (pulsar.Timeout, pulsar.ConnectError, pulsar.LookupError)
+_RETRIABLE_EXC: tuple[type[BaseException], ...] = tuple(
+    getattr(pulsar, name)
+    for name in (
+        "Timeout",
+        "ConnectError",
+        "NotConnected",
+        "LookupError",
+        "ServiceUnitNotReady",
+        "TooManyLookupRequestException",
+        "BrokerPersistenceError",
+        "ProducerQueueIsFull",
+        "MemoryBufferIsFull",
+        "ConsumerBusy",
+        "ProducerBusy",
+    )
+)
 _Key = tuple[int, int, int]  # (ledger, entry, batch index): the order of messages on a topic
 _NONE: _Key = (-2, -2, -2)  # before every message
 
@@ -253,6 +268,9 @@ class PulsarBackend(Backend):
         self._consumers: set[_PulsarConsumer] = set()
         self._producers: set[_PulsarProducer] = set()
         with self.errors("connect", BrokerUnavailableError):
+            # one client, so one connection, for the registry, producers and every consumer: pulsar-lite
+            # leaves unanswered a subscribe from a second connection to a subscription that has a
+            # consumer (docs/backends.md), so members in one process must share the connection
             self.client = pulsar.Client(service, **client_kw)
             try:
                 self._reader = self.client.create_reader(self.registry_topic, pulsar.MessageId.earliest)
@@ -524,15 +542,16 @@ class _PulsarConsumer(Consumer):
         self._native = self._subscribe()
 
     def _subscribe(self) -> Any:
-        with self._backend.errors(f"subscribe {self.subscription!r}", BrokerUnavailableError):
-            return self._backend.client.subscribe(
+        backend = self._backend
+        with backend.errors(f"subscribe {self.subscription!r}", BrokerUnavailableError):
+            return backend.client.subscribe(
                 [entry.topic for entry in self._entries.values()],
                 self.subscription,
-                consumer_type=self._backend.consumer_type,
+                consumer_type=backend.consumer_type,
                 initial_position=self._initial,
-                receiver_queue_size=self._backend.receiver_queue_size,
-                batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(self._backend.receiver_queue_size, -1, 1),
-                batch_index_ack_enabled=self._backend.batch_index_ack,
+                receiver_queue_size=backend.receiver_queue_size,
+                batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(backend.receiver_queue_size, -1, 1),
+                batch_index_ack_enabled=backend.batch_index_ack,
             )
 
     def _check(self) -> None:

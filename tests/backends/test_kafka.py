@@ -14,6 +14,7 @@ from msgstream.errors import ProduceError
 from msgstream.testing import ConformanceSuite
 
 from .brokers import start_tansu
+from .common import row
 
 
 def test_registered() -> None:
@@ -24,10 +25,6 @@ class TestKafkaConformance(ConformanceSuite):
     @pytest.fixture
     def url(self, kafka_url: str) -> str:
         return kafka_url
-
-
-def _row(i: int) -> ms.InsertMsg:
-    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * 100])
 
 
 def _take(stream: ms.MsgStream, into: dict[int, str]) -> None:
@@ -59,7 +56,7 @@ def test_two_members_split_channels_and_one_takes_over(kafka_url: str) -> None:
             a.create_consumers("split", chans)
             b.create_consumers("split", chans)
             _settle(a, b, chans)
-            out.produce(ms.MsgPack.of([_row(i) for i in range(400)]))
+            out.produce(ms.MsgPack.of([row(i) for i in range(400)]))
             got_a: dict[int, str] = {}
             got_b: dict[int, str] = {}
             deadline = time.monotonic() + 60
@@ -70,7 +67,7 @@ def test_two_members_split_channels_and_one_takes_over(kafka_url: str) -> None:
             assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(range(400))
             assert not set(got_a.values()) & set(got_b.values()), "a channel went to both members"
             a.close()  # b must take over a's channels, from what a acknowledged
-            out.produce(ms.MsgPack.of([_row(i) for i in range(400, 800)]))
+            out.produce(ms.MsgPack.of([row(i) for i in range(400, 800)]))
             after: dict[int, str] = {}
             deadline = time.monotonic() + 60
             while len(after) < 400:
@@ -89,11 +86,11 @@ def test_stopped_broker_fails_produce_within_the_timeout(tmp_path: Path) -> None
             chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
             out = client.msg_stream(produce_timeout=5)
             out.create_producers(chans)
-            assert out.produce(ms.MsgPack.of([_row(0)]))[chans[0]]
+            assert out.produce(ms.MsgPack.of([row(0)]))[chans[0]]
             broker.kill()
             start = time.monotonic()
             with pytest.raises(ProduceError) as err:
-                out.produce(ms.MsgPack.of([_row(i) for i in range(1, 50)]))
+                out.produce(ms.MsgPack.of([row(i) for i in range(1, 50)]))
             assert time.monotonic() - start < 8
             assert err.value.retriable and err.value.sent.get(chans[0], []) == []  # nothing claimed as sent
     finally:

@@ -3,10 +3,28 @@ started by the suite; MSGSTREAM_PULSAR_URL for your own Apache Pulsar), plus Pul
 
 from __future__ import annotations
 
+import http.server
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from msgstream.backend import installed_schemes
-from msgstream.testing import ConformanceSuite
+import msgstream as ms
+from msgstream.backend import SubscriptionPosition, installed_schemes
+from msgstream.errors import (
+    BrokerUnavailableError,
+    ChannelExistsError,
+    ChannelNotFoundError,
+    MsgStreamError,
+    ProduceError,
+)
+from msgstream.testing import ConformanceSuite, consume_n
+
+from .brokers import free_port, start_pulsar_lite
+from .common import assert_exactly_once_in_order, consume_rows, owner, row
 
 
 def test_registered() -> None:
@@ -17,3 +35,179 @@ class TestPulsarConformance(ConformanceSuite):
     @pytest.fixture
     def url(self, pulsar_url: str) -> str:
         return pulsar_url
+
+
+def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """10,000 messages across a SIGKILL + restart of pulsar-lite (RocksDB data dir): every one consumed
+    exactly once, in per-channel order, by a consumer that resumes after the restart."""
+    broker = start_pulsar_lite(tmp_path / "durable")
+    try:
+        url = f"pulsar://127.0.0.1:{broker.port}"
+        with ms.connect(url) as client:
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=4))
+            out = client.msg_stream(produce_timeout=20)
+            out.create_producers(chans)
+            inp = client.msg_stream(receive_batch=500)
+            inp.create_consumers("restart", chans)
+            for k in range(0, 5000, 500):
+                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
+            got: list[tuple[str, int]] = []
+            consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
+            broker.restart()  # SIGKILL, then start on the same port and data dir
+            for k in range(5000, 10000, 500):  # the producers reconnect and resend what was pending
+                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
+            consume_rows(inp, 10000, got, 60)
+            assert inp.consume(timeout=0.5) is None
+            assert_exactly_once_in_order(got, 10000, chans)
+            inp.close()
+            out.close()
+    finally:
+        broker.stop()
+
+
+# No consumer-crash test here: pulsar-lite 0.2.0 wedges a subscription whose member was SIGKILLed while
+# holding messages (new subscribes to it time out, in about half of the runs, for minutes; reproduced
+# with pulsar-client alone). docs/backends.md names the gap; Apache Pulsar drops the dead member.
+
+
+def test_stopped_broker_fails_fast_and_typed(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens here
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as err:
+        ms.connect(f"pulsar://127.0.0.1:{port}/?token=tok-SECRET-1&operation_timeout=2")
+    assert time.monotonic() - start < 8 and err.value.retriable and "tok-SECRET-1" not in str(err.value)
+
+    broker = start_pulsar_lite(tmp_path / "dies")
+    try:
+        with ms.connect(f"pulsar://127.0.0.1:{broker.port}/?operation_timeout=2") as client:
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+            out = client.msg_stream(produce_timeout=3)
+            out.create_producers(chans)
+            inp = client.msg_stream()
+            inp.create_consumers("s", chans)
+            assert out.produce(ms.MsgPack.of([row(0)]))[chans[0]]
+            assert [m.row_ids for m in consume_n(inp, 1, 10) if isinstance(m, ms.InsertMsg)] == [[0]]
+            broker.kill()
+            start = time.monotonic()
+            with pytest.raises(ProduceError) as perr:
+                out.produce(ms.MsgPack.of([row(i) for i in range(1, 50)]))
+            assert time.monotonic() - start < 6, "produce outlived its timeout"
+            assert perr.value.retriable and perr.value.sent.get(chans[0], []) == []  # nothing claimed as sent
+            start = time.monotonic()
+            try:
+                assert inp.consume(timeout=1) is None
+            except MsgStreamError as exc:  # a typed error is fine too; a hang or a silent loss is not
+                assert exc.retriable, exc
+            assert time.monotonic() - start < 6
+    finally:
+        broker.stop()
+
+
+def test_token_never_shows(pulsar_url: str) -> None:
+    """pulsar-lite does not check tokens, so this checks msgstream's side: the token is passed to the
+    client and masked in every repr and error text."""
+    url = f"{pulsar_url}/?token=tok-SECRET-2&namespace=default"
+    with ms.connect(url) as client:
+        texts = [repr(client), repr(client.backend), str(client.backend.url)]
+        for call in (
+            lambda: client.describe_channels(["no-such-channel"]),
+            lambda: client.msg_stream().create_producers(["no-such-channel"]),
+        ):
+            with pytest.raises(MsgStreamError) as err:
+                call()
+            texts.append(str(err.value))
+        assert not [t for t in texts if "tok-SECRET-2" in t]
+
+
+def test_destroyed_name_comes_back_empty(pulsar_url: str) -> None:
+    """pulsar-lite cannot delete a topic: a re-created channel gets a fresh topic, without the old
+    messages or the old subscriptions' cursors."""
+    with ms.connect(pulsar_url) as client:
+        backend = client.backend
+        name = f"again-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name, b"first")
+        backend.create_producer(name).send([b"old-1", b"old-2"], 5)
+        backend.delete_channel(name)
+        with pytest.raises(ChannelNotFoundError):
+            backend.channel_metadata(name)
+        backend.create_channel(name, b"second")
+        assert backend.channel_metadata(name) == b"second"
+        assert backend.latest_message_id(name) is None
+        consumer = backend.create_consumer("s", [name], SubscriptionPosition.EARLIEST)
+        ids = backend.create_producer(name).send([b"new"], 5)
+        got = consumer.receive(10, 5)
+        assert [(m.msg_id, m.payload) for m in got] == [(ids[0], b"new")]
+        consumer.close()
+
+
+def test_concurrent_creates_of_one_name_have_one_winner(pulsar_url: str) -> None:
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    backends = [ms.connect(pulsar_url).backend for _ in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(backends))
+
+    def create(backend: Any, i: int) -> None:
+        barrier.wait()
+        try:
+            backend.create_channel(name, b"by-%d" % i)
+            outcomes.append("ok")
+        except ChannelExistsError:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create, args=(b, i)) for i, b in enumerate(backends)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert sorted(outcomes) == ["exists", "exists", "exists", "ok"]
+        metadata = {b.channel_metadata(name) for b in backends}
+        assert len(metadata) == 1, "clients disagree on which create won"
+    finally:
+        for b in backends:
+            b.close()
+
+
+def test_batching_option_round_trips(pulsar_url: str) -> None:
+    with ms.connect(pulsar_url, batching="true") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
+        with client.msg_stream() as out, client.msg_stream() as inp:
+            out.create_producers(chans)
+            inp.create_consumers("b", chans)
+            sent = out.produce(ms.MsgPack.of([row(i) for i in range(300)]))
+            got = consume_n(inp, 300, 30)
+            assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == list(range(300))
+            assert {m.position.msg_id for m in got if m.position} == {i for ids in sent.values() for i in ids}
+            # the newest message sits inside a batch: its id, not the entry's, is the latest position
+            latest = {p.channel: p.msg_id for p in inp.get_latest_positions()}
+            assert latest == {ch: ids[-1] for ch, ids in sent.items()}
+
+
+def test_admin_requests_for_apache_pulsar(pulsar_url: str) -> None:
+    """With ``admin_url`` a channel's topic is created and deleted through Apache Pulsar's REST API.
+    Apache Pulsar cannot run here; this records the requests msgstream sends, with the token."""
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Admin(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        admin = f"http://127.0.0.1:{server.server_address[1]}"
+        with ms.connect(pulsar_url, admin_url=admin, token="tok-3") as client:
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+            client.destroy_channels(chans)
+        topic = f"/admin/v2/persistent/public/default/{chans[0]}"
+        assert seen == [("PUT", topic, "Bearer tok-3"), ("DELETE", topic + "?force=true", "Bearer tok-3")]
+    finally:
+        server.shutdown()

@@ -3,9 +3,6 @@ crash, authentication and outage tests."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +15,7 @@ from msgstream.errors import BrokerUnavailableError, InvalidURLError, MsgStreamE
 from msgstream.testing import ConformanceSuite, consume_n
 
 from .brokers import free_port, start_redis
+from .common import assert_exactly_once_in_order, consume_rows, kill_consumer_holding, owner, row
 
 
 def test_registered_under_both_schemes() -> None:
@@ -30,111 +28,50 @@ class TestRedisConformance(ConformanceSuite):
         return redis_url
 
 
-def _owner() -> ms.OwnerDescription:
-    return ms.OwnerDescription(role="redis-test")
-
-
-def _row(i: int) -> ms.InsertMsg:
-    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * 100])
-
-
-def _consume_rows(stream: ms.MsgStream, want: int, into: list[tuple[str, int]], timeout: float) -> None:
-    """Consume until ``into`` holds ``want`` rows, riding out errors while a broker restarts."""
-    deadline = time.monotonic() + timeout
-    while len(into) < want:
-        assert time.monotonic() < deadline, f"received {len(into)} of {want}"
-        try:
-            pack = stream.consume(timeout=1.0)
-        except MsgStreamError as exc:
-            assert exc.retriable, exc
-            time.sleep(0.1)
-            continue
-        if pack is not None:
-            into.extend(
-                (m.position.channel, m.row_ids[0]) for m in pack.msgs if isinstance(m, ms.InsertMsg) and m.position
-            )
-
-
-def _assert_exactly_once_in_order(got: list[tuple[str, int]], n: int, chans: list[str]) -> None:
-    rows = [r for _, r in got]
-    assert len(rows) == len(set(rows)), f"{len(rows) - len(set(rows))} duplicates"
-    assert set(rows) == set(range(n)), f"{n - len(set(rows))} lost"
-    for idx, ch in enumerate(chans):
-        mine = [r for c, r in got if c == ch]
-        assert mine == sorted(mine) and all(r % len(chans) == idx for r in mine)
-
-
 def test_restart_with_aof_loses_and_repeats_nothing(tmp_path: Path) -> None:
     broker = start_redis(tmp_path / "durable", durable=True)
     try:
         url = f"redis://127.0.0.1:{broker.port}/0"
         with ms.connect(url, socket_timeout=2) as client:
-            chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=4))
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=4))
             out = client.msg_stream()
             out.create_producers(chans)
             inp = client.msg_stream(receive_batch=500)
             inp.create_consumers("restart", chans)
             for k in range(0, 5000, 500):
-                out.produce(ms.MsgPack.of([_row(i) for i in range(k, k + 500)]))
+                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
             got: list[tuple[str, int]] = []
-            _consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
+            consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
             broker.restart()  # SIGKILL, then start on the same port and data
             for k in range(5000, 10000, 500):
                 for _attempt in range(20):
                     try:
-                        out.produce(ms.MsgPack.of([_row(i) for i in range(k, k + 500)]))
+                        out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
                         break
                     except ProduceError as exc:
                         assert exc.retriable
                         time.sleep(0.1)
-            _consume_rows(inp, 10000, got, 60)
+            consume_rows(inp, 10000, got, 60)
             assert inp.consume(timeout=0.5) is None
-            _assert_exactly_once_in_order(got, 10000, chans)
+            assert_exactly_once_in_order(got, 10000, chans)
             inp.close()
             out.close()
     finally:
         broker.stop()
 
 
-_CRASHER = textwrap.dedent("""
-    import sys, msgstream as ms
-    url, sub, chans, n = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
-    client = ms.connect(url)
-    inp = client.msg_stream(receive_batch=50, auto_ack=False)  # everything it receives stays pending
-    inp.create_consumers(sub, chans)
-    got = 0
-    while got < n:
-        pack = inp.consume(timeout=5)
-        got += len(pack.msgs) if pack else 0
-    print(got, flush=True)
-    sys.stdin.read()  # hold the delivered entries, unacknowledged, until killed
-""")
-
-
 def test_consumer_crash_loses_no_pending_entry(redis_url: str) -> None:
     with ms.connect(redis_url, claim_idle=1, claim_interval=0.2) as client:
-        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
         sub = f"crash-{uuid.uuid4().hex[:6]}"
         with client.msg_stream() as out:
             out.create_producers(chans)
-            out.produce(ms.MsgPack.of([_row(i) for i in range(400)]))
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CRASHER, redis_url, sub, ",".join(chans), "100"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            held = int(proc.stdout.readline())
-            assert held >= 100
-        finally:
-            proc.kill()
-            proc.wait(10)
+            out.produce(ms.MsgPack.of([row(i) for i in range(400)]))
+        kill_consumer_holding(redis_url, sub, chans, 100)
         survivor = client.msg_stream()
         survivor.create_consumers(sub, chans)
         got: list[tuple[str, int]] = []
-        _consume_rows(survivor, 400, got, 30)
+        consume_rows(survivor, 400, got, 30)
         rows = sorted(r for _, r in got)
         assert rows == list(range(400)), "entries held by the crashed member were lost or duplicated"
         survivor.close()
@@ -148,8 +85,8 @@ def test_wrong_password_is_typed_and_masked(tmp_path: Path) -> None:
         assert "Wr0ngPassw0rd" not in str(err.value) and "authentication" in str(err.value)
         with ms.connect(f"redis://:right-one@127.0.0.1:{broker.port}/0") as client:
             assert "right-one" not in repr(client) and "right-one" not in repr(client.backend)
-            chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
-            assert client.describe_channels(chans).descriptions[0].owner == _owner()
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+            assert client.describe_channels(chans).descriptions[0].owner == owner()
     finally:
         broker.stop()
 
@@ -163,7 +100,7 @@ def test_dead_server_fails_fast_with_a_typed_error(tmp_path: Path) -> None:
 
     broker = start_redis(tmp_path / "dies")
     with ms.connect(f"redis://127.0.0.1:{broker.port}/0", socket_timeout=1, connect_timeout=1) as client:
-        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
         out = client.msg_stream(produce_timeout=2)
         out.create_producers(chans)
         inp = client.msg_stream()
@@ -171,7 +108,7 @@ def test_dead_server_fails_fast_with_a_typed_error(tmp_path: Path) -> None:
         broker.kill()
         start = time.monotonic()
         with pytest.raises(ProduceError) as perr:
-            out.produce(ms.MsgPack.of([_row(1)]))
+            out.produce(ms.MsgPack.of([row(1)]))
         assert perr.value.retriable and time.monotonic() - start < 5
         start = time.monotonic()
         with pytest.raises(MsgStreamError) as cerr:
@@ -181,10 +118,10 @@ def test_dead_server_fails_fast_with_a_typed_error(tmp_path: Path) -> None:
 
 def test_maxlen_trims_and_seek_to_a_trimmed_entry_fails(redis_url: str) -> None:
     with ms.connect(redis_url, maxlen=100) as client:
-        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
         with client.msg_stream() as out:
             out.create_producers(chans)
-            ids = out.produce(ms.MsgPack.of([_row(0) for _ in range(1000)]))[chans[0]]
+            ids = out.produce(ms.MsgPack.of([row(0) for _ in range(1000)]))[chans[0]]
         backend = client.backend
         assert backend.client.xlen(backend.key(chans[0])) < 300  # type: ignore[attr-defined]
         inp = client.msg_stream()
@@ -208,11 +145,11 @@ def test_time_tick_stream_is_not_handed_its_own_held_messages(redis_url: str) ->
     """The tt stream holds messages unacknowledged while a channel lags; recovery of idle entries
     (XAUTOCLAIM-style) must not give a member back what it holds itself: that would duplicate them."""
     with ms.connect(redis_url, claim_idle=0.2, claim_interval=0.05) as client:
-        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
         with client.msg_stream() as out, client.tt_msg_stream() as tt:
             out.create_producers(chans)
             tt.create_consumers("tt", chans)
-            out.produce(ms.MsgPack.of([_row(i) for i in range(1, 21)]))
+            out.produce(ms.MsgPack.of([row(i) for i in range(1, 21)]))
             first = client.msg_stream()
             first.create_producers(chans[:1])
             first.broadcast(ms.MsgPack(100, 100, [ms.TimeTickMsg(begin_ts=100, end_ts=100)]))

@@ -1,0 +1,82 @@
+"""Helpers the broker-specific tests share: rows to send, consuming through a broker restart, the
+exactly-once-in-order check, and a consumer process that is killed while holding messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgstream as ms
+from msgstream.errors import MsgStreamError
+
+
+def owner() -> ms.OwnerDescription:
+    return ms.OwnerDescription(role="backend-test")
+
+
+def row(i: int) -> ms.InsertMsg:
+    """An insert of 100 B whose row id and first hash value are ``i`` (default repack: channel i % n)."""
+    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * 100])
+
+
+def consume_rows(stream: ms.MsgStream, want: int, into: list[tuple[str, int]], timeout: float) -> None:
+    """Consume until ``into`` holds ``want`` (channel, row) pairs, riding out retriable errors while a
+    broker restarts."""
+    deadline = time.monotonic() + timeout
+    while len(into) < want:
+        assert time.monotonic() < deadline, f"received {len(into)} of {want}"
+        try:
+            pack = stream.consume(timeout=1.0)
+        except MsgStreamError as exc:
+            assert exc.retriable, exc
+            time.sleep(0.1)
+            continue
+        if pack is not None:
+            into.extend(
+                (m.position.channel, m.row_ids[0]) for m in pack.msgs if isinstance(m, ms.InsertMsg) and m.position
+            )
+
+
+def assert_exactly_once_in_order(got: list[tuple[str, int]], n: int, chans: list[str]) -> None:
+    rows = [r for _, r in got]
+    assert len(rows) == len(set(rows)), f"{len(rows) - len(set(rows))} duplicates"
+    assert set(rows) == set(range(n)), f"{n - len(set(rows))} lost"
+    for idx, ch in enumerate(chans):
+        mine = [r for c, r in got if c == ch]
+        assert mine == sorted(mine) and all(r % len(chans) == idx for r in mine)
+
+
+_CRASHER = textwrap.dedent("""
+    import sys, msgstream as ms
+    url, sub, chans, n = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+    client = ms.connect(url)
+    inp = client.msg_stream(receive_batch=50, auto_ack=False)  # everything it receives stays pending
+    inp.create_consumers(sub, chans)
+    got = 0
+    while got < n:
+        pack = inp.consume(timeout=5)
+        got += len(pack.msgs) if pack else 0
+    print(got, flush=True)
+    sys.stdin.read()  # hold the delivered messages, unacknowledged, until killed
+""")
+
+
+def kill_consumer_holding(url: str, sub: str, chans: list[str], at_least: int) -> int:
+    """Run a consumer of ``sub`` in another process until it holds ``at_least`` messages unacknowledged,
+    SIGKILL it, and return how many it held."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, url, sub, ",".join(chans), str(at_least)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        held = int(proc.stdout.readline())
+        assert held >= at_least
+        return held
+    finally:
+        proc.kill()
+        proc.wait(10)
