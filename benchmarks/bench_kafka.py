@@ -68,8 +68,20 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from msgstream_kafka import KafkaBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment, insert_msg
-from benchmarks.report import Row, consume_rows, free_port, markdown_table, progress, size_text, target_text
+from benchmarks.bench_core import clock, environment
+from benchmarks.report import (
+    Round,
+    Row,
+    consume_rows,
+    free_port,
+    markdown_table,
+    produce_rows,
+    progress,
+    runs,
+    size_text,
+    target_text,
+    workload,
+)
 
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / flush / consume batch
@@ -99,7 +111,6 @@ RAW_CONSUMER: dict[str, Any] = {
     "auto.offset.reset": "earliest",
 }
 
-Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
 _NAMES = itertools.count(1)  # numbers raw topics and groups across the sections of a run
 
 
@@ -424,54 +435,13 @@ class Bench:
 
 
 # -- runs -------------------------------------------------------------------------------------------
-def _runs(sides: dict[str, Round], seconds: float, repeats: int, min_rounds: int = 1) -> dict[str, list[float]]:
-    """Msgs/s of each side in each of ``repeats`` runs: the sides take turns, the order alternating, until
-    the run's timed seconds reach ``seconds`` and each side had ``min_rounds`` rounds."""
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    turn = 0
-    for _ in range(repeats):
-        msgs = dict.fromkeys(sides, 0)
-        spent = dict.fromkeys(sides, 0.0)
-        rounds = 0
-        while True:
-            names = list(sides) if turn % 2 == 0 else list(reversed(sides))
-            turn += 1
-            for name in names:
-                n, t = sides[name]()
-                msgs[name] += n
-                spent[name] += t
-            rounds += 1
-            if rounds >= min_rounds and sum(spent.values()) >= seconds:
-                break
-        for name in sides:
-            rates[name].append(msgs[name] / spent[name])
-    return rates
-
-
-def _workload(row_bytes: int) -> tuple[ms.MsgPack, list[bytes], float]:
-    row = os.urandom(row_bytes)
-    ts = ms.timestamp.now()
-    pack = ms.MsgPack.of([insert_msg(i, ts + i, row) for i in range(PACK_SIZE)])
-    frames = [m.marshal() for m in pack.msgs]
-    return pack, frames, sum(map(len, frames)) / len(frames)
-
-
 def _consume_round_msgs(size: float) -> int:
     return max(1, min(CONSUME_ROUND_MSGS, int(CONSUME_ROUND_BYTES / size)) // PACK_SIZE) * PACK_SIZE
 
 
 def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
-    pack, frames, size = _workload(row_bytes)
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
     max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
-    raw = Row("produce", "raw confluent-kafka: 1000 produce() + 1 flush", row_bytes, size)
-    msgstream = Row(
-        "produce",
-        "msgstream MsgStream.produce (packs of 1000)",
-        row_bytes,
-        size,
-        ratio_to="raw",
-        target=TARGETS[row_bytes],
-    )
     budget = seconds / 4
     sides: dict[str, Round] = {
         "msgstream": lambda: bench.produce_msgstream(pack, budget, max_msgs),
@@ -479,14 +449,19 @@ def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     }
     bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
     bench.produce_raw(frames, WARMUP_SECONDS, max_msgs)
-    rates = _runs(sides, seconds, repeats)
-    msgstream.rates, raw.rates = rates["msgstream"], rates["raw"]
-    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
-    return [msgstream, raw]
+    return produce_rows(
+        "raw confluent-kafka: 1000 produce() + 1 flush",
+        row_bytes,
+        size,
+        TARGETS[row_bytes],
+        sides,
+        seconds=seconds,
+        repeats=repeats,
+    )
 
 
 def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
-    pack, frames, size = _workload(row_bytes)
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
     n_msgs = _consume_round_msgs(size)
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
@@ -499,7 +474,7 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     bench.consume_msgstream(frames, WARMUP_MSGS)
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
-    rates = _runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
+    rates = runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
     return consume_rows("raw confluent-kafka: consume(1000) + async commit", row_bytes, size, TARGETS[row_bytes], rates)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -50,8 +49,20 @@ import redis
 from msgstream_redis import RedisBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment, insert_msg
-from benchmarks.report import Row, consume_rows, free_port, markdown_table, progress, size_text, target_text
+from benchmarks.bench_core import clock, environment
+from benchmarks.report import (
+    Round,
+    Row,
+    consume_rows,
+    free_port,
+    markdown_table,
+    produce_rows,
+    progress,
+    runs,
+    size_text,
+    target_text,
+    workload,
+)
 
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / pipeline / XREADGROUP COUNT
@@ -63,8 +74,6 @@ WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of
 CONSUME_TIMEOUT = 10.0  # a consume that returns nothing for this long means a bug, not a slow machine
 GROUP = "bench"
 RAW_CONSUMER = "c"
-
-Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
 
 
 # -- redis-server ---------------------------------------------------------------------------------
@@ -295,45 +304,9 @@ class Bench:
 
 
 # -- runs -------------------------------------------------------------------------------------------
-def _runs(sides: dict[str, Round], seconds: float, repeats: int) -> dict[str, list[float]]:
-    """Msgs/s of each side in each of ``repeats`` runs; the sides take turns, the order alternating."""
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    turn = 0
-    for _ in range(repeats):
-        msgs = dict.fromkeys(sides, 0)
-        spent = dict.fromkeys(sides, 0.0)
-        while sum(spent.values()) < seconds:
-            names = list(sides) if turn % 2 == 0 else list(reversed(sides))
-            turn += 1
-            for name in names:
-                n, t = sides[name]()
-                msgs[name] += n
-                spent[name] += t
-        for name in sides:
-            rates[name].append(msgs[name] / spent[name])
-    return rates
-
-
-def _workload(row_bytes: int) -> tuple[ms.MsgPack, list[bytes], float]:
-    row = os.urandom(row_bytes)
-    ts = ms.timestamp.now()
-    pack = ms.MsgPack.of([insert_msg(i, ts + i, row) for i in range(PACK_SIZE)])
-    frames = [m.marshal() for m in pack.msgs]
-    return pack, frames, sum(map(len, frames)) / len(frames)
-
-
 def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
-    pack, frames, size = _workload(row_bytes)
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
     max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
-    raw = Row("produce", "raw redis-py: pipeline of 1000 XADD", row_bytes, size)
-    msgstream = Row(
-        "produce",
-        "msgstream MsgStream.produce (packs of 1000)",
-        row_bytes,
-        size,
-        ratio_to="raw",
-        target=TARGETS[row_bytes],
-    )
     budget = seconds / 4
     sides: dict[str, Round] = {
         "msgstream": lambda: bench.produce_msgstream(pack, budget, max_msgs),
@@ -341,14 +314,19 @@ def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     }
     bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
     bench.produce_raw(frames, WARMUP_SECONDS, max_msgs)
-    rates = _runs(sides, seconds, repeats)
-    msgstream.rates, raw.rates = rates["msgstream"], rates["raw"]
-    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
-    return [msgstream, raw]
+    return produce_rows(
+        "raw redis-py: pipeline of 1000 XADD",
+        row_bytes,
+        size,
+        TARGETS[row_bytes],
+        sides,
+        seconds=seconds,
+        repeats=repeats,
+    )
 
 
 def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
-    pack, frames, size = _workload(row_bytes)
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
     n_msgs = max(1, min(CONSUME_ROUND_MSGS, int(ROUND_BYTES / size)) // PACK_SIZE) * PACK_SIZE
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
@@ -361,7 +339,7 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     bench.consume_msgstream(pack, WARMUP_MSGS)
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
-    rates = _runs(sides, seconds, repeats)
+    rates = runs(sides, seconds, repeats)
     return consume_rows("raw redis-py: XREADGROUP + XACK", row_bytes, size, TARGETS[row_bytes], rates)
 
 

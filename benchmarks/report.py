@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.bench_core import Figure
+import msgstream as ms
+from benchmarks.bench_core import Figure, insert_msg
+
+Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
 
 
 @dataclass
@@ -73,3 +78,51 @@ def consume_rows(raw_name: str, row_bytes: int, size: float, target: float, rate
     msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
     msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
     return [msgstream, raw, msgstream_codec, raw_codec]
+
+
+def runs(sides: dict[str, Round], seconds: float, repeats: int, min_rounds: int = 1) -> dict[str, list[float]]:
+    """Msgs/s of each side in each of ``repeats`` runs: the sides take turns, the order alternating, until
+    the run's timed seconds reach ``seconds`` and each side had ``min_rounds`` rounds."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    turn = 0
+    for _ in range(repeats):
+        msgs = dict.fromkeys(sides, 0)
+        spent = dict.fromkeys(sides, 0.0)
+        rounds = 0
+        while True:
+            names = list(sides) if turn % 2 == 0 else list(reversed(sides))
+            turn += 1
+            for name in names:
+                n, t = sides[name]()
+                msgs[name] += n
+                spent[name] += t
+            rounds += 1
+            if rounds >= min_rounds and sum(spent.values()) >= seconds:
+                break
+        for name in sides:
+            rates[name].append(msgs[name] / spent[name])
+    return rates
+
+
+def workload(row_bytes: int, pack_size: int) -> tuple[ms.MsgPack, list[bytes], float]:
+    """A pack of ``pack_size`` one-row inserts of ``row_bytes`` random row data, its frames, and the mean
+    frame size."""
+    row = os.urandom(row_bytes)
+    ts = ms.timestamp.now()
+    pack = ms.MsgPack.of([insert_msg(i, ts + i, row) for i in range(pack_size)])
+    frames = [m.marshal() for m in pack.msgs]
+    return pack, frames, sum(map(len, frames)) / len(frames)
+
+
+def produce_rows(
+    raw_name: str, row_bytes: int, size: float, target: float, sides: dict[str, Round], *, seconds: float, repeats: int
+) -> list[Row]:
+    """The two produce rows every broker benchmark reports, from ``sides`` "msgstream" and "raw"."""
+    msgstream = Row(
+        "produce", "msgstream MsgStream.produce (packs of 1000)", row_bytes, size, ratio_to="raw", target=target
+    )
+    raw = Row("produce", raw_name, row_bytes, size)
+    rates = runs(sides, seconds, repeats)
+    msgstream.rates, raw.rates = rates["msgstream"], rates["raw"]
+    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
+    return [msgstream, raw]
