@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
     "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Tansu broker)"),
+    "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own pulsar-lite)"),
 }
 
 
@@ -42,8 +43,21 @@ def _kafka_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pulsar_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("MSGSTREAM_PULSAR_URL") or None,
+        help="an existing Pulsar-protocol broker, pulsar://host:port[/?options] (default: $MSGSTREAM_PULSAR_URL,"
+        " else a pulsar-lite started for the run on a free loopback port)",
+    )
+
+
 #: name -> adds the options only that suite takes
-OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"redis": _redis_options, "kafka": _kafka_options}
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "redis": _redis_options,
+    "kafka": _kafka_options,
+    "pulsar": _pulsar_options,
+}
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:

@@ -1,0 +1,403 @@
+"""Pulsar benchmark: msgstream's Pulsar backend against raw pulsar-client doing the same work.
+
+``python -m benchmarks pulsar [--seconds S] [--repeats N] [--json PATH] [--url URL]``
+
+Runs against pulsar-lite (a Pulsar-protocol broker, from its PyPI wheel) started for the run on a free
+loopback port with its metrics server off, unless ``--url`` or ``MSGSTREAM_PULSAR_URL`` names a broker.
+Both sides use the same broker from the same process; each side has its own ``pulsar.Client``.
+
+Every figure is measured twice, once per topic layout, because batching is the one setting that changes
+both the speed and the semantics (docs/backends.md): **unbatched** (msgstream's default: one broker entry
+per message, so acknowledgements are exact) and **batched** (``batching=true``; the raw producer with
+``batching_enabled=True``, batches of up to 1000 messages, 1 ms publish delay). Within a layout both sides
+use the same producer settings (``block_if_queue_full``, ``max_pending_messages=10000``) and consumer
+settings (Failover subscription, ``receiver_queue_size=1000``, earliest).
+
+For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames are built once):
+
+1. produce: ``MsgStream.produce`` of a pack of 1000 messages into one channel (pack checks, routing,
+   marshal, validation, then ``send_async`` per frame with one shared callback collecting every result,
+   and a wait for the last) against raw pulsar-client: ``send_async(frame, callback)`` of the same 1000
+   frames and one ``flush()``, the callback counting errors: what someone who must know that every
+   message landed writes.
+2. consume: ``MsgStream.consume`` (``receive_batch=1000``) of N pre-produced messages until all arrived,
+   then one more ``consume(timeout=0)``, which acknowledges the last pack; against a raw consumer on the
+   same layout: ``batch_receive()`` (policy: 1000 messages or 10 ms), ``data()`` of each message, and an
+   individual ``acknowledge`` of each. Raw runs twice: decoding nothing, and with
+   ``UnmarshalDispatcher().unmarshal`` of every payload. On both sides the clock starts when the first
+   batch has arrived (subscribing is not timed), and the messages of that batch are not counted.
+
+Rounds of the two sides take turns (the order alternates) until the run's timed seconds reach
+``--seconds``; each round uses a fresh topic (pulsar-lite cannot delete topics: they are small). Each figure
+is the median of ``--repeats`` runs after an untimed warm-up round of every side; a ratio is the median of
+the per-run ratios (msgstream rate over raw rate, measured in the same run). MB = 10**6 bytes of frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pulsar  # type: ignore[import-untyped]
+
+import msgstream as ms
+from benchmarks.bench_core import clock, environment
+from benchmarks.report import (
+    Round,
+    Row,
+    consume_rows,
+    free_port,
+    markdown_table,
+    produce_rows,
+    progress,
+    runs,
+    size_text,
+    target_text,
+    workload,
+)
+
+ROW_SIZES = (100, 1024)
+PACK_SIZE = 1000
+TARGETS = {100: 0.7, 1024: 0.9}
+ROUND_MSGS = {False: 20_000, True: 50_000}  # most messages one round writes or reads, by batching
+WARMUP_MSGS = 2 * PACK_SIZE
+TIMEOUT_MS = 5_000  # a consumer that gets nothing for this long is stalled, not slow
+PRODUCER = {"block_if_queue_full": True, "max_pending_messages": 10000, "send_timeout_millis": 30000}
+BATCHED = {"batching_enabled": True, "batching_max_messages": 1000, "batching_max_publish_delay_ms": 1}
+
+
+@contextmanager
+def pulsar_lite() -> Iterator[tuple[str, str]]:
+    """pulsar-lite on a free loopback port (metrics off, its own data dir): (URL, version)."""
+    try:
+        from pulsar_lite.binary_finder import find_pulsar_lite_binary
+    except ImportError:
+        raise SystemExit("pulsar-lite is not installed (pip install pulsar-lite) and no --url given") from None
+    binary = Path(find_pulsar_lite_binary())
+    version = importlib.metadata.version("pulsar-lite")
+    with tempfile.TemporaryDirectory(prefix="msgstream-bench-pulsar-") as tmp:
+        config = Path(tmp) / "pl.toml"
+        config.write_text('log_level = "warn"\ndefault_partitions = 0\n\n[metrics]\nenabled = false\n')
+        for _ in range(5):
+            port = free_port()
+            argv = [str(binary), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", f"{tmp}/data"]
+            with open(Path(tmp) / "pl.out", "ab") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 10
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            if proc.poll() is None:
+                break
+        else:
+            raise SystemExit(f"pulsar-lite did not start: {(Path(tmp) / 'pl.out').read_text()[-2000:]}")
+        try:
+            yield f"pulsar://127.0.0.1:{port}", f"pulsar-lite {version}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+class Stalled(RuntimeError):
+    """The broker stopped delivering to a consumer for TIMEOUT_MS (pulsar-lite does, now and then, to raw
+    pulsar-client consumers too): the round is run again and the stall counted in the report."""
+
+
+STALLS: list[str] = []
+
+
+def retrying(side: str, round_: Round) -> Round:
+    def run_round() -> tuple[int, float]:
+        for _ in range(3):
+            try:
+                return round_()
+            except (Stalled, pulsar.Timeout) as exc:
+                STALLS.append(f"{side}: {exc}")
+                progress(f"  stalled ({side}): {exc}; running the round again")
+        raise RuntimeError(f"{side}: the broker stalled three rounds in a row")
+
+    return run_round
+
+
+class Bench:
+    """Both sides on one broker: a msgstream Client per layout and a raw pulsar.Client."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        self.url = url
+        self.run_id = run_id
+        self.clients = {batched: ms.connect(url, batching=str(batched).lower()) for batched in (False, True)}
+        self.raw = pulsar.Client(
+            url, operation_timeout_seconds=30, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
+        )
+        self.owner = ms.OwnerDescription(role="bench")
+        self._n = 0
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.raw.close()
+
+    def new_topic(self) -> str:
+        self._n += 1
+        return f"persistent://public/default/bench-raw-{self.run_id}-{self._n}"
+
+    def new_channel(self, batched: bool) -> str:
+        [name] = self.clients[batched].create_channels(ms.CreateChannelRequest(owner=self.owner, num_channels=1))
+        return name
+
+    def topic_of(self, batched: bool, channel: str) -> str:
+        return str(self.clients[batched].backend._registry[channel].topic)  # type: ignore[attr-defined]
+
+    def fill(self, topic: str, frames: list[bytes], n: int, batched: bool) -> None:
+        """``n`` messages into ``topic`` by a raw producer of the layout (untimed)."""
+        producer = self.raw.create_producer(topic, **PRODUCER, **(BATCHED if batched else {}))
+        try:
+            self._send(producer, frames, n)
+        finally:
+            producer.close()
+
+    @staticmethod
+    def _send(producer: Any, frames: list[bytes], n: int) -> None:
+        errors: list[Any] = []
+
+        def callback(result: Any, _msg_id: Any) -> None:
+            if result != pulsar.Result.Ok:
+                errors.append(result)
+
+        send_async = producer.send_async
+        for _ in range(n // len(frames)):
+            for frame in frames:
+                send_async(frame, callback)
+            producer.flush()
+            if errors:
+                raise RuntimeError(f"raw produce: {len(errors)} failed ({errors[0]})")
+
+    # -- produce ------------------------------------------------------------------------------------
+    def produce_msgstream(self, pack: ms.MsgPack, batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
+        channel = self.new_channel(batched)
+        with self.clients[batched].msg_stream() as stream:
+            stream.create_producers([channel])
+            stream.start()
+            gc.collect()
+            sent = 0
+            t0 = clock()
+            while sent < max_msgs:
+                ids = stream.produce(pack)[channel]
+                if len(ids) != PACK_SIZE:
+                    raise RuntimeError(f"msgstream produce returned {len(ids)} ids")
+                sent += PACK_SIZE
+                if clock() - t0 >= budget:
+                    break
+            return sent, clock() - t0
+
+    def produce_raw(self, frames: list[bytes], batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
+        producer = self.raw.create_producer(self.new_topic(), **PRODUCER, **(BATCHED if batched else {}))
+        try:
+            gc.collect()
+            sent = 0
+            t0 = clock()
+            while sent < max_msgs:
+                self._send(producer, frames, PACK_SIZE)
+                sent += PACK_SIZE
+                if clock() - t0 >= budget:
+                    break
+            return sent, clock() - t0
+        finally:
+            producer.close()
+
+    # -- consume ------------------------------------------------------------------------------------
+    def consume_msgstream(self, frames: list[bytes], batched: bool, n: int) -> tuple[int, float]:
+        channel = self.new_channel(batched)
+        self.fill(self.topic_of(batched, channel), frames, n, batched)
+        with self.clients[batched].msg_stream(receive_batch=PACK_SIZE) as stream:
+            stream.create_consumers("bench", [channel])
+            stream.start()
+            gc.collect()
+            first = stream.consume(timeout=TIMEOUT_MS / 1000)
+            if first is None:
+                raise RuntimeError("msgstream consume returned nothing")
+            received = skipped = len(first.msgs)
+            t0 = clock()
+            while received < n:
+                got = stream.consume(timeout=TIMEOUT_MS / 1000)
+                if got is None:
+                    raise Stalled(f"msgstream consume returned nothing after {received} of {n}")
+                received += len(got.msgs)
+            if stream.consume(timeout=0) is not None:  # acknowledges the last pack
+                raise RuntimeError("msgstream consume returned more messages than were sent")
+            elapsed = clock() - t0
+        return received - skipped, elapsed
+
+    def consume_raw(
+        self, frames: list[bytes], batched: bool, n: int, unmarshal: Callable[[bytes], ms.TsMsg] | None
+    ) -> tuple[int, float]:
+        topic = self.new_topic()
+        self.fill(topic, frames, n, batched)
+        consumer = self.raw.subscribe(
+            topic,
+            "bench",
+            consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=pulsar.InitialPosition.Earliest,
+            receiver_queue_size=1000,
+            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(PACK_SIZE, -1, 10),
+        )
+        try:
+            acknowledge = consumer.acknowledge
+
+            def take() -> int:
+                batch = consumer.batch_receive()  # returns within the policy's 10 ms, maybe empty
+                if not batch:
+                    batch = [consumer.receive(TIMEOUT_MS)]  # raises Timeout if the topic ran dry
+                if unmarshal is None:
+                    for m in batch:
+                        m.data()
+                        acknowledge(m)
+                else:
+                    for m in batch:
+                        unmarshal(m.data())
+                        acknowledge(m)
+                return len(batch)
+
+            gc.collect()
+            first = consumer.receive(TIMEOUT_MS)  # untimed: subscribing, the first fetch
+            acknowledge(first)
+            received = skipped = 1
+            t0 = clock()
+            while received < n:
+                received += take()
+            elapsed = clock() - t0
+        finally:
+            consumer.close()
+        # pulsar-lite now and then delivers a message of a new subscription twice (msgstream drops such
+        # repeats; the raw side just reads on): so at least n, not exactly n
+        if received < n:
+            raise RuntimeError(f"raw consume read {received} of {n}")
+        return received - skipped, elapsed
+
+
+def bench_produce(bench: Bench, row_bytes: int, batched: bool, seconds: float, repeats: int) -> list[Row]:
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
+    max_msgs = ROUND_MSGS[batched]
+    budget = seconds / 4
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.produce_msgstream(pack, batched, budget, max_msgs),
+        "raw": lambda: bench.produce_raw(frames, batched, budget, max_msgs),
+    }
+    bench.produce_msgstream(pack, batched, 0.05, WARMUP_MSGS)
+    bench.produce_raw(frames, batched, 0.05, WARMUP_MSGS)
+    layout = "batched" if batched else "unbatched"
+    rows = produce_rows(
+        f"raw pulsar-client, {layout}: 1000 send_async + 1 flush",
+        row_bytes,
+        size,
+        TARGETS[row_bytes],
+        sides,
+        seconds=seconds,
+        repeats=repeats,
+    )
+    rows[0].name += f", {layout}"
+    return rows
+
+
+def bench_consume(bench: Bench, row_bytes: int, batched: bool, seconds: float, repeats: int) -> list[Row]:
+    pack, frames, size = workload(row_bytes, PACK_SIZE)
+    n = ROUND_MSGS[batched]
+    unmarshal = ms.UnmarshalDispatcher().unmarshal
+    if unmarshal(frames[0]) != pack.msgs[0]:
+        raise AssertionError("codec round trip changed the message")
+    sides: dict[str, Round] = {
+        "msgstream": lambda: bench.consume_msgstream(frames, batched, n),
+        "raw": lambda: bench.consume_raw(frames, batched, n, None),
+        "raw + unmarshal": lambda: bench.consume_raw(frames, batched, n, unmarshal),
+    }
+    bench.consume_msgstream(frames, batched, WARMUP_MSGS)
+    bench.consume_raw(frames, batched, WARMUP_MSGS, None)
+    bench.consume_raw(frames, batched, WARMUP_MSGS, unmarshal)
+    rates = runs({side: retrying(side, round_) for side, round_ in sides.items()}, seconds, repeats)
+    layout = "batched" if batched else "unbatched"
+    rows = consume_rows(
+        f"raw pulsar-client, {layout}: batch_receive + acknowledge", row_bytes, size, TARGETS[row_bytes], rates
+    )
+    for row in rows[::2]:
+        row.name += f", {layout}"
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds: float = args.seconds
+    repeats: int = args.repeats
+    url: str | None = args.url
+    with pulsar_lite() if url is None else _given(url) as (server_url, server):
+        bench = Bench(server_url, uuid.uuid4().hex[:8])
+        try:
+            env = {
+                **environment(),
+                "pulsar-client": importlib.metadata.version("pulsar-client"),
+                "server": f"{server} on loopback, {server_url}",
+            }
+            print("## Environment\n")
+            for key, value in env.items():
+                print(f"- {key}: {value}")
+            print(f"- settings: median of {repeats} runs of ~{seconds:g} s each, after a warm-up\n", flush=True)
+            started = clock()
+            rows: list[Row] = []
+            for row_bytes in ROW_SIZES:
+                for batched in (False, True):
+                    layout = "batched" if batched else "unbatched"
+                    progress(f"produce, {size_text(row_bytes)} rows, {layout} ...")
+                    rows += bench_produce(bench, row_bytes, batched, seconds, repeats)
+                    progress(f"consume, {size_text(row_bytes)} rows, {layout} ...")
+                    rows += bench_consume(bench, row_bytes, batched, seconds, repeats)
+            elapsed = clock() - started
+        finally:
+            bench.close()
+
+    print("## Results\n")
+    print(markdown_table(rows))
+    print(
+        f"\nOne-row InsertMsg, one channel / topic per round, {PACK_SIZE} messages per produce call and consume"
+        " batch; each comparison on one topic layout (unbatched: one entry per message, msgstream's default;"
+        " batched: `batching=true`). msgstream/raw: median over runs of msgstream's rate divided by the named"
+        f" raw row's, measured in the same run. Spread: (max - min) / median of the {repeats} runs."
+        f" Total time {elapsed:.0f} s. Consume rounds run again after a broker stall (no delivery for"
+        f" {TIMEOUT_MS / 1000:g} s, not timed): {len(STALLS)} in this run"
+        + (f" ({'; '.join(STALLS)})" if STALLS else "")
+        + ".\n"
+    )
+    for r in rows:
+        if r.target is not None:
+            print(
+                f"- {r.section} {size_text(r.row_bytes)} ({r.name.rsplit(', ', 1)[1]}): {r.ratio:.2f}x raw,"
+                f" target {target_text(r)}"
+            )
+    if args.json is not None:
+        report = {
+            "benchmark": "pulsar",
+            "environment": env,
+            "settings": {"seconds": seconds, "repeats": repeats, "pack_size": PACK_SIZE, "round_msgs": ROUND_MSGS},
+            "elapsed_s": round(elapsed, 1),
+            "stalls": STALLS,
+            "results": [r.as_dict() for r in rows],
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        progress(f"wrote {args.json}")
+    return 0
+
+
+@contextmanager
+def _given(url: str) -> Iterator[tuple[str, str]]:
+    yield url, "given broker"
