@@ -43,7 +43,9 @@ and for TLS ``tls_trust_certs_file_path``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
+import itertools
 import logging
 import threading
 import time
@@ -202,9 +204,11 @@ class _Admin:
                         raise BrokerUnavailableError(f"admin {method} {path}: {type(exc).__name__}") from None
                     continue
                 if response.status not in ok:
-                    raise BrokerUnavailableError(
+                    refused = BrokerUnavailableError(
                         f"admin {method} {path}: HTTP {response.status} {body.decode(errors='replace')}"
                     )
+                    refused.retriable = response.status >= 500  # a 4xx will not cure itself
+                    raise refused
                 return
 
     def close(self) -> None:
@@ -284,6 +288,9 @@ class PulsarBackend(Backend):
             # consumer (docs/backends.md), so members in one process must share the connection
             self.client = pulsar.Client(service, **client_kw)
             try:
+                # a durable subscription that never acknowledges keeps the registry's records from
+                # retention (Apache Pulsar deletes what no subscription still needs)
+                self.client.subscribe(self.registry_topic, "__msgstream_registry_keep").close()
                 self._reader = self.client.create_reader(self.registry_topic, pulsar.MessageId.earliest)
                 self._writer = self.client.create_producer(
                     self.registry_topic, send_timeout_millis=int(self.timeout * 1000)
@@ -291,7 +298,11 @@ class PulsarBackend(Backend):
             except BaseException:
                 self.client.close()
                 raise
-        self.refresh_registry()
+        try:
+            self.refresh_registry()
+        except BaseException:
+            self.client.close()
+            raise
 
     def topic(self, physical: str) -> str:
         return f"persistent://{self.tenant}/{self.namespace}/{physical}"
@@ -314,11 +325,21 @@ class PulsarBackend(Backend):
     def refresh_registry(self, force: bool = True) -> None:
         """Apply the registry records written since the last refresh (by any client). Without ``force``
         only when the last refresh is older than ``registry_refresh`` seconds (the hot paths)."""
-        if not force and time.monotonic() - self._refreshed < self.registry_refresh:
-            return
+        if not force:
+            if time.monotonic() - self._refreshed < self.registry_refresh:
+                return
+            # a hot path never waits behind a create or destroy in another thread: it checks next time
+            if not self._lock.acquire(blocking=False):
+                return
+            self._lock.release()
         with self._lock, self.errors("read the channel registry", BrokerUnavailableError):
             while self._available():
-                record = msgspec.msgpack.decode(self._reader.read_next(int(self.timeout * 1000)).data(), type=_Entry)
+                data = self._reader.read_next(int(self.timeout * 1000)).data()
+                try:
+                    record = msgspec.msgpack.decode(data, type=_Entry)
+                except msgspec.DecodeError:
+                    log.warning("skipped a record of the channel registry that is not msgstream's")
+                    continue
                 self._apply(record)
             self._refreshed = time.monotonic()
 
@@ -382,10 +403,7 @@ class PulsarBackend(Backend):
         with self._lock:
             entry = self.live(name)
             self._append(_Entry("D", name, entry.nonce))
-            self._registry[name] = None
-        for producer in list(self._producers):
-            if producer.channel == name:
-                producer.close()
+            self.refresh_registry()  # applies our record in log order, as every other client will
         if self.admin is not None:
             self.admin.request("DELETE", self._admin_path(entry.topic) + "?force=true", ok=(204, 404))
 
@@ -421,13 +439,18 @@ class PulsarBackend(Backend):
             except pulsar.UnknownError:  # never written to (pulsar-lite)
                 entry = None
             finally:
-                probe.unsubscribe()
+                try:  # a probe subscription left behind would hold the topic's backlog forever
+                    probe.unsubscribe()
+                except pulsar.PulsarException:
+                    log.warning("could not remove probe subscription on %s", topic)
+                probe.close()
             if entry is None or entry.entry_id() < 0:
                 return None
             start = pulsar.MessageId(entry.partition(), entry.ledger_id(), entry.entry_id(), -1)
             last = None
-            for message in self._read(topic, start, lambda _m: True):
-                last = message.message_id()
+            for message in self._read(topic, start, lambda m: m.message_id().entry_id() == entry.entry_id()):
+                if message.message_id().entry_id() == entry.entry_id():  # that entry only, not newer ones
+                    last = message.message_id()
             return last
 
     def read_one(self, topic: str, start: Any) -> Any:
@@ -487,34 +510,37 @@ class _PulsarProducer(Producer):
         if not backend.still_live(channel, self._nonce):
             raise ProduceError(f"channel {channel!r} does not exist (deleted?)", channel=channel)
         n = len(payloads)
-        # one callback for the whole batch: a producer's callbacks come in send order (the C++
-        # client completes its pending queue in order), so the i-th report belongs to the i-th payload
-        reports: list[tuple[Any, Any]] = []
-        report = reports.append
+        # a callback per payload, writing into its own slot: most results come in send order, but a
+        # failure the client detects at once (MessageTooBig, AlreadyClosed) is reported inside send_async,
+        # ahead of earlier messages still in flight
+        results: list[Any] = [None] * n
+        finished_count = itertools.count(1)
         done = threading.Event()
 
-        def delivered(result: Any, msg_id: Any) -> None:
-            report((result, msg_id))
-            if len(reports) >= n:
+        def delivered(i: int, result: Any, msg_id: Any) -> None:
+            results[i] = (result, msg_id)
+            if next(finished_count) == n:
                 done.set()
 
         send_async = self._native.send_async
         with backend.errors(f"send to {channel!r}", ProduceError, channel):
-            for payload in payloads:
-                send_async(payload, delivered)
+            for i, payload in enumerate(payloads):
+                send_async(payload, functools.partial(delivered, i))
         finished = done.wait(timeout) if n else True
         accepted: list[bytes] = []
         failure = None if finished else f"not confirmed within {timeout}s"
         retriable = not finished
         ok = pulsar.Result.Ok
-        for result, msg_id in list(reports):
-            if result != ok:
-                failure, retriable = str(result), result in _RETRIABLE
+        for report in results:  # the confirmed prefix: what is known to be on the channel, in order
+            if report is None or report[0] != ok:
+                if report is not None:
+                    failure, retriable = str(report[0]), report[0] in _RETRIABLE
                 break
-            accepted.append(msg_id.serialize())
+            accepted.append(report[1].serialize())
         if len(accepted) < n:
             raise ProduceError(
-                f"send to {channel!r}: {n - len(accepted)} of {n} not accepted ({failure})",
+                f"send to {channel!r}: {n - len(accepted)} of {n} not confirmed in order ({failure}); messages"
+                " after the first failure may still have landed",
                 channel=channel,
                 sent={channel: accepted},
                 retriable=retriable,
@@ -544,19 +570,21 @@ class _PulsarConsumer(Consumer):
         self._channel_of = {entry.topic: channel for channel, entry in entries.items()}
         earliest = initial is SubscriptionPosition.EARLIEST
         self._initial = pulsar.InitialPosition.Earliest if earliest else pulsar.InitialPosition.Latest
-        self._pending: dict[bytes, Any] = {}  # id -> MessageId of what was delivered and is not acked
+        # per channel: id -> MessageId of what was delivered and is not acknowledged yet
+        self._pending: dict[str, dict[bytes, Any]] = {channel: {} for channel in entries}
         self._buffered: deque[Any] = deque()  # fetched beyond a receive's max_messages
         self._skip: dict[str, Any] = {}  # after a seek: drop (and ack) what is at or before this MessageId
         self._ordered = backend.consumer_type == pulsar.ConsumerType.Failover
         self._last: dict[str, Any] = {}  # failover: the newest MessageId delivered per channel since subscribing
         self._closed = False
-        self._native = self._subscribe()
-        self._fast = _unwrapped(self._native)
+        self._native: Any = None
+        self._fast: Any = None
+        self._subscribe()
 
-    def _subscribe(self) -> Any:
+    def _subscribe(self) -> None:
         backend = self._backend
         with backend.errors(f"subscribe {self.subscription!r}", BrokerUnavailableError):
-            return backend.client.subscribe(
+            self._native = backend.client.subscribe(
                 [entry.topic for entry in self._entries.values()],
                 self.subscription,
                 consumer_type=backend.consumer_type,
@@ -565,10 +593,16 @@ class _PulsarConsumer(Consumer):
                 batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(backend.receiver_queue_size, -1, 1),
                 batch_index_ack_enabled=backend.batch_index_ack,
             )
+            self._fast = _unwrapped(self._native)
 
-    def _check(self) -> None:
+    def _require(self) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
+        if self._native is None:  # a seek could not subscribe again: try now
+            self._subscribe()
+
+    def _check(self) -> None:
+        self._require()
         for channel, entry in self._entries.items():
             if not self._backend.still_live(channel, entry.nonce):
                 raise ChannelNotFoundError(channel, "destroyed")
@@ -602,7 +636,7 @@ class _PulsarConsumer(Consumer):
                     buffered.append(fast.receive(0))
         out: list[RawMessage] = []
         new = tuple.__new__
-        pending = self._pending
+        pending_of = self._pending
         channel_of = self._channel_of
         skip = self._skip
         ordered = self._ordered
@@ -614,13 +648,17 @@ class _PulsarConsumer(Consumer):
             msg_id = message.message_id()
             if skip and channel in skip:
                 if msg_id <= skip[channel]:
-                    fast.acknowledge(msg_id)  # at or before the seek target: already consumed
+                    with self._backend.errors("receive"):
+                        fast.acknowledge(msg_id)  # at or before the seek target: already consumed
                     continue
                 del skip[channel]
+            pending = pending_of[channel]
             if ordered:  # failover: a channel's ids only grow, so a smaller one was delivered already
                 newest = last.get(channel)
                 if newest is not None and msg_id <= newest:
-                    continue  # pulsar-lite delivers part of a backlog twice
+                    # pulsar-lite delivers part of a backlog twice. (A rewind by another member's seek
+                    # would be dropped here too: seek from the member that consumes, docs/backends.md.)
+                    continue
                 last[channel] = msg_id
                 raw = msg_id.serialize()
             else:
@@ -632,15 +670,16 @@ class _PulsarConsumer(Consumer):
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
-        if self._closed:
-            raise StreamClosedError("consumer is closed")
-        pending = self._pending
+        self._require()
+        pending_of = self._pending
         acknowledge = self._fast.acknowledge
         with self._backend.errors("ack"):
-            for message in messages:
-                msg_id = pending.pop(message[1], None)
-                if msg_id is not None:  # not pending: forgotten by a seek, or acked already
-                    acknowledge(msg_id)
+            for channel, raw, _ in messages:
+                pending = pending_of.get(channel)
+                if pending is None or raw not in pending:  # forgotten by a seek, or acked already
+                    continue
+                acknowledge(pending[raw])  # first: if it fails, the message stays pending for a retry
+                del pending[raw]
 
     def seek(self, targets: Mapping[str, bytes | None]) -> None:
         if self._closed:
@@ -664,14 +703,18 @@ class _PulsarConsumer(Consumer):
             starts[channel], skips[channel] = target, _unwrapped_id(target)
         with backend.errors("seek", SeekError):
             # pulsar-lite delivers nothing new to a consumer that stays connected through a seek: close
-            # it, move the cursor with a short-lived consumer, subscribe again
-            self._native.close()
-            self._pending.clear()
+            # it, move each cursor with a short-lived consumer, subscribe again. Channels not named keep
+            # their state: what the caller holds of them comes again and is dropped as a repeat.
+            if self._native is not None:
+                self._native.close()
+                self._native = None
             self._buffered.clear()
-            self._last.clear()
+            for channel in starts:
+                self._pending[channel].clear()
+                self._last.pop(channel, None)
+                self._skip.pop(channel, None)
             try:
                 for channel, start in starts.items():
-                    self._skip.pop(channel, None)
                     if start is None:
                         continue
                     mover = backend.client.subscribe(
@@ -681,16 +724,17 @@ class _PulsarConsumer(Consumer):
                         mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
                     finally:
                         mover.close()
-                self._skip.update(skips)
+                    if channel in skips:
+                        self._skip[channel] = skips[channel]
             finally:
-                self._native = self._subscribe()
-                self._fast = _unwrapped(self._native)
-        self._fast = _unwrapped(self._native)
+                with contextlib.suppress(MsgStreamError):  # else the next receive subscribes again
+                    self._subscribe()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._backend._consumers.discard(self)
-        with self._backend.errors("close consumer"):
-            self._native.close()
+        if self._native is not None:
+            with self._backend.errors("close consumer"):
+                self._native.close()

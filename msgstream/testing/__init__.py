@@ -486,6 +486,24 @@ class ConformanceSuite:
         assert len({m.row_ids[0] for m in rest if isinstance(m, ms.InsertMsg)}) == len(rest), "repeated"
         expect_quiet(resumed, self.quiet_period)
 
+    def test_seek_of_one_channel_leaves_the_others_alone(self, client: ms.Client, streams: Any) -> None:
+        """Messages of a channel that was not a seek target, held unacknowledged across the seek, are
+        neither delivered again nor lost: the caller's later ack of them counts."""
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(20)]))  # even rows -> chans[0], odd -> chans[1]
+        inp = streams(auto_ack=False)
+        inp.create_consumers(self.sub(), chans)
+        got = consume_n(inp, 20, self.timeout)
+        mark = next(m for m in got if isinstance(m, ms.InsertMsg) and m.row_ids == [8])
+        assert mark.position is not None and mark.position.channel == chans[0]
+        inp.seek([mark.position])
+        inp.ack([m for m in got if m.position and m.position.channel == chans[1]])  # held across the seek
+        again = consume_n(inp, 5, self.timeout)
+        assert sorted(m.row_ids[0] for m in again if isinstance(m, ms.InsertMsg)) == [10, 12, 14, 16, 18]
+        inp.ack(again)
+        expect_quiet(inp, self.quiet_period)
+
     def test_seek_to_empty_position_starts_from_first(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 1)
         inp = self.consumer(streams, chans, position=ms.SubscriptionPosition.LATEST)
