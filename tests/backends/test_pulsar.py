@@ -24,7 +24,7 @@ from msgstream.errors import (
 from msgstream.testing import ConformanceSuite, consume_n
 
 from .brokers import free_port, start_pulsar_lite
-from .common import assert_exactly_once_in_order, consume_rows, owner, row
+from .common import owner, restart_loses_and_repeats_nothing, row
 
 
 def test_registered() -> None:
@@ -43,24 +43,8 @@ def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
     broker = start_pulsar_lite(tmp_path / "durable")
     try:
         url = f"pulsar://127.0.0.1:{broker.port}"
-        with ms.connect(url) as client:
-            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=4))
-            out = client.msg_stream(produce_timeout=20)
-            out.create_producers(chans)
-            inp = client.msg_stream(receive_batch=500)
-            inp.create_consumers("restart", chans)
-            for k in range(0, 5000, 500):
-                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
-            got: list[tuple[str, int]] = []
-            consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
-            broker.restart()  # SIGKILL, then start on the same port and data dir
-            for k in range(5000, 10000, 500):  # the producers reconnect and resend what was pending
-                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
-            consume_rows(inp, 10000, got, 60)
-            assert inp.consume(timeout=0.5) is None
-            assert_exactly_once_in_order(got, 10000, chans)
-            inp.close()
-            out.close()
+        with ms.connect(url) as client:  # the producers reconnect and resend what was pending
+            restart_loses_and_repeats_nothing(client, broker.restart)
     finally:
         broker.stop()
 

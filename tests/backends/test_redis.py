@@ -15,7 +15,7 @@ from msgstream.errors import BrokerUnavailableError, InvalidURLError, MsgStreamE
 from msgstream.testing import ConformanceSuite, consume_n
 
 from .brokers import free_port, start_redis
-from .common import assert_exactly_once_in_order, consume_rows, kill_consumer_holding, owner, row
+from .common import consume_rows, kill_consumer_holding, owner, restart_loses_and_repeats_nothing, row
 
 
 def test_registered_under_both_schemes() -> None:
@@ -33,29 +33,7 @@ def test_restart_with_aof_loses_and_repeats_nothing(tmp_path: Path) -> None:
     try:
         url = f"redis://127.0.0.1:{broker.port}/0"
         with ms.connect(url, socket_timeout=2) as client:
-            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=4))
-            out = client.msg_stream()
-            out.create_producers(chans)
-            inp = client.msg_stream(receive_batch=500)
-            inp.create_consumers("restart", chans)
-            for k in range(0, 5000, 500):
-                out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
-            got: list[tuple[str, int]] = []
-            consume_rows(inp, 2000, got, 30)  # the last pack is held, not yet acknowledged
-            broker.restart()  # SIGKILL, then start on the same port and data
-            for k in range(5000, 10000, 500):
-                for _attempt in range(20):
-                    try:
-                        out.produce(ms.MsgPack.of([row(i) for i in range(k, k + 500)]))
-                        break
-                    except ProduceError as exc:
-                        assert exc.retriable
-                        time.sleep(0.1)
-            consume_rows(inp, 10000, got, 60)
-            assert inp.consume(timeout=0.5) is None
-            assert_exactly_once_in_order(got, 10000, chans)
-            inp.close()
-            out.close()
+            restart_loses_and_repeats_nothing(client, broker.restart, retries=20)
     finally:
         broker.stop()
 
