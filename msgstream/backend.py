@@ -82,6 +82,9 @@ class Features:
     durable: bool = False
     #: Clients in other processes see the same channels (false for in-process brokers).
     cross_process: bool = True
+    #: A subscription whose member was killed (no close) takes a new member, and the messages the dead
+    #: one held unacknowledged go to it (used by the fault suite).
+    member_kill_recovery: bool = True
 
 
 class URL:

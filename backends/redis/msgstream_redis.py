@@ -322,18 +322,19 @@ class _RedisConsumer(Consumer):
             raise StreamClosedError("consumer is closed")
         if self._buffer:
             return [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
-        now = time.monotonic()
-        deadline = now + timeout
-        if now >= self._next_claim:
-            self._next_claim = now + self._backend.claim_interval
-            claimed = self._claim(max_messages)
-            if claimed:
-                return claimed
+        deadline = time.monotonic() + timeout
         args: list[Any] = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
         streams = ["STREAMS", *self._keys, *([">"] * len(self._keys))]
         while True:
-            remaining = deadline - time.monotonic()
-            block = int(min(remaining, self._max_block) * 1000)
+            now = time.monotonic()
+            if now >= self._next_claim:  # also within one long receive: a member may die meanwhile
+                self._next_claim = now + self._backend.claim_interval
+                claimed = self._claim(max_messages)
+                if claimed:
+                    return claimed
+            remaining = deadline - now
+            # wake up for the next claim round too
+            block = int(min(remaining, self._max_block, max(0.001, self._next_claim - now)) * 1000)
             with self._backend.errors("receive"):
                 try:
                     reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)

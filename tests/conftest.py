@@ -1,5 +1,6 @@
-"""Session brokers for the backend suites: an existing one named by an environment variable, else one
-started here (free loopback port, temp dir) and stopped at the end."""
+"""Session brokers for the backend and fault suites: an existing one named by an environment variable,
+else one started here (free loopback port, temp dir) and stopped at the end. And the ``--long`` option
+of the fault suite."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from .brokers import Broker, start_pulsar_lite, start_redis, start_tansu
+from tests.backends.brokers import Broker, start_pulsar_lite, start_redis, start_tansu
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="fault suite (tests/faults): the full runs (20 consumer kills, 100,000 corrupt frames, ...)",
+    )
+    parser.addoption("--fault-report", metavar="PATH", help="fault suite: write the figures it measured to PATH")
 
 
 def _broker_url(

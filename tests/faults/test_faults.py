@@ -1,0 +1,294 @@
+"""Fault suite: consumer crashes, corrupt input and secrets, against every backend with a real broker.
+
+Short by default (CI); ``--long`` for the full runs. Every figure a test measures goes to the session's
+fault report (``--fault-report PATH`` writes it as Markdown; docs/reliability.md keeps the last one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import msgstream as ms
+from msgstream.errors import MsgStreamError, UnmarshalError
+
+WORKER = Path(__file__).with_name("crash_worker.py")
+BROKERS = ["redis", "kafka", "pulsar"]
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest) -> tuple[str, str]:
+    name: str = request.param
+    return name, str(request.getfixturevalue(f"{name}_url"))
+
+
+def _owner() -> ms.OwnerDescription:
+    return ms.OwnerDescription(role="faults")
+
+
+def _row(i: int, ts: int) -> ms.InsertMsg:
+    return ms.InsertMsg(begin_ts=ts, end_ts=ts, hash_values=[i], row_ids=[i], row_data=[i.to_bytes(4, "big")])
+
+
+def _rows_in_state(state: Path) -> int:
+    import json
+
+    try:
+        return len(json.loads(state.read_text())["rows"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+# -- consumer crash -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["plain", "tt"])
+def test_consumer_killed_at_random_points_outputs_everything_once(
+    broker_url: tuple[str, str], mode: str, tmp_path: Path, request: pytest.FixtureRequest, fault_report: Any
+) -> None:
+    """A consumer process that checkpoints its output and positions together is SIGKILLed at random
+    points and started again from its checkpoint: its output is every row exactly once, in order."""
+    name, url = broker_url
+    long = bool(request.config.getoption("--long"))
+    kills, n = (20, 12000) if long else (4, 3000)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with ms.connect(url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=3))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            for k in range(0, n, 100):  # a tick after every 100 rows, each row's ts below its tick
+                base = 10 * k + 10
+                out.produce(ms.MsgPack.of([_row(i, base + (i - k)) for i in range(k, k + 100)]))
+                out.broadcast(ms.MsgPack(0, 0, [ms.TimeTickMsg(begin_ts=base + 200, end_ts=base + 200)]))
+    state = tmp_path / "state.json"
+    argv = [sys.executable, str(WORKER), url, ",".join(chans), str(state), mode, str(n)]
+    done_kills, last_run = _kill_repeatedly(argv, state, kills, n, rng=rng, seed=seed)
+    import json
+
+    rows: list[int] = json.loads(state.read_text())["rows"]
+    lost = len(set(range(n)) - set(rows))
+    duplicated = len(rows) - len(set(rows))
+    fault_report.add(
+        "consumer crash", name, mode=mode, kills=done_kills, rows=n, lost=lost, duplicated=duplicated, seed=seed
+    )
+    assert lost == 0 and duplicated == 0, f"lost {lost}, duplicated {duplicated} (seed {seed})"
+    assert "done" in last_run, last_run
+    for c in range(3):  # per-channel order (rows of channel c are those with i % 3 == c)
+        mine = [r for r in rows if r % 3 == c]
+        assert mine == sorted(mine), f"channel {c} out of order (seed {seed})"
+    if mode == "tt":  # ticks come in order, so rows of an earlier tick never follow a later one
+        assert [r // 100 for r in rows] == sorted(r // 100 for r in rows)
+    assert done_kills == kills, f"the worker finished after {done_kills} of {kills} kills: raise n"
+
+
+def _kill_repeatedly(
+    argv: list[str], state: Path, kills: int, n: int, *, rng: random.Random, seed: int
+) -> tuple[int, str]:
+    """Start the worker and SIGKILL it soon after it saved progress, ``kills`` times (fewer if it
+    finishes first); then run it to the end. Returns how many times it was killed, and what the last
+    run printed ("done" if it finished)."""
+    done_kills = 0
+    for _ in range(kills):
+        before = _rows_in_state(state)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while _rows_in_state(state) <= before and proc.poll() is None:  # it made progress: now kill it
+            assert time.monotonic() < deadline, f"worker made no progress (seed {seed})"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.01))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            done_kills += 1
+        proc.wait(10)
+        if _rows_in_state(state) >= n:
+            break
+    final = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    return done_kills, final.stdout + final.stderr[-2000:]
+
+
+def test_killed_member_resumed_by_the_broker_loses_nothing(
+    broker_url: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, fault_report: Any
+) -> None:
+    """Without checkpointed positions: a consumer killed at random points and started again in the same
+    subscription gets, from the broker, every message it had not acknowledged. Nothing is lost; what is
+    repeated is at most what was in flight at each kill (at-least-once)."""
+    name, url = broker_url
+    with ms.connect(url) as probe:
+        if not type(probe.backend).features.member_kill_recovery:
+            pytest.skip(f"{name} declares member_kill_recovery=False (docs/backends.md)")
+    if name == "redis":  # hand a dead member's entries over within a second, not claim_idle's default 30 s
+        url += ("&" if "?" in url else "?") + "claim_idle=1&claim_interval=0.2"
+    long = bool(request.config.getoption("--long"))
+    kills, n = (20, 12000) if long else (4, 3000)
+    seed = random.randrange(2**32)
+    with ms.connect(url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=3))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            for k in range(0, n, 100):
+                out.produce(ms.MsgPack.of([_row(i, i + 1) for i in range(k, k + 100)]))
+    state = tmp_path / "state.json"
+    sub = f"resume-{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, str(WORKER), url, ",".join(chans), str(state), "resume", str(n), sub]
+    done_kills, last_run = _kill_repeatedly(argv, state, kills, n, rng=random.Random(seed), seed=seed)
+    import json
+
+    rows: list[int] = json.loads(state.read_text())["rows"]
+    lost = len(set(range(n)) - set(rows))
+    repeated = len(rows) - len(set(rows))
+    fault_report.add(
+        "member killed, broker resumes", name, kills=done_kills, rows=n, lost=lost, repeated=repeated, seed=seed
+    )
+    assert lost == 0, f"lost {lost} (seed {seed})"
+    assert "done" in last_run, last_run
+    assert repeated <= 100 * done_kills, f"{repeated} repeats for {done_kills} kills (seed {seed})"
+
+
+# -- corrupt input --------------------------------------------------------------------------------
+def _bad_frames(rng: random.Random, good: list[bytes], count: int) -> list[bytes]:
+    """Random bytes, and valid frames truncated, extended, or with bytes flipped."""
+    out = []
+    for _ in range(count):
+        kind = rng.randrange(4)
+        base = bytearray(rng.choice(good))
+        if kind == 0:
+            frame = rng.randbytes(rng.randrange(1, 200))
+        elif kind == 1:
+            frame = bytes(base[: rng.randrange(len(base))])
+        elif kind == 2:
+            frame = bytes(base) + rng.randbytes(rng.randrange(1, 20))
+        else:
+            for _ in range(rng.randrange(1, 4)):
+                base[rng.randrange(len(base))] = rng.randrange(256)
+            frame = bytes(base)
+        out.append(frame or b"\x00")
+    return out
+
+
+@pytest.mark.parametrize("backend_name", ["memory", *BROKERS])
+def test_corrupt_frames_are_reported_and_good_messages_go_on(
+    backend_name: str, request: pytest.FixtureRequest, fault_report: Any
+) -> None:
+    """Corrupt frames written straight to a channel (past msgstream's producer) come out only as
+    ``UnmarshalError`` reports with their position, and every good message around them arrives, in
+    order."""
+    url = "memory://faults" if backend_name == "memory" else str(request.getfixturevalue(f"{backend_name}_url"))
+    n_bad = 100_000 if request.config.getoption("--long") else 5_000
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    dispatcher = ms.UnmarshalDispatcher()
+    with ms.connect(url) as client:
+        [chan] = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        good = [_row(i, i + 1).marshal() for i in range(n_bad // 10)]
+        bad = _bad_frames(rng, good, n_bad)
+        payloads: list[bytes] = []
+        expected: list[bytes] = []  # what must come out as messages: the good frames, and mutants that decode
+        undecodable = 0
+        for i, frame in enumerate(bad):
+            payloads.append(frame)
+            try:
+                dispatcher.unmarshal(frame)
+                expected.append(frame)
+            except UnmarshalError:
+                undecodable += 1
+            if i % 10 == 9:
+                payloads.append(good[i // 10])
+                expected.append(good[i // 10])
+        producer = client.backend.create_producer(chan)
+        for k in range(0, len(payloads), 1000):
+            producer.send(payloads[k : k + 1000], 30)
+        producer.close()
+        reports: list[UnmarshalError] = []
+        got: list[bytes] = []
+        with client.msg_stream(on_error=reports.append) as inp:
+            inp.create_consumers("corrupt", [chan])
+            deadline = time.monotonic() + 120
+            while len(got) + len(reports) < len(payloads):
+                assert time.monotonic() < deadline, f"{len(got)} + {len(reports)} of {len(payloads)} (seed {seed})"
+                pack = inp.consume(timeout=1)
+                if pack is not None:
+                    got += [m.marshal() for m in pack.msgs]
+            assert inp.consume(timeout=0.3) is None
+    fault_report.add(
+        "corrupt input", backend_name, frames=n_bad, reported=len(reports), undecodable=undecodable, seed=seed
+    )
+    assert len(reports) == undecodable, f"seed {seed}"
+    assert all(r.position is not None and r.position.channel == chan and r.position.msg_id for r in reports)
+    assert len({r.position.msg_id for r in reports if r.position}) == len(reports), "a frame reported twice"
+    assert [dispatcher.unmarshal(f) for f in got] == [dispatcher.unmarshal(f) for f in expected], f"seed {seed}"
+
+
+# -- secrets --------------------------------------------------------------------------------------
+def _workload(url: str, secret: str, texts: list[str]) -> None:
+    """Everything a user does, including the failures, collecting every text msgstream produces."""
+
+    def attempt(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except MsgStreamError as exc:
+            texts.extend([str(exc), repr(exc)])
+
+    with ms.connect(url) as client:
+        texts += [repr(client), repr(client.backend), str(client.backend.url)]
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+        with client.msg_stream() as out, client.msg_stream() as inp:
+            texts += [repr(out), repr(inp)]
+            out.create_producers(chans)
+            inp.create_consumers("secrets", chans)
+            out.produce(ms.MsgPack.of([_row(i, i + 1) for i in range(10)]))
+            texts.append(repr(inp.consume(timeout=5)))
+            attempt(lambda: inp.seek([ms.Position(chans[0], b"\xff" * 8, 0)]))
+            attempt(lambda: client.describe_channels(["no-such-channel"]))
+            attempt(lambda: out.create_producers(["no-such-channel"]))
+            client.destroy_channels(chans[:1])
+            attempt(lambda: out.produce(ms.MsgPack.of([_row(0, 1)])))
+    assert secret in url  # the secret really was in the URL
+
+
+def test_secrets_never_appear(
+    tmp_path: Path,
+    *,
+    kafka_url: str,
+    pulsar_url: str,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    fault_report: Any,
+) -> None:
+    """With a password or token in every backend's URL, no log line, repr, exception text or output of
+    the whole workload (failures included) contains it."""
+    from tests.backends.brokers import start_redis
+
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    redis_secret = f"pw-{uuid.uuid4().hex}"
+    broker = start_redis(tmp_path / "auth", password=redis_secret)
+    try:
+        port = broker.port
+        _workload(f"redis://:{redis_secret}@127.0.0.1:{port}/0", redis_secret, texts)
+        try:  # a wrong password: the error names neither
+            ms.connect(f"redis://:wrong-{redis_secret}@127.0.0.1:{port}/0")
+        except MsgStreamError as exc:
+            texts.append(str(exc))
+    finally:
+        broker.stop()
+    secrets = [redis_secret]
+    for url, option in ((kafka_url, "sasl.password"), (pulsar_url, "token")):
+        secret = f"tok-{uuid.uuid4().hex}"
+        sep = "&" if "?" in url else "/?"
+        _workload(f"{url}{sep}{option}={secret}", secret, texts)
+        secrets.append(secret)
+    captured = capfd.readouterr()
+    everything = "\n".join([*texts, *(r.getMessage() for r in caplog.records), captured.out, captured.err])
+    hits = sum(everything.count(s) for s in secrets)
+    fault_report.add("secrets", "redis, kafka, pulsar", texts=len(texts) + len(caplog.records), hits=hits)
+    assert hits == 0
