@@ -159,7 +159,8 @@ def _flag(value: Any) -> bool:
 
 
 class _Entry(msgspec.Struct, array_like=True, frozen=True):
-    """A registry record: ``kind`` "C" (create, with the channel's metadata) or "D" (destroy)."""
+    """A registry record: ``kind`` "C" (create, with the channel's metadata), "D" (destroy) or "I" (the
+    first record of a new registry; it means nothing)."""
 
     kind: str
     name: str
@@ -300,8 +301,11 @@ class PulsarBackend(Backend):
             except BaseException:
                 self.client.close()
                 raise
+        self._registry_empty = False
         try:
             self.refresh_registry()
+            if self._registry_empty:  # a first record, so that reading it no longer logs errors
+                self._append(_Entry("I", "", b""))
         except BaseException:
             self.client.close()
             raise
@@ -349,6 +353,7 @@ class PulsarBackend(Backend):
         try:
             return bool(self._reader.has_message_available())
         except pulsar.UnknownError:  # a topic never written to (pulsar-lite): nothing to read
+            self._registry_empty = True
             return False
 
     def _apply(self, record: _Entry) -> None:
