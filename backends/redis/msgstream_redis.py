@@ -316,12 +316,45 @@ class _RedisConsumer(Consumer):
         self._next_claim = 0.0
         self._max_block = max(0.05, backend.socket_timeout / 2)
         self._closed = False
+        # The newest entry id this member has received, per stream key. If a connection breaks during
+        # XREADGROUP, Redis may have assigned entries to this member whose reply never arrived: they
+        # sit in its own pending list, where no claim of other members' entries finds them. So after
+        # an error the next receive, and every claim round, re-reads its own pending entries after
+        # these ids.
+        self._last_seen: dict[bytes, bytes] = {}
+        self._recover = False
 
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         if self._closed:
             raise StreamClosedError("consumer is closed")
         if self._buffer:
             return [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
+        try:
+            if self._recover:
+                recovered = self._recover_lost_replies(max_messages)
+                if recovered:
+                    return recovered
+            return self._receive(max_messages, timeout)
+        except MsgStreamError as exc:
+            if exc.retriable:  # the connection broke: a reply may have been lost with it
+                self._recover = True
+            raise
+
+    def _recover_lost_replies(self, max_messages: int) -> list[RawMessage]:
+        """This member's own pending entries after the newest it received: delivered by Redis, lost on
+        the way. Clears the recovery flag once there are none left."""
+        ids = [self._last_seen.get(key.encode(), b"0") for key in self._keys]
+        args = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
+        with self._backend.errors("receive"):
+            out = self._parse(self._backend.command(*args, "STREAMS", *self._keys, *ids))
+        if not out:
+            self._recover = False
+        elif len(out) > max_messages:
+            self._buffer.extend(out[max_messages:])
+            del out[max_messages:]
+        return out
+
+    def _receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         deadline = time.monotonic() + timeout
         args: list[Any] = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
         streams = ["STREAMS", *self._keys, *([">"] * len(self._keys))]
@@ -329,7 +362,9 @@ class _RedisConsumer(Consumer):
             now = time.monotonic()
             if now >= self._next_claim:  # also within one long receive: a member may die meanwhile
                 self._next_claim = now + self._backend.claim_interval
-                claimed = self._claim(max_messages)
+                # a reply lost in a connection that redis-py re-established by itself raised nothing:
+                # look for such entries at every claim round too (one cheap command)
+                claimed = self._recover_lost_replies(max_messages) or self._claim(max_messages)
                 if claimed:
                     return claimed
             remaining = deadline - now
@@ -358,6 +393,8 @@ class _RedisConsumer(Consumer):
         new = tuple.__new__  # RawMessage(...) costs twice as much per entry
         for key, entries in items:
             channel = channel_of[key]
+            if entries:
+                self._last_seen[key] = entries[-1][0]
             for entry_id, fields in entries:
                 payload = fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
                 out.append(new(RawMessage, (channel, entry_id, payload)))
@@ -441,6 +478,7 @@ class _RedisConsumer(Consumer):
                     raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
             for channel, after in targets.items():
                 key = self._key_of[channel]
+                self._last_seen.pop(key.encode(), None)
                 self._r.xgroup_setid(key, self.subscription, after or "0")
                 while True:  # forget the group's deliveries on this stream
                     pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
