@@ -34,11 +34,12 @@ from importlib import metadata
 from typing import Any, ClassVar, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
-from .errors import BackendNotFoundError, InvalidURLError
+from .errors import BackendNotFoundError, InvalidURLError, StreamClosedError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
+    "CLOSED",
     "Consumer",
     "Features",
     "Producer",
@@ -54,6 +55,22 @@ CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _SECRET_MARKERS = ("password", "passwd", "secret", "token", "credential", "auth", "jaas", "key")
 _HOSTLIST = re.compile(r"[A-Za-z0-9.\-\[\]:,%]*")
 _MASK = "***"
+
+
+class _ClosedHandle:
+    """Put in place of a native client object on ``close()``: the native object, with its sockets, is
+    freed at once rather than when the backend object is, and any later use raises StreamClosedError
+    instead of an AttributeError."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise StreamClosedError("closed")
+
+    def __repr__(self) -> str:
+        return "<closed>"
+
+
+#: see :class:`_ClosedHandle`: ``self._producer = CLOSED`` in a backend's ``close()``
+CLOSED: Any = _ClosedHandle()
 
 
 class SubscriptionPosition(enum.Enum):

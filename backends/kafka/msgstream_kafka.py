@@ -39,6 +39,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from msgstream.backend import (
     CHANNEL_NAME,
+    CLOSED,
     URL,
     Backend,
     Consumer,
@@ -325,6 +326,9 @@ class KafkaBackend(Backend):
         with contextlib.suppress(Exception):
             self._reader.close()
         self._producer.flush(self.timeout)
+        # librdkafka's producer and admin client have no close(): they let go of their sockets and
+        # threads when freed. Drop them now, not when the user drops this backend.
+        self._producer = self._reader = self.admin = CLOSED
 
     def __repr__(self) -> str:
         return f"KafkaBackend({self.url.redacted()!r}, {redact_options(self.options)})"
@@ -365,17 +369,26 @@ class _KafkaProducer(Producer):
                             ) from None
                         producer.poll(0.05)
             producer.flush(max(0.0, deadline - time.monotonic()))
-        accepted = [_offset_id(off) for err, off in reports if err is None]
-        failed = [err for err, _ in reports if err is not None]
-        if failed or len(reports) < len(payloads):
-            reason = failed[0].str() if failed else f"not confirmed within {timeout}s"
-            exc = ProduceError(
-                f"send to {topic!r}: {len(payloads) - len(accepted)} of {len(payloads)} not accepted ({reason})",
+        accepted: list[bytes] = []  # the confirmed prefix, with offsets
+        reason: str | None = None
+        retriable = True
+        for err, offset in reports:
+            if err is not None:
+                reason = err.str()
+                retriable = err.retriable() or err.code() == ck.KafkaError._MSG_TIMED_OUT
+                break
+            if offset is None or offset < 0:  # seen from Tansu right after a restart
+                reason = "the broker confirmed a message without its offset"
+                break
+            accepted.append(_offset_id(offset))
+        if len(accepted) < len(payloads):
+            raise ProduceError(
+                f"send to {topic!r}: {len(payloads) - len(accepted)} of {len(payloads)} not confirmed in order"
+                f" ({reason or f'not confirmed within {timeout}s'}); some of them may have landed",
                 channel=topic,
                 sent={topic: accepted},
-                retriable=not failed or failed[0].retriable() or failed[0].code() == ck.KafkaError._MSG_TIMED_OUT,
+                retriable=retriable,
             )
-            raise exc
         return accepted
 
     def close(self) -> None:
@@ -553,3 +566,4 @@ class _KafkaConsumer(Consumer):
         with self._backend.errors("close consumer"):
             self._commit(list(self._committed), asynchronous=False)
             self._c.close()
+        self._c = CLOSED

@@ -60,6 +60,7 @@ import pulsar  # type: ignore[import-untyped]  # pulsar-client ships no type inf
 
 from msgstream.backend import (
     CHANNEL_NAME,
+    CLOSED,
     URL,
     Backend,
     Consumer,
@@ -497,6 +498,8 @@ class PulsarBackend(Backend):
             self.admin.close()
         with contextlib.suppress(pulsar.PulsarException):
             self.client.close()
+        # the C++ client lets go of its sockets when freed: drop it (and what refers to it) now
+        self.client = self._reader = self._writer = CLOSED
 
     def __repr__(self) -> str:
         return f"PulsarBackend({self.url.redacted()!r}, {redact_options(self.options)})"
@@ -561,6 +564,7 @@ class _PulsarProducer(Producer):
         self._backend._producers.discard(self)
         with contextlib.suppress(pulsar.PulsarException):
             self._native.close()
+        self._native = CLOSED
 
 
 class _PulsarConsumer(Consumer):
@@ -745,3 +749,4 @@ class _PulsarConsumer(Consumer):
         if self._native is not None:
             with self._backend.errors("close consumer"):
                 self._native.close()
+        self._native = self._fast = CLOSED

