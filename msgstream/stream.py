@@ -315,6 +315,12 @@ class MsgStream:
         if raws:
             consumer.ack(raws)
 
+    def _ack_raw(self, raws: Sequence[RawMessage]) -> None:
+        """Acknowledge by the backend records consumed messages carry (for decorators such as the
+        time-tick stream that hold the records already: no per-message checks)."""
+        if raws:
+            self._require_consumer().ack(raws)
+
     def _ack_delivered(self) -> None:
         if self._unacked and self._consumer is not None:
             self._consumer.ack(self._unacked)  # on failure they stay, and the next call tries again

@@ -42,7 +42,7 @@ _END_TS = attrgetter("end_ts")
 
 
 class _Channel:
-    __slots__ = ("last_tick", "log", "name", "position", "skip_upto", "ticks")
+    __slots__ = ("in_order", "last_tick", "log", "max_ts", "name", "position", "skip_upto", "ticks")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -51,6 +51,9 @@ class _Channel:
         self.last_tick = 0  # highest tick seen on this channel
         self.position = Position(name, b"", 0)  # checkpoint: resume after this
         self.skip_upto: int | None = None  # after a seek: drop replayed messages <= this
+        # whether the log's end_ts never decrease (the usual case): then what a tick covers is a prefix
+        self.in_order = True
+        self.max_ts = 0
 
 
 class TimeTickStream:
@@ -142,27 +145,30 @@ class TimeTickStream:
             remaining = max(0.0, deadline - time.monotonic())
             got = self._stream.consume(remaining)
             if got is not None:
-                self._ingest(got.msgs)
+                self._ingest(got.msgs, got.start_positions)
             elif remaining <= 0:
                 self._check_lag()
                 return None
 
-    def _ingest(self, msgs: list[TsMsg]) -> None:
+    def _ingest(self, msgs: list[TsMsg], starts: list[Position]) -> None:
         """Buffer a batch. A message that breaks a tick invariant is acknowledged and dropped, the
         rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
+        only = channels[starts[0].channel] if len(starts) == 1 else None  # a batch of one channel
         ack_now: list[TsMsg] = []
         error: TimeTickError | None = None
+        kept = 0
         for m in msgs:
-            ch = channels[m.__dict__["_raw"][0]]
+            ch = only or channels[m.__dict__["_raw"][0]]
             ts = m.end_ts
+            is_tick = m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg)
             if ch.skip_upto is not None:
                 if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
                     ack_now.append(m)
                     continue
-                if isinstance(m, TimeTickMsg):
+                if is_tick:
                     ch.skip_upto = None
-            if isinstance(m, TimeTickMsg):
+            if is_tick:
                 if ts < ch.last_tick:
                     ack_now.append(m)
                     error = error or TimeTickError(
@@ -180,7 +186,12 @@ class TimeTickStream:
                 )
                 continue
             ch.log.append(m)
-            self._buffered += 1
+            if ts < ch.max_ts:
+                ch.in_order = False
+            else:
+                ch.max_ts = ts
+            kept += 1
+        self._buffered += kept
         if ack_now:
             self._stream.ack(ack_now)
         if error is not None:
@@ -197,26 +208,37 @@ class TimeTickStream:
         assert tick is not None
         prev = self._last_tick
         data: list[TsMsg] = []
-        done: list[TsMsg] = []
+        done: list[Any] = []  # the backend records of what the pack covers, to acknowledge
         starts: list[Position] = []
         ends: list[Position] = []
         for ch in order:
-            for m in ch.log:
-                ts = m.end_ts
-                if isinstance(m, TimeTickMsg):
+            chlog = ch.log
+            if not ch.in_order:  # data of (prev, tick] may sit behind a later message: scan up to the
+                for m in chlog:  # first tick above ``tick`` (no data <= tick follows a tick > tick)
+                    ts = m.end_ts
                     if ts > tick:
-                        break
-                elif prev < ts <= tick:
-                    data.append(m)
+                        if m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg):
+                            break
+                    elif ts > prev and not (m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg)):
+                        data.append(m)
             ticks = ch.ticks
             while ticks and ticks[0] <= tick:
                 ticks.popleft()
             starts.append(ch.position)
-            chlog = ch.log
             last = None
-            while chlog and chlog[0].end_ts <= tick:
-                last = chlog.popleft()
-                done.append(last)
+            popleft = chlog.popleft
+            in_order = ch.in_order
+            while chlog and chlog[0].end_ts <= tick:  # in order: exactly the messages the pack covers
+                last = popleft()
+                done.append(last.__dict__["_raw"])
+                if (
+                    in_order
+                    and last.end_ts > prev
+                    and not (last.__class__ is TimeTickMsg or isinstance(last, TimeTickMsg))
+                ):
+                    data.append(last)
+            if not chlog:  # nothing left to be out of order with
+                ch.in_order, ch.max_ts = True, 0
             if last is not None:
                 ch.position = Position(ch.name, last.__dict__["_raw"][1], tick)
             elif ch.position.timestamp != tick:
@@ -226,8 +248,7 @@ class TimeTickStream:
         data.sort(key=_END_TS)
         self._last_tick = tick
         self._lag_since = None
-        if done:
-            self._stream.ack(done)
+        self._stream._ack_raw(done)
         return MsgPack(prev, tick, data, starts, ends)
 
     def lagging_channels(self) -> list[str]:
