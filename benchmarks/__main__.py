@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
     "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Tansu broker)"),
     "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own pulsar-lite)"),
+    "latency": ("benchmarks.bench_latency", "produce -> consume latency at a fixed rate on every backend"),
 }
 
 
@@ -52,11 +53,16 @@ def _pulsar_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _latency_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=500.0, help="messages per second (default 500)")
+
+
 #: name -> adds the options only that suite takes
 OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "redis": _redis_options,
     "kafka": _kafka_options,
     "pulsar": _pulsar_options,
+    "latency": _latency_options,
 }
 
 

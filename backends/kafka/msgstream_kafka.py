@@ -82,6 +82,11 @@ _CONSUMER_DEFAULTS = {
     # librdkafka pauses fetching for 1 s whenever its local queue is full; a consumer that decodes
     # then sits idle on a long backlog (132k vs 350k msgs/s measured at 100 B with 300,000 queued)
     "fetch.queue.backoff.ms": 10,
+    # how long the broker may hold a fetch that found nothing. Tansu holds it that long even when a
+    # message arrives meanwhile, so it is a floor on latency: at librdkafka's 500 ms, produce -> consume
+    # took 130 ms at the median (p99 253 ms); at 10 ms, 4.1 ms (p99 8.2 ms). On Apache Kafka, which
+    # answers as soon as data arrives, raise it to cut idle fetches (consumer.fetch.wait.max.ms=500).
+    "fetch.wait.max.ms": 10,
     "max.poll.interval.ms": 300000,
 }
 
