@@ -108,7 +108,7 @@ RAW_CONSUMER: dict[str, Any] = {
     "partition.assignment.strategy": "roundrobin",
     "session.timeout.ms": 1000,
     "heartbeat.interval.ms": 200,
-    "fetch.wait.max.ms": 10,
+    "fetch.wait.max.ms": 100,
     "auto.offset.reset": "earliest",
 }
 
