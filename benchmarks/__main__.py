@@ -25,32 +25,30 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def _redis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("MSGSTREAM_REDIS_URL") or None,
-        help="an existing Redis server, redis://[[user]:password@]host[:port][/db] (default: $MSGSTREAM_REDIS_URL,"
-        " else a redis-server started for the run on a free loopback port)",
-    )
+def _url_option(env: str, what: str, started: str) -> Callable[[argparse.ArgumentParser], None]:
+    """``--url``: an existing broker (default: $``env``), else one the suite starts for the run."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--url",
+            default=os.environ.get(env) or None,
+            help=f"an existing {what} (default: ${env}, else {started} started for the run on a free loopback port)",
+        )
+
+    return add
 
 
-def _kafka_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("MSGSTREAM_KAFKA_URL") or None,
-        help="an existing Kafka-protocol broker, kafka://host:port[,host:port...][/][?options] (default:"
-        " $MSGSTREAM_KAFKA_URL, else a Tansu broker started for the run on a free loopback port; for Tansu add"
-        " ?delete_topics=false)",
-    )
-
-
-def _pulsar_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("MSGSTREAM_PULSAR_URL") or None,
-        help="an existing Pulsar-protocol broker, pulsar://host:port[/?options] (default: $MSGSTREAM_PULSAR_URL,"
-        " else a pulsar-lite started for the run on a free loopback port)",
-    )
+_redis_options = _url_option(
+    "MSGSTREAM_REDIS_URL", "Redis server, redis://[[user]:password@]host[:port][/db]", "a redis-server"
+)
+_kafka_options = _url_option(
+    "MSGSTREAM_KAFKA_URL",
+    "Kafka-protocol broker, kafka://host:port[,host:port...][/][?options] (for Tansu add ?delete_topics=false)",
+    "a Tansu broker",
+)
+_pulsar_options = _url_option(
+    "MSGSTREAM_PULSAR_URL", "Pulsar-protocol broker, pulsar://host:port[/?options]", "a pulsar-lite"
+)
 
 
 def _latency_options(parser: argparse.ArgumentParser) -> None:
