@@ -308,12 +308,10 @@ class MsgStream:
 
     def ack(self, msgs: Sequence[TsMsg]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
-        consumer = self._require_consumer()
+        self._require_consumer()  # a closed or consumer-less stream raises even for an empty list
         if isinstance(msgs, TsMsg) or not all(isinstance(m, TsMsg) for m in msgs):
             raise InvalidArgumentError("ack takes a list of consumed TsMsg")
-        raws = [m.__dict__["_raw"] for m in msgs if "_raw" in m.__dict__]
-        if raws:
-            consumer.ack(raws)
+        self._ack_raw([m.__dict__["_raw"] for m in msgs if "_raw" in m.__dict__])
 
     def _ack_raw(self, raws: Sequence[RawMessage]) -> None:
         """Acknowledge by the backend records consumed messages carry (for decorators such as the

@@ -161,7 +161,7 @@ class TimeTickStream:
         for m in msgs:
             ch = only or channels[m.__dict__["_raw"][0]]
             ts = m.end_ts
-            is_tick = m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg)
+            is_tick = isinstance(m, TimeTickMsg)
             if ch.skip_upto is not None:
                 if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
                     ack_now.append(m)
@@ -217,9 +217,9 @@ class TimeTickStream:
                 for m in chlog:  # first tick above ``tick`` (no data <= tick follows a tick > tick)
                     ts = m.end_ts
                     if ts > tick:
-                        if m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg):
+                        if isinstance(m, TimeTickMsg):
                             break
-                    elif ts > prev and not (m.__class__ is TimeTickMsg or isinstance(m, TimeTickMsg)):
+                    elif ts > prev and not isinstance(m, TimeTickMsg):
                         data.append(m)
             ticks = ch.ticks
             while ticks and ticks[0] <= tick:
@@ -231,11 +231,7 @@ class TimeTickStream:
             while chlog and chlog[0].end_ts <= tick:  # in order: exactly the messages the pack covers
                 last = popleft()
                 done.append(last.__dict__["_raw"])
-                if (
-                    in_order
-                    and last.end_ts > prev
-                    and not (last.__class__ is TimeTickMsg or isinstance(last, TimeTickMsg))
-                ):
+                if in_order and last.end_ts > prev and not isinstance(last, TimeTickMsg):
                     data.append(last)
             if not chlog:  # nothing left to be out of order with
                 ch.in_order, ch.max_ts = True, 0

@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
@@ -456,25 +456,27 @@ class PulsarBackend(Backend):
                 return None
             start = pulsar.MessageId(entry.partition(), entry.ledger_id(), entry.entry_id(), -1)
             last = None
-            for message in self._read(topic, start, lambda m: m.message_id().entry_id() == entry.entry_id()):
-                if message.message_id().entry_id() == entry.entry_id():  # that entry only, not newer ones
-                    last = message.message_id()
+            with contextlib.closing(self._read(topic, start)) as messages:
+                for message in messages:
+                    msg_id = message.message_id()
+                    if msg_id.entry_id() != entry.entry_id():  # that entry only, not a newer one
+                        break
+                    last = msg_id
             return last
 
     def read_one(self, topic: str, start: Any) -> Any:
         """The id of the first message at or after ``start``, or None."""
-        for message in self._read(topic, start, lambda _m: False):
-            return message.message_id()
-        return None
+        with contextlib.closing(self._read(topic, start)) as messages:
+            first = next(messages, None)
+        return None if first is None else first.message_id()
 
-    def _read(self, topic: str, start: Any, more: Callable[[Any], bool]) -> Iterator[Any]:
+    def _read(self, topic: str, start: Any) -> Generator[Any, None, None]:
+        """The topic's messages from ``start`` (inclusive) to its end, by a reader closed when this
+        generator is."""
         reader = self.client.create_reader(topic, start, start_message_id_inclusive=True)
         try:
             while self._has(reader):
-                message = reader.read_next(int(self.timeout * 1000))
-                yield message
-                if not more(message):
-                    return
+                yield reader.read_next(int(self.timeout * 1000))
         finally:
             reader.close()
 

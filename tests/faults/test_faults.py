@@ -6,6 +6,7 @@ fault report (``--fault-report PATH`` writes it as Markdown; docs/reliability.md
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -42,8 +43,6 @@ def _row(i: int, ts: int) -> ms.InsertMsg:
 
 
 def _rows_in_state(state: Path) -> int:
-    import json
-
     try:
         return len(json.loads(state.read_text())["rows"])
     except (OSError, ValueError, KeyError):
@@ -73,8 +72,6 @@ def test_consumer_killed_at_random_points_outputs_everything_once(
     state = tmp_path / "state.json"
     argv = [sys.executable, str(WORKER), url, ",".join(chans), str(state), mode, str(n)]
     done_kills, last_run = _kill_repeatedly(argv, state, kills, n, rng=rng, seed=seed)
-    import json
-
     rows: list[int] = json.loads(state.read_text())["rows"]
     lost = len(set(range(n)) - set(rows))
     duplicated = len(rows) - len(set(rows))
@@ -141,8 +138,6 @@ def test_killed_member_resumed_by_the_broker_loses_nothing(
     sub = f"resume-{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, str(WORKER), url, ",".join(chans), str(state), "resume", str(n), sub]
     done_kills, last_run = _kill_repeatedly(argv, state, kills, n, rng=random.Random(seed), seed=seed)
-    import json
-
     rows: list[int] = json.loads(state.read_text())["rows"]
     lost = len(set(range(n)) - set(rows))
     repeated = len(rows) - len(set(rows))
