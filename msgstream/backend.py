@@ -102,6 +102,10 @@ class Features:
     #: A subscription whose member was killed (no close) takes a new member, and the messages the dead
     #: one held unacknowledged go to it (used by the fault suite).
     member_kill_recovery: bool = True
+    #: A message is stored once even when the client library sent it again across a broker crash or
+    #: reconnect (the broker drops producer resends; used by the fault suite). Without it, a row can be
+    #: consumed twice, as two messages with different ids; the consumer never repeats one message.
+    idempotent_produce: bool = True
 
 
 class URL:

@@ -409,10 +409,21 @@ class _KafkaConsumer(Consumer):
         super().__init__(subscription, channels)
         self._backend = backend
         reset = "earliest" if initial is SubscriptionPosition.EARLIEST else "latest"
-        conf = {**backend.consumer_conf, "group.id": subscription, "auto.offset.reset": reset}
+        conf = {
+            **backend.consumer_conf,
+            "group.id": subscription,
+            "auto.offset.reset": reset,
+            "on_commit": self._on_commit,
+        }
         self._delivered: dict[str, deque[int]] = {c: deque() for c in channels}
         self._acked: dict[str, set[int]] = {c: set() for c in channels}
-        self._committed: dict[str, int] = {}
+        self._committed: dict[str, int] = {}  # commits still to make: channel -> next offset
+        # channel -> the offset after the newest this member acknowledged; kept across rebalances. A
+        # partition assigned again starts from the group's committed offset, which lags it when an
+        # asynchronous commit was lost (a broker restart): what lies below it was acknowledged here
+        # already and is dropped, not delivered twice (`_guard` holds the channels still to check).
+        self._floor: dict[str, int] = {}
+        self._guard: dict[str, int] = {}
         self._assigned: set[str] = set()
         self._closed = False
         with backend.errors("create consumer", BrokerUnavailableError):
@@ -445,6 +456,17 @@ class _KafkaConsumer(Consumer):
             self._assigned.add(tp.topic)
             self._delivered[tp.topic].clear()
             self._acked[tp.topic].clear()
+            if tp.topic in self._floor:
+                self._guard[tp.topic] = self._floor[tp.topic]
+
+    def _on_commit(self, err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
+        """A failed commit of the newest acknowledged offset is made again with the next ack or on
+        revoke, not forgotten. (An older offset's failure is moot: a newer commit was sent after it.)"""
+        if err is None and not any(tp.error is not None for tp in partitions):
+            return
+        for tp in partitions:
+            if tp.topic in self._assigned and tp.offset >= 0 and tp.offset >= self._floor.get(tp.topic, -1):
+                self._committed.setdefault(tp.topic, tp.offset)
 
     def _on_revoke(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
         self._commit([tp.topic for tp in partitions], asynchronous=False)
@@ -486,6 +508,7 @@ class _KafkaConsumer(Consumer):
             with backend.errors("receive"):
                 batch = _take(self._c, max_messages, min(remaining, 1.0))
             out: list[RawMessage] = []
+            guard = self._guard
             for m in batch:
                 err = m.error()
                 if err is not None:
@@ -494,6 +517,10 @@ class _KafkaConsumer(Consumer):
                     backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
                 topic: str = m.topic()
                 offset: int = m.offset()
+                if guard and topic in guard:
+                    if offset < guard[topic]:
+                        continue  # acknowledged here before a rebalance whose commit was lost
+                    del guard[topic]
                 self._delivered[topic].append(offset)
                 out.append(new(RawMessage, (topic, _offset_id(offset), m.value() or b"")))
             if out or remaining <= 0:
@@ -515,7 +542,7 @@ class _KafkaConsumer(Consumer):
                 last = delivered.popleft()
                 acked.discard(last)
             if last is not None:
-                self._committed[channel] = last + 1
+                self._committed[channel] = self._floor[channel] = last + 1
         self._commit(list(set(touched)), asynchronous=True)
 
     def seek(self, targets: Mapping[str, bytes | None]) -> None:
@@ -544,6 +571,8 @@ class _KafkaConsumer(Consumer):
                 self._delivered[tp.topic].clear()
                 self._acked[tp.topic].clear()
                 self._committed.pop(tp.topic, None)
+                self._floor.pop(tp.topic, None)
+                self._guard.pop(tp.topic, None)
                 if tp.topic in self._assigned:
                     self._c.seek(tp)
 

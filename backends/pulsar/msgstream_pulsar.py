@@ -225,7 +225,13 @@ class PulsarBackend(Backend):
 
     # member_kill_recovery: pulsar-lite can wedge a subscription whose member was SIGKILLed (docs/backends.md);
     # against Apache Pulsar, override it in your ConformanceSuite subclass
-    features = Features(shared_subscription=True, durable=True, cross_process=True, member_kill_recovery=False)
+    features = Features(
+        shared_subscription=True,
+        durable=True,
+        cross_process=True,
+        member_kill_recovery=False,  # pulsar-lite gap 6 (docs/backends.md)
+        idempotent_produce=False,  # pulsar-lite stores producer resends twice (gap 10); see docs/backends.md
+    )
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)

@@ -334,10 +334,11 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
     broker_name: str, tmp_path: Path, request: pytest.FixtureRequest, fault_report: Any
 ) -> None:
     """A producer and a consumer keep running while the broker (durable configuration) is SIGKILLed and
-    started again on the same data. Every row whose produce was confirmed is consumed, once in the
-    output or more (at-least-once across a crash: counted), in per-channel order; rows of a failed
-    produce may land or not. Durable configurations: Redis AOF always, pulsar-lite's data dir, Tansu on
-    S3 storage (a local moto server that outlives the Tansu restarts)."""
+    started again on the same data. Every row whose produce was confirmed is consumed, in per-channel
+    order, and no message is delivered twice; where the backend declares idempotent produce, no row is
+    stored twice either (so each is consumed exactly once). Rows of a failed produce may land or not.
+    Durable configurations: Redis AOF always, pulsar-lite's data dir, Tansu on S3 storage
+    (a local moto server that outlives the Tansu restarts)."""
     import threading
 
     from tests.backends.brokers import Broker, start_moto, start_pulsar_lite, start_redis, start_tansu
@@ -356,7 +357,7 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
         url = f"kafka://127.0.0.1:{broker.port}/?delete_topics=false&operation_timeout=5"
     confirmed: set[int] = set()
     failed_produces = 0
-    output: list[tuple[str, int]] = []
+    output: list[tuple[str, int, bytes]] = []  # channel, row, message id
     stop = threading.Event()
     errors: list[BaseException] = []
     try:
@@ -402,9 +403,9 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
                         if produced.is_set() and time.monotonic() > drain_deadline[0]:
                             return
                         continue
-                    got = [(m.position.channel, m.row_ids[0]) for m in pack.msgs if m.position]
+                    got = [(p.channel, m.row_ids[0], p.msg_id) for m in pack.msgs if (p := m.position)]
                     output.extend(got)
-                    seen.update(r for _, r in got)
+                    seen.update(r for _, r, _ in got)
 
             drain_deadline = [float("inf")]
             threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
@@ -427,9 +428,15 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
         if s3 is not None:
             s3.stop()
     assert not errors, errors
-    rows = [r for _, r in output]
+    rows = [r for _, r, _ in output]
     lost = len(confirmed - set(rows))
     repeated = len(rows) - len(set(rows))
+    # a repeat is either the consumer delivering one stored message twice (same id: never allowed) or a
+    # row stored twice because the client resent it across the crash (different ids: allowed only where
+    # the backend declares idempotent_produce=False)
+    redelivered = len(output) - len({(c, i) for c, _, i in output})
+    stored_twice = repeated - redelivered
+    idempotent = type(client.backend).features.idempotent_produce
     fault_report.add(
         "broker killed under load",
         broker_name,
@@ -438,12 +445,17 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
         failed_produces=failed_produces,
         lost=lost,
         repeated=repeated,
+        redelivered=redelivered,
+        stored_twice=stored_twice,
     )
     assert lost == 0, f"{lost} confirmed rows never consumed"
+    assert redelivered == 0, f"{redelivered} messages delivered twice by the consumer"
+    if idempotent:
+        assert stored_twice == 0, f"{stored_twice} rows stored twice although produce is idempotent"
     for c, ch in enumerate(chans):
         firsts: list[int] = []
         once: set[int] = set()
-        for name, r in output:
+        for name, r, _ in output:
             if name == ch and r not in once:
                 once.add(r)
                 firsts.append(r)
