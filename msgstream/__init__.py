@@ -20,6 +20,7 @@ from .client import (
 )
 from .codec import UnmarshalDispatcher
 from .errors import MsgStreamError
+from .frames import FramePack, frame_timestamps, frame_type
 from .messages import (
     DeleteMsg,
     InsertMsg,
@@ -50,6 +51,7 @@ __all__ = [
     "CreateChannelRequest",
     "DeleteMsg",
     "Features",
+    "FramePack",
     "InsertMsg",
     "MsgPack",
     "MsgStream",
@@ -74,6 +76,8 @@ __all__ = [
     "__version__",
     "connect",
     "errors",
+    "frame_timestamps",
+    "frame_type",
     "repack",
     "timestamp",
 ]

@@ -74,3 +74,20 @@ class MsgPack(msgspec.Struct):
         if not msgs:
             return cls(0, 0, msgs)
         return cls(min(m.begin_ts for m in msgs), max(m.end_ts for m in msgs), msgs)
+
+
+def consumed_pack(msgs: list[TsMsg]) -> MsgPack:
+    """The pack of consumed messages (each carrying its backend record): time range, first and last
+    position per channel."""
+    first: dict[str, TsMsg] = {}
+    last: dict[str, TsMsg] = {}
+    for m in msgs:
+        ch = m.__dict__["_raw"][0]
+        if ch not in first:
+            first[ch] = m
+        last[ch] = m
+    begin = min(m.begin_ts for m in msgs)
+    end = max(m.end_ts for m in msgs)
+    starts = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in first.items()]
+    ends = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in last.items()]
+    return MsgPack(begin, end, msgs, starts, ends)

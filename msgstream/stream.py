@@ -18,8 +18,9 @@ from .errors import (
     StreamStateError,
     UnmarshalError,
 )
+from .frames import FramePack
 from .messages import HEADER_SIZE, TsMsg
-from .pack import MsgPack, Position
+from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
 
@@ -277,6 +278,25 @@ class MsgStream:
                 return pack
             # the batch began with a bad frame that went to on_error: go on with the rest
 
+    def consume_frames(self, timeout: float = 1.0) -> FramePack | None:
+        """As :meth:`consume`, but the messages stay encoded: a :class:`~msgstream.FramePack` of
+        ``(channel, msg_id, payload)`` records, decoded only when asked (``pack.unmarshal()``). The
+        same subscription, delivery and acknowledgement rules apply; nothing is decoded, so a corrupt
+        frame comes out like any other and raises only when it is unmarshalled. For consumers that
+        route, filter by type (``msgstream.frame_type``) or forward messages without reading them all.
+        """
+        consumer = self._require_consumer()
+        wait = check_timeout(timeout, "timeout")
+        if self.auto_ack:
+            self._ack_delivered()
+        raws = self._backlog or consumer.receive(self._batch, wait)
+        self._backlog = []
+        if not raws:
+            return None
+        if self.auto_ack:
+            self._unacked.extend(raws)
+        return FramePack(raws, self._dispatcher)
+
     def _decode(self, raws: list[RawMessage]) -> MsgPack | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
         A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
@@ -304,14 +324,25 @@ class MsgStream:
             msgs.append(msg)
         if self.auto_ack:
             self._unacked.extend(raws)
-        return _pack(msgs)
+        return consumed_pack(msgs)
 
-    def ack(self, msgs: Sequence[TsMsg]) -> None:
-        """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
+    def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
+        """Acknowledge consumed messages (only needed with ``auto_ack=False``): typed messages from
+        :meth:`consume`, or the frames of a :meth:`consume_frames` pack."""
         self._require_consumer()  # a closed or consumer-less stream raises even for an empty list
-        if isinstance(msgs, TsMsg) or not all(isinstance(m, TsMsg) for m in msgs):
-            raise InvalidArgumentError("ack takes a list of consumed TsMsg")
-        self._ack_raw([m.__dict__["_raw"] for m in msgs if "_raw" in m.__dict__])
+        if isinstance(msgs, (TsMsg, RawMessage)) or not isinstance(msgs, Sequence):
+            raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
+        raws: list[RawMessage] = []
+        for m in msgs:
+            if isinstance(m, RawMessage):
+                raws.append(m)
+            elif isinstance(m, TsMsg):
+                raw = m.__dict__.get("_raw")
+                if raw is not None:
+                    raws.append(raw)
+            else:
+                raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
+        self._ack_raw(raws)
 
     def _ack_raw(self, raws: Sequence[RawMessage]) -> None:
         """Acknowledge by the backend records consumed messages carry (for decorators such as the
@@ -396,21 +427,6 @@ class MsgStream:
             f"MsgStream({self._backend!r}, {state}, producers={self.producer_channels},"
             f" consumer={self.subscription!r}:{self.consumer_channels})"
         )
-
-
-def _pack(msgs: list[TsMsg]) -> MsgPack:
-    first: dict[str, TsMsg] = {}
-    last: dict[str, TsMsg] = {}
-    for m in msgs:
-        ch = m.__dict__["_raw"][0]
-        if ch not in first:
-            first[ch] = m
-        last[ch] = m
-    begin = min(m.begin_ts for m in msgs)
-    end = max(m.end_ts for m in msgs)
-    starts = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in first.items()]
-    ends = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in last.items()]
-    return MsgPack(begin, end, msgs, starts, ends)
 
 
 def _names(channels: Sequence[str], what: str) -> list[str]:

@@ -621,6 +621,41 @@ class ConformanceSuite:
         assert [e.position.msg_id for e in errors if e.position] == bad_ids
         assert all(e.position and e.position.channel == chans[0] for e in errors)
 
+    def test_frames_consume_once_and_resume_after_their_positions(self, client: ms.Client, streams: Any) -> None:
+        """consume_frames: the same delivery as consume (each message once, per-channel order, acknowledged
+        with the next call), decoded on demand, and its end_positions resume a fresh stream after it."""
+        chans = self.channels(client, 2)
+        self.producer(streams, chans).produce(ms.MsgPack.of([_data(i, i % 2) for i in range(40)]))
+        sub = self.sub()
+        inp = streams(receive_batch=7)
+        inp.create_consumers(sub, chans)
+        got: list[ms.TsMsg] = []
+        checkpoint: dict[str, ms.Position] = {}
+        deadline = time.monotonic() + self.timeout
+        while len(got) < 20:
+            assert time.monotonic() < deadline, f"received {len(got)} of 20 within {self.timeout}s"
+            pack = inp.consume_frames(timeout=1.0)
+            if pack is None:
+                continue
+            assert 1 <= len(pack) <= 7
+            assert all(ms.frame_type(f.payload) == ms.MsgType.INSERT for f in pack)
+            msgs = pack.unmarshal().msgs
+            assert [(f.channel, f.msg_id) for f in pack] == [(m.position.channel, m.position.msg_id) for m in msgs]
+            got.extend(msgs)
+            checkpoint.update((p.channel, p) for p in pack.end_positions)
+        rows = [m.row_ids[0] for m in got]
+        assert len(rows) == len(set(rows)), "a message came twice"
+        for c in range(2):
+            mine = [r for r in rows if r % 2 == c]
+            assert mine == sorted(mine), f"channel {c} out of order"
+        inp.close()  # acknowledges the last pack
+        left = set(range(40)) - set(rows)
+        resumed = self.consumer(streams, chans, self.sub())  # a new subscription, from the checkpoint
+        resumed.seek(list(checkpoint.values()))
+        assert {m.row_ids[0] for m in consume_n(resumed, len(left), self.timeout)} == left
+        again = self.consumer(streams, chans, sub)  # the old one resumes after what it was given
+        assert {m.row_ids[0] for m in consume_n(again, len(left), self.timeout)} == left
+
     def test_on_error_hook_gets_bad_frames(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 1)
         reported: list[UnmarshalError] = []
