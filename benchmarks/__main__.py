@@ -21,7 +21,13 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
     "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Tansu broker)"),
     "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own pulsar-lite)"),
-    "latency": ("benchmarks.bench_latency", "produce -> consume latency at a fixed rate on every backend"),
+    "latency": ("benchmarks.bench_latency", "produce -> consume latency at a fixed rate, msgstream and raw clients"),
+    "scaling": (
+        "benchmarks.bench_scaling",
+        "throughput vs size and channels, time-tick vs plain, every backend",
+    ),
+    "peer": ("benchmarks.bench_peer", "msgstream against FastStream on the same Redis and Kafka brokers"),
+    "all": ("benchmarks.bench_all", "everything above in one run: docs/benchmark-report.md and its plot"),
 }
 
 
@@ -46,17 +52,34 @@ _kafka_options = _url_option(
     "Kafka-protocol broker, kafka://host:port[,host:port...][/][?options] (for Tansu add ?delete_topics=false)",
     "a Tansu broker",
 )
-_pulsar_options = _url_option(
+_pulsar_url = _url_option(
     "MSGSTREAM_PULSAR_URL", "Pulsar-protocol broker, pulsar://host:port[/?options]", "a pulsar-lite"
 )
+
+
+def _pulsar_options(parser: argparse.ArgumentParser) -> None:
+    _pulsar_url(parser)
+    parser.add_argument(
+        "--unbatched-only", action="store_true", help="measure the default (unbatched) topic layout only"
+    )
 
 
 def _latency_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="messages per second (default 500)")
 
 
+def _scaling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw throughput vs message size to PNG")
+
+
+def _all_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where the report and plot go (default: docs/)")
+
+
 #: name -> adds the options only that suite takes
 OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "scaling": _scaling_options,
+    "all": _all_options,
     "redis": _redis_options,
     "kafka": _kafka_options,
     "pulsar": _pulsar_options,

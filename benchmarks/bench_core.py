@@ -327,48 +327,67 @@ def _produce_with_ticks(client: ms.Client, channels: list[str], row: bytes, budg
     return sent
 
 
-def _drain(stream: ms.MsgStream | ms.TimeTickStream, channels: list[str], expected: int, label: str) -> float:
-    """Seconds to consume ``expected`` messages of ``channels`` from ``stream`` (closed after)."""
+def _drain(
+    stream: ms.MsgStream | ms.TimeTickStream, channels: list[str], expected: int, label: str
+) -> tuple[int, float]:
+    """Consume ``expected`` messages of ``channels`` from ``stream`` (closed after): (messages timed,
+    seconds), the first pack untimed."""
     with stream:
         stream.create_consumers(f"bench-{label}", channels)
         stream.start()
-        received = 0
-        gc.collect()
-        t0 = clock()
-        while received < expected:
-            got = stream.consume(timeout=CONSUME_TIMEOUT)
-            if got is None:
-                raise RuntimeError(f"{label} consume returned nothing after {received} of {expected} messages")
-            received += len(got.msgs)
-        elapsed = clock() - t0
+        return timed_drain(stream, expected, label)
+
+
+def timed_drain(
+    stream: ms.MsgStream | ms.TimeTickStream,
+    expected: int,
+    label: str,
+    timeout: float = CONSUME_TIMEOUT,
+    stalled: type[Exception] = RuntimeError,
+) -> tuple[int, float]:
+    """Consume exactly ``expected`` messages: (messages timed, seconds). The first pack is not timed (it
+    carries a broker's group join or subscribe); a consume that returns nothing raises ``stalled``."""
+    first = stream.consume(timeout=timeout)
+    if first is None:
+        raise RuntimeError(f"{label} consume returned nothing within {timeout} s")
+    received = skipped = len(first.msgs)
+    gc.collect()
+    t0 = clock()
+    while received < expected:
+        got = stream.consume(timeout=timeout)
+        if got is None:
+            raise stalled(f"{label} consume returned nothing after {received} of {expected} messages")
+        received += len(got.msgs)
+    elapsed = clock() - t0
     if received != expected:
         raise RuntimeError(f"{label} consume: got {received} messages, expected {expected}")
-    return elapsed
+    return received - skipped, elapsed
 
 
-def _consume_plain(client: ms.Client, channels: list[str], data_msgs: int, ticks: int) -> float:
+def _consume_plain(client: ms.Client, channels: list[str], data_msgs: int, ticks: int) -> tuple[int, float]:
     expected = data_msgs + ticks * len(channels)  # the plain stream returns the ticks too
     return _drain(client.msg_stream(), channels, expected, "plain")
 
 
-def _consume_tt(client: ms.Client, channels: list[str], data_msgs: int) -> float:
+def _consume_tt(client: ms.Client, channels: list[str], data_msgs: int) -> tuple[int, float]:
     return _drain(client.tt_msg_stream(), channels, data_msgs, "time-tick")
 
 
 def _timetick_round(
     client: ms.Client, row: bytes, budget: float, max_msgs: int, plain_first: bool
-) -> tuple[int, float, float]:
-    """Returns (data messages, plain seconds, time-tick seconds)."""
+) -> tuple[int, int, float, int, float]:
+    """Returns (data messages sent, plain messages timed, plain seconds, time-tick messages timed,
+    time-tick seconds); each side's first pack is untimed."""
     with _channels(client) as channels:
         sent = _produce_with_ticks(client, channels, row, budget, max_msgs)
         ticks = sent // PACK_SIZE
         if plain_first:
-            t_plain = _consume_plain(client, channels, sent, ticks)
-            t_tt = _consume_tt(client, channels, sent)
+            n_plain, t_plain = _consume_plain(client, channels, sent, ticks)
+            n_tt, t_tt = _consume_tt(client, channels, sent)
         else:
-            t_tt = _consume_tt(client, channels, sent)
-            t_plain = _consume_plain(client, channels, sent, ticks)
-    return sent, t_plain, t_tt
+            n_tt, t_tt = _consume_tt(client, channels, sent)
+            n_plain, t_plain = _consume_plain(client, channels, sent, ticks)
+    return sent, n_plain, t_plain, n_tt, t_tt
 
 
 def bench_timetick(client: ms.Client, row_bytes: int, seconds: float, repeats: int) -> list[Figure]:
@@ -381,16 +400,14 @@ def bench_timetick(client: ms.Client, row_bytes: int, seconds: float, repeats: i
     _timetick_round(client, row, WARMUP_SECONDS, max_msgs, plain_first=True)
     rounds = 0
     for _ in range(repeats):
-        msgs, t_plain, t_tt = 0, 0.0, 0.0
+        n_plain, t_plain, n_tt, t_tt = 0, 0.0, 0, 0.0
         while t_plain + t_tt < seconds:
-            n, tp, tt_s = _timetick_round(client, row, seconds / 4, max_msgs, plain_first=rounds % 2 == 0)
+            _, n_p, t_p, n_t, t_t = _timetick_round(client, row, seconds / 4, max_msgs, plain_first=rounds % 2 == 0)
             rounds += 1
-            msgs += n
-            t_plain += tp
-            t_tt += tt_s
-        plain.rates.append(msgs / t_plain)
-        tt.rates.append(msgs / t_tt)
-        tt.ratios.append(t_plain / t_tt)
+            n_plain, t_plain, n_tt, t_tt = n_plain + n_p, t_plain + t_p, n_tt + n_t, t_tt + t_t
+        plain.rates.append(n_plain / t_plain)  # data rows and ticks: what a plain consumer reads
+        tt.rates.append(n_tt / t_tt)  # data rows: the ticks are read but not returned
+        tt.ratios.append(tt.rates[-1] / plain.rates[-1])
     return [plain, tt]
 
 

@@ -77,9 +77,10 @@ from benchmarks.report import (
     markdown_table,
     produce_rows,
     progress,
+    receiver,
     runs,
     size_text,
-    target_text,
+    verdicts,
     workload,
 )
 
@@ -369,7 +370,7 @@ class Bench:
         return sent, elapsed
 
     # -- consume ------------------------------------------------------------------------------------
-    def consume_msgstream(self, frames: list[bytes], n_msgs: int) -> tuple[int, float]:
+    def consume_msgstream(self, frames: list[bytes], n_msgs: int, as_frames: bool = False) -> tuple[int, float]:
         group = self.new_name("group")
         with self.channel() as name:
             self.send_packs(name, frames, n_msgs)
@@ -377,17 +378,18 @@ class Bench:
             try:
                 stream.create_consumers(group, [name])
                 stream.start()
+                take = receiver(stream, as_frames)
                 gc.collect()
-                first = stream.consume(timeout=JOIN_TIMEOUT)  # untimed: joins the group
+                first = take(JOIN_TIMEOUT)  # untimed: joins the group
                 if first is None:
                     raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
-                received = skipped = len(first.msgs)
+                received = skipped = first
                 t0 = clock()
                 while received < n_msgs:
-                    got = stream.consume(timeout=CONSUME_TIMEOUT)
+                    got = take(CONSUME_TIMEOUT)
                     if got is None:
                         raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-                    received += len(got.msgs)
+                    received += got
                 if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
                     raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
                 elapsed = clock() - t0
@@ -468,11 +470,13 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
     sides: dict[str, Round] = {
+        "msgstream frames": lambda: bench.consume_msgstream(frames, n_msgs, as_frames=True),
         "msgstream": lambda: bench.consume_msgstream(frames, n_msgs),
         "raw": lambda: bench.consume_raw(frames, n_msgs, None),
         "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
     }
     bench.consume_msgstream(frames, WARMUP_MSGS)
+    bench.consume_msgstream(frames, WARMUP_MSGS, as_frames=True)
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
     rates = runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
@@ -548,9 +552,7 @@ def run(args: argparse.Namespace) -> int:
         + (f"; Tansu held at most {max(rss):,.0f} MiB (end of a section)." if rss else ".")
         + "\n"
     )
-    for r in rows:
-        if r.target is not None:
-            print(f"- {r.section} {size_text(r.row_bytes)}: {r.ratio:.2f}x raw, target {target_text(r)}")
+    print(verdicts(rows))
     if args.json is not None:
         report = {
             "benchmark": "kafka",

@@ -10,7 +10,10 @@ the return of the ``consume`` that delivered it. Both threads share the process 
 a service that produces and consumes would. The first second is warm-up and not counted. Each figure
 is the median over ``--repeats`` runs of that run's percentile.
 
-Not measured yet: the raw clients' own latency on the same brokers (issue 7).
+The raw clients run the same loop on the same broker: redis-py ``XADD`` / ``XREADGROUP BLOCK`` +
+``XACK``; confluent-kafka ``produce`` + ``flush`` / ``consume`` + async commit with the backend's own
+settings (so the same ``fetch.wait.max.ms``); pulsar-client unbatched ``send`` / ``receive`` +
+``acknowledge``. A raw message is the same 100 B frame.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import json
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgstream as ms
 from benchmarks.bench_core import environment
@@ -37,65 +42,212 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
-    """One run: latencies (ms) of the messages produced after the warm-up."""
+class Side(Protocol):
+    """One way of moving a message: msgstream, or a raw client doing the same work."""
+
+    def send(self, i: int, frame: bytes) -> None: ...  # returns once the broker accepted it
+
+    def receive(self, timeout: float) -> list[bytes]: ...  # frames that arrived (acknowledged), [] on timeout
+
+
+class MsgStreamSide:
+    def __init__(self, url: str) -> None:
+        self.client = client = ms.connect(url)
+        [chan] = client.create_channels(
+            ms.CreateChannelRequest(owner=ms.OwnerDescription(role="latency"), num_channels=1)
+        )
+        self.out = client.msg_stream()
+        self.out.create_producers([chan])
+        self.inp = client.msg_stream()
+        self.inp.create_consumers("latency", [chan], position=ms.SubscriptionPosition.LATEST)
+        self.inp.consume(timeout=0.5)  # joins / subscribes before the clock starts
+
+    def send(self, i: int, frame: bytes) -> None:
+        msg = ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i], row_data=[_ROW])
+        self.out.produce(ms.MsgPack(i + 1, i + 1, [msg]))
+
+    def receive(self, timeout: float) -> list[bytes]:
+        pack = self.inp.consume(timeout)
+        return [] if pack is None else [_index_frame(m.row_ids[0]) for m in pack.msgs]  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+_ROW = b"x" * 100
+_DISPATCHER = ms.UnmarshalDispatcher()
+
+
+def _frame(i: int) -> bytes:
+    return ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i], row_data=[_ROW]).marshal()
+
+
+def _index_frame(i: int) -> bytes:
+    return i.to_bytes(8, "big")
+
+
+def _index(data: bytes) -> int:
+    if len(data) == 8:  # the msgstream side hands back the index itself (its message is decoded already)
+        return int.from_bytes(data, "big")
+    msg = _DISPATCHER.unmarshal(data)
+    return int(msg.row_ids[0])  # type: ignore[attr-defined]
+
+
+def measure(open_side: Callable[[], Any], rate: float, seconds: float) -> dict[str, float]:
+    """One run: latencies (ms) of the messages produced after the warm-up, between a producing thread
+    (this one) and a consuming thread of the side ``open_side()`` returns."""
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     total = int(rate * (seconds + WARMUP_SECONDS))
     counted_from = int(rate * WARMUP_SECONDS)
-    with ms.connect(url) as client:
-        [chan] = client.create_channels(
-            ms.CreateChannelRequest(owner=ms.OwnerDescription(role="latency"), num_channels=1)
-        )
-        with client.msg_stream() as out, client.msg_stream() as inp:
-            out.create_producers([chan])
-            inp.create_consumers("latency", [chan], position=ms.SubscriptionPosition.LATEST)
-            inp.consume(timeout=0.5)  # joins / subscribes before the clock starts
-            done = threading.Event()
-            failure: list[BaseException] = []
+    side = open_side()
+    try:
+        done = threading.Event()
+        failure: list[BaseException] = []
 
-            def consume() -> None:
-                got = 0
-                try:
-                    while got < total:
-                        pack = inp.consume(timeout=5)
-                        now = time.perf_counter()
-                        if pack is None:
-                            raise RuntimeError(f"no message within 5 s ({got} of {total})")
-                        for m in pack.msgs:
-                            i = m.row_ids[0]  # type: ignore[attr-defined]
-                            if i >= counted_from:
-                                latencies.append((now - sent_at[i]) * 1000)
-                            got += 1
-                except BaseException as exc:  # reported by the main thread
-                    failure.append(exc)
-                finally:
-                    done.set()
+        def consume() -> None:
+            got = 0
+            deadline = time.monotonic() + seconds + WARMUP_SECONDS + 30
+            try:
+                while got < total:
+                    frames = side.receive(1.0)
+                    now = time.perf_counter()
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{got} of {total} messages arrived")
+                    for frame in frames:
+                        i = _index(frame)
+                        if i >= counted_from:
+                            latencies.append((now - sent_at[i]) * 1000)
+                        got += 1
+            except BaseException as exc:  # reported by the main thread
+                failure.append(exc)
+            finally:
+                done.set()
 
-            reader = threading.Thread(target=consume)
-            reader.start()
-            row = b"x" * 100
-            start = time.perf_counter()
-            for i in range(total):
-                due = start + i / rate
-                pause = due - time.perf_counter()
-                if pause > 0:
-                    time.sleep(pause)
-                msg = ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i], row_data=[row])
-                sent_at[i] = time.perf_counter()
-                out.produce(ms.MsgPack(i + 1, i + 1, [msg]))
-                if failure:
-                    break
-            done.wait(30)
-            reader.join(5)
+        reader = threading.Thread(target=consume)
+        reader.start()
+        start = time.perf_counter()
+        for i in range(total):
+            due = start + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            frame = _frame(i)
+            sent_at[i] = time.perf_counter()
+            side.send(i, frame)
             if failure:
-                raise RuntimeError(f"latency run on {client.backend!r}: {failure[0]}")
+                break
+        done.wait(60)
+        reader.join(5)
+        if failure:
+            raise RuntimeError(f"latency run on {side!r}: {failure[0]}")
+    finally:
+        side.close()
     return {
         "p50_ms": _percentile(latencies, 0.50),
         "p99_ms": _percentile(latencies, 0.99),
         "max_ms": max(latencies),
         "messages": float(len(latencies)),
     }
+
+
+# -- raw clients, each doing what the backend does for one message ----------------------------------
+class RawRedis:
+    """redis-py: ``XADD`` / ``XREADGROUP ... BLOCK`` + ``XACK`` on a stream key of its own."""
+
+    def __init__(self, url: str) -> None:
+        from benchmarks.bench_redis import raw_client
+
+        self.r = raw_client(url)
+        self.key = f"msgstream-latency-raw-{uuid.uuid4().hex[:8]}"
+        self.r.xgroup_create(self.key, "latency", id="$", mkstream=True)
+
+    def send(self, i: int, frame: bytes) -> None:
+        self.r.execute_command("XADD", self.key, "*", "d", frame)  # type: ignore[no-untyped-call]
+
+    def receive(self, timeout: float) -> list[bytes]:
+        reply = self.r.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", "GROUP", "latency", "c", "COUNT", 1000, "BLOCK", int(timeout * 1000), "STREAMS", self.key, ">"
+        )
+        if not reply:
+            return []
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        self.r.xack(self.key, "latency", *[entry_id for entry_id, _ in entries])
+        return [fields[1] for _, fields in entries]
+
+    def close(self) -> None:
+        self.r.delete(self.key)
+        self.r.close()
+
+
+class RawKafka:
+    """confluent-kafka with the backend's own producer and consumer settings: ``produce`` + ``flush``;
+    ``consume`` + asynchronous commit, on a channel's topic."""
+
+    def __init__(self, url: str) -> None:
+        import confluent_kafka as ck
+
+        self.client = ms.connect(url)
+        backend: Any = self.client.backend
+        [self.topic] = self.client.create_channels(
+            ms.CreateChannelRequest(owner=ms.OwnerDescription(role="latency-raw"), num_channels=1)
+        )
+        plain = {k: v for k, v in backend.consumer_conf.items() if k != "logger"}
+        self.producer = ck.Producer({k: v for k, v in backend.producer_conf.items() if k != "logger"})
+        self.consumer = ck.Consumer({**plain, "group.id": "latency-raw", "auto.offset.reset": "earliest"})
+        self.consumer.subscribe([self.topic])
+        self.consumer.consume(1, 2.0)  # joins before the clock starts
+
+    def send(self, i: int, frame: bytes) -> None:
+        self.producer.produce(self.topic, frame, partition=0)
+        if self.producer.flush(10) != 0:
+            raise RuntimeError("raw Kafka produce not confirmed within 10 s")
+
+    def receive(self, timeout: float) -> list[bytes]:
+        batch = self.consumer.consume(1000, timeout)
+        out = [v for m in batch if m.error() is None and (v := m.value()) is not None]
+        if batch:
+            self.consumer.commit(asynchronous=True)
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.client.close()
+
+
+class RawPulsar:
+    """pulsar-client: unbatched ``send`` / ``receive`` + ``acknowledge`` on a Failover subscription."""
+
+    def __init__(self, url: str) -> None:
+        import pulsar
+
+        self.client = pulsar.Client(
+            url.split("/?", maxsplit=1)[0], logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
+        )
+        topic = f"persistent://public/default/msgstream-latency-raw-{uuid.uuid4().hex[:8]}"
+        self.producer = self.client.create_producer(topic, batching_enabled=False)
+        self.consumer = self.client.subscribe(
+            topic,
+            "latency",
+            consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=pulsar.InitialPosition.Earliest,
+        )
+
+    def send(self, i: int, frame: bytes) -> None:
+        self.producer.send(frame)
+
+    def receive(self, timeout: float) -> list[bytes]:
+        import pulsar
+
+        try:
+            msg = self.consumer.receive(int(timeout * 1000))
+        except pulsar.Timeout:
+            return []
+        self.consumer.acknowledge(msg)
+        return [msg.data()]
+
+    def close(self) -> None:
+        self.client.close()
 
 
 @contextmanager
@@ -122,6 +274,26 @@ def _backends() -> Iterator[list[tuple[str, Callable[[], AbstractContextManager[
     ]
 
 
+def latency_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: a row per backend and side, the raw client's p50 beside msgstream's as a ratio."""
+    lines = [
+        "| Backend | Side | p50 (ms) | p99 (ms) | max (ms) | messages per run | p50 msgstream/raw |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    raw = {r["backend"]: r for r in results if r["side"] == "raw"}
+    for r in results:
+        ratio = (
+            f"{r['p50_ms'] / raw[r['backend']]['p50_ms']:.2f}x"
+            if r["side"] == "msgstream" and r["backend"] in raw
+            else ""
+        )
+        lines.append(
+            f"| {r['backend']} | {r['side']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} |"
+            f" {r['messages']:,.0f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     rate: float = args.rate
     results: list[dict[str, Any]] = []
@@ -133,17 +305,20 @@ def run(args: argparse.Namespace) -> int:
         f"- settings: {rate:g} msgs/s, runs of {args.seconds:g} s after {WARMUP_SECONDS:g} s of warm-up,"
         f" median of {args.repeats} runs\n"
     )
+    raw_sides: dict[str, Callable[[str], Any]] = {"redis": RawRedis, "kafka": RawKafka, "pulsar": RawPulsar}
     with _backends() as backends:
         for name, server in backends:
             progress(f"latency, {name} ...")
             with server() as url:
-                runs = [measure(url, rate, args.seconds) for _ in range(args.repeats)]
-            results.append({"backend": name, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}})
+                sides: dict[str, Callable[[], Any]] = {"msgstream": partial(MsgStreamSide, url)}
+                if name in raw_sides:
+                    sides["raw"] = partial(raw_sides[name], url)
+                for side, open_side in sides.items():
+                    runs = [measure(open_side, rate, args.seconds) for _ in range(args.repeats)]
+                    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    results.append({"backend": name, "side": side, **medians})
     print("## Results\n")
-    print("| Backend | p50 (ms) | p99 (ms) | max (ms) | messages per run |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['backend']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['messages']:,.0f} |")
+    print(latency_table(results))
     if args.json is not None:
         Path(args.json).write_text(
             json.dumps({"benchmark": "latency", "environment": env, "rate": rate, "results": results}, indent=2) + "\n",

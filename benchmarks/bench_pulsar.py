@@ -68,9 +68,10 @@ from benchmarks.report import (
     markdown_table,
     produce_rows,
     progress,
+    receiver,
     runs,
     size_text,
-    target_text,
+    verdicts,
     workload,
 )
 
@@ -228,23 +229,26 @@ class Bench:
             producer.close()
 
     # -- consume ------------------------------------------------------------------------------------
-    def consume_msgstream(self, frames: list[bytes], batched: bool, n: int) -> tuple[int, float]:
+    def consume_msgstream(
+        self, frames: list[bytes], batched: bool, n: int, as_frames: bool = False
+    ) -> tuple[int, float]:
         channel = self.new_channel(batched)
         self.fill(self.topic_of(batched, channel), frames, n, batched)
         with self.clients[batched].msg_stream(receive_batch=PACK_SIZE) as stream:
             stream.create_consumers("bench", [channel])
             stream.start()
+            take = receiver(stream, as_frames)
             gc.collect()
-            first = stream.consume(timeout=TIMEOUT_MS / 1000)
+            first = take(TIMEOUT_MS / 1000)
             if first is None:
                 raise RuntimeError("msgstream consume returned nothing")
-            received = skipped = len(first.msgs)
+            received = skipped = first
             t0 = clock()
             while received < n:
-                got = stream.consume(timeout=TIMEOUT_MS / 1000)
+                got = take(TIMEOUT_MS / 1000)
                 if got is None:
                     raise Stalled(f"msgstream consume returned nothing after {received} of {n}")
-                received += len(got.msgs)
+                received += got
             if stream.consume(timeout=0) is not None:  # acknowledges the last pack
                 raise RuntimeError("msgstream consume returned more messages than were sent")
             elapsed = clock() - t0
@@ -328,11 +332,13 @@ def bench_consume(bench: Bench, row_bytes: int, batched: bool, seconds: float, r
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
     sides: dict[str, Round] = {
+        "msgstream frames": lambda: bench.consume_msgstream(frames, batched, n, as_frames=True),
         "msgstream": lambda: bench.consume_msgstream(frames, batched, n),
         "raw": lambda: bench.consume_raw(frames, batched, n, None),
         "raw + unmarshal": lambda: bench.consume_raw(frames, batched, n, unmarshal),
     }
     bench.consume_msgstream(frames, batched, WARMUP_MSGS)
+    bench.consume_msgstream(frames, batched, WARMUP_MSGS, as_frames=True)
     bench.consume_raw(frames, batched, WARMUP_MSGS, None)
     bench.consume_raw(frames, batched, WARMUP_MSGS, unmarshal)
     rates = runs({side: retrying(side, round_) for side, round_ in sides.items()}, seconds, repeats)
@@ -340,8 +346,9 @@ def bench_consume(bench: Bench, row_bytes: int, batched: bool, seconds: float, r
     rows = consume_rows(
         f"raw pulsar-client, {layout}: batch_receive + acknowledge", row_bytes, size, TARGETS[row_bytes], rates
     )
-    for row in rows[::2]:
-        row.name += f", {layout}"
+    for row in rows:
+        if row.name.startswith("msgstream"):
+            row.name += f", {layout}"
     return rows
 
 
@@ -352,8 +359,9 @@ def run(args: argparse.Namespace) -> int:
     env: dict[str, Any] = {}
     rows: list[Row] = []
     started = clock()
+    layouts = (False,) if getattr(args, "unbatched_only", False) else (False, True)
     for row_bytes in ROW_SIZES:
-        for batched in (False, True):
+        for batched in layouts:
             for operation in ("produce", "consume"):
                 # a fresh broker per section: pulsar-lite stalls deliveries more often as its data grows
                 with pulsar_lite() if url is None else _given(url) as (server_url, server):
@@ -392,12 +400,7 @@ def run(args: argparse.Namespace) -> int:
         + (f" ({'; '.join(STALLS)})" if STALLS else "")
         + ".\n"
     )
-    for r in rows:
-        if r.target is not None:
-            print(
-                f"- {r.section} {size_text(r.row_bytes)} ({r.name.rsplit(', ', 1)[1]}): {r.ratio:.2f}x raw,"
-                f" target {target_text(r)}"
-            )
+    print(verdicts(rows))
     if args.json is not None:
         report = {
             "benchmark": "pulsar",

@@ -58,9 +58,10 @@ from benchmarks.report import (
     markdown_table,
     produce_rows,
     progress,
+    receiver,
     runs,
     size_text,
-    target_text,
+    verdicts,
     workload,
 )
 
@@ -244,7 +245,7 @@ class Bench:
         return sent, elapsed
 
     # -- consume ------------------------------------------------------------------------------------
-    def consume_msgstream(self, pack: ms.MsgPack, n_msgs: int) -> tuple[int, float]:
+    def consume_msgstream(self, pack: ms.MsgPack, n_msgs: int, frames: bool = False) -> tuple[int, float]:
         with self.channel() as (name, key):
             with self.client.msg_stream() as producer:  # untimed: fill the channel
                 producer.create_producers([name])
@@ -255,14 +256,15 @@ class Bench:
             try:
                 stream.create_consumers(GROUP, [name])
                 stream.start()
+                take = receiver(stream, frames)
                 gc.collect()
                 received = 0
                 t0 = clock()
                 while received < n_msgs:
-                    got = stream.consume(timeout=CONSUME_TIMEOUT)
+                    got = take(CONSUME_TIMEOUT)
                     if got is None:
                         raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-                    received += len(got.msgs)
+                    received += got
                 stream.close()  # acknowledges the last pack
                 elapsed = clock() - t0
             finally:
@@ -332,11 +334,13 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
     sides: dict[str, Round] = {
+        "msgstream frames": lambda: bench.consume_msgstream(pack, n_msgs, frames=True),
         "msgstream": lambda: bench.consume_msgstream(pack, n_msgs),
         "raw": lambda: bench.consume_raw(frames, n_msgs, None),
         "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
     }
     bench.consume_msgstream(pack, WARMUP_MSGS)
+    bench.consume_msgstream(pack, WARMUP_MSGS, frames=True)
     bench.consume_raw(frames, WARMUP_MSGS, None)
     bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
     rates = runs(sides, seconds, repeats)
@@ -383,9 +387,7 @@ def run(args: argparse.Namespace) -> int:
         f" in the same run; the target applies to the comparison with raw redis-py decoding nothing. Spread:"
         f" (max - min) / median of the {repeats} runs. Total time {elapsed:.0f} s.\n"
     )
-    for r in rows:
-        if r.target is not None:
-            print(f"- {r.section} {size_text(r.row_bytes)}: {r.ratio:.2f}x raw, target {target_text(r)}")
+    print(verdicts(rows))
     if args.json is not None:
         report = {
             "benchmark": "redis",

@@ -50,6 +50,15 @@ def target_text(row: Row) -> str:
     return f">= {row.target:.2f}x: {'met' if row.met else 'MISSED'}"
 
 
+def verdicts(rows: list[Row]) -> str:
+    """One line per row that carries a target: what it compares and whether the target is met."""
+    return "\n".join(
+        f"- {r.section} {size_text(r.row_bytes)}, {r.name}: {r.ratio:.2f}x {r.ratio_to}, target {target_text(r)}"
+        for r in rows
+        if r.target is not None and r.ratio is not None
+    )
+
+
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| Operation | Measurement | Row data | Bytes/msg | msgs/s | MB/s | msgstream/raw | Target | Spread |",
@@ -65,19 +74,44 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def consume_rows(raw_name: str, row_bytes: int, size: float, target: float, rates: dict[str, list[float]]) -> list[Row]:
-    """The four consume rows every broker benchmark reports: msgstream against ``raw_name`` (the raw client
-    decoding nothing; the target applies here) and against the raw client plus ``unmarshal``. ``rates``
-    holds the per-run rates of the sides "msgstream", "raw" and "raw + unmarshal"."""
-    mine = "msgstream MsgStream.consume (batch 1000)"
-    msgstream = Row("consume", mine, row_bytes, size, ratio_to="raw", target=target)
+    """The consume rows every broker benchmark reports. ``rates`` holds the per-run rates of the sides
+    "msgstream frames" (``consume_frames``: payload bytes out, like the raw client), "msgstream"
+    (``consume``: typed messages), "raw" (the raw client decoding nothing) and "raw + unmarshal" (the raw
+    client decoding every payload). The target applies to the two comparisons of equal work: frames
+    against raw, typed messages against raw + unmarshal."""
+    frames = Row(
+        "consume", "msgstream MsgStream.consume_frames (batch 1000)", row_bytes, size, ratio_to="raw", target=target
+    )
+    typed_name = "msgstream MsgStream.consume (batch 1000, typed messages)"
+    typed = Row("consume", typed_name, row_bytes, size, ratio_to="raw")
     raw = Row("consume", raw_name, row_bytes, size)
-    msgstream_codec = Row("consume", mine, row_bytes, size, ratio_to="raw + unmarshal")
+    typed_codec = Row("consume", typed_name, row_bytes, size, ratio_to="raw + unmarshal", target=target)
     raw_codec = Row("consume", f"{raw_name} + unmarshal", row_bytes, size)
-    msgstream.rates = msgstream_codec.rates = rates["msgstream"]
+    frames.rates = rates["msgstream frames"]
+    typed.rates = typed_codec.rates = rates["msgstream"]
     raw.rates, raw_codec.rates = rates["raw"], rates["raw + unmarshal"]
-    msgstream.ratios = [m / r for m, r in zip(msgstream.rates, raw.rates, strict=True)]
-    msgstream_codec.ratios = [m / r for m, r in zip(msgstream.rates, raw_codec.rates, strict=True)]
-    return [msgstream, raw, msgstream_codec, raw_codec]
+    frames.ratios = [m / r for m, r in zip(frames.rates, raw.rates, strict=True)]
+    typed.ratios = [m / r for m, r in zip(typed.rates, raw.rates, strict=True)]
+    typed_codec.ratios = [m / r for m, r in zip(typed.rates, raw_codec.rates, strict=True)]
+    return [frames, typed, raw, typed_codec, raw_codec]
+
+
+def receiver(stream: ms.MsgStream, frames: bool) -> Callable[[float], int | None]:
+    """``stream.consume`` (typed messages) or ``stream.consume_frames``, as a function of the timeout
+    returning how many messages came (``None``: nothing)."""
+    if frames:
+
+        def take_frames(timeout: float) -> int | None:
+            pack = stream.consume_frames(timeout)
+            return None if pack is None else len(pack)
+
+        return take_frames
+
+    def take(timeout: float) -> int | None:
+        pack = stream.consume(timeout)
+        return None if pack is None else len(pack.msgs)
+
+    return take
 
 
 def runs(sides: dict[str, Round], seconds: float, repeats: int, min_rounds: int = 1) -> dict[str, list[float]]:
