@@ -117,6 +117,14 @@ def environment() -> dict[str, Any]:
     }
 
 
+def print_environment(env: dict[str, Any], settings: str) -> None:
+    """The report's "Environment" section: each fact, then how the figures were taken."""
+    print("## Environment\n")
+    for key, value in env.items():
+        print(f"- {key}: {value}")
+    print(f"- settings: {settings}\n", flush=True)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -437,10 +445,7 @@ def run(args: argparse.Namespace) -> int:
     seconds: float = args.seconds
     repeats: int = args.repeats
     env = environment()
-    print("## Environment\n")
-    for key, value in env.items():
-        print(f"- {key}: {value}")
-    print(f"- settings: median of {repeats} runs of ~{seconds:g} s each, after a warm-up\n", flush=True)
+    print_environment(env, f"median of {repeats} runs of ~{seconds:g} s each, after a warm-up")
 
     started = clock()
     figures: list[Figure] = []

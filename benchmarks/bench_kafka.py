@@ -68,7 +68,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from msgstream_kafka import KafkaBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment
+from benchmarks.bench_core import clock, environment, print_environment
 from benchmarks.report import (
     Round,
     Row,
@@ -516,13 +516,10 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     if not env:
                         env = _environment(bench, tansu)
-                        print("## Environment\n")
-                        for key, value in env.items():
-                            print(f"- {key}: {value}")
-                        print(
-                            f"- settings: produce: median of {repeats} runs of ~{seconds:g} s each; consume: median"
-                            f" of {repeats} runs of {CONSUME_ROUNDS} rounds per side; after a warm-up\n",
-                            flush=True,
+                        print_environment(
+                            env,
+                            f"produce: median of {repeats} runs of ~{seconds:g} s each; consume: median"
+                            f" of {repeats} runs of {CONSUME_ROUNDS} rounds per side; after a warm-up",
                         )
                     progress(f"{operation}, {size_text(row_bytes)} rows ...")
                     if operation == "produce":

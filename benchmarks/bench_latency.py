@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgstream as ms
-from benchmarks.bench_core import environment
+from benchmarks.bench_core import environment, print_environment
 from benchmarks.report import progress
 
 WARMUP_SECONDS = 1.0
@@ -47,7 +47,7 @@ class Side(Protocol):
 
     def send(self, i: int, frame: bytes) -> None: ...  # returns once the broker accepted it
 
-    def receive(self, timeout: float) -> list[bytes]: ...  # frames that arrived (acknowledged), [] on timeout
+    def receive(self, timeout: float) -> list[int]: ...  # indexes of what arrived (acknowledged), [] on timeout
 
 
 class MsgStreamSide:
@@ -66,9 +66,9 @@ class MsgStreamSide:
         msg = ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i], row_data=[_ROW])
         self.out.produce(ms.MsgPack(i + 1, i + 1, [msg]))
 
-    def receive(self, timeout: float) -> list[bytes]:
+    def receive(self, timeout: float) -> list[int]:
         pack = self.inp.consume(timeout)
-        return [] if pack is None else [_index_frame(m.row_ids[0]) for m in pack.msgs]  # type: ignore[attr-defined]
+        return [] if pack is None else [m.row_ids[0] for m in pack.msgs]  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.client.close()
@@ -82,13 +82,8 @@ def _frame(i: int) -> bytes:
     return ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i], row_data=[_ROW]).marshal()
 
 
-def _index_frame(i: int) -> bytes:
-    return i.to_bytes(8, "big")
-
-
 def _index(data: bytes) -> int:
-    if len(data) == 8:  # the msgstream side hands back the index itself (its message is decoded already)
-        return int.from_bytes(data, "big")
+    """The index a raw side's frame carries (its row id)."""
     msg = _DISPATCHER.unmarshal(data)
     return int(msg.row_ids[0])  # type: ignore[attr-defined]
 
@@ -110,12 +105,11 @@ def measure(open_side: Callable[[], Any], rate: float, seconds: float) -> dict[s
             deadline = time.monotonic() + seconds + WARMUP_SECONDS + 30
             try:
                 while got < total:
-                    frames = side.receive(1.0)
+                    indexes = side.receive(1.0)
                     now = time.perf_counter()
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{got} of {total} messages arrived")
-                    for frame in frames:
-                        i = _index(frame)
+                    for i in indexes:
                         if i >= counted_from:
                             latencies.append((now - sent_at[i]) * 1000)
                         got += 1
@@ -165,7 +159,7 @@ class RawRedis:
     def send(self, i: int, frame: bytes) -> None:
         self.r.execute_command("XADD", self.key, "*", "d", frame)  # type: ignore[no-untyped-call]
 
-    def receive(self, timeout: float) -> list[bytes]:
+    def receive(self, timeout: float) -> list[int]:
         reply = self.r.execute_command(  # type: ignore[no-untyped-call]
             "XREADGROUP", "GROUP", "latency", "c", "COUNT", 1000, "BLOCK", int(timeout * 1000), "STREAMS", self.key, ">"
         )
@@ -173,7 +167,7 @@ class RawRedis:
             return []
         entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         self.r.xack(self.key, "latency", *[entry_id for entry_id, _ in entries])
-        return [fields[1] for _, fields in entries]
+        return [_index(fields[1]) for _, fields in entries]
 
     def close(self) -> None:
         self.r.delete(self.key)
@@ -203,9 +197,12 @@ class RawKafka:
         if self.producer.flush(10) != 0:
             raise RuntimeError("raw Kafka produce not confirmed within 10 s")
 
-    def receive(self, timeout: float) -> list[bytes]:
-        batch = self.consumer.consume(1000, timeout)
-        out = [v for m in batch if m.error() is None and (v := m.value()) is not None]
+    def receive(self, timeout: float) -> list[int]:
+        # consume(1000, timeout) alone waits out the timeout unless 1000 arrive: block for the first
+        # message only, then take what is fetched already (as an expert would, and as the backend does)
+        first = self.consumer.poll(timeout)
+        batch = [] if first is None else [first, *self.consumer.consume(999, 0)]
+        out = [_index(v) for m in batch if m.error() is None and (v := m.value()) is not None]
         if batch:
             self.consumer.commit(asynchronous=True)
         return out
@@ -236,7 +233,7 @@ class RawPulsar:
     def send(self, i: int, frame: bytes) -> None:
         self.producer.send(frame)
 
-    def receive(self, timeout: float) -> list[bytes]:
+    def receive(self, timeout: float) -> list[int]:
         import pulsar
 
         try:
@@ -244,7 +241,7 @@ class RawPulsar:
         except pulsar.Timeout:
             return []
         self.consumer.acknowledge(msg)
-        return [msg.data()]
+        return [_index(msg.data())]
 
     def close(self) -> None:
         self.client.close()
@@ -297,13 +294,11 @@ def latency_table(results: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     rate: float = args.rate
     results: list[dict[str, Any]] = []
-    print("## Environment\n")
     env = environment()
-    for key, value in env.items():
-        print(f"- {key}: {value}")
-    print(
-        f"- settings: {rate:g} msgs/s, runs of {args.seconds:g} s after {WARMUP_SECONDS:g} s of warm-up,"
-        f" median of {args.repeats} runs\n"
+    print_environment(
+        env,
+        f"{rate:g} msgs/s, runs of {args.seconds:g} s after {WARMUP_SECONDS:g} s of warm-up,"
+        f" median of {args.repeats} runs",
     )
     raw_sides: dict[str, Callable[[str], Any]] = {"redis": RawRedis, "kafka": RawKafka, "pulsar": RawPulsar}
     with _backends() as backends:

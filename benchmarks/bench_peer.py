@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment
+from benchmarks.bench_core import clock, environment, print_environment
 from benchmarks.report import progress, size_text, workload
 
 ROW_SIZES = (100, 1024)
@@ -124,14 +124,19 @@ async def faststream_redis_produce(url: str, frames: list[bytes], n: int) -> flo
     async with broker:
         redis = await broker.connect()
         t0 = clock()
-        for _ in range(n // PACK):
-            async with redis.pipeline(transaction=False) as pipe:
-                for frame in frames:
-                    await broker.publish(frame, stream=key, pipeline=pipe)
-                await pipe.execute()
+        await _redis_publish(broker, redis, key, frames, n)
         elapsed = clock() - t0
         await redis.delete(key)
     return n / elapsed
+
+
+async def _redis_publish(broker: Any, redis: Any, key: str, frames: list[bytes], n: int) -> None:
+    """FastStream on Redis at its fastest: ``n`` frames, a pipeline of ``len(frames)`` per round trip."""
+    for _ in range(n // len(frames)):
+        async with redis.pipeline(transaction=False) as pipe:
+            for frame in frames:
+                await broker.publish(frame, stream=key, pipeline=pipe)
+            await pipe.execute()
 
 
 async def faststream_redis_consume(url: str, frames: list[bytes], n: int) -> float:
@@ -140,12 +145,7 @@ async def faststream_redis_consume(url: str, frames: list[bytes], n: int) -> flo
     key = f"peer-{uuid.uuid4().hex[:8]}"
     filler = RedisBroker(_redis_url(url), logger=_QUIET)
     async with filler:
-        redis = await filler.connect()
-        for _ in range(n // PACK):
-            async with redis.pipeline(transaction=False) as pipe:
-                for frame in frames:
-                    await filler.publish(frame, stream=key, pipeline=pipe)
-                await pipe.execute()
+        await _redis_publish(filler, await filler.connect(), key, frames, n)
     counter = _Counter(n)
     broker = RedisBroker(_redis_url(url), logger=_QUIET)
 
@@ -281,10 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = {**environment(), "faststream": version("faststream")}
     del faststream
-    print("## Environment\n")
-    for key, value in env.items():
-        print(f"- {key}: {value}")
-    print(f"- settings: {N_MSGS:,} messages a run, median of {args.repeats} runs after a warm-up\n")
+    print_environment(env, f"{N_MSGS:,} messages a run, median of {args.repeats} runs after a warm-up")
     rows: list[dict[str, Any]] = []
     started = clock()
     with _brokers() as brokers:

@@ -59,7 +59,7 @@ from typing import Any
 import pulsar  # type: ignore[import-untyped]
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment
+from benchmarks.bench_core import clock, environment, print_environment
 from benchmarks.report import (
     Round,
     Row,
@@ -373,13 +373,7 @@ def run(args: argparse.Namespace) -> int:
                                 "pulsar-client": importlib.metadata.version("pulsar-client"),
                                 "server": f"{server} on loopback (a fresh one per section), e.g. {server_url}",
                             }
-                            print("## Environment\n")
-                            for key, value in env.items():
-                                print(f"- {key}: {value}")
-                            print(
-                                f"- settings: median of {repeats} runs of ~{seconds:g} s each, after a warm-up\n",
-                                flush=True,
-                            )
+                            print_environment(env, f"median of {repeats} runs of ~{seconds:g} s each, after a warm-up")
                         layout = "batched" if batched else "unbatched"
                         progress(f"{operation}, {size_text(row_bytes)} rows, {layout} ...")
                         bench_section = bench_produce if operation == "produce" else bench_consume

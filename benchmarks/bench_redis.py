@@ -49,7 +49,7 @@ import redis
 from msgstream_redis import RedisBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment
+from benchmarks.bench_core import clock, environment, print_environment
 from benchmarks.report import (
     Round,
     Row,
@@ -362,10 +362,7 @@ def run(args: argparse.Namespace) -> int:
                 **bench.server_info(),
                 "server": bench.client.url + ("" if url else " (redis-server started for this run, no persistence)"),
             }
-            print("## Environment\n")
-            for key, value in env.items():
-                print(f"- {key}: {value}")
-            print(f"- settings: median of {repeats} runs of ~{seconds:g} s each, after a warm-up\n", flush=True)
+            print_environment(env, f"median of {repeats} runs of ~{seconds:g} s each, after a warm-up")
 
             started = clock()
             rows: list[Row] = []

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import msgstream as ms
-from benchmarks.bench_core import bench_timetick, clock, environment, insert_msg, timed_drain
+from benchmarks.bench_core import bench_timetick, clock, environment, insert_msg, print_environment, timed_drain
 from benchmarks.report import progress, size_text
 
 SIZES = (100, 1024, 16384, 262144)
@@ -204,10 +204,9 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.bench_latency import _backends
 
     env = environment()
-    print("## Environment\n")
-    for key, value in env.items():
-        print(f"- {key}: {value}")
-    print(f"- settings: median of {args.repeats} runs; at most {MAX_MSGS:,} messages or {MAX_BYTES >> 20} MiB a run\n")
+    print_environment(
+        env, f"median of {args.repeats} runs; at most {MAX_MSGS:,} messages or {MAX_BYTES >> 20} MiB a run"
+    )
     results: dict[str, dict[str, Any]] = {}
     started = clock()
     with _backends() as backends:

@@ -74,9 +74,9 @@ class FramePack:
 
     __slots__ = ("_begin_end", "_dispatcher", "_positions", "frames")
 
-    def __init__(self, frames: list[RawMessage], dispatcher: UnmarshalDispatcher | None = None) -> None:
+    def __init__(self, frames: list[RawMessage], dispatcher: UnmarshalDispatcher) -> None:
         self.frames = frames
-        self._dispatcher = dispatcher or UnmarshalDispatcher()
+        self._dispatcher = dispatcher
         self._positions: tuple[list[Position], list[Position]] | None = None
         self._begin_end: tuple[int, int] | None = None
 
