@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -106,8 +106,12 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
     return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
 
 
-def _offset_id(offset: int) -> bytes:
-    return offset.to_bytes(8, "big", signed=True)
+_pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
+_new = tuple.__new__  # builds a RawMessage without NamedTuple's Python-level __new__
+
+
+def _offset(msg_id: bytes) -> int:
+    return int.from_bytes(msg_id, "big", signed=True)
 
 
 class KafkaBackend(Backend):
@@ -321,7 +325,7 @@ class KafkaBackend(Backend):
     def latest_message_id(self, channel: str) -> bytes | None:
         self.check_channel(channel)
         offset = self.latest_offset(channel)
-        return None if offset is None else _offset_id(offset)
+        return None if offset is None else _pack_offset(offset)
 
     def close(self) -> None:
         if self._closed:
@@ -353,11 +357,17 @@ class _KafkaProducer(Producer):
         backend = self._backend
         if not backend.exists(self.channel, refresh=False):
             raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
-        reports: list[tuple[ck.KafkaError | None, int]] = []
-        report = reports.append
+        # delivery reports come in produce order (one partition): the offsets confirmed, and each
+        # failure with how many were confirmed before it
+        offsets: list[Any] = []  # int; None where a broker confirmed without an offset
+        failures: list[tuple[int, ck.KafkaError]] = []
+        confirm = offsets.append
 
         def delivered(err: ck.KafkaError | None, msg: Any) -> None:
-            report((err, msg.offset()))
+            if err is None:
+                confirm(msg.offset())
+            else:
+                failures.append((len(offsets), err))
 
         producer = backend._producer
         produce = producer.produce
@@ -365,38 +375,50 @@ class _KafkaProducer(Producer):
         deadline = time.monotonic() + timeout
         with backend.errors(f"send to {topic!r}", ProduceError, topic):
             for payload in payloads:
-                while True:
-                    try:
-                        produce(topic, payload, partition=0, on_delivery=delivered)
-                        break
-                    except BufferError:  # local queue full: serve delivery reports, then retry
+                try:
+                    produce(topic, payload, partition=0, on_delivery=delivered)
+                except BufferError:  # local queue full: serve delivery reports, then retry
+                    while True:
                         if time.monotonic() > deadline:
                             raise ProduceError(
                                 f"send to {topic!r}: local queue full for {timeout}s", channel=topic, retriable=True
                             ) from None
                         producer.poll(0.05)
+                        try:
+                            produce(topic, payload, partition=0, on_delivery=delivered)
+                            break
+                        except BufferError:
+                            continue
             producer.flush(max(0.0, deadline - time.monotonic()))
-        accepted: list[bytes] = []  # the confirmed prefix, with offsets
+        if not failures and len(offsets) == len(payloads) and None not in offsets and min(offsets, default=0) >= 0:
+            return list(map(_pack_offset, offsets))
+        self._fail_unconfirmed(len(payloads), offsets, failures, timeout)
+
+    def _fail_unconfirmed(
+        self, count: int, offsets: list[Any], failures: list[tuple[int, ck.KafkaError]], timeout: float
+    ) -> NoReturn:
+        """Raise ``ProduceError`` with the confirmed prefix (the offsets confirmed before anything failed)."""
+        topic = self.channel
         reason: str | None = None
         retriable = True
-        for err, offset in reports:
-            if err is not None:
-                reason = err.str()
-                retriable = err.retriable() or err.code() == ck.KafkaError._MSG_TIMED_OUT
-                break
+        confirmed = offsets[: failures[0][0]] if failures else offsets
+        if failures:
+            err = failures[0][1]
+            reason = err.str()
+            retriable = err.retriable() or err.code() == ck.KafkaError._MSG_TIMED_OUT
+        accepted: list[bytes] = []
+        for offset in confirmed:
             if offset is None or offset < 0:  # seen from Tansu right after a restart
                 reason = "the broker confirmed a message without its offset"
                 break
-            accepted.append(_offset_id(offset))
-        if len(accepted) < len(payloads):
-            raise ProduceError(
-                f"send to {topic!r}: {len(payloads) - len(accepted)} of {len(payloads)} not confirmed in order"
-                f" ({reason or f'not confirmed within {timeout}s'}); some of them may have landed",
-                channel=topic,
-                sent={topic: accepted},
-                retriable=retriable,
-            )
-        return accepted
+            accepted.append(_pack_offset(offset))
+        raise ProduceError(
+            f"send to {topic!r}: {count - len(accepted)} of {count} not confirmed in order"
+            f" ({reason or f'not confirmed within {timeout}s'}); some of them may have landed",
+            channel=topic,
+            sent={topic: accepted},
+            retriable=retriable,
+        )
 
     def close(self) -> None:
         self._closed = True
@@ -415,8 +437,10 @@ class _KafkaConsumer(Consumer):
             "auto.offset.reset": reset,
             "on_commit": self._on_commit,
         }
-        self._delivered: dict[str, deque[int]] = {c: deque() for c in channels}
-        self._acked: dict[str, set[int]] = {c: set() for c in channels}
+        # channel -> ids delivered and not yet acknowledged, oldest first; and the ids acknowledged
+        # ahead of an older one still unacknowledged
+        self._delivered: dict[str, list[bytes]] = {c: [] for c in channels}
+        self._early: dict[str, set[bytes]] = {c: set() for c in channels}
         self._committed: dict[str, int] = {}  # commits still to make: channel -> next offset
         # channel -> the offset after the newest this member acknowledged; kept across rebalances. A
         # partition assigned again starts from the group's committed offset, which lags it when an
@@ -455,7 +479,7 @@ class _KafkaConsumer(Consumer):
         for tp in partitions:
             self._assigned.add(tp.topic)
             self._delivered[tp.topic].clear()
-            self._acked[tp.topic].clear()
+            self._early[tp.topic].clear()
             if tp.topic in self._floor:
                 self._guard[tp.topic] = self._floor[tp.topic]
 
@@ -473,7 +497,7 @@ class _KafkaConsumer(Consumer):
         for tp in partitions:
             self._assigned.discard(tp.topic)
             self._delivered[tp.topic].clear()
-            self._acked[tp.topic].clear()
+            self._early[tp.topic].clear()
 
     def _commit(self, topics: Sequence[str], asynchronous: bool) -> None:
         offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
@@ -496,7 +520,6 @@ class _KafkaConsumer(Consumer):
         for channel in self.channels:
             backend.check_channel(channel, refresh=False)
         deadline = time.monotonic() + timeout
-        new = tuple.__new__
         if not self._subscribed:
             with backend.errors("subscribe"):
                 self._c.subscribe(
@@ -507,43 +530,97 @@ class _KafkaConsumer(Consumer):
             remaining = max(0.0, deadline - time.monotonic())
             with backend.errors("receive"):
                 batch = _take(self._c, max_messages, min(remaining, 1.0))
-            out: list[RawMessage] = []
-            guard = self._guard
-            for m in batch:
-                err = m.error()
-                if err is not None:
-                    if err.code() == ck.KafkaError._PARTITION_EOF:
-                        continue
-                    backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
-                topic: str = m.topic()
-                offset: int = m.offset()
-                if guard and topic in guard:
-                    if offset < guard[topic]:
-                        continue  # acknowledged here before a rebalance whose commit was lost
-                    del guard[topic]
-                self._delivered[topic].append(offset)
-                out.append(new(RawMessage, (topic, _offset_id(offset), m.value() or b"")))
-            if out or remaining <= 0:
+            if any([m.error() is not None for m in batch]):
+                batch = self._without_events(batch)
+            # the hot path: one comprehension per batch, no per-message bookkeeping beyond the record
+            out = [_new(RawMessage, (m.topic(), _pack_offset(m.offset()), m.value() or b"")) for m in batch]
+            if out and self._guard:
+                out = self._unguarded(out)
+            if out:
+                self._deliver(out)
+                return out
+            if remaining <= 0:
                 return out
 
+    def _without_events(self, batch: list[Any]) -> list[Any]:
+        """``batch`` without end-of-partition events; any other error is raised."""
+        kept = []
+        for m in batch:
+            err = m.error()
+            if err is None:
+                kept.append(m)
+            elif err.code() != ck.KafkaError._PARTITION_EOF:
+                self._backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
+        return kept
+
+    def _unguarded(self, out: list[RawMessage]) -> list[RawMessage]:
+        """Drop what this member acknowledged before a rebalance whose commit was lost (see ``_floor``)."""
+        guard = self._guard
+        kept = []
+        for raw in out:
+            floor = guard.get(raw.channel)
+            if floor is not None:
+                if _offset(raw.msg_id) < floor:
+                    continue
+                del guard[raw.channel]
+            kept.append(raw)
+        return kept
+
+    def _deliver(self, out: list[RawMessage]) -> None:
+        """Note the ids of ``out`` as delivered and not yet acknowledged, per channel, in order."""
+        first = out[0].channel
+        if out[-1].channel == first and all([raw.channel == first for raw in out]):
+            self._delivered[first] += [raw.msg_id for raw in out]
+        else:
+            for channel, msg_id, _ in out:
+                self._delivered[channel].append(msg_id)
+
     def ack(self, messages: Sequence[RawMessage]) -> None:
+        """Commit, per channel, the offset after the longest delivered prefix now acknowledged. Acks in
+        delivery order (what ``MsgStream`` sends) are settled per batch by one list comparison; others
+        wait in ``_early`` until the messages delivered before them are acknowledged too."""
         if self._closed:
             raise StreamClosedError("consumer is closed")
+        if not messages:
+            return
+        first = messages[0][0]
+        groups: dict[str, list[bytes]]
+        if all([raw[0] == first for raw in messages]):
+            groups = {first: [raw[1] for raw in messages]}
+        else:
+            groups = {}
+            for channel, msg_id, _ in messages:
+                groups.setdefault(channel, []).append(msg_id)
         touched = []
-        for channel, msg_id, _ in messages:
+        for channel, ids in groups.items():
             if channel not in self._assigned:
                 continue  # revoked meanwhile: committing it could rewind the partition's new owner
-            self._acked[channel].add(int.from_bytes(msg_id, "big", signed=True))
-            touched.append(channel)
-        for channel in set(touched):
-            delivered, acked = self._delivered[channel], self._acked[channel]
-            last = None
-            while delivered and delivered[0] in acked:
-                last = delivered.popleft()
-                acked.discard(last)
+            last = self._settle(channel, ids)
             if last is not None:
-                self._committed[channel] = self._floor[channel] = last + 1
-        self._commit(list(set(touched)), asynchronous=True)
+                self._committed[channel] = self._floor[channel] = _offset(last) + 1
+                touched.append(channel)
+        self._commit(touched, asynchronous=True)
+
+    def _settle(self, channel: str, ids: list[bytes]) -> bytes | None:
+        """Mark ``ids`` acknowledged; returns the id ending the delivered prefix this acknowledged."""
+        delivered, early = self._delivered[channel], self._early[channel]
+        n = len(ids)
+        if not early and delivered[:n] == ids:  # the oldest n, in order: the usual case
+            del delivered[:n]
+            return ids[-1]
+        pending = set(delivered)  # acks of ids not (or no longer) delivered are dropped, never kept
+        early.update([i for i in ids if i in pending])
+        n = 0
+        for msg_id in delivered:
+            if msg_id not in early:
+                break
+            early.discard(msg_id)
+            n += 1
+        if not n:
+            return None
+        last = delivered[n - 1]
+        del delivered[:n]
+        return last
 
     def seek(self, targets: Mapping[str, bytes | None]) -> None:
         if self._closed:
@@ -569,7 +646,7 @@ class _KafkaConsumer(Consumer):
             self._commit_retrying(offsets)
             for tp in offsets:
                 self._delivered[tp.topic].clear()
-                self._acked[tp.topic].clear()
+                self._early[tp.topic].clear()
                 self._committed.pop(tp.topic, None)
                 self._floor.pop(tp.topic, None)
                 self._guard.pop(tp.topic, None)
