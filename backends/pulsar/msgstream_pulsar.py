@@ -34,7 +34,8 @@ Options: ``tenant`` (public), ``namespace`` (default), ``operation_timeout`` (5 
 but a member leaving mid-batch makes the next one see the whole batch again), ``batch_index_ack``
 (false; true fixes that on Apache Pulsar with ``acknowledgmentAtBatchIndexLevelEnabled``, never on
 pulsar-lite), ``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
-(10000), ``receiver_queue_size`` (1000), ``client_log_level`` (warn: the C++ client's lines on stdout),
+(10000), ``receiver_queue_size`` (1000), ``stall_timeout`` (2 s; 0 turns the stall check off, see ``_unstall``),
+``client_log_level`` (warn: the C++ client's lines on stdout),
 and for TLS ``tls_trust_certs_file_path``,
 ``tls_allow_insecure_connection``, ``tls_validate_hostname``, ``tls_certificate_file_path``,
 ``tls_private_key_file_path``.
@@ -254,6 +255,9 @@ class PulsarBackend(Backend):
                 "send_timeout_millis": int(self.timeout * 1000),
             }
             self.receiver_queue_size = int(opts.get("receiver_queue_size", 1000))
+            # pulsar-lite gap 7: a consumer can stop receiving for good while messages wait; after this
+            # long with nothing, a Failover consumer checks for newer messages and subscribes again
+            self.stall_timeout = float(opts.get("stall_timeout", 2.0))
             self.batch_index_ack = _flag(opts.get("batch_index_ack", False))
         except (TypeError, ValueError):
             raise InvalidURLError(f"a numeric option is not a number in {url.redacted()!r}") from None
@@ -598,6 +602,8 @@ class _PulsarConsumer(Consumer):
         self._closed = False
         self._native: Any = None
         self._fast: Any = None
+        self._quiet_since = time.monotonic()  # of the last delivery (the stall check, `_unstall`)
+        self._stall_wait = backend.stall_timeout
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -632,15 +638,60 @@ class _PulsarConsumer(Consumer):
         while True:
             out = self._take(max_messages)
             if out:
+                self._quiet_since = time.monotonic()
+                self._stall_wait = self._backend.stall_timeout
                 return out
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._unstall()
                 return out
             with self._backend.errors("receive"):
                 try:
                     self._buffered.append(self._fast.receive(max(1, int(remaining * 1000))))
                 except pulsar.Timeout:
+                    self._unstall()
                     return out
+
+    def _unstall(self) -> None:
+        """pulsar-lite gap 7 (docs/backends.md): a consumer may stop receiving for good although messages
+        wait. After ``stall_timeout`` seconds with nothing (doubling while it stays quiet, at most a
+        minute apart), a Failover consumer asks whether a channel it reads holds a message newer than
+        the newest it delivered, and if so subscribes again: the subscription resumes after what was
+        acknowledged, and what comes again is dropped as a repeat. Shared subscriptions, and channels
+        that delivered nothing since subscribing, have no such bound to compare with."""
+        backend = self._backend
+        if not self._ordered or backend.stall_timeout <= 0 or not self._last:
+            return
+        now = time.monotonic()
+        quiet = now - self._quiet_since
+        if quiet < self._stall_wait:
+            return
+        self._quiet_since = now
+        self._stall_wait = min(self._stall_wait * 2, 60.0)
+        try:
+            lagging = next(  # one is enough: each check costs a short-lived subscription and a reader
+                (
+                    channel
+                    for channel, newest in list(self._last.items())
+                    if (last := backend.last_id(self._entries[channel].topic)) is not None and _key(last) > _key(newest)
+                ),
+                None,
+            )
+        except MsgStreamError as exc:  # the broker is away: receive's own errors tell the caller
+            log.debug("stall check of %r failed: %s", self.subscription, exc)
+            return
+        if lagging is None or self._closed:
+            return
+        log.warning(
+            "subscription %r: nothing received for %.1f s although %r holds newer messages; subscribing again",
+            self.subscription,
+            quiet,
+            lagging,
+        )
+        self._native.close()
+        self._native = None
+        self._buffered.clear()
+        self._subscribe()
 
     def _take(self, max_messages: int) -> list[RawMessage]:
         """Up to ``max_messages`` of what was fetched, without waiting, less what was delivered already."""

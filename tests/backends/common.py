@@ -17,9 +17,9 @@ def owner() -> ms.OwnerDescription:
     return ms.OwnerDescription(role="backend-test")
 
 
-def row(i: int) -> ms.InsertMsg:
-    """An insert of 100 B whose row id and first hash value are ``i`` (default repack: channel i % n)."""
-    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * 100])
+def row(i: int, size: int = 100) -> ms.InsertMsg:
+    """An insert of ``size`` bytes whose row id and first hash value are ``i`` (default repack: channel i % n)."""
+    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * size])
 
 
 def consume_rows(stream: ms.MsgStream, want: int, into: list[tuple[str, int]], timeout: float) -> None:

@@ -213,3 +213,21 @@ def test_a_refused_message_names_exactly_the_confirmed_prefix(pulsar_url: str) -
         got = consumer.receive(10, 5)
         assert got[0].msg_id == sent[0] and got[0].payload == b"first"
         consumer.close()
+
+
+def test_a_stalled_consumer_recovers(pulsar_url: str) -> None:
+    """pulsar-lite gap 7: a consumer of 16 busy channels stopped receiving for good in about two of
+    three rounds of this test before the backend's stall check (``stall_timeout``, docs/backends.md);
+    with it every round delivers every message once, within seconds."""
+    rounds, n, n_channels = 2, 10_000, 16
+    with ms.connect(pulsar_url) as client:
+        for r in range(rounds):
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=n_channels))
+            with client.msg_stream() as out, client.msg_stream(receive_batch=1000) as inp:
+                out.create_producers(chans)
+                for start in range(0, n, 1000):
+                    out.produce(ms.MsgPack.of([row(i, size=1024) for i in range(start, start + 1000)]))
+                inp.create_consumers(f"stall-{r}-{uuid.uuid4().hex[:6]}", chans)
+                got = consume_n(inp, n, 25)
+                assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == list(range(n))
+            client.destroy_channels(chans)
