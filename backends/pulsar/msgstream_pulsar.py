@@ -637,20 +637,22 @@ class _PulsarConsumer(Consumer):
         deadline = time.monotonic() + timeout
         while True:
             out = self._take(max_messages)
+            now = time.monotonic()
             if out:
-                self._quiet_since = time.monotonic()
+                self._quiet_since = now
                 self._stall_wait = self._backend.stall_timeout
                 return out
-            remaining = deadline - time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
-                self._unstall()
                 return out
+            wait = remaining
+            if self._last and self._backend.stall_timeout > 0:  # wake for the stall check in time
+                wait = min(wait, max(0.001, self._quiet_since + self._stall_wait - now))
             with self._backend.errors("receive"):
                 try:
-                    self._buffered.append(self._fast.receive(max(1, int(remaining * 1000))))
+                    self._buffered.append(self._fast.receive(max(1, int(wait * 1000))))
                 except pulsar.Timeout:
                     self._unstall()
-                    return out
 
     def _unstall(self) -> None:
         """pulsar-lite gap 7 (docs/backends.md): a consumer may stop receiving for good although messages

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+import confluent_kafka as ck
 import pytest
 
 import msgstream as ms
 from msgstream.backend import installed_schemes
 from msgstream.errors import ProduceError
-from msgstream.testing import ConformanceSuite
+from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 
 from .brokers import start_moto, start_tansu
 from .common import restart_loses_and_repeats_nothing, row
@@ -108,3 +110,94 @@ def test_restart_on_s3_storage_loses_and_repeats_nothing(tmp_path: Path) -> None
     finally:
         broker.stop()
         s3.stop()
+
+
+class _LosingCommits:
+    """A librdkafka consumer whose commits are lost on the way to the broker, as in a broker restart:
+    ``report=True`` reports each failure through the backend's commit callback, as librdkafka does for
+    a failed asynchronous commit; ``report=False`` loses them silently (the broker acknowledged, then
+    lost them). Everything else goes to the real consumer on the real broker."""
+
+    def __init__(self, consumer: Any, real: Any, *, report: bool) -> None:
+        self._consumer, self._real, self._report = consumer, real, report
+        self.lost: list[list[ck.TopicPartition]] = []
+
+    def commit(self, *, offsets: list[ck.TopicPartition], asynchronous: bool) -> None:
+        self.lost.append(offsets)
+        if self._report:
+            self._consumer._on_commit(ck.KafkaError(ck.KafkaError._TRANSPORT), offsets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _rows(packs: list[ms.TsMsg]) -> list[int]:
+    return [m.row_ids[0] for m in packs if isinstance(m, ms.InsertMsg)]
+
+
+def test_a_failed_commit_is_made_again(kafka_url: str) -> None:
+    """An asynchronous commit that fails is sent again (here: on close), so the next member does not
+    get acknowledged messages again."""
+    with ms.connect(kafka_url) as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers([ch])
+            out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+        first = client.msg_stream(auto_ack=False)
+        first.create_consumers("retried", [ch])
+        got = consume_n(first, 10, 30)
+        member = first._consumer
+        real = member._c  # type: ignore[union-attr]
+        member._c = losing = _LosingCommits(member, real, report=True)  # type: ignore[union-attr]
+        first.ack(got)
+        member._c = real  # type: ignore[union-attr]
+        assert [tp.offset for tp in losing.lost[0]] == [10]
+        first.close()
+        with client.msg_stream() as second:
+            second.create_consumers("retried", [ch])
+            expect_quiet(second, 3.0)  # a join takes about 1 s on Tansu
+
+
+def test_a_member_drops_what_it_acknowledged_when_a_lost_commit_rewinds_it(kafka_url: str) -> None:
+    """A commit the broker lost (a restart) leaves the group's offset behind what this member
+    acknowledged: after the next rebalance the member starts from that old offset, and drops what it
+    had acknowledged itself instead of delivering it twice."""
+    with ms.connect(kafka_url) as client:
+        owner = ms.OwnerDescription(role="k")
+        mine, other = client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=2))
+        with client.msg_stream() as out:
+            out.create_producers([mine])
+            out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+            first = client.msg_stream()
+            first.create_consumers("rewound", [mine])
+            assert _rows(consume_n(first, 10, 30)) == list(range(10))
+            member = first._consumer
+            real = member._c  # type: ignore[union-attr]
+            member._c = losing = _LosingCommits(member, real, report=False)  # type: ignore[union-attr]
+            expect_quiet(first, 0.5)  # acknowledges 0..9: that commit is lost
+            assert [tp.offset for tp in losing.lost[0]] == [10]
+            # another member joins the group (for another channel): every partition is revoked and
+            # assigned again, and `mine` restarts from the group's offset, which never moved
+            second = client.msg_stream()
+            second.create_consumers("rewound", [other])
+            again: list[int] = []
+            deadline = time.monotonic() + 30
+            while second._consumer._assigned != {other}:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the group did not rebalance"
+                pack = first.consume(timeout=0.1)
+                again += _rows(pack.msgs) if pack else []
+                second.consume(timeout=0.1)
+            member._c = real  # type: ignore[union-attr]
+            out.produce(ms.MsgPack.of([row(i) for i in range(10, 20)]))
+            quiet_until = 0.0
+            while len(again) < 10 or time.monotonic() < quiet_until:
+                assert time.monotonic() < deadline, f"received {again}"
+                pack = first.consume(timeout=0.2)
+                second.consume(timeout=0.1)
+                if pack is not None:
+                    again += _rows(pack.msgs)
+                    quiet_until = time.monotonic() + 2.0
+            assert again == list(range(10, 20)), "acknowledged messages delivered again after a rebalance"
+            assert member._assigned == {mine}  # type: ignore[union-attr]
+            first.close()
+            second.close()
