@@ -40,7 +40,7 @@ from benchmarks.report import progress, size_text, workload
 ROW_SIZES = (100, 1024)
 _QUIET: Any = None  # FastStream's logger=None: no per-message log lines
 PACK = 1000
-N_MSGS = 20_000
+N_MSGS = 10_000
 TIMEOUT = 60.0
 
 
