@@ -31,7 +31,7 @@ SUITES: list[tuple[str, dict[str, Any]]] = [
     ("redis", {"url": os.environ.get("MSGSTREAM_REDIS_URL")}),
     ("kafka", {"url": os.environ.get("MSGSTREAM_KAFKA_URL")}),
     ("pulsar", {"url": os.environ.get("MSGSTREAM_PULSAR_URL"), "unbatched_only": True}),
-    ("latency", {"rate": 500.0, "seconds": 2.0}),
+    ("latency", {"rate": 500.0, "seconds": 1.0}),
     ("scaling", {}),
     ("peer", {}),
 ]
@@ -115,12 +115,14 @@ def summary(numbers: dict[str, Any], total: float) -> str:
             row("-", "codec marshal+unmarshal pairs/s", "100 B", f"{rate:,.0f}", verdict(rate >= 1e6, ">= 1,000,000"))
     peers: dict[str, float] = {}
     for r in (numbers.get("peer") or {}).get("results", []):
-        if r["vs_faststream"] is not None:
+        # equal work only: FastStream's handler gets bytes, as consume_frames does; typed consume
+        # also decodes every message (its row is in the report, not in this verdict)
+        if r["vs_faststream"] is not None and "typed" not in r["side"]:
             peers[r["backend"]] = min(peers.get(r["backend"], float("inf")), r["vs_faststream"])
     for backend, factor in peers.items():
         row(
             backend,
-            "msgstream vs FastStream, slowest case",
+            "msgstream vs FastStream, slowest equal-work case (typed consume: see the report)",
             "100 B, 1 KiB",
             f"{factor:.1f}x",
             verdict(factor > 1, "> 1x"),

@@ -410,7 +410,7 @@ def bench_timetick(client: ms.Client, row_bytes: int, seconds: float, repeats: i
     for _ in range(repeats):
         n_plain, t_plain, n_tt, t_tt = 0, 0.0, 0, 0.0
         while t_plain + t_tt < seconds:
-            _, n_p, t_p, n_t, t_t = _timetick_round(client, row, seconds / 4, max_msgs, plain_first=rounds % 2 == 0)
+            _, n_p, t_p, n_t, t_t = _timetick_round(client, row, seconds / 2, max_msgs, plain_first=rounds % 2 == 0)
             rounds += 1
             n_plain, t_plain, n_tt, t_tt = n_plain + n_p, t_plain + t_p, n_tt + n_t, t_tt + t_t
         plain.rates.append(n_plain / t_plain)  # data rows and ticks: what a plain consumer reads

@@ -124,6 +124,10 @@ def measure_backend(url: str, seconds: float, repeats: int) -> dict[str, Any]:
             r = _median(partial(checked_point, client, row_bytes, 1), repeats)
             out["size"].append({"row_bytes": row_bytes, **r})
         for n_channels in CHANNELS:
+            if n_channels == 1:  # the size axis measured this point (1 KiB, one channel) already
+                same = next(p for p in out["size"] if p["row_bytes"] == 1024)
+                out["channels"].append({"channels": 1, **{k: v for k, v in same.items() if k != "row_bytes"}})
+                continue
             progress(f"  {n_channels} channels ...")
             r = _median(partial(checked_point, client, 1024, n_channels), repeats)
             out["channels"].append({"channels": n_channels, **r})
@@ -216,12 +220,16 @@ def run(args: argparse.Namespace) -> int:
     with _backends() as backends:
         for name, server in backends:
             progress(f"scaling, {name} ...")
+            begun = clock()
             with server() as url:
                 results[name] = measure_backend(url, args.seconds, args.repeats)
+            results[name]["seconds"] = round(clock() - begun, 1)
     print("## Results\n")
     print(tables(results))
     print(
-        f"\nTotal time {clock() - started:.0f} s. Stalled points run again: {len(STALLS)}"
+        f"\nTotal time {clock() - started:.0f} s ("
+        + ", ".join(f"{name} {r['seconds']:.0f} s" for name, r in results.items())
+        + f"). Stalled points run again: {len(STALLS)}"
         + "".join(f"; {x}" for x in STALLS)
         + "."
     )
