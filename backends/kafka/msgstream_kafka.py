@@ -114,6 +114,18 @@ def _offset(msg_id: bytes) -> int:
     return int.from_bytes(msg_id, "big", signed=True)
 
 
+def _ids_by_channel(records: Sequence[RawMessage]) -> dict[str, list[bytes]]:
+    """The message ids of non-empty ``records`` per channel, in order; a batch of one channel (the
+    usual case) without a per-message dict lookup."""
+    first = records[0][0]
+    if all([raw[0] == first for raw in records]):
+        return {first: [raw[1] for raw in records]}
+    groups: dict[str, list[bytes]] = {}
+    for channel, msg_id, _ in records:
+        groups.setdefault(channel, []).append(msg_id)
+    return groups
+
+
 class KafkaBackend(Backend):
     """See the module docstring."""
 
@@ -568,12 +580,8 @@ class _KafkaConsumer(Consumer):
 
     def _deliver(self, out: list[RawMessage]) -> None:
         """Note the ids of ``out`` as delivered and not yet acknowledged, per channel, in order."""
-        first = out[0].channel
-        if out[-1].channel == first and all([raw.channel == first for raw in out]):
-            self._delivered[first] += [raw.msg_id for raw in out]
-        else:
-            for channel, msg_id, _ in out:
-                self._delivered[channel].append(msg_id)
+        for channel, ids in _ids_by_channel(out).items():
+            self._delivered[channel] += ids
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         """Commit, per channel, the offset after the longest delivered prefix now acknowledged. Acks in
@@ -583,16 +591,8 @@ class _KafkaConsumer(Consumer):
             raise StreamClosedError("consumer is closed")
         if not messages:
             return
-        first = messages[0][0]
-        groups: dict[str, list[bytes]]
-        if all([raw[0] == first for raw in messages]):
-            groups = {first: [raw[1] for raw in messages]}
-        else:
-            groups = {}
-            for channel, msg_id, _ in messages:
-                groups.setdefault(channel, []).append(msg_id)
         touched = []
-        for channel, ids in groups.items():
+        for channel, ids in _ids_by_channel(messages).items():
             if channel not in self._assigned:
                 continue  # revoked meanwhile: committing it could rewind the partition's new owner
             last = self._settle(channel, ids)
