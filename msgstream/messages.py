@@ -112,7 +112,7 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
         raw = self.__dict__.get("_raw")  # set by the consuming stream; not a field, never encoded
         if raw is None:
             return None
-        return Position(raw[0], raw[1], self.end_ts)
+        return Position(raw.channel, raw.msg_id, self.end_ts)
 
     def marshal(self) -> bytes:
         """The frame bytes of this message (docs/wire-format.md)."""

@@ -82,12 +82,12 @@ def consumed_pack(msgs: list[TsMsg]) -> MsgPack:
     first: dict[str, TsMsg] = {}
     last: dict[str, TsMsg] = {}
     for m in msgs:
-        ch = m.__dict__["_raw"][0]
+        ch = m.__dict__["_raw"].channel
         if ch not in first:
             first[ch] = m
         last[ch] = m
     begin = min(m.begin_ts for m in msgs)
     end = max(m.end_ts for m in msgs)
-    starts = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in first.items()]
-    ends = [Position(ch, m.__dict__["_raw"][1], m.end_ts) for ch, m in last.items()]
+    starts = [Position(ch, m.__dict__["_raw"].msg_id, m.end_ts) for ch, m in first.items()]
+    ends = [Position(ch, m.__dict__["_raw"].msg_id, m.end_ts) for ch, m in last.items()]
     return MsgPack(begin, end, msgs, starts, ends)

@@ -159,7 +159,7 @@ class TimeTickStream:
         error: TimeTickError | None = None
         kept = 0
         for m in msgs:
-            ch = only or channels[m.__dict__["_raw"][0]]
+            ch = only or channels[m.__dict__["_raw"].channel]
             ts = m.end_ts
             is_tick = isinstance(m, TimeTickMsg)
             if ch.skip_upto is not None:
@@ -236,7 +236,7 @@ class TimeTickStream:
             if not chlog:  # nothing left to be out of order with
                 ch.in_order, ch.max_ts = True, 0
             if last is not None:
-                ch.position = Position(ch.name, last.__dict__["_raw"][1], tick)
+                ch.position = Position(ch.name, last.__dict__["_raw"].msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)
             ends.append(ch.position)

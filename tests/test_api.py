@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+import pickle
 
 import pytest
 
@@ -99,6 +101,22 @@ def test_value_classes() -> None:
     pack = ms.MsgPack(begin_ts=1, end_ts=2, msgs=[])
     assert pack.start_positions == [] and pack.end_positions == []
     assert ms.TimeTickStream(ms.connect().msg_stream()) is not None
+
+
+def test_raw_message_is_a_record_that_unpacks_like_its_tuple() -> None:
+    raw = ms.RawMessage("ch", b"\x00\x01", b"payload")
+    channel, msg_id, payload = raw
+    assert (channel, msg_id, payload) == ("ch", b"\x00\x01", b"payload")
+    assert (raw[0], raw[1], raw[2], raw[-1], len(raw)) == ("ch", b"\x00\x01", b"payload", b"payload", 3)
+    assert list(raw) == ["ch", b"\x00\x01", b"payload"]
+    assert raw == ms.RawMessage(channel="ch", msg_id=b"\x00\x01", payload=b"payload")
+    assert raw != ms.RawMessage("ch", b"\x00\x02", b"payload")
+    assert len({raw, ms.RawMessage("ch", b"\x00\x01", b"payload")}) == 1
+    assert pickle.loads(pickle.dumps(raw)) == raw
+    with pytest.raises(AttributeError):
+        raw.channel = "other"  # type: ignore[misc]
+    # built per message on every consume: not tracked by the garbage collector (docs/performance.md)
+    assert not gc.is_tracked(raw)
 
 
 def test_stream_and_client_are_context_managers() -> None:

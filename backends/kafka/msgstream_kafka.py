@@ -107,22 +107,23 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
 
 
 _pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
-_new = tuple.__new__  # builds a RawMessage without NamedTuple's Python-level __new__
 
 
 def _offset(msg_id: bytes) -> int:
     return int.from_bytes(msg_id, "big", signed=True)
 
 
-def _ids_by_channel(records: Sequence[RawMessage]) -> dict[str, list[bytes]]:
-    """The message ids of non-empty ``records`` per channel, in order; a batch of one channel (the
-    usual case) without a per-message dict lookup."""
-    first = records[0][0]
-    if all([raw[0] == first for raw in records]):
-        return {first: [raw[1] for raw in records]}
-    groups: dict[str, list[bytes]] = {}
-    for channel, msg_id, _ in records:
-        groups.setdefault(channel, []).append(msg_id)
+def _by_channel(records: Sequence[RawMessage], only: str | None) -> dict[str, list[RawMessage]]:
+    """Non-empty ``records`` per channel, in order. ``only``: the consumer's one channel, so no
+    per-message look at all; a batch of one channel (the usual case) costs one comparison a message."""
+    if only is not None:
+        return {only: list(records)}
+    first = records[0].channel
+    if all([raw.channel == first for raw in records]):
+        return {first: list(records)}
+    groups: dict[str, list[RawMessage]] = {}
+    for raw in records:
+        groups.setdefault(raw.channel, []).append(raw)
     return groups
 
 
@@ -449,10 +450,11 @@ class _KafkaConsumer(Consumer):
             "auto.offset.reset": reset,
             "on_commit": self._on_commit,
         }
-        # channel -> ids delivered and not yet acknowledged, oldest first; and the ids acknowledged
-        # ahead of an older one still unacknowledged
-        self._delivered: dict[str, list[bytes]] = {c: [] for c in channels}
-        self._early: dict[str, set[bytes]] = {c: set() for c in channels}
+        # per channel: the records delivered and not yet acknowledged, in order, and those acknowledged
+        # ahead of an older one (kept until the older ones are acknowledged too)
+        self._delivered: dict[str, list[RawMessage]] = {c: [] for c in channels}
+        self._early: dict[str, set[RawMessage]] = {c: set() for c in channels}
+        self._only = channels[0] if len(channels) == 1 else None
         self._committed: dict[str, int] = {}  # commits still to make: channel -> next offset
         # channel -> the offset after the newest this member acknowledged; kept across rebalances. A
         # partition assigned again starts from the group's committed offset, which lags it when an
@@ -542,10 +544,12 @@ class _KafkaConsumer(Consumer):
             remaining = max(0.0, deadline - time.monotonic())
             with backend.errors("receive"):
                 batch = _take(self._c, max_messages, min(remaining, 1.0))
-            if any([m.error() is not None for m in batch]):
-                batch = self._without_events(batch)
             # the hot path: one comprehension per batch, no per-message bookkeeping beyond the record
-            out = [_new(RawMessage, (m.topic(), _pack_offset(m.offset()), m.value() or b"")) for m in batch]
+            out = [
+                RawMessage(m.topic(), _pack_offset(m.offset()), m.value() or b"") for m in batch if m.error() is None
+            ]
+            if len(out) != len(batch):
+                self._raise_errors(batch)  # end-of-partition events are skipped; any other error raises
             if out and self._guard:
                 out = self._unguarded(out)
             if out:
@@ -554,16 +558,12 @@ class _KafkaConsumer(Consumer):
             if remaining <= 0:
                 return out
 
-    def _without_events(self, batch: list[Any]) -> list[Any]:
-        """``batch`` without end-of-partition events; any other error is raised."""
-        kept = []
+    def _raise_errors(self, batch: list[Any]) -> None:
+        """Raise the first error in ``batch`` that is not an end-of-partition event."""
         for m in batch:
             err = m.error()
-            if err is None:
-                kept.append(m)
-            elif err.code() != ck.KafkaError._PARTITION_EOF:
+            if err is not None and err.code() != ck.KafkaError._PARTITION_EOF:
                 self._backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
-        return kept
 
     def _unguarded(self, out: list[RawMessage]) -> list[RawMessage]:
         """Drop what this member acknowledged before a rebalance whose commit was lost (see ``_floor``)."""
@@ -579,9 +579,9 @@ class _KafkaConsumer(Consumer):
         return kept
 
     def _deliver(self, out: list[RawMessage]) -> None:
-        """Note the ids of ``out`` as delivered and not yet acknowledged, per channel, in order."""
-        for channel, ids in _ids_by_channel(out).items():
-            self._delivered[channel] += ids
+        """Note ``out`` as delivered and not yet acknowledged, per channel, in order."""
+        for channel, records in _by_channel(out, self._only).items():
+            self._delivered[channel] += records
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         """Commit, per channel, the offset after the longest delivered prefix now acknowledged. Acks in
@@ -592,29 +592,30 @@ class _KafkaConsumer(Consumer):
         if not messages:
             return
         touched = []
-        for channel, ids in _ids_by_channel(messages).items():
+        for channel, records in _by_channel(messages, self._only).items():
             if channel not in self._assigned:
                 continue  # revoked meanwhile: committing it could rewind the partition's new owner
-            last = self._settle(channel, ids)
+            last = self._settle(channel, records)
             if last is not None:
-                self._committed[channel] = self._floor[channel] = _offset(last) + 1
+                self._committed[channel] = self._floor[channel] = _offset(last.msg_id) + 1
                 touched.append(channel)
         self._commit(touched, asynchronous=True)
 
-    def _settle(self, channel: str, ids: list[bytes]) -> bytes | None:
-        """Mark ``ids`` acknowledged; returns the id ending the delivered prefix this acknowledged."""
+    def _settle(self, channel: str, records: list[RawMessage]) -> RawMessage | None:
+        """Mark ``records`` acknowledged; returns the record ending the delivered prefix this
+        acknowledged. The usual case, the oldest n in order, is one list comparison (by identity)."""
         delivered, early = self._delivered[channel], self._early[channel]
-        n = len(ids)
-        if not early and delivered[:n] == ids:  # the oldest n, in order: the usual case
+        n = len(records)
+        if not early and delivered[:n] == records:
             del delivered[:n]
-            return ids[-1]
-        pending = set(delivered)  # acks of ids not (or no longer) delivered are dropped, never kept
-        early.update([i for i in ids if i in pending])
+            return records[-1]
+        pending = set(delivered)  # acks of records not (or no longer) delivered are dropped, never kept
+        early.update([r for r in records if r in pending])
         n = 0
-        for msg_id in delivered:
-            if msg_id not in early:
+        for raw in delivered:
+            if raw not in early:
                 break
-            early.discard(msg_id)
+            early.discard(raw)
             n += 1
         if not n:
             return None

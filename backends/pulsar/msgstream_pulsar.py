@@ -707,7 +707,6 @@ class _PulsarConsumer(Consumer):
                 with contextlib.suppress(pulsar.Timeout):
                     buffered.append(fast.receive(0))
         out: list[RawMessage] = []
-        new = tuple.__new__
         pending_of = self._pending
         channel_of = self._channel_of
         skip = self._skip
@@ -738,7 +737,7 @@ class _PulsarConsumer(Consumer):
                 if raw in pending:  # delivered twice, and the caller still holds it
                     continue
             pending[raw] = msg_id
-            out.append(new(RawMessage, (channel, raw, message.data())))
+            out.append(RawMessage(channel, raw, message.data()))
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
@@ -746,8 +745,9 @@ class _PulsarConsumer(Consumer):
         pending_of = self._pending
         acknowledge = self._fast.acknowledge
         with self._backend.errors("ack"):
-            for channel, raw, _ in messages:
-                pending = pending_of.get(channel)
+            for record in messages:
+                pending = pending_of.get(record.channel)
+                raw = record.msg_id
                 if pending is None or raw not in pending:  # forgotten by a seek, or acked already
                     continue
                 acknowledge(pending[raw])  # first: if it fails, the message stays pending for a retry

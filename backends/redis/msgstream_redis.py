@@ -390,14 +390,13 @@ class _RedisConsumer(Consumer):
         items = reply.items() if isinstance(reply, dict) else reply
         out: list[RawMessage] = []
         channel_of = self._channel_of
-        new = tuple.__new__  # RawMessage(...) costs twice as much per entry
         for key, entries in items:
             channel = channel_of[key]
             if entries:
                 self._last_seen[key] = entries[-1][0]
             for entry_id, fields in entries:
                 payload = fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
-                out.append(new(RawMessage, (channel, entry_id, payload)))
+                out.append(RawMessage(channel, entry_id, payload))
         return out
 
     def _claim(self, max_messages: int) -> list[RawMessage]:
@@ -446,12 +445,12 @@ class _RedisConsumer(Consumer):
         if self._closed:
             raise StreamClosedError("consumer is closed")
         by_channel: dict[str, list[bytes]] = {}
-        for channel, msg_id, _ in messages:
-            ids = by_channel.get(channel)
+        for raw in messages:
+            ids = by_channel.get(raw.channel)
             if ids is None:
-                by_channel[channel] = [msg_id]
+                by_channel[raw.channel] = [raw.msg_id]
             else:
-                ids.append(msg_id)
+                ids.append(raw.msg_id)
         with self._backend.errors("ack"):
             if len(by_channel) == 1:
                 ((channel, ids),) = by_channel.items()
