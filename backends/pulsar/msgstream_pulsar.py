@@ -690,9 +690,10 @@ class _PulsarConsumer(Consumer):
             quiet,
             lagging,
         )
-        self._native.close()
-        self._native = None
+        stale, self._native = self._native, None  # if subscribing fails now, the next call tries again
         self._buffered.clear()
+        with contextlib.suppress(pulsar.PulsarException):  # the client may have closed it (a broker restart)
+            stale.close()
         self._subscribe()
 
     def _take(self, max_messages: int) -> list[RawMessage]:
