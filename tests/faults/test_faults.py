@@ -101,8 +101,11 @@ def _kill_repeatedly(
         deadline = time.monotonic() + 60
         while _rows_in_state(state) <= before and proc.poll() is None:  # it made progress: now kill it
             assert time.monotonic() < deadline, f"worker made no progress (seed {seed})"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.01))
+            time.sleep(0.001)
+        # within a few ms of a save: a random point of the next pack's handling. Not much later: a
+        # worker that reads ahead (a time-tick stream holds ticks in memory) saves a pack a
+        # millisecond, and would finish before the last kill
+        time.sleep(rng.uniform(0, 0.004))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             done_kills += 1
