@@ -38,6 +38,8 @@ HEADER_SIZE = HEADER.size
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
 
 _ENCODER = msgspec.msgpack.Encoder()
+#: the body of a frame (the message's fields, without the header): for the core's produce path
+encode_body = _ENCODER.encode
 
 T = TypeVar("T", bound="TsMsg")
 

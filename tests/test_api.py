@@ -7,6 +7,7 @@ import inspect
 import logging
 import pickle
 
+import msgspec
 import pytest
 
 import msgstream as ms
@@ -157,6 +158,54 @@ def test_validate_false_skips_the_produce_check() -> None:
         inp.create_consumers("s", chans)
         with pytest.raises(errors.UnmarshalError):
             inp.consume(timeout=1)
+
+
+class _SelfFramed(ms.TsMsg, kw_only=True):
+    """A user type that writes its own frames (and is decoded by a registered function)."""
+
+    msg_type = 2042
+    note: str = ""
+
+    def marshal(self) -> bytes:
+        return self.prepare() + msgspec.msgpack.encode(self)
+
+
+@pytest.mark.parametrize(
+    ("msgs", "error", "text"),
+    [
+        ([ms.InsertMsg(hash_values=[0]), ms.InsertMsg(hash_values=[1.5])], errors.InvalidArgumentError, "list of int"),  # type: ignore[list-item]
+        ([ms.InsertMsg(hash_values=[0]), ms.InsertMsg(hash_values=None)], errors.InvalidArgumentError, "list of int"),  # type: ignore[arg-type]
+        ([ms.InsertMsg(hash_values=["a"])], errors.InvalidArgumentError, "list of int"),  # type: ignore[list-item]
+        (
+            [ms.InsertMsg(hash_values=[0]), ms.InsertMsg(hash_values=[])],
+            errors.RepackError,
+            "message 1 .* no hash_values",
+        ),
+        (
+            [ms.InsertMsg(hash_values=[0]), ms.DeleteMsg(hash_values=[2], timestamps=["x"])],  # type: ignore[list-item]
+            errors.InvalidArgumentError,
+            r"message 1 \(DeleteMsg\) has a field of the wrong type",
+        ),
+        (
+            [ms.InsertMsg(hash_values=[0]), _SelfFramed(hash_values=[0], note=5)],
+            errors.InvalidArgumentError,
+            "_SelfFramed",
+        ),  # type: ignore[arg-type]
+        ([ms.InsertMsg(hash_values=[2**70])], errors.InvalidArgumentError, "cannot be encoded"),
+    ],
+)
+def test_produce_refuses_a_bad_pack_whole(msgs: list[ms.TsMsg], error: type[Exception], text: str) -> None:
+    """Bad routing keys and mistyped fields raise typed errors before anything is sent, whichever
+    message of the pack (and of which type) is the bad one."""
+    with ms.connect("memory://bad-packs") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=2))
+        out = client.msg_stream()
+        out.create_producers(chans)
+        with pytest.raises(error, match=text):
+            out.produce(ms.MsgPack.of(msgs))
+        assert all(p.msg_id == b"" for p in out.get_latest_positions())
+        good = _SelfFramed(hash_values=[3], note="fine")  # a type with its own marshal, validated by its body
+        assert list(out.produce(ms.MsgPack.of([good]))) == [chans[1]]
 
 
 def test_memory_is_found_through_its_entry_point() -> None:
