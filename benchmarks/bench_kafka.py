@@ -30,13 +30,17 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
 
 A produce run is made of rounds, the two sides taking turns (the order alternates) until the run's timed
 seconds reach ``--seconds``. A consume run is ``CONSUME_ROUNDS`` rounds of each side, taking turns: a
-group join costs about 1 s on Tansu, far more than reading a round. Every round uses a fresh topic (a new
-channel for msgstream, a new topic for raw) with a unique name. Topics are deleted afterwards only where
-msgstream deletes them (``delete_topics``); Tansu keeps them in memory, and slows down as that fills, so
-each section has a broker of its own and rounds are capped at ``ROUND_BYTES`` (produce) and
-``CONSUME_ROUND_BYTES`` / ``CONSUME_ROUND_MSGS`` (consume; these also keep a round within librdkafka's
-local fetch queue, see there). Untimed: creating topics and groups, filling the topic a consume round
-reads (by the raw producer for both sides, so both read the same record batches), the group join,
+group join costs about 1 s on Tansu, far more than reading a round. Every produce round writes a fresh
+topic (a new channel for msgstream, a new topic for raw) with a unique name. Every consume round of every
+side reads the same topic, one msgstream channel filled once per section by the raw producer, from its
+start, as a new consumer group: the same record batches for both sides, and no writes during the
+section. (Writing a topic per consume round, as before, made each 1 KiB run slower than the last by up
+to a third as Tansu's memory filled, and a side's figure depended on its turn.) Topics are deleted
+afterwards only where msgstream deletes them (``delete_topics``); Tansu keeps them in memory, and slows
+down as that fills, so each section has a broker of its own and rounds are capped at ``ROUND_BYTES``
+(produce) and ``CONSUME_ROUND_BYTES`` / ``CONSUME_ROUND_MSGS`` (consume; these also keep a round within
+librdkafka's local fetch queue, see there). Untimed: creating topics and groups, filling the topics, the
+group join,
 closing, and checking what landed (the last offset of each produced topic, the committed offset of each
 group). Each figure is the median of ``--repeats`` runs after an untimed warm-up round of every side; a
 ratio is the median of the per-run ratios (msgstream rate over raw rate, both measured in the same run).
@@ -370,70 +374,63 @@ class Bench:
         return sent, elapsed
 
     # -- consume ------------------------------------------------------------------------------------
-    def consume_msgstream(self, frames: list[bytes], n_msgs: int, as_frames: bool = False) -> tuple[int, float]:
+    def consume_msgstream(self, name: str, n_msgs: int, as_frames: bool = False) -> tuple[int, float]:
+        """A new group reads channel ``name`` (``n_msgs`` messages) from its start."""
         group = self.new_name("group")
-        with self.channel() as name:
-            self.send_packs(name, frames, n_msgs)
-            stream = self.client.msg_stream(receive_batch=PACK_SIZE)
-            try:
-                stream.create_consumers(group, [name])
-                stream.start()
-                take = receiver(stream, as_frames)
-                gc.collect()
-                first = take(JOIN_TIMEOUT)  # untimed: joins the group
-                if first is None:
-                    raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
-                received = skipped = first
-                t0 = clock()
-                while received < n_msgs:
-                    got = take(CONSUME_TIMEOUT)
-                    if got is None:
-                        raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-                    received += got
-                if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
-                    raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
-                elapsed = clock() - t0
-            finally:
-                stream.close()
-            self.check_committed(group, name, received, n_msgs)
+        stream = self.client.msg_stream(receive_batch=PACK_SIZE)
+        try:
+            stream.create_consumers(group, [name])
+            stream.start()
+            take = receiver(stream, as_frames)
+            gc.collect()
+            first = take(JOIN_TIMEOUT)  # untimed: joins the group
+            if first is None:
+                raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
+            received = skipped = first
+            t0 = clock()
+            while received < n_msgs:
+                got = take(CONSUME_TIMEOUT)
+                if got is None:
+                    raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
+                received += got
+            if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
+                raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
+            elapsed = clock() - t0
+        finally:
+            stream.close()
+        self.check_committed(group, name, received, n_msgs)
         return received - skipped, elapsed
 
-    def consume_raw(
-        self, frames: list[bytes], n_msgs: int, unmarshal: Callable[[bytes], ms.TsMsg] | None
-    ) -> tuple[int, float]:
-        topic = self.new_topic()
+    def consume_raw(self, topic: str, n_msgs: int, unmarshal: Callable[[bytes], ms.TsMsg] | None) -> tuple[int, float]:
+        """A new group reads ``topic`` (``n_msgs`` messages) from its start."""
         group = self.new_name("group")
+        consumer = ck.Consumer({**self.consumer_conf, "group.id": group})
         try:
-            self.send_packs(topic, frames, n_msgs)
-            consumer = ck.Consumer({**self.consumer_conf, "group.id": group})
-            try:
-                consumer.subscribe([topic])
+            consumer.subscribe([topic])
 
-                def take(count: int, timeout: float) -> int:
-                    batch = consumer.consume(count, timeout)
-                    if not batch:
-                        raise RuntimeError(f"raw consume returned nothing within {timeout} s ({topic})")
-                    payloads: list[Any]
-                    if unmarshal is None:
-                        payloads = [m.value() for m in batch if m.error() is None]
-                    else:
-                        payloads = [unmarshal(m.value()) for m in batch if m.error() is None]  # type: ignore[arg-type]
-                    if len(payloads) != len(batch):
-                        raise ck.KafkaException(next(m.error() for m in batch if m.error() is not None))
-                    consumer.commit(message=batch[-1], asynchronous=True)
-                    return len(batch)
+            def take(count: int, timeout: float) -> int:
+                batch = consumer.consume(count, timeout)
+                if not batch:
+                    raise RuntimeError(f"raw consume returned nothing within {timeout} s ({topic})")
+                payloads: list[Any]
+                if unmarshal is None:
+                    payloads = [m.value() for m in batch if m.error() is None]
+                else:
+                    payloads = [unmarshal(m.value()) for m in batch if m.error() is None]  # type: ignore[arg-type]
+                if len(payloads) != len(batch):
+                    raise ck.KafkaException(next(m.error() for m in batch if m.error() is not None))
+                consumer.commit(message=batch[-1], asynchronous=True)
+                return len(batch)
 
-                gc.collect()
-                received = skipped = take(min(PACK_SIZE, n_msgs), JOIN_TIMEOUT)  # untimed: joins the group
-                t0 = clock()
-                while received < n_msgs:
-                    received += take(min(PACK_SIZE, n_msgs - received), CONSUME_TIMEOUT)
-                elapsed = clock() - t0
-            finally:
-                consumer.close()
-            self.check_committed(group, topic, received, n_msgs)
+            gc.collect()
+            received = skipped = take(min(PACK_SIZE, n_msgs), JOIN_TIMEOUT)  # untimed: joins the group
+            t0 = clock()
+            while received < n_msgs:
+                received += take(min(PACK_SIZE, n_msgs - received), CONSUME_TIMEOUT)
+            elapsed = clock() - t0
         finally:
-            self.drop_topic(topic)
+            consumer.close()
+        self.check_committed(group, topic, received, n_msgs)
         return received - skipped, elapsed
 
 
@@ -469,17 +466,20 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
-    sides: dict[str, Round] = {
-        "msgstream frames": lambda: bench.consume_msgstream(frames, n_msgs, as_frames=True),
-        "msgstream": lambda: bench.consume_msgstream(frames, n_msgs),
-        "raw": lambda: bench.consume_raw(frames, n_msgs, None),
-        "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
-    }
-    bench.consume_msgstream(frames, WARMUP_MSGS)
-    bench.consume_msgstream(frames, WARMUP_MSGS, as_frames=True)
-    bench.consume_raw(frames, WARMUP_MSGS, None)
-    bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
-    rates = runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
+    with bench.channel() as warm, bench.channel() as name:  # msgstream channels: raw reads their topics
+        bench.send_packs(warm, frames, WARMUP_MSGS)
+        bench.send_packs(name, frames, n_msgs)
+        sides: dict[str, Round] = {
+            "msgstream frames": lambda: bench.consume_msgstream(name, n_msgs, as_frames=True),
+            "msgstream": lambda: bench.consume_msgstream(name, n_msgs),
+            "raw": lambda: bench.consume_raw(name, n_msgs, None),
+            "raw + unmarshal": lambda: bench.consume_raw(name, n_msgs, unmarshal),
+        }
+        bench.consume_msgstream(warm, WARMUP_MSGS)
+        bench.consume_msgstream(warm, WARMUP_MSGS, as_frames=True)
+        bench.consume_raw(warm, WARMUP_MSGS, None)
+        bench.consume_raw(warm, WARMUP_MSGS, unmarshal)
+        rates = runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
     return consume_rows("raw confluent-kafka: consume(1000) + async commit", row_bytes, size, TARGETS[row_bytes], rates)
 
 
