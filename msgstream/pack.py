@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -76,18 +76,29 @@ class MsgPack(msgspec.Struct):
         return cls(min(m.begin_ts for m in msgs), max(m.end_ts for m in msgs), msgs)
 
 
-def consumed_pack(msgs: list[TsMsg]) -> MsgPack:
+def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
     """The pack of consumed messages (each carrying its backend record): time range, first and last
-    position per channel."""
-    first: dict[str, TsMsg] = {}
-    last: dict[str, TsMsg] = {}
+    position per channel. ``one_channel``: the messages all come from one channel (a consumer of one),
+    so the first and the last message are the positions, without a look at each message."""
+    if one_channel:
+        first = {"": msgs[0]}
+        last = {"": msgs[-1]}
+    else:
+        first = {}
+        last = {}
+        for m in msgs:
+            ch = m.__dict__["_raw"].channel
+            if ch not in first:
+                first[ch] = m
+            last[ch] = m
+    begin = min([m.begin_ts for m in msgs])
+    end = max([m.end_ts for m in msgs])
+    return MsgPack(begin, end, msgs, _positions(first.values()), _positions(last.values()))
+
+
+def _positions(msgs: Iterable[TsMsg]) -> list[Position]:
+    out = []
     for m in msgs:
-        ch = m.__dict__["_raw"].channel
-        if ch not in first:
-            first[ch] = m
-        last[ch] = m
-    begin = min(m.begin_ts for m in msgs)
-    end = max(m.end_ts for m in msgs)
-    starts = [Position(ch, m.__dict__["_raw"].msg_id, m.end_ts) for ch, m in first.items()]
-    ends = [Position(ch, m.__dict__["_raw"].msg_id, m.end_ts) for ch, m in last.items()]
-    return MsgPack(begin, end, msgs, starts, ends)
+        raw = m.__dict__["_raw"]
+        out.append(Position(raw.channel, raw.msg_id, m.end_ts))
+    return out

@@ -304,6 +304,19 @@ class MsgStream:
         return FramePack(raws, self._dispatcher)
 
     def _decode(self, raws: list[RawMessage]) -> MsgPack | None:
+        """Decode ``raws`` into a pack; if a frame does not decode, see :meth:`_decode_prefix`."""
+        unmarshal = self._dispatcher.unmarshal
+        try:  # the usual case: every frame decodes
+            msgs = [unmarshal(raw.payload) for raw in raws]
+        except UnmarshalError:
+            return self._decode_prefix(raws)
+        for msg, raw in zip(msgs, raws, strict=True):
+            msg.__dict__["_raw"] = raw
+        if self.auto_ack:
+            self._unacked.extend(raws)
+        return consumed_pack(msgs, len(self._require_consumer().channels) == 1)
+
+    def _decode_prefix(self, raws: list[RawMessage]) -> MsgPack | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
         A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
         unmarshal = self._dispatcher.unmarshal
