@@ -38,8 +38,9 @@ HEADER_SIZE = HEADER.size
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
 
 _ENCODER = msgspec.msgpack.Encoder()
-#: the body of a frame (the message's fields, without the header): for the core's produce path
-encode_body = _ENCODER.encode
+#: ``encode_body_into(msg, buffer)``: the body of a frame (the message's fields, without the header)
+#: into a bytearray, for the core's produce path
+encode_body_into = _ENCODER.encode_into
 
 T = TypeVar("T", bound="TsMsg")
 
