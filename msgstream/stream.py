@@ -270,6 +270,14 @@ class MsgStream:
         """The next messages (up to ``receive_batch``), or ``None`` if nothing arrived in ``timeout``
         seconds. A frame that cannot be decoded raises ``UnmarshalError`` carrying its ``position``
         (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
+        msgs = self._consume_msgs(timeout)
+        if msgs is None:
+            return None
+        return consumed_pack(msgs, len(self._require_consumer().channels) == 1)
+
+    def _consume_msgs(self, timeout: float) -> list[TsMsg] | None:
+        """What :meth:`consume` returns, before the pack is made: the decoded messages, each carrying its
+        backend record (for decorators such as the time-tick stream, which make packs of their own)."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         if self.auto_ack:
@@ -279,9 +287,9 @@ class MsgStream:
             self._backlog = []
             if not raws:
                 return None
-            pack = self._decode(raws)
-            if pack is not None:
-                return pack
+            msgs = self._decode(raws)
+            if msgs is not None:
+                return msgs
             # the batch began with a bad frame that went to on_error: go on with the rest
 
     def consume_frames(self, timeout: float = 1.0) -> FramePack | None:
@@ -303,7 +311,7 @@ class MsgStream:
             self._unacked.extend(raws)
         return FramePack(raws, self._dispatcher)
 
-    def _decode(self, raws: list[RawMessage]) -> MsgPack | None:
+    def _decode(self, raws: list[RawMessage]) -> list[TsMsg] | None:
         """Decode ``raws`` into a pack; if a frame does not decode, see :meth:`_decode_prefix`."""
         unmarshal = self._dispatcher.unmarshal
         try:  # the usual case: every frame decodes
@@ -314,9 +322,9 @@ class MsgStream:
             msg.__dict__["_raw"] = raw
         if self.auto_ack:
             self._unacked.extend(raws)
-        return consumed_pack(msgs, len(self._require_consumer().channels) == 1)
+        return msgs
 
-    def _decode_prefix(self, raws: list[RawMessage]) -> MsgPack | None:
+    def _decode_prefix(self, raws: list[RawMessage]) -> list[TsMsg] | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
         A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
         unmarshal = self._dispatcher.unmarshal
@@ -343,7 +351,7 @@ class MsgStream:
             msgs.append(msg)
         if self.auto_ack:
             self._unacked.extend(raws)
-        return consumed_pack(msgs)
+        return msgs
 
     def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``): typed messages from

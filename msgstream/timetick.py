@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from operator import attrgetter
@@ -46,7 +47,7 @@ class _Channel:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.log: deque[TsMsg] = deque()  # every message since the checkpoint, in arrival order
+        self.log: list[TsMsg] = []  # every message since the checkpoint, in arrival order
         self.ticks: deque[int] = deque()  # pending tick values above the last emitted tick
         self.last_tick = 0  # highest tick seen on this channel
         self.position = Position(name, b"", 0)  # checkpoint: resume after this
@@ -143,32 +144,31 @@ class TimeTickStream:
                     f" on {[ch.name for ch in self._order if not ch.ticks]}"
                 )
             remaining = max(0.0, deadline - time.monotonic())
-            got = self._stream.consume(remaining)
+            got = self._stream._consume_msgs(remaining)  # no pack: this stream makes its own
             if got is not None:
-                self._ingest(got.msgs, got.start_positions)
+                self._ingest(got)
             elif remaining <= 0:
                 self._check_lag()
                 return None
 
-    def _ingest(self, msgs: list[TsMsg], starts: list[Position]) -> None:
+    def _ingest(self, msgs: list[TsMsg]) -> None:
         """Buffer a batch. A message that breaks a tick invariant is acknowledged and dropped, the
         rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
-        only = channels[starts[0].channel] if len(starts) == 1 else None  # a batch of one channel
+        only = self._order[0] if len(self._order) == 1 else None  # a stream of one channel
         ack_now: list[TsMsg] = []
         error: TimeTickError | None = None
-        kept = 0
         for m in msgs:
             ch = only or channels[m.__dict__["_raw"].channel]
             ts = m.end_ts
-            is_tick = isinstance(m, TimeTickMsg)
-            if ch.skip_upto is not None:
-                if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
-                    ack_now.append(m)
-                    continue
-                if is_tick:
+            if ch.skip_upto is None and ts > ch.last_tick and not isinstance(m, TimeTickMsg):
+                pass  # the usual case: data above the channel's last tick
+            elif isinstance(m, TimeTickMsg):
+                if ch.skip_upto is not None:
+                    if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
+                        ack_now.append(m)
+                        continue
                     ch.skip_upto = None
-            if is_tick:
                 if ts < ch.last_tick:
                     ack_now.append(m)
                     error = error or TimeTickError(
@@ -178,6 +178,9 @@ class TimeTickStream:
                 if ts > ch.last_tick:
                     ch.last_tick = ts
                     ch.ticks.append(ts)
+            elif ch.skip_upto is not None and ts <= ch.skip_upto:  # replay of what the checkpoint covers
+                ack_now.append(m)
+                continue
             elif ts <= ch.last_tick:
                 ack_now.append(m)
                 error = error or TimeTickError(
@@ -190,8 +193,7 @@ class TimeTickStream:
                 ch.in_order = False
             else:
                 ch.max_ts = ts
-            kept += 1
-        self._buffered += kept
+        self._buffered += len(msgs) - len(ack_now)
         if ack_now:
             self._stream.ack(ack_now)
         if error is not None:
@@ -225,20 +227,26 @@ class TimeTickStream:
             while ticks and ticks[0] <= tick:
                 ticks.popleft()
             starts.append(ch.position)
-            last = None
-            popleft = chlog.popleft
-            in_order = ch.in_order
-            while chlog and chlog[0].end_ts <= tick:  # in order: exactly the messages the pack covers
-                last = popleft()
-                done.append(last.__dict__["_raw"])
-                if in_order and last.end_ts > prev and not isinstance(last, TimeTickMsg):
-                    data.append(last)
-            if not chlog:  # nothing left to be out of order with
-                ch.in_order, ch.max_ts = True, 0
-            if last is not None:
-                ch.position = Position(ch.name, last.__dict__["_raw"].msg_id, tick)
+            # the log's prefix at or below ``tick`` is handled now; in order, it is what the pack covers
+            if ch.in_order:
+                k = bisect_right(chlog, tick, key=_END_TS)
+            else:
+                k = 0
+                for m in chlog:
+                    if m.end_ts > tick:
+                        break
+                    k += 1
+            if k:
+                covered = chlog[:k]
+                del chlog[:k]
+                done += [m.__dict__["_raw"] for m in covered]
+                if ch.in_order:
+                    data += [m for m in covered if m.end_ts > prev and not isinstance(m, TimeTickMsg)]
+                ch.position = Position(ch.name, covered[-1].__dict__["_raw"].msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)
+            if not chlog:  # nothing left to be out of order with
+                ch.in_order, ch.max_ts = True, 0
             ends.append(ch.position)
         self._buffered -= len(done)
         data.sort(key=_END_TS)
