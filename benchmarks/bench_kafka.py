@@ -77,6 +77,7 @@ from benchmarks.report import (
     Round,
     Row,
     consume_rows,
+    consume_sides,
     free_port,
     markdown_table,
     produce_rows,
@@ -469,16 +470,14 @@ def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
     with bench.channel() as warm, bench.channel() as name:  # msgstream channels: raw reads their topics
         bench.send_packs(warm, frames, WARMUP_MSGS)
         bench.send_packs(name, frames, n_msgs)
-        sides: dict[str, Round] = {
-            "msgstream frames": lambda: bench.consume_msgstream(name, n_msgs, as_frames=True),
-            "msgstream": lambda: bench.consume_msgstream(name, n_msgs),
-            "raw": lambda: bench.consume_raw(name, n_msgs, None),
-            "raw + unmarshal": lambda: bench.consume_raw(name, n_msgs, unmarshal),
-        }
-        bench.consume_msgstream(warm, WARMUP_MSGS)
-        bench.consume_msgstream(warm, WARMUP_MSGS, as_frames=True)
-        bench.consume_raw(warm, WARMUP_MSGS, None)
-        bench.consume_raw(warm, WARMUP_MSGS, unmarshal)
+        warm_up = consume_sides(
+            lambda f: bench.consume_msgstream(warm, WARMUP_MSGS, f), lambda u: bench.consume_raw(warm, WARMUP_MSGS, u)
+        )
+        for side in warm_up.values():
+            side()
+        sides = consume_sides(
+            lambda f: bench.consume_msgstream(name, n_msgs, f), lambda u: bench.consume_raw(name, n_msgs, u)
+        )
         rates = runs(sides, 0.0, repeats, CONSUME_ROUNDS)  # not by time: each round joins a group (~1 s)
     return consume_rows("raw confluent-kafka: consume(1000) + async commit", row_bytes, size, TARGETS[row_bytes], rates)
 

@@ -64,6 +64,7 @@ from benchmarks.report import (
     Round,
     Row,
     consume_rows,
+    consume_sides,
     free_port,
     markdown_table,
     produce_rows,
@@ -331,16 +332,14 @@ def bench_consume(bench: Bench, row_bytes: int, batched: bool, seconds: float, r
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
-    sides: dict[str, Round] = {
-        "msgstream frames": lambda: bench.consume_msgstream(frames, batched, n, as_frames=True),
-        "msgstream": lambda: bench.consume_msgstream(frames, batched, n),
-        "raw": lambda: bench.consume_raw(frames, batched, n, None),
-        "raw + unmarshal": lambda: bench.consume_raw(frames, batched, n, unmarshal),
-    }
-    bench.consume_msgstream(frames, batched, WARMUP_MSGS)
-    bench.consume_msgstream(frames, batched, WARMUP_MSGS, as_frames=True)
-    bench.consume_raw(frames, batched, WARMUP_MSGS, None)
-    bench.consume_raw(frames, batched, WARMUP_MSGS, unmarshal)
+    for side in consume_sides(
+        lambda f: bench.consume_msgstream(frames, batched, WARMUP_MSGS, f),
+        lambda u: bench.consume_raw(frames, batched, WARMUP_MSGS, u),
+    ).values():
+        side()  # warm-up
+    sides = consume_sides(
+        lambda f: bench.consume_msgstream(frames, batched, n, f), lambda u: bench.consume_raw(frames, batched, n, u)
+    )
     rates = runs({side: retrying(side, round_) for side, round_ in sides.items()}, seconds, repeats)
     layout = "batched" if batched else "unbatched"
     rows = consume_rows(

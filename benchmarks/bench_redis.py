@@ -54,6 +54,7 @@ from benchmarks.report import (
     Round,
     Row,
     consume_rows,
+    consume_sides,
     free_port,
     markdown_table,
     produce_rows,
@@ -333,16 +334,13 @@ def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) ->
     unmarshal = ms.UnmarshalDispatcher().unmarshal
     if unmarshal(frames[0]) != pack.msgs[0]:
         raise AssertionError("codec round trip changed the message")
-    sides: dict[str, Round] = {
-        "msgstream frames": lambda: bench.consume_msgstream(pack, n_msgs, frames=True),
-        "msgstream": lambda: bench.consume_msgstream(pack, n_msgs),
-        "raw": lambda: bench.consume_raw(frames, n_msgs, None),
-        "raw + unmarshal": lambda: bench.consume_raw(frames, n_msgs, unmarshal),
-    }
-    bench.consume_msgstream(pack, WARMUP_MSGS)
-    bench.consume_msgstream(pack, WARMUP_MSGS, frames=True)
-    bench.consume_raw(frames, WARMUP_MSGS, None)
-    bench.consume_raw(frames, WARMUP_MSGS, unmarshal)
+    for side in consume_sides(
+        lambda f: bench.consume_msgstream(pack, WARMUP_MSGS, f), lambda u: bench.consume_raw(frames, WARMUP_MSGS, u)
+    ).values():
+        side()  # warm-up
+    sides = consume_sides(
+        lambda f: bench.consume_msgstream(pack, n_msgs, f), lambda u: bench.consume_raw(frames, n_msgs, u)
+    )
     rates = runs(sides, seconds, repeats)
     return consume_rows("raw redis-py: XREADGROUP + XACK", row_bytes, size, TARGETS[row_bytes], rates)
 

@@ -73,6 +73,21 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def consume_sides(
+    msgstream: Callable[[bool], tuple[int, float]],
+    raw: Callable[[Callable[[bytes], ms.TsMsg] | None], tuple[int, float]],
+) -> dict[str, Round]:
+    """The four consume sides every broker benchmark compares (see :func:`consume_rows`), from its
+    rounds ``msgstream(as_frames)`` and ``raw(unmarshal or None)``."""
+    unmarshal = ms.UnmarshalDispatcher().unmarshal
+    return {
+        "msgstream frames": lambda: msgstream(True),
+        "msgstream": lambda: msgstream(False),
+        "raw": lambda: raw(None),
+        "raw + unmarshal": lambda: raw(unmarshal),
+    }
+
+
 def consume_rows(raw_name: str, row_bytes: int, size: float, target: float, rates: dict[str, list[float]]) -> list[Row]:
     """The consume rows every broker benchmark reports. ``rates`` holds the per-run rates of the sides
     "msgstream frames" (``consume_frames``: payload bytes out, like the raw client), "msgstream"
