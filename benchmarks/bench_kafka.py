@@ -85,6 +85,7 @@ from benchmarks.report import (
     receiver,
     runs,
     size_text,
+    take_until,
     verdicts,
     workload,
 )
@@ -389,11 +390,7 @@ class Bench:
                 raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
             received = skipped = first
             t0 = clock()
-            while received < n_msgs:
-                got = take(CONSUME_TIMEOUT)
-                if got is None:
-                    raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-                received += got
+            received = take_until(take, received, n_msgs, CONSUME_TIMEOUT)
             if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
                 raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
             elapsed = clock() - t0

@@ -76,6 +76,7 @@ from benchmarks.report import (
     receiver,
     runs,
     size_text,
+    take_until,
     verdicts,
     workload,
 )
@@ -266,11 +267,7 @@ class Bench:
                 raise RuntimeError("msgstream consume returned nothing")
             received = skipped = first
             t0 = clock()
-            while received < n:
-                got = take(TIMEOUT_MS / 1000)
-                if got is None:
-                    raise Stalled(f"msgstream consume returned nothing after {received} of {n}")
-                received += got
+            received = take_until(take, received, n, TIMEOUT_MS / 1000, Stalled)
             if stream.consume(timeout=0) is not None:  # acknowledges the last pack
                 raise RuntimeError("msgstream consume returned more messages than were sent")
             elapsed = clock() - t0

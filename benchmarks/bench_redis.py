@@ -62,6 +62,7 @@ from benchmarks.report import (
     receiver,
     runs,
     size_text,
+    take_until,
     verdicts,
     workload,
 )
@@ -259,13 +260,8 @@ class Bench:
                 stream.start()
                 take = receiver(stream, frames)
                 gc.collect()
-                received = 0
                 t0 = clock()
-                while received < n_msgs:
-                    got = take(CONSUME_TIMEOUT)
-                    if got is None:
-                        raise RuntimeError(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-                    received += got
+                received = take_until(take, 0, n_msgs, CONSUME_TIMEOUT)
                 stream.close()  # acknowledges the last pack
                 elapsed = clock() - t0
             finally:
