@@ -161,14 +161,14 @@ class TimeTickStream:
         for m in msgs:
             ch = only or channels[m.__dict__["_raw"].channel]
             ts = m.end_ts
-            if ch.skip_upto is None and ts > ch.last_tick and not isinstance(m, TimeTickMsg):
-                pass  # the usual case: data above the channel's last tick
-            elif isinstance(m, TimeTickMsg):
-                if ch.skip_upto is not None:
-                    if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
-                        ack_now.append(m)
-                        continue
+            is_tick = isinstance(m, TimeTickMsg)
+            if ch.skip_upto is not None:
+                if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
+                    ack_now.append(m)
+                    continue
+                if is_tick:
                     ch.skip_upto = None
+            if is_tick:
                 if ts < ch.last_tick:
                     ack_now.append(m)
                     error = error or TimeTickError(
@@ -178,9 +178,6 @@ class TimeTickStream:
                 if ts > ch.last_tick:
                     ch.last_tick = ts
                     ch.ticks.append(ts)
-            elif ch.skip_upto is not None and ts <= ch.skip_upto:  # replay of what the checkpoint covers
-                ack_now.append(m)
-                continue
             elif ts <= ch.last_tick:
                 ack_now.append(m)
                 error = error or TimeTickError(
