@@ -80,20 +80,20 @@ def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
     """The pack of consumed messages (each carrying its backend record): time range, first and last
     position per channel. ``one_channel``: the messages all come from one channel (a consumer of one),
     so the first and the last message are the positions, without a look at each message."""
-    if one_channel:
-        first = {"": msgs[0]}
-        last = {"": msgs[-1]}
-    else:
-        first = {}
-        last = {}
+    firsts: Iterable[TsMsg] = [msgs[0]]
+    lasts: Iterable[TsMsg] = [msgs[-1]]
+    if not one_channel:
+        first: dict[str, TsMsg] = {}
+        last: dict[str, TsMsg] = {}
         for m in msgs:
             ch = m.__dict__["_raw"].channel
             if ch not in first:
                 first[ch] = m
             last[ch] = m
+        firsts, lasts = first.values(), last.values()
     begin = min([m.begin_ts for m in msgs])
     end = max([m.end_ts for m in msgs])
-    return MsgPack(begin, end, msgs, _positions(first.values()), _positions(last.values()))
+    return MsgPack(begin, end, msgs, _positions(firsts), _positions(lasts))
 
 
 def _positions(msgs: Iterable[TsMsg]) -> list[Position]:

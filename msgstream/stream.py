@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
@@ -27,7 +28,6 @@ from .repack import default as default_repack
 __all__ = ["MsgStream"]
 
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
-_ENCODE_INTO = encode_body_into
 MAX_TIMEOUT = 3600.0
 
 
@@ -176,7 +176,7 @@ class MsgStream:
         try:
             keys = [m.hash_values[0] % n for m in msgs]
         except (IndexError, TypeError):
-            keys = [self._key(i, m, n) for i, m in enumerate(msgs)]  # raises the precise error
+            _raise_bad_route(msgs, n)
         if keys.count(keys[0]) == len(keys):  # one channel (always so with one producer)
             buckets = {keys[0]: msgs}
         else:
@@ -190,18 +190,6 @@ class MsgStream:
         if not all(type(key) is int for key in buckets):  # a float hash value
             raise InvalidArgumentError("hash_values must be a list of int on every message")
         return [(self._producers[key], self._marshal(buckets[key])) for key in sorted(buckets)]
-
-    @staticmethod
-    def _key(i: int, m: TsMsg, n: int) -> int:
-        hash_values = m.hash_values
-        if not isinstance(hash_values, list):
-            raise InvalidArgumentError("hash_values must be a list of int on every message")
-        if not hash_values:
-            raise RepackError(f"message {i} ({type(m).__name__}) has no hash_values to route by")
-        try:
-            return int(hash_values[0] % n)
-        except TypeError:
-            raise InvalidArgumentError("hash_values must be a list of int on every message") from None
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
@@ -464,6 +452,22 @@ def _names(channels: Sequence[str], what: str) -> list[str]:
     return list(channels)
 
 
+def _raise_bad_route(msgs: Sequence[TsMsg], n: int) -> NoReturn:
+    """The precise error for a pack whose default routing failed: the first message without a list of
+    int ``hash_values``."""
+    for i, m in enumerate(msgs):
+        hash_values = m.hash_values
+        if not isinstance(hash_values, list):
+            break
+        if not hash_values:
+            raise RepackError(f"message {i} ({type(m).__name__}) has no hash_values to route by")
+        try:
+            hash_values[0] % n
+        except TypeError:
+            break
+    raise InvalidArgumentError("hash_values must be a list of int on every message")
+
+
 def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
     """Frames for ``msgs``, each body decoded back as its type before it gets its header.
     ``InvalidArgumentError`` names the first message that does not decode.
@@ -482,7 +486,7 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             header = cls.prepare()
             decode = cls._decoder.decode
         if own:
-            _ENCODE_INTO(m, buf)
+            encode_body_into(m, buf)
             body: bytes | bytearray | memoryview = buf
         else:
             frame = m.marshal()
