@@ -19,7 +19,9 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
    marshal, validation, then ``send_async`` per frame with one shared callback collecting every result,
    and a wait for the last) against raw pulsar-client: ``send_async(frame, callback)`` of the same 1000
    frames and one ``flush()``, the callback counting errors: what someone who must know that every
-   message landed writes.
+   message landed writes. Raw runs twice: with the frames made beforehand, and marshalling each message
+   (``msg.marshal()``) as it sends it; the target applies to the second, equal work (typed messages in on
+   both sides).
 2. consume: ``MsgStream.consume`` (``receive_batch=1000``) of N pre-produced messages until all arrived,
    then one more ``consume(timeout=0)``, which acknowledges the last pack; against a raw consumer on the
    same layout: ``batch_receive()`` (policy: 1000 messages or 10 ms), ``data()`` of each message, and an
@@ -27,7 +29,7 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
    ``UnmarshalDispatcher().unmarshal`` of every payload. On both sides the clock starts when the first
    batch has arrived (subscribing is not timed), and the messages of that batch are not counted.
 
-Rounds of the two sides take turns (the order alternates) until the run's timed seconds reach
+Rounds of the sides of one comparison take turns (the order alternates) until the run's timed seconds reach
 ``--seconds``; each round uses a fresh topic (pulsar-lite cannot delete topics), and each section
 (operation x row size x layout) a fresh pulsar-lite. Each figure is the median of ``--repeats`` runs after
 an untimed warm-up round of every side; a ratio is the median of the per-run ratios (msgstream rate over
@@ -55,7 +57,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,13 +67,17 @@ import pulsar  # type: ignore[import-untyped]
 import msgstream as ms
 from benchmarks.bench_core import clock, environment, print_environment
 from benchmarks.report import (
+    TARGET_RULE,
+    PackFrames,
     Round,
     Row,
     consume_rows,
     consume_sides,
     free_port,
     markdown_table,
+    produce_budget,
     produce_rows,
+    produce_sides,
     progress,
     receiver,
     runs,
@@ -197,12 +203,14 @@ class Bench:
         """``n`` messages into ``topic`` by a raw producer of the layout (untimed)."""
         producer = self.raw.create_producer(topic, **PRODUCER, **(BATCHED if batched else {}))
         try:
-            self._send(producer, frames, n)
+            for _ in range(n // len(frames)):
+                self._send(producer, frames)
         finally:
             producer.close()
 
     @staticmethod
-    def _send(producer: Any, frames: list[bytes], n: int) -> None:
+    def _send(producer: Any, frames: Iterable[bytes]) -> None:
+        """One pack: ``send_async`` of each frame, then one ``flush``."""
         errors: list[Any] = []
 
         def callback(result: Any, _msg_id: Any) -> None:
@@ -210,12 +218,11 @@ class Bench:
                 errors.append(result)
 
         send_async = producer.send_async
-        for _ in range(n // len(frames)):
-            for frame in frames:
-                send_async(frame, callback)
-            producer.flush()
-            if errors:
-                raise RuntimeError(f"raw produce: {len(errors)} failed ({errors[0]})")
+        for frame in frames:
+            send_async(frame, callback)
+        producer.flush()
+        if errors:
+            raise RuntimeError(f"raw produce: {len(errors)} failed ({errors[0]})")
 
     # -- produce ------------------------------------------------------------------------------------
     def produce_msgstream(self, pack: ms.MsgPack, batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
@@ -235,14 +242,14 @@ class Bench:
                     break
             return sent, clock() - t0
 
-    def produce_raw(self, frames: list[bytes], batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
+    def produce_raw(self, pack_frames: PackFrames, batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
         producer = self.raw.create_producer(self.new_topic(), **PRODUCER, **(BATCHED if batched else {}))
         try:
             gc.collect()
             sent = 0
             t0 = clock()
             while sent < max_msgs:
-                self._send(producer, frames, PACK_SIZE)
+                self._send(producer, pack_frames())
                 sent += PACK_SIZE
                 if clock() - t0 >= budget:
                     break
@@ -325,13 +332,15 @@ class Bench:
 def bench_produce(bench: Bench, row_bytes: int, batched: bool, seconds: float, repeats: int) -> list[Row]:
     pack, frames, size = workload(row_bytes, PACK_SIZE)
     max_msgs = ROUND_MSGS[batched]
-    budget = seconds / 4
-    sides: dict[str, Round] = {
-        "msgstream": lambda: bench.produce_msgstream(pack, batched, budget, max_msgs),
-        "raw": lambda: bench.produce_raw(frames, batched, budget, max_msgs),
-    }
+    budget = produce_budget(seconds)
+    sides = produce_sides(
+        lambda: bench.produce_msgstream(pack, batched, budget, max_msgs),
+        lambda pack_frames: bench.produce_raw(pack_frames, batched, budget, max_msgs),
+        pack,
+        frames,
+    )
     bench.produce_msgstream(pack, batched, 0.05, WARMUP_MSGS)
-    bench.produce_raw(frames, batched, 0.05, WARMUP_MSGS)
+    bench.produce_raw(lambda: frames, batched, 0.05, WARMUP_MSGS)
     layout = "batched" if batched else "unbatched"
     rows = produce_rows(
         f"raw pulsar-client, {layout}: 1000 send_async + 1 flush",
@@ -342,7 +351,9 @@ def bench_produce(bench: Bench, row_bytes: int, batched: bool, seconds: float, r
         seconds=seconds,
         repeats=repeats,
     )
-    rows[0].name += f", {layout}"
+    for row in rows:
+        if row.name.startswith("msgstream"):
+            row.name += f", {layout}"
     return rows
 
 
@@ -406,8 +417,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\nOne-row InsertMsg, one channel / topic per round, {PACK_SIZE} messages per produce call and consume"
         " batch; each comparison on one topic layout (unbatched: one entry per message, msgstream's default;"
-        " batched: `batching=true`). msgstream/raw: median over runs of msgstream's rate divided by the named"
-        f" raw row's, measured in the same run. Spread: (max - min) / median of the {repeats} runs."
+        f" batched: `batching=true`). {TARGET_RULE} Spread: (max - min) / median of the {repeats} runs."
         f" Total time {elapsed:.0f} s. Consume rounds run again after a broker stall (no delivery for"
         f" {TIMEOUT_MS / 1000:g} s, not timed): {len(STALLS)} in this run"
         + (f" ({'; '.join(STALLS)})" if STALLS else "")
