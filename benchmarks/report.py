@@ -197,11 +197,10 @@ def produce_sides(
     ("raw") or marshalling the pack's messages as it sends them ("raw + marshal"), the way a user of the
     raw client who has the same messages must."""
     msgs = pack.msgs
-    marshal = ms.TsMsg.marshal
     return {
         "msgstream": msgstream,
         "raw": lambda: raw(lambda: frames),
-        "raw + marshal": lambda: raw(lambda: map(marshal, msgs)),
+        "raw + marshal": lambda: raw(lambda: (m.marshal() for m in msgs)),
     }
 
 
