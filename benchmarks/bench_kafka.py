@@ -87,9 +87,9 @@ from benchmarks.report import (
     produce_rows,
     produce_sides,
     progress,
-    receiver,
     runs,
     size_text,
+    subscribed,
     take_until,
     verdicts,
     workload,
@@ -384,12 +384,7 @@ class Bench:
     def consume_msgstream(self, name: str, n_msgs: int, as_frames: bool = False) -> tuple[int, float]:
         """A new group reads channel ``name`` (``n_msgs`` messages) from its start."""
         group = self.new_name("group")
-        stream = self.client.msg_stream(receive_batch=PACK_SIZE)
-        try:
-            stream.create_consumers(group, [name])
-            stream.start()
-            take = receiver(stream, as_frames)
-            gc.collect()
+        with subscribed(self.client, group, name, as_frames, PACK_SIZE) as (stream, take):
             first = take(JOIN_TIMEOUT)  # untimed: joins the group
             if first is None:
                 raise RuntimeError(f"msgstream consume returned nothing within {JOIN_TIMEOUT} s of joining")
@@ -399,8 +394,6 @@ class Bench:
             if stream.consume(timeout=0) is not None:  # commits the last pack (asynchronously)
                 raise RuntimeError(f"msgstream consume returned more than the {n_msgs} messages of {name}")
             elapsed = clock() - t0
-        finally:
-            stream.close()
         self.check_committed(group, name, received, n_msgs)
         return received - skipped, elapsed
 

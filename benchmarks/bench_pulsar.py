@@ -79,9 +79,9 @@ from benchmarks.report import (
     produce_rows,
     produce_sides,
     progress,
-    receiver,
     runs,
     size_text,
+    subscribed,
     take_until,
     verdicts,
     workload,
@@ -264,11 +264,7 @@ class Bench:
         channel = self.new_channel(batched)
         self.fill(self.topic_of(batched, channel), frames, n, batched)
         recoveries = RECOVERIES.count
-        with self.clients[batched].msg_stream(receive_batch=PACK_SIZE) as stream:
-            stream.create_consumers("bench", [channel])
-            stream.start()
-            take = receiver(stream, as_frames)
-            gc.collect()
+        with subscribed(self.clients[batched], "bench", channel, as_frames, PACK_SIZE) as (stream, take):
             first = take(TIMEOUT_MS / 1000)
             if first is None:
                 raise RuntimeError("msgstream consume returned nothing")

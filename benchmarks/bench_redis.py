@@ -64,9 +64,9 @@ from benchmarks.report import (
     produce_rows,
     produce_sides,
     progress,
-    receiver,
     runs,
     size_text,
+    subscribed,
     take_until,
     verdicts,
     workload,
@@ -259,18 +259,11 @@ class Bench:
                 producer.start()
                 for _ in range(n_msgs // PACK_SIZE):
                     producer.produce(pack)
-            stream = self.client.msg_stream(receive_batch=PACK_SIZE)
-            try:
-                stream.create_consumers(GROUP, [name])
-                stream.start()
-                take = receiver(stream, frames)
-                gc.collect()
+            with subscribed(self.client, GROUP, name, frames, PACK_SIZE) as (stream, take):
                 t0 = clock()
                 received = take_until(take, 0, n_msgs, CONSUME_TIMEOUT)
                 stream.close()  # acknowledges the last pack
                 elapsed = clock() - t0
-            finally:
-                stream.close()
             self.check_acked(key, received, n_msgs)
         return received, elapsed
 

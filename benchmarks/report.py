@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +155,20 @@ def receiver(stream: ms.MsgStream, frames: bool) -> Callable[[float], int | None
         return None if pack is None else len(pack.msgs)
 
     return take
+
+
+@contextmanager
+def subscribed(
+    client: ms.Client, subscription: str, channel: str, frames: bool, batch: int
+) -> Iterator[tuple[ms.MsgStream, Callable[[float], int | None]]]:
+    """A started stream consuming ``channel`` as a member of ``subscription`` (``receive_batch=batch``)
+    for the ``with`` block, with its :func:`receiver`; garbage collected before the round starts."""
+    with client.msg_stream(receive_batch=batch) as stream:
+        stream.create_consumers(subscription, [channel])
+        stream.start()
+        take = receiver(stream, frames)
+        gc.collect()
+        yield stream, take
 
 
 def runs(sides: dict[str, Round], seconds: float, repeats: int, min_rounds: int = 1) -> dict[str, list[float]]:
