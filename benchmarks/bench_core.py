@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -99,16 +100,61 @@ class Figure:
 
 
 # -- environment ----------------------------------------------------------------------------------
+# the CPUs this process may use, read once at import (before :func:`apart` narrows them)
+_CPUS: list[int] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _split() -> tuple[list[int], list[int]] | None:
+    """(the benchmark's CPUs, a started broker's CPUs): the lower and upper half; None where there is only
+    one CPU, or no ``taskset`` to start the broker with."""
+    if len(_CPUS) < 2 or shutil.which("taskset") is None:
+        return None
+    half = len(_CPUS) // 2
+    return _CPUS[:half], _CPUS[half:]
+
+
+@contextmanager
+def apart() -> Iterator[list[str]]:
+    """For a broker the benchmark starts: yields the prefix of its command line (``taskset -c <cpus>``)
+    that runs it on the upper half of the CPUs, while this process keeps to the lower half for the
+    ``with`` block (restored afterwards). The main thread is moved at once; threads it starts from then
+    on (librdkafka's, pulsar-client's) inherit its CPUs.
+
+    So the clients of both sides and the broker do not take each other's cores, as on separate hosts.
+    Left to the scheduler on this 2-core machine, Tansu's threads, librdkafka's and the Python thread
+    crowded each other, and a pack's time on the same broker varied twice as much from run to run
+    (docs/performance.md, Kafka). Yields ``[]`` (no pinning) where :func:`_split` finds no split."""
+    split = _split()
+    if split is None:
+        yield []
+        return
+    mine, broker = split
+    os.sched_setaffinity(0, mine)
+    try:
+        yield [str(shutil.which("taskset")), "-c", ",".join(map(str, broker))]
+    finally:
+        os.sched_setaffinity(0, _CPUS)
+
+
+def cpu_layout() -> str:
+    """How :func:`apart` places a started broker and this process, for the report's environment."""
+    split = _split()
+    if split is None:
+        return "not pinned (one CPU, or no taskset): brokers and the benchmark share the CPUs"
+    mine, broker = split
+    return (
+        f"a broker the benchmark starts runs on CPU {','.join(map(str, broker))}, the benchmark (both sides'"
+        f" clients) on CPU {','.join(map(str, mine))}; a broker given by --url is not pinned"
+    )
+
+
 def environment() -> dict[str, Any]:
     """The machine and versions the figures were measured with."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 0
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": len(_CPUS) or os.cpu_count() or 0,
+        "cpu_layout": cpu_layout(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),

@@ -30,22 +30,24 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
    joins a new consumer group, and the join is not timed: on both sides the clock starts when the first
    batch has arrived, and the messages of that batch are not counted.
 
-A produce run is made of rounds, the three sides taking turns (the order alternates) until the run's timed
-seconds reach ``--seconds``. A consume run is ``CONSUME_ROUNDS`` rounds of each side, taking turns: a
-group join costs about 1 s on Tansu, far more than reading a round. Every produce round writes a fresh
-topic (a new channel for msgstream, a new topic for raw) with a unique name. Every consume round of every
-side reads the same topic, one msgstream channel filled once per section by the raw producer, from its
-start, as a new consumer group: the same record batches for both sides, and no writes during the
-section. (Writing a topic per consume round, as before, made each 1 KiB run slower than the last by up
-to a third as Tansu's memory filled, and a side's figure depended on its turn.) Topics are deleted
-afterwards only where msgstream deletes them (``delete_topics``); Tansu keeps them in memory, and slows
-down as that fills, so each section has a broker of its own and rounds are capped at ``ROUND_BYTES``
-(produce) and ``CONSUME_ROUND_BYTES`` / ``CONSUME_ROUND_MSGS`` (consume; these also keep a round within
-librdkafka's local fetch queue, see there). Untimed: creating topics and groups, filling the topics, the
-group join,
-closing, and checking what landed (the last offset of each produced topic, the committed offset of each
-group). Each figure is the median of ``--repeats`` runs after an untimed warm-up round of every side; a
-ratio is the median of the per-run ratios (msgstream rate over raw rate, both measured in the same run).
+A produce run opens the three sides (each on a fresh topic with a unique name: a new channel for msgstream, a new
+topic for raw), then the sides send one pack each in turn, who goes first rotating (``report.interleaved``), until the
+run's timed seconds reach ``--seconds``; a side moves to a fresh topic after ``ROUND_BYTES``. Tansu takes twice as
+long per pack at the end of a section as at its start: taking turns pack by pack (a few ms) rather than by rounds
+(~0.2 s) gives every side the same broker. Tansu runs on CPUs of its own, the benchmark (both sides' clients) on the
+others (``bench_core.apart``): left to the scheduler, they crowded each other on this 2-core machine, the broker ran
+~30% slower and the same code's ratio varied from 0.86x to 0.96x between runs. A consume run is ``CONSUME_ROUNDS``
+rounds of each side, taking turns: a group join costs about 1 s on Tansu, far more than reading a round. Every consume
+round of every side reads the same topic, one msgstream channel filled once per section by the raw producer, from its
+start, as a new consumer group: the same record batches for both sides, and no writes during the section. (Writing a
+topic per consume round, as before, made each 1 KiB run slower than the last by up to a third as Tansu's memory
+filled, and a side's figure depended on its turn.) Topics are deleted afterwards only where msgstream deletes them
+(``delete_topics``); Tansu keeps them in memory, and slows down as that fills, so each section has a broker of its own
+and rounds are capped at ``ROUND_BYTES`` (produce) and ``CONSUME_ROUND_BYTES`` / ``CONSUME_ROUND_MSGS`` (consume;
+these also keep a round within librdkafka's local fetch queue, see there). Untimed: creating topics and groups,
+filling the topics, the group join, closing, and checking what landed (the last offset of each produced topic, the
+committed offset of each group). Each figure is the median of ``--repeats`` runs after an untimed warm-up of every
+side; a ratio is the median of the per-run ratios (msgstream rate over raw rate, both measured in the same run).
 MB = 10**6 bytes of frames (header included); both sides move the same frames.
 """
 
@@ -74,16 +76,17 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from msgstream_kafka import KafkaBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
     Row,
+    SendPack,
     consume_rows,
     consume_sides,
     free_port,
+    interleaved,
     markdown_table,
-    produce_budget,
     produce_rows,
     produce_sides,
     progress,
@@ -98,7 +101,7 @@ from benchmarks.report import (
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / flush / consume batch
 TARGETS = {100: 0.7, 1024: 0.9}  # least msgstream/raw ratio the issue asks for, by row size
-ROUND_BYTES = 32 * 2**20  # most frame bytes one produce round writes
+ROUND_BYTES = 32 * 2**20  # most frame bytes a produce side writes to one topic
 # most frame bytes / messages one consume round reads: under librdkafka's local fetch queue limits
 # (queued.max.messages.kbytes 64 MiB, queued.min.messages 100000). Past them the fetcher pauses for
 # fetch.queue.backoff.ms (1 s) however fast the queue then drains, and a consumer slower than the fetcher
@@ -106,7 +109,7 @@ ROUND_BYTES = 32 * 2**20  # most frame bytes one produce round writes
 CONSUME_ROUND_BYTES = 56 * 2**20
 CONSUME_ROUND_MSGS = 90_000
 CONSUME_ROUNDS = 2  # consume rounds of each side per run
-WARMUP_SECONDS = 0.1  # produce: budget of the untimed warm-up round of each side
+WARMUP_SECONDS = 0.1  # produce: timed seconds of the untimed warm-up run
 WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of each side
 JOIN_TIMEOUT = 30.0  # the first batch of a consume round (group join included) takes at most this
 CONSUME_TIMEOUT = 10.0  # a consume that returns nothing for this long means a bug, not a slow machine
@@ -178,7 +181,7 @@ def tansu_server() -> Iterator[Tansu]:
     """Tansu (memory storage) on a free loopback port for the ``with`` block."""
     binary = tansu_binary()
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    with tempfile.TemporaryDirectory(prefix="msgstream-bench-kafka-") as tmp:
+    with apart() as pinned, tempfile.TemporaryDirectory(prefix="msgstream-bench-kafka-") as tmp:
         workdir = Path(tmp)
         log = workdir / "tansu.out"
         for _ in range(5):  # another process may take the port between choosing and binding it
@@ -187,7 +190,9 @@ def tansu_server() -> Iterator[Tansu]:
             argv = [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
             argv += ["--storage-engine", "memory://tansu/", "--cluster-id", f"bench-{port}"]
             with log.open("ab") as out:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+                proc = subprocess.Popen(
+                    [*pinned, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+                )
             deadline = time.monotonic() + 20
             while proc.poll() is None and not _answers(port) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -331,54 +336,50 @@ class Bench:
             raise RuntimeError(f"group {group} committed offset {tp.offset} on {topic}, expected {expected}")
 
     # -- produce ------------------------------------------------------------------------------------
-    def produce_msgstream(self, pack: ms.MsgPack, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_msgstream(self, pack: ms.MsgPack) -> Iterator[SendPack]:
+        """A fresh channel and a stream producing to it; yields the send of one pack."""
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            stream.produce(pack)
+            sent += PACK_SIZE
+
         with self.channel() as name:
             with self.client.msg_stream() as stream:
                 stream.create_producers([name])
                 stream.start()
-                gc.collect()
-                sent = 0
-                t0 = clock()
-                deadline = t0 + budget
-                while sent < max_msgs:
-                    stream.produce(pack)
-                    sent += PACK_SIZE
-                    if clock() >= deadline:
-                        break
-                elapsed = clock() - t0
+                yield send
             self.check_topic(name, sent)
-        return sent, elapsed
 
-    def produce_raw(self, pack_frames: PackFrames, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_raw(self, pack_frames: PackFrames) -> Iterator[SendPack]:
+        """A fresh topic; yields the send of one pack by the raw producer: a produce() per frame, one flush."""
         topic = self.new_topic()
         producer = self.producer
         produce, flush = producer.produce, producer.flush
-        errors = 0
+        errors = sent = 0
 
         def on_delivery(err: ck.KafkaError | None, _msg: ck.Message) -> None:
             nonlocal errors
             if err is not None:
                 errors += 1
 
+        def send() -> None:
+            nonlocal sent
+            for frame in pack_frames():
+                produce(topic, frame, partition=0, on_delivery=on_delivery)
+            left = flush(OPERATION_TIMEOUT)
+            if left or errors:
+                raise RuntimeError(f"raw produce to {topic}: {errors} failed, {left} not confirmed")
+            sent += PACK_SIZE
+
         try:
-            gc.collect()
-            sent = 0
-            t0 = clock()
-            deadline = t0 + budget
-            while sent < max_msgs:
-                for frame in pack_frames():
-                    produce(topic, frame, partition=0, on_delivery=on_delivery)
-                left = flush(OPERATION_TIMEOUT)
-                if left or errors:
-                    raise RuntimeError(f"raw produce to {topic}: {errors} failed, {left} not confirmed")
-                sent += PACK_SIZE
-                if clock() >= deadline:
-                    break
-            elapsed = clock() - t0
+            yield send
             self.check_topic(topic, sent)
         finally:
             self.drop_topic(topic)
-        return sent, elapsed
 
     # -- consume ------------------------------------------------------------------------------------
     def consume_msgstream(self, name: str, n_msgs: int, as_frames: bool = False) -> tuple[int, float]:
@@ -437,25 +438,11 @@ def _consume_round_msgs(size: float) -> int:
 
 def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
     pack, frames, size = workload(row_bytes, PACK_SIZE)
-    max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
-    budget = produce_budget(seconds)
-    sides = produce_sides(
-        lambda: bench.produce_msgstream(pack, budget, max_msgs),
-        lambda pack_frames: bench.produce_raw(pack_frames, budget, max_msgs),
-        pack,
-        frames,
-    )
-    bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
-    bench.produce_raw(lambda: frames, WARMUP_SECONDS, max_msgs)
-    return produce_rows(
-        "raw confluent-kafka: 1000 produce() + 1 flush",
-        row_bytes,
-        size,
-        TARGETS[row_bytes],
-        sides,
-        seconds=seconds,
-        repeats=repeats,
-    )
+    max_packs = max(1, int(ROUND_BYTES / size / PACK_SIZE))
+    sides = produce_sides(lambda: bench.produce_msgstream(pack), bench.produce_raw, pack, frames)
+    interleaved(sides, WARMUP_SECONDS, 1, PACK_SIZE, max_packs)
+    rates = interleaved(sides, seconds, repeats, PACK_SIZE, max_packs)
+    return produce_rows("raw confluent-kafka: 1000 produce() + 1 flush", row_bytes, size, TARGETS[row_bytes], rates)
 
 
 def bench_consume(bench: Bench, row_bytes: int, repeats: int) -> list[Row]:
@@ -533,7 +520,8 @@ def run(args: argparse.Namespace) -> int:
     consume_msgs = {size_text(r.row_bytes): _consume_round_msgs(r.msg_bytes) for r in rows if r.section == "consume"}
     rounds = ", ".join(f"{n:,} at {size}" for size, n in consume_msgs.items())
     print(
-        f"\nOne-row InsertMsg, one single-partition topic per round, {PACK_SIZE} messages per produce call / flush"
+        "\nOne-row InsertMsg, one single-partition topic per produce side (a fresh one after"
+        f" {ROUND_BYTES >> 20} MiB) and per consume section, {PACK_SIZE} messages per produce call / flush"
         f" and per consume batch; consume rounds read {rounds} (the first batch, which waits for the group"
         " join, is not timed). MB = 10^6 bytes of frames (Bytes/msg; the same bytes on both sides)."
         f" {TARGET_RULE} Spread: (max - min) / median of the {repeats} runs."

@@ -29,10 +29,13 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
    ``UnmarshalDispatcher().unmarshal`` of every payload. On both sides the clock starts when the first
    batch has arrived (subscribing is not timed), and the messages of that batch are not counted.
 
-Rounds of the sides of one comparison take turns (the order alternates) until the run's timed seconds reach
-``--seconds``; each round uses a fresh topic (pulsar-lite cannot delete topics), and each section
-(operation x row size x layout) a fresh pulsar-lite. Each figure is the median of ``--repeats`` runs after
-an untimed warm-up round of every side; a ratio is the median of the per-run ratios (msgstream rate over
+A produce run opens every side (a fresh topic each: pulsar-lite cannot delete topics), then the sides
+send one pack each in turn, who goes first rotating (``report.interleaved``), until the run's timed
+seconds reach ``--seconds`` (a side moves to a fresh topic after ``ROUND_MSGS``). Consume rounds of the
+sides take turns (the order alternates) until the run's timed seconds reach ``--seconds``, each on a
+fresh topic. Each section (operation x row size x layout) has a fresh pulsar-lite, on CPUs of its own
+(``bench_core.apart``). Each figure is the median of ``--repeats`` runs after an untimed warm-up of
+every side; a ratio is the median of the per-run ratios (msgstream rate over
 raw rate, measured in the same run). MB = 10**6 bytes of frames.
 
 pulsar-lite now and then stops delivering to a consumer for seconds although messages wait (raw
@@ -65,17 +68,18 @@ from typing import Any
 import pulsar  # type: ignore[import-untyped]
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
     Round,
     Row,
+    SendPack,
     consume_rows,
     consume_sides,
     free_port,
+    interleaved,
     markdown_table,
-    produce_budget,
     produce_rows,
     produce_sides,
     progress,
@@ -107,14 +111,14 @@ def pulsar_lite() -> Iterator[tuple[str, str]]:
         raise SystemExit("pulsar-lite is not installed (pip install pulsar-lite) and no --url given") from None
     binary = Path(find_pulsar_lite_binary())
     version = importlib.metadata.version("pulsar-lite")
-    with tempfile.TemporaryDirectory(prefix="msgstream-bench-pulsar-") as tmp:
+    with apart() as pinned, tempfile.TemporaryDirectory(prefix="msgstream-bench-pulsar-") as tmp:
         config = Path(tmp) / "pl.toml"
         config.write_text('log_level = "warn"\ndefault_partitions = 0\n\n[metrics]\nenabled = false\n')
         for _ in range(5):
             port = free_port()
             argv = [str(binary), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", f"{tmp}/data"]
             with open(Path(tmp) / "pl.out", "ab") as log:
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([*pinned, *argv], stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 10
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
@@ -225,35 +229,27 @@ class Bench:
             raise RuntimeError(f"raw produce: {len(errors)} failed ({errors[0]})")
 
     # -- produce ------------------------------------------------------------------------------------
-    def produce_msgstream(self, pack: ms.MsgPack, batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_msgstream(self, pack: ms.MsgPack, batched: bool) -> Iterator[SendPack]:
+        """A fresh channel of the layout and a stream producing to it; yields the send of one pack."""
         channel = self.new_channel(batched)
+
+        def send() -> None:
+            ids = stream.produce(pack)[channel]
+            if len(ids) != PACK_SIZE:
+                raise RuntimeError(f"msgstream produce returned {len(ids)} ids")
+
         with self.clients[batched].msg_stream() as stream:
             stream.create_producers([channel])
             stream.start()
-            gc.collect()
-            sent = 0
-            t0 = clock()
-            while sent < max_msgs:
-                ids = stream.produce(pack)[channel]
-                if len(ids) != PACK_SIZE:
-                    raise RuntimeError(f"msgstream produce returned {len(ids)} ids")
-                sent += PACK_SIZE
-                if clock() - t0 >= budget:
-                    break
-            return sent, clock() - t0
+            yield send
 
-    def produce_raw(self, pack_frames: PackFrames, batched: bool, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_raw(self, pack_frames: PackFrames, batched: bool) -> Iterator[SendPack]:
+        """A raw producer of the layout on a fresh topic; yields the send of one pack (see :meth:`_send`)."""
         producer = self.raw.create_producer(self.new_topic(), **PRODUCER, **(BATCHED if batched else {}))
         try:
-            gc.collect()
-            sent = 0
-            t0 = clock()
-            while sent < max_msgs:
-                self._send(producer, pack_frames())
-                sent += PACK_SIZE
-                if clock() - t0 >= budget:
-                    break
-            return sent, clock() - t0
+            yield lambda: self._send(producer, pack_frames())
         finally:
             producer.close()
 
@@ -327,25 +323,18 @@ class Bench:
 
 def bench_produce(bench: Bench, row_bytes: int, batched: bool, seconds: float, repeats: int) -> list[Row]:
     pack, frames, size = workload(row_bytes, PACK_SIZE)
-    max_msgs = ROUND_MSGS[batched]
-    budget = produce_budget(seconds)
+    max_packs = ROUND_MSGS[batched] // PACK_SIZE
     sides = produce_sides(
-        lambda: bench.produce_msgstream(pack, batched, budget, max_msgs),
-        lambda pack_frames: bench.produce_raw(pack_frames, batched, budget, max_msgs),
+        lambda: bench.produce_msgstream(pack, batched),
+        lambda pack_frames: bench.produce_raw(pack_frames, batched),
         pack,
         frames,
     )
-    bench.produce_msgstream(pack, batched, 0.05, WARMUP_MSGS)
-    bench.produce_raw(lambda: frames, batched, 0.05, WARMUP_MSGS)
+    interleaved(sides, 0.05, 1, PACK_SIZE, WARMUP_MSGS // PACK_SIZE)
+    rates = interleaved(sides, seconds, repeats, PACK_SIZE, max_packs)
     layout = "batched" if batched else "unbatched"
     rows = produce_rows(
-        f"raw pulsar-client, {layout}: 1000 send_async + 1 flush",
-        row_bytes,
-        size,
-        TARGETS[row_bytes],
-        sides,
-        seconds=seconds,
-        repeats=repeats,
+        f"raw pulsar-client, {layout}: 1000 send_async + 1 flush", row_bytes, size, TARGETS[row_bytes], rates
     )
     for row in rows:
         if row.name.startswith("msgstream"):
@@ -411,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
     print("## Results\n")
     print(markdown_table(rows))
     print(
-        f"\nOne-row InsertMsg, one channel / topic per round, {PACK_SIZE} messages per produce call and consume"
+        "\nOne-row InsertMsg, one channel / topic per produce side and per consume round,"
+        f" {PACK_SIZE} messages per produce call and consume"
         " batch; each comparison on one topic layout (unbatched: one entry per message, msgstream's default;"
         f" batched: `batching=true`). {TARGET_RULE} Spread: (max - min) / median of the {repeats} runs."
         f" Total time {elapsed:.0f} s. Consume rounds run again after a broker stall (no delivery for"

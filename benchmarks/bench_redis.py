@@ -21,14 +21,16 @@ For one-row ``InsertMsg`` of 100 B and 1 KiB row data (the pack and its frames a
    nothing, and with ``UnmarshalDispatcher().unmarshal`` of every payload, so that the two ratios
    separate the codec's cost from the transport's.
 
-A timed run is made of rounds, the sides of one comparison taking turns (the order alternates) until
-the run's timed seconds reach ``--seconds``. Every round uses a fresh stream (a new channel for
-msgstream, a new key for raw) that is deleted afterwards, so Redis never holds more than about
-``ROUND_BYTES`` of frames. Untimed: channel and group creation, filling the stream a consume round
-reads, checking what arrived, deleting. Each figure is the median of ``--repeats`` runs after an
-untimed warm-up round of every side; a ratio is the median of the per-run ratios (msgstream rate over
-raw rate, both measured in the same run). MB = 10**6 bytes of frames (header included); both sides
-move the same frames.
+A produce run opens every side (a fresh stream each: a new channel for msgstream, a new key for raw),
+then the sides send one pack each in turn, who goes first rotating (``report.interleaved``), until the
+run's timed seconds reach ``--seconds``; after ``ROUND_BYTES`` of frames per side the streams are
+checked, deleted and opened afresh, so Redis never holds much more than that. A consume run is made of
+rounds, the sides taking turns (the order alternates), each round on a fresh stream deleted afterwards.
+The broker runs on CPUs of its own, the benchmark on the others (``bench_core.apart``). Untimed: channel
+and group creation, filling the stream a consume round reads, checking what arrived, deleting. Each
+figure is the median of ``--repeats`` runs after an untimed warm-up of every side; a ratio is the median
+of the per-run ratios (msgstream rate over raw rate, both measured in the same run). MB = 10**6 bytes of
+frames (header included); both sides move the same frames.
 """
 
 from __future__ import annotations
@@ -51,16 +53,17 @@ import redis
 from msgstream_redis import RedisBackend
 
 import msgstream as ms
-from benchmarks.bench_core import clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
     Row,
+    SendPack,
     consume_rows,
     consume_sides,
     free_port,
+    interleaved,
     markdown_table,
-    produce_budget,
     produce_rows,
     produce_sides,
     progress,
@@ -75,9 +78,9 @@ from benchmarks.report import (
 ROW_SIZES = (100, 1024)  # bytes of row_data in each InsertMsg
 PACK_SIZE = 1000  # messages per produce() / pipeline / XREADGROUP COUNT
 TARGETS = {100: 0.7, 1024: 0.9}  # least msgstream/raw ratio the issue asks for, by row size
-ROUND_BYTES = 32 * 2**20  # most frame bytes one round leaves in Redis before its stream is deleted
+ROUND_BYTES = 32 * 2**20  # most frame bytes a side (round) leaves in Redis before its stream is deleted
 CONSUME_ROUND_MSGS = 50_000  # most messages one consume round reads
-WARMUP_SECONDS = 0.1  # produce: budget of the untimed warm-up round of each side
+WARMUP_SECONDS = 0.1  # produce: timed seconds of the untimed warm-up run
 WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of each side
 CONSUME_TIMEOUT = 10.0  # a consume that returns nothing for this long means a bug, not a slow machine
 GROUP = "bench"
@@ -101,13 +104,15 @@ def redis_server() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not on PATH: install it (apt-get install redis-server) or pass --url")
-    with tempfile.TemporaryDirectory(prefix="msgstream-bench-redis-") as tmp:
+    with apart() as pinned, tempfile.TemporaryDirectory(prefix="msgstream-bench-redis-") as tmp:
         workdir = Path(tmp)
         for _ in range(5):  # another process may take the port between choosing and binding it
             port = free_port()
             argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                [*pinned, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
             deadline = time.monotonic() + 20
             while proc.poll() is None and not _answers(port) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -215,41 +220,39 @@ class Bench:
         pipe.execute()
 
     # -- produce ------------------------------------------------------------------------------------
-    def produce_msgstream(self, pack: ms.MsgPack, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_msgstream(self, pack: ms.MsgPack) -> Iterator[SendPack]:
+        """A fresh channel and a stream producing to it; yields the send of one pack."""
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            stream.produce(pack)
+            sent += PACK_SIZE
+
         with self.channel() as (name, key):
             with self.client.msg_stream() as stream:
                 stream.create_producers([name])
                 stream.start()
-                gc.collect()
-                sent = 0
-                t0 = clock()
-                deadline = t0 + budget
-                while sent < max_msgs:
-                    stream.produce(pack)
-                    sent += PACK_SIZE
-                    if clock() >= deadline:
-                        break
-                elapsed = clock() - t0
+                yield send
             self.check_length(key, sent)
-        return sent, elapsed
 
-    def produce_raw(self, pack_frames: PackFrames, budget: float, max_msgs: int) -> tuple[int, float]:
+    @contextmanager
+    def produce_raw(self, pack_frames: PackFrames) -> Iterator[SendPack]:
+        """A fresh stream key; yields the send of one pack by a raw pipeline of XADDs."""
         key = self.new_key()
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            self.pipeline_xadd(key, pack_frames())
+            sent += PACK_SIZE
+
         try:
-            gc.collect()
-            sent = 0
-            t0 = clock()
-            deadline = t0 + budget
-            while sent < max_msgs:
-                self.pipeline_xadd(key, pack_frames())
-                sent += PACK_SIZE
-                if clock() >= deadline:
-                    break
-            elapsed = clock() - t0
+            yield send
             self.check_length(key, sent)
         finally:
             self.raw.delete(key)
-        return sent, elapsed
 
     # -- consume ------------------------------------------------------------------------------------
     def consume_msgstream(self, pack: ms.MsgPack, n_msgs: int, frames: bool = False) -> tuple[int, float]:
@@ -303,25 +306,11 @@ class Bench:
 # -- runs -------------------------------------------------------------------------------------------
 def bench_produce(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:
     pack, frames, size = workload(row_bytes, PACK_SIZE)
-    max_msgs = max(1, int(ROUND_BYTES / size / PACK_SIZE)) * PACK_SIZE
-    budget = produce_budget(seconds)
-    sides = produce_sides(
-        lambda: bench.produce_msgstream(pack, budget, max_msgs),
-        lambda pack_frames: bench.produce_raw(pack_frames, budget, max_msgs),
-        pack,
-        frames,
-    )
-    bench.produce_msgstream(pack, WARMUP_SECONDS, max_msgs)
-    bench.produce_raw(lambda: frames, WARMUP_SECONDS, max_msgs)
-    return produce_rows(
-        "raw redis-py: pipeline of 1000 XADD",
-        row_bytes,
-        size,
-        TARGETS[row_bytes],
-        sides,
-        seconds=seconds,
-        repeats=repeats,
-    )
+    max_packs = max(1, int(ROUND_BYTES / size / PACK_SIZE))
+    sides = produce_sides(lambda: bench.produce_msgstream(pack), bench.produce_raw, pack, frames)
+    interleaved(sides, WARMUP_SECONDS, 1, PACK_SIZE, max_packs)
+    rates = interleaved(sides, seconds, repeats, PACK_SIZE, max_packs)
+    return produce_rows("raw redis-py: pipeline of 1000 XADD", row_bytes, size, TARGETS[row_bytes], rates)
 
 
 def bench_consume(bench: Bench, row_bytes: int, seconds: float, repeats: int) -> list[Row]:

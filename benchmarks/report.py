@@ -6,8 +6,9 @@ import gc
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,11 @@ import msgstream as ms
 from benchmarks.bench_core import Figure, insert_msg
 
 Round = Callable[[], tuple[int, float]]  # one round of one side: (messages, timed seconds)
-PackFrames = Callable[[], Iterable[bytes]]  # a raw produce round's source of one pack's frames
+PackFrames = Callable[[], Iterable[bytes]]  # a raw produce side's source of one pack's frames
+SendPack = Callable[[], object]  # sends one pack (and waits until the broker has it)
+#: one side of a produce comparison: opened once per run segment (untimed), its send timed pack by pack,
+#: and on closing it checks that what it sent landed
+ProduceSide = Callable[[], "AbstractContextManager[SendPack]"]
 
 
 @dataclass
@@ -206,10 +211,13 @@ def workload(row_bytes: int, pack_size: int) -> tuple[ms.MsgPack, list[bytes], f
 
 
 def produce_sides(
-    msgstream: Round, raw: Callable[[PackFrames], tuple[int, float]], pack: ms.MsgPack, frames: list[bytes]
-) -> dict[str, Round]:
+    msgstream: ProduceSide,
+    raw: Callable[[PackFrames], AbstractContextManager[SendPack]],
+    pack: ms.MsgPack,
+    frames: list[bytes],
+) -> dict[str, ProduceSide]:
     """The three produce sides every broker benchmark compares (see :func:`produce_rows`): msgstream's
-    round, and the raw client's round ``raw(pack_frames)`` fed the ready-made ``frames`` of ``pack``
+    side, and the raw client's side ``raw(pack_frames)`` fed the ready-made ``frames`` of ``pack``
     ("raw") or marshalling the pack's messages as it sends them ("raw + marshal"), the way a user of the
     raw client who has the same messages must."""
     msgs = pack.msgs
@@ -220,25 +228,53 @@ def produce_sides(
     }
 
 
-def produce_budget(seconds: float) -> float:
-    """Timed seconds of one produce round: the three sides take two turns each in a run of ``seconds``."""
-    return seconds / 6
+def interleaved(
+    sides: dict[str, ProduceSide], seconds: float, repeats: int, pack_size: int, max_packs: int
+) -> dict[str, list[float]]:
+    """Msgs/s of each side in each of ``repeats`` runs, the sides taking turns pack by pack.
+
+    A run opens every side (untimed), then each side sends one pack of ``pack_size`` messages in turn,
+    who goes first rotating, and only the sends are timed; after ``max_packs`` turns the sides are closed
+    (each checks what landed) and opened afresh, until the run's timed seconds reach ``seconds``. Turns
+    of one pack keep the sides a few milliseconds apart, so a broker that slows down as it fills (Tansu,
+    twice as slow per pack by the end of a section) or that has a slow moment does so for every side
+    alike; turns of whole rounds (a second or so) left a side's figure to the moment of its turn."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for _ in range(repeats):
+        spent = dict.fromkeys(names, 0.0)
+        packs = 0
+        while True:
+            with ExitStack() as opened:
+                send = {name: opened.enter_context(sides[name]()) for name in names}
+                gc.collect()
+                for turn in range(max_packs):
+                    first = turn % len(names)
+                    for name in names[first:] + names[:first]:
+                        t0 = time.perf_counter()
+                        send[name]()
+                        spent[name] += time.perf_counter() - t0
+                    packs += 1
+                    if sum(spent.values()) >= seconds:
+                        break
+            if sum(spent.values()) >= seconds:
+                break
+        for name in names:
+            rates[name].append(packs * pack_size / spent[name])
+    return rates
 
 
-def produce_rows(
-    raw_name: str, row_bytes: int, size: float, target: float, sides: dict[str, Round], *, seconds: float, repeats: int
-) -> list[Row]:
-    """The produce rows every broker benchmark reports, from the :func:`produce_sides` "msgstream"
-    (``produce`` of typed messages), "raw" (ready-made frames) and "raw + marshal" (the raw client
-    marshalling every message it sends). As for consume, the target applies to the comparison of
-    equal work: typed messages in, against raw + marshal. msgstream against ready-made frames is
-    reported too; it charges msgstream for the encoding that the raw side skips."""
+def produce_rows(raw_name: str, row_bytes: int, size: float, target: float, rates: dict[str, list[float]]) -> list[Row]:
+    """The produce rows every broker benchmark reports, from the per-run ``rates`` (:func:`interleaved`) of
+    the :func:`produce_sides` "msgstream" (``produce`` of typed messages), "raw" (ready-made frames) and
+    "raw + marshal" (the raw client marshalling every message it sends). As for consume, the target
+    applies to the comparison of equal work: typed messages in, against raw + marshal. msgstream against
+    ready-made frames is reported too; it charges msgstream for the encoding that the raw side skips."""
     typed_name = "msgstream MsgStream.produce (packs of 1000, typed messages)"
     typed = Row("produce", typed_name, row_bytes, size, ratio_to="raw")
     raw = Row("produce", raw_name, row_bytes, size)
     typed_codec = Row("produce", typed_name, row_bytes, size, ratio_to="raw + marshal", target=target)
     raw_codec = Row("produce", f"{raw_name}, marshalling each message", row_bytes, size)
-    rates = runs(sides, seconds, repeats)
     typed.rates = typed_codec.rates = rates["msgstream"]
     raw.rates, raw_codec.rates = rates["raw"], rates["raw + marshal"]
     typed.ratios = [m / r for m, r in zip(typed.rates, raw.rates, strict=True)]
