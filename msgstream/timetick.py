@@ -42,6 +42,20 @@ log = logging.getLogger("msgstream.timetick")
 _END_TS = attrgetter("end_ts")
 
 
+class _TickTypes(dict[type, bool]):
+    """``_TICK[type(m)]``: whether messages of that type are ticks (``TimeTickMsg`` or a subclass).
+    The same answer as ``isinstance(m, TimeTickMsg)`` at a third of its cost, which is paid twice a
+    message (buffering and emitting): ``isinstance`` against a msgspec Struct class goes through the
+    metaclass's generic ``__instancecheck__``, ~55 ns more than a dict hit."""
+
+    def __missing__(self, cls: type) -> bool:
+        tick = self[cls] = issubclass(cls, TimeTickMsg)
+        return tick
+
+
+_TICK = _TickTypes()
+
+
 class _Channel:
     __slots__ = ("in_order", "last_tick", "log", "max_ts", "name", "position", "skip_upto", "ticks")
 
@@ -156,12 +170,13 @@ class TimeTickStream:
         rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
         only = self._order[0] if len(self._order) == 1 else None  # a stream of one channel
+        tick_type = _TICK
         ack_now: list[TsMsg] = []
         error: TimeTickError | None = None
         for m in msgs:
             ch = only or channels[m.__dict__["_raw"].channel]
             ts = m.end_ts
-            is_tick = isinstance(m, TimeTickMsg)
+            is_tick = tick_type[type(m)]
             if ch.skip_upto is not None:
                 if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
                     ack_now.append(m)
@@ -206,6 +221,7 @@ class TimeTickStream:
                 tick = ch.ticks[0]
         assert tick is not None
         prev = self._last_tick
+        tick_type = _TICK
         data: list[TsMsg] = []
         done: list[Any] = []  # the backend records of what the pack covers, to acknowledge
         starts: list[Position] = []
@@ -216,9 +232,9 @@ class TimeTickStream:
                 for m in chlog:  # first tick above ``tick`` (no data <= tick follows a tick > tick)
                     ts = m.end_ts
                     if ts > tick:
-                        if isinstance(m, TimeTickMsg):
+                        if tick_type[type(m)]:
                             break
-                    elif ts > prev and not isinstance(m, TimeTickMsg):
+                    elif ts > prev and not tick_type[type(m)]:
                         data.append(m)
             ticks = ch.ticks
             while ticks and ticks[0] <= tick:
@@ -238,7 +254,7 @@ class TimeTickStream:
                 del chlog[:k]
                 done += [m.__dict__["_raw"] for m in covered]
                 if ch.in_order:
-                    data += [m for m in covered if m.end_ts > prev and not isinstance(m, TimeTickMsg)]
+                    data += [m for m in covered if m.end_ts > prev and not tick_type[type(m)]]
                 ch.position = Position(ch.name, covered[-1].__dict__["_raw"].msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)

@@ -128,6 +128,31 @@ def test_empty_ticks_give_empty_packs_and_positions_advance(client: ms.Client) -
         assert all(p.msg_id for p in p2.end_positions) and p2.end_positions != p1.end_positions
 
 
+class RegionTick(ms.TimeTickMsg, kw_only=True):
+    """A user's tick type: a subclass of TimeTickMsg with a MsgType of its own."""
+
+    msg_type = 2300
+    region: str = ""
+
+
+def test_a_subclass_of_time_tick_msg_is_a_tick(client: ms.Client) -> None:
+    # the stream tells ticks by their class (cached per type): a subclass ticks, and is not returned as data
+    chans = _chans(client, 2)
+    dispatcher = ms.UnmarshalDispatcher()
+    dispatcher.add_msg_template(RegionTick.msg_type, RegionTick)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        tt.create_consumers("qn", chans, dispatcher)
+        out.produce(ms.MsgPack.of([_data(3, 0), _data(4, 1), _data(6, 0)]))
+        out.broadcast(ms.MsgPack(5, 5, [RegionTick(begin_ts=5, end_ts=5, region="eu")]))
+        out.broadcast(ms.MsgPack(9, 9, [ms.TimeTickMsg(begin_ts=9, end_ts=9)]))
+        first, second = tt.consume(timeout=5), tt.consume(timeout=5)
+        assert first is not None and second is not None
+        assert (first.end_ts, [m.end_ts for m in first.msgs]) == (5, [3, 4])
+        assert (second.end_ts, [m.end_ts for m in second.msgs]) == (9, [6])
+        assert not any(isinstance(m, ms.TimeTickMsg) for m in first.msgs + second.msgs)
+
+
 def test_options_are_validated(client: ms.Client) -> None:
     for bad in ({"max_buffered": 0}, {"lag_warning_after": 0}, {"lag_warning_after": float("inf")}):
         with pytest.raises(InvalidArgumentError):
