@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from ._kinds import SubclassOf
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
 from .errors import (
@@ -28,6 +29,7 @@ from .repack import default as default_repack
 __all__ = ["MsgStream"]
 
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
+_IS_RAW, _IS_MSG = SubclassOf(RawMessage), SubclassOf(TsMsg)  # isinstance per type, for ack's loop
 MAX_TIMEOUT = 3600.0
 
 
@@ -348,10 +350,12 @@ class MsgStream:
         if isinstance(msgs, (TsMsg, RawMessage)) or not isinstance(msgs, Sequence):
             raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
         raws: list[RawMessage] = []
+        is_raw, is_msg = _IS_RAW, _IS_MSG
         for m in msgs:
-            if isinstance(m, RawMessage):
-                raws.append(m)
-            elif isinstance(m, TsMsg):
+            kind = type(m)
+            if is_raw[kind]:
+                raws.append(m)  # type: ignore[arg-type]
+            elif is_msg[kind]:
                 raw = m.__dict__.get("_raw")
                 if raw is not None:
                     raws.append(raw)
