@@ -231,3 +231,34 @@ def test_a_stalled_consumer_recovers(pulsar_url: str) -> None:
                 got = consume_n(inp, n, 25)
                 assert sorted(m.row_ids[0] for m in got if isinstance(m, ms.InsertMsg)) == list(range(n))
             client.destroy_channels(chans)
+
+
+def test_a_stall_check_that_meets_a_close_does_not_subscribe_again(pulsar_url: str) -> None:
+    """The stall check (``_unstall``) looks up a channel's newest message, which takes a round trip; a
+    ``close()`` from another thread can land meanwhile. The check must then leave the consumer closed,
+    not subscribe it again (a live subscription nobody reads, holding its channels' messages). The
+    close is made to land inside the look-up, so the race is taken every time."""
+    with ms.connect(pulsar_url) as client:
+        backend: Any = client.backend
+        name = f"stall-close-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name, b"")
+        producer = backend.create_producer(name)
+        producer.send([b"first"], 10)
+        consumer: Any = backend.create_consumer("s", [name], SubscriptionPosition.EARLIEST)
+        assert [r.payload for r in consumer.receive(10, 10)] == [b"first"]
+        producer.send([b"second"], 10)  # the channel now holds a message newer than the newest delivered
+        consumer._quiet_since = time.monotonic() - 3600  # quiet for longer than any stall_timeout
+        look_up = backend.last_id
+        subscribed: list[bool] = []
+
+        def last_id_while_closing(topic: str) -> Any:
+            consumer.close()  # what another thread's close() does while the look-up is under way
+            return look_up(topic)
+
+        backend.last_id = last_id_while_closing
+        resubscribe = consumer._subscribe
+        consumer._subscribe = lambda: subscribed.append(True) or resubscribe()
+        consumer._unstall()
+        assert consumer._closed and not subscribed
+        assert consumer not in backend._consumers
+        producer.close()
