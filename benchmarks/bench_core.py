@@ -399,17 +399,10 @@ def _timetick_side(client: ms.Client, row: bytes, budget: float, max_msgs: int, 
                     break
         expected = sent if tt else sent + sent // PACK_SIZE * len(channels)  # a plain stream returns the ticks
         gc.collect()
-        received = 0
         t0 = clock()
-        while received < expected:
-            got = stream.consume(timeout=CONSUME_TIMEOUT)
-            if got is None:
-                raise RuntimeError(f"{label} consume returned nothing after {received} of {expected} messages")
-            received += len(got.msgs)
+        drain(stream, 0, expected, label)
         elapsed = clock() - t0
-    if received != expected:
-        raise RuntimeError(f"{label} consume: got {received} messages, expected {expected}")
-    return sent, received, elapsed
+    return sent, expected, elapsed
 
 
 def timed_drain(
@@ -424,18 +417,32 @@ def timed_drain(
     first = stream.consume(timeout=timeout)
     if first is None:
         raise RuntimeError(f"{label} consume returned nothing within {timeout} s")
-    received = skipped = len(first.msgs)
+    skipped = len(first.msgs)
     gc.collect()
     t0 = clock()
+    drain(stream, skipped, expected, label, timeout=timeout, stalled=stalled)
+    elapsed = clock() - t0
+    return expected - skipped, elapsed
+
+
+def drain(
+    stream: ms.MsgStream | ms.TimeTickStream,
+    received: int,
+    expected: int,
+    label: str,
+    *,
+    timeout: float = CONSUME_TIMEOUT,
+    stalled: type[Exception] = RuntimeError,
+) -> None:
+    """Consume until ``expected`` messages came, ``received`` of them already; a consume that returns
+    nothing raises ``stalled``, one message too many ``RuntimeError``."""
     while received < expected:
         got = stream.consume(timeout=timeout)
         if got is None:
             raise stalled(f"{label} consume returned nothing after {received} of {expected} messages")
         received += len(got.msgs)
-    elapsed = clock() - t0
     if received != expected:
         raise RuntimeError(f"{label} consume: got {received} messages, expected {expected}")
-    return received - skipped, elapsed
 
 
 def _timetick_round(

@@ -82,6 +82,7 @@ from benchmarks.report import (
     PackFrames,
     Row,
     SendPack,
+    Sent,
     consume_rows,
     consume_sides,
     free_port,
@@ -339,19 +340,13 @@ class Bench:
     @contextmanager
     def produce_msgstream(self, pack: ms.MsgPack) -> Iterator[SendPack]:
         """A fresh channel and a stream producing to it; yields the send of one pack."""
-        sent = 0
-
-        def send() -> None:
-            nonlocal sent
-            stream.produce(pack)
-            sent += PACK_SIZE
-
         with self.channel() as name:
             with self.client.msg_stream() as stream:
                 stream.create_producers([name])
                 stream.start()
-                yield send
-            self.check_topic(name, sent)
+                sent = Sent(lambda: stream.produce(pack), PACK_SIZE)
+                yield sent
+            self.check_topic(name, sent.msgs)
 
     @contextmanager
     def produce_raw(self, pack_frames: PackFrames) -> Iterator[SendPack]:
@@ -359,7 +354,7 @@ class Bench:
         topic = self.new_topic()
         producer = self.producer
         produce, flush = producer.produce, producer.flush
-        errors = sent = 0
+        errors = 0
 
         def on_delivery(err: ck.KafkaError | None, _msg: ck.Message) -> None:
             nonlocal errors
@@ -367,17 +362,16 @@ class Bench:
                 errors += 1
 
         def send() -> None:
-            nonlocal sent
             for frame in pack_frames():
                 produce(topic, frame, partition=0, on_delivery=on_delivery)
             left = flush(OPERATION_TIMEOUT)
             if left or errors:
                 raise RuntimeError(f"raw produce to {topic}: {errors} failed, {left} not confirmed")
-            sent += PACK_SIZE
 
+        sent = Sent(send, PACK_SIZE)
         try:
-            yield send
-            self.check_topic(topic, sent)
+            yield sent
+            self.check_topic(topic, sent.msgs)
         finally:
             self.drop_topic(topic)
 

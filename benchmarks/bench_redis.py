@@ -59,6 +59,7 @@ from benchmarks.report import (
     PackFrames,
     Row,
     SendPack,
+    Sent,
     consume_rows,
     consume_sides,
     free_port,
@@ -223,34 +224,22 @@ class Bench:
     @contextmanager
     def produce_msgstream(self, pack: ms.MsgPack) -> Iterator[SendPack]:
         """A fresh channel and a stream producing to it; yields the send of one pack."""
-        sent = 0
-
-        def send() -> None:
-            nonlocal sent
-            stream.produce(pack)
-            sent += PACK_SIZE
-
         with self.channel() as (name, key):
             with self.client.msg_stream() as stream:
                 stream.create_producers([name])
                 stream.start()
-                yield send
-            self.check_length(key, sent)
+                sent = Sent(lambda: stream.produce(pack), PACK_SIZE)
+                yield sent
+            self.check_length(key, sent.msgs)
 
     @contextmanager
     def produce_raw(self, pack_frames: PackFrames) -> Iterator[SendPack]:
         """A fresh stream key; yields the send of one pack by a raw pipeline of XADDs."""
         key = self.new_key()
-        sent = 0
-
-        def send() -> None:
-            nonlocal sent
-            self.pipeline_xadd(key, pack_frames())
-            sent += PACK_SIZE
-
+        sent = Sent(lambda: self.pipeline_xadd(key, pack_frames()), PACK_SIZE)
         try:
-            yield send
-            self.check_length(key, sent)
+            yield sent
+            self.check_length(key, sent.msgs)
         finally:
             self.raw.delete(key)
 

@@ -210,6 +210,20 @@ def workload(row_bytes: int, pack_size: int) -> tuple[ms.MsgPack, list[bytes], f
     return pack, frames, sum(map(len, frames)) / len(frames)
 
 
+class Sent:
+    """A produce side's send of one pack that counts the messages sent, for the side's check of what
+    landed when it closes: ``sent = Sent(lambda: stream.produce(pack), 1000)``, then ``sent.msgs``."""
+
+    def __init__(self, send: Callable[[], object], pack_size: int) -> None:
+        self._send = send
+        self._pack_size = pack_size
+        self.msgs = 0
+
+    def __call__(self) -> None:
+        self._send()
+        self.msgs += self._pack_size
+
+
 def produce_sides(
     msgstream: ProduceSide,
     raw: Callable[[PackFrames], AbstractContextManager[SendPack]],
