@@ -107,6 +107,49 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
 
 
 _pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
+_NO_TOPIC = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+
+# confluent-kafka 2.12 added Producer.produce_batch: one call queues a pack (0.2 us a message less CPU
+# than a produce() each, measured at 1 KiB); older versions take the per-message path
+_HAS_BATCH = hasattr(ck.Producer, "produce_batch")
+
+
+class _BatchLimits:
+    """What librdkafka refuses a message for, from the producer's configuration: the checks that keep
+    ``produce_batch`` from refusing a message of a pack while queueing later ones (it does: refused
+    messages are skipped, the rest queued, which would send the pack out of order)."""
+
+    __slots__ = ("max_bytes", "queue_bytes", "queue_msgs")
+
+    # librdkafka compares a record's size with message.max.bytes after adding its framing (under 100
+    # bytes for a value without key or headers); the margin keeps the check on the safe side
+    _FRAMING = 256
+
+    def __init__(self, max_bytes: int, queue_msgs: int, queue_bytes: int) -> None:
+        self.max_bytes, self.queue_msgs, self.queue_bytes = max_bytes, queue_msgs, queue_bytes
+
+    @classmethod
+    def of(cls, conf: Mapping[str, Any]) -> _BatchLimits:
+        def setting(key: str, default: int) -> int:
+            try:
+                return int(conf.get(key, default))
+            except (TypeError, ValueError):
+                return 0  # librdkafka will refuse the configuration itself; never batch meanwhile
+
+        return cls(
+            setting("message.max.bytes", 1_000_000) - cls._FRAMING,
+            setting("queue.buffering.max.messages", 100_000),
+            setting("queue.buffering.max.kbytes", 1_048_576) * 1024,
+        )
+
+    def admit(self, producer: Any, payloads: Sequence[bytes]) -> bool:
+        """Whether ``produce_batch`` can queue all of ``payloads`` now: none too large, and room in the
+        local queue for all of them (counting what is queued already at the largest size)."""
+        queued = len(producer)
+        if queued + len(payloads) > self.queue_msgs:
+            return False
+        largest = max(map(len, payloads))
+        return largest <= self.max_bytes and sum(map(len, payloads)) + queued * largest <= self.queue_bytes
 
 
 def _offset(msg_id: bytes) -> int:
@@ -157,6 +200,7 @@ class KafkaBackend(Backend):
             role = next((r for r in _ROLES if key.startswith(r)), None)
             (roles[role] if role else common)[key[len(role) :] if role else key] = value
         self.producer_conf = {**common, **_PRODUCER_DEFAULTS, **roles["producer."]}
+        self.batch_limits = _BatchLimits.of(self.producer_conf)
         self.consumer_conf = {**common, **_CONSUMER_DEFAULTS, **roles["consumer."]}
         self.admin_conf = {**common, **roles["admin."]}
         with self.errors("connect", BrokerUnavailableError):
@@ -194,7 +238,7 @@ class KafkaBackend(Backend):
     def fail(
         self, cls: type[MsgStreamError], text: str, err: ck.KafkaError | None, channel: str | None = None
     ) -> NoReturn:
-        if err is not None and err.code() in (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC):
+        if err is not None and err.code() in _NO_TOPIC:
             raise ChannelNotFoundError(channel or "?", "no such topic")
         retriable = (
             err is None
@@ -387,9 +431,19 @@ class _KafkaProducer(Producer):
         topic = self.channel
         deadline = time.monotonic() + timeout
         with backend.errors(f"send to {topic!r}", ProduceError, topic):
-            for payload in payloads:
+            rest = payloads
+            if _HAS_BATCH and len(payloads) > 1 and backend.batch_limits.admit(producer, payloads):
+                rest = self._queue_batch(producer, payloads, delivered, offsets, deadline)
+            for payload in rest:  # the per-message path: a pack that cannot go in one call, or its refused tail
                 try:
                     produce(topic, payload, partition=0, on_delivery=delivered)
+                except ck.KafkaException as exc:  # refused (too large, ...): report what was confirmed before it
+                    err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+                    if err is None or err.code() in _NO_TOPIC:
+                        raise  # ChannelNotFoundError, or what backend.errors makes of it
+                    producer.flush(max(0.0, deadline - time.monotonic()))
+                    failures.append((len(offsets), err))
+                    self._fail_unconfirmed(len(payloads), offsets, failures, timeout)
                 except BufferError:  # local queue full: serve delivery reports, then retry
                     while True:
                         if time.monotonic() > deadline:
@@ -406,6 +460,37 @@ class _KafkaProducer(Producer):
         if not failures and len(offsets) == len(payloads) and None not in offsets and min(offsets, default=0) >= 0:
             return list(map(_pack_offset, offsets))
         self._fail_unconfirmed(len(payloads), offsets, failures, timeout)
+
+    def _queue_batch(
+        self,
+        producer: Any,
+        payloads: Sequence[bytes],
+        delivered: Any,
+        offsets: list[Any],
+        deadline: float,
+    ) -> Sequence[bytes]:
+        """Queue ``payloads`` with one ``produce_batch``; returns what it refused, which is a tail of the
+        pack (the queue filled up meanwhile: another thread shares the producer) for the per-message
+        path to send, waiting for room. A refusal with later messages queued behind it would send the
+        pack out of order; :class:`_BatchLimits` rules out the causes it knows, and if it happens anyway
+        the send fails, naming the confirmed prefix and saying that later messages may land."""
+        records: list[dict[str, Any]] = [{"value": payload} for payload in payloads]
+        queued = producer.produce_batch(self.channel, records, partition=0, on_delivery=delivered)
+        if queued == len(records):
+            return ()
+        first = next(i for i, record in enumerate(records) if "_error" in record)
+        if all("_error" in record for record in records[first:]):
+            return payloads[first:]
+        err = records[first]["_error"]
+        producer.flush(max(0.0, deadline - time.monotonic()))  # the reports of what was queued
+        topic = self.channel
+        raise ProduceError(
+            f"send to {topic!r}: message {first} of {len(records)} refused ({err.str()}) after later ones were"
+            " queued: they may land, out of order",
+            channel=topic,
+            sent={topic: [_pack_offset(o) for o in offsets[:first] if o is not None and o >= 0]},
+            retriable=False,
+        )
 
     def _fail_unconfirmed(
         self, count: int, offsets: list[Any], failures: list[tuple[int, ck.KafkaError]], timeout: float

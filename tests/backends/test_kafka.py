@@ -4,14 +4,16 @@ the suite; MSGSTREAM_KAFKA_URL for your own Apache Kafka), plus Kafka-specific t
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import confluent_kafka as ck
 import pytest
+from msgstream_kafka import _BatchLimits
 
 import msgstream as ms
-from msgstream.backend import installed_schemes
+from msgstream.backend import SubscriptionPosition, installed_schemes
 from msgstream.errors import ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 
@@ -201,3 +203,70 @@ def test_a_member_drops_what_it_acknowledged_when_a_lost_commit_rewinds_it(kafka
             assert member._assigned == {mine}  # type: ignore[union-attr]
             first.close()
             second.close()
+
+
+def _read_all(backend: Any, channel: str, expected: int) -> list[Any]:
+    """Every record of ``channel``, read by a new group until ``expected`` came and then 2 s of quiet."""
+    consumer = backend.create_consumer(f"read-{uuid.uuid4().hex[:8]}", [channel], SubscriptionPosition.EARLIEST)
+    try:
+        got: list[Any] = []
+        deadline = time.monotonic() + 30
+        while len(got) < expected and time.monotonic() < deadline:
+            got += consumer.receive(100, 1.0)
+        got += consumer.receive(100, 2.0)  # and nothing more
+        return got
+    finally:
+        consumer.close()
+
+
+def test_a_refused_message_names_exactly_the_confirmed_prefix(kafka_url: str) -> None:
+    """librdkafka refuses a message over ``message.max.bytes`` in ``produce()``: the send fails naming
+    the messages confirmed before it, and nothing after it is sent, so the channel keeps the pack's order.
+    (Too large for one ``produce_batch`` call too: that would skip it and queue the message after it.)"""
+    with ms.connect(kafka_url) as client:
+        backend: Any = client.backend
+        name = f"big-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name, b"")
+        producer = backend.create_producer(name)
+        with pytest.raises(ProduceError) as err:
+            producer.send([b"first", b"x" * (2 * 2**20), b"third"], 10)
+        sent = err.value.sent[name]
+        assert len(sent) == 1 and "too large" in str(err.value).lower() and not err.value.retriable
+        got = _read_all(backend, name, 1)
+        assert [(r.msg_id, r.payload) for r in got] == [(sent[0], b"first")]
+
+
+def test_a_batch_call_that_refuses_a_tail_sends_it_after_in_order(kafka_url: str) -> None:
+    """The local queue has room for 4: one ``produce_batch`` of 7 queues 4 and refuses the rest, which
+    go one by one as room frees up. (The pack checks keep a lone send from getting there; another
+    thread sharing the producer can fill the queue between the check and the call, which is what
+    forcing the check open stands for here.)"""
+    with ms.connect(f"{kafka_url}&producer.queue.buffering.max.messages=4") as client:
+        backend: Any = client.backend
+        name = f"tail-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name, b"")
+        producer = backend.create_producer(name)
+        backend.batch_limits = _BatchLimits(10**9, 10**9, 10**12)  # claims more room than librdkafka has
+        payloads = [b"m%d" % i for i in range(7)]
+        ids = producer.send(payloads, 10)
+        assert ids == sorted(ids) and len(set(ids)) == 7
+        got = _read_all(backend, name, 7)
+        assert [(r.msg_id, r.payload) for r in got] == list(zip(ids, payloads, strict=True))
+
+
+def test_a_batch_call_that_skips_a_message_fails_the_send(kafka_url: str) -> None:
+    """If ``produce_batch`` refuses a message and queues the next (here: one too large, the check
+    forced open), the pack would land out of order: the send fails, naming the confirmed prefix and
+    saying that later messages may land."""
+    with ms.connect(kafka_url) as client:
+        backend: Any = client.backend
+        name = f"hole-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name, b"")
+        producer = backend.create_producer(name)
+        backend.batch_limits = _BatchLimits(10**9, 10**9, 10**12)  # claims more room than librdkafka has
+        with pytest.raises(ProduceError, match="out of order") as err:
+            producer.send([b"first", b"x" * (2 * 2**20), b"third"], 10)
+        assert len(err.value.sent[name]) == 1 and not err.value.retriable
+        got = _read_all(backend, name, 2)
+        assert [r.payload for r in got] == [b"first", b"third"]
+        assert got[0].msg_id == err.value.sent[name][0]
