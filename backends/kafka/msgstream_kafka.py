@@ -7,8 +7,10 @@ Mapping (docs/backends.md has the long form):
   read to its end and cached. Produce checks the registry: some brokers (Tansu) acknowledge writes to
   a deleted topic and drop them.
 * message id -> the offset as 8 signed big-endian bytes.
-* produce -> one idempotent producer (``acks=all``); every delivery report is collected and the batch is
-  flushed with the timeout; any failure raises ``ProduceError`` with the offsets that were accepted.
+* produce -> one idempotent producer (``acks=all``); a pack is queued by one ``produce_batch`` call where
+  nothing in it can be refused (else a ``produce()`` each), every delivery report is collected and the
+  batch is flushed with the timeout; any failure raises ``ProduceError`` with the offsets that were
+  accepted, and a refused message stops the pack there.
 * subscription -> consumer group; receive = ``consume(num_messages, timeout)``; ack -> the contiguous
   acknowledged prefix of each partition is committed (asynchronously; synchronously on revoke and close).
 * LATEST for a new group -> its committed offset is set to the true end first (a watermark read can be
