@@ -432,70 +432,67 @@ class _KafkaProducer(Producer):
         produce = producer.produce
         topic = self.channel
         deadline = time.monotonic() + timeout
+
+        def fail(err: ck.KafkaError, at: int | None = None) -> NoReturn:
+            """Fail the send at a message that was not queued (refused, or no room until the deadline):
+            the reports of what was queued are served first (until the deadline), so ``sent`` names the
+            prefix confirmed before it. ``at``: its index in the pack, where later messages were queued
+            behind it (by default it is the last one tried, so it comes after every report)."""
+            producer.flush(max(0.0, deadline - time.monotonic()))
+            failures.append((len(offsets) if at is None else at, err))
+            failures.sort(key=lambda failure: failure[0])  # the earliest failure cuts the confirmed prefix
+            note = "; messages after it were queued and may land out of order" if at is not None else ""
+            self._fail_unconfirmed(len(payloads), offsets, failures, timeout, note)
+
         with backend.errors(f"send to {topic!r}", ProduceError, topic):
-            rest = payloads
+            rest: Sequence[bytes] = payloads
             if _HAS_BATCH and len(payloads) > 1 and backend.batch_limits.admit(producer, payloads):
-                rest = self._queue_batch(producer, payloads, delivered, offsets, deadline)
+                rest, hole = self._queue_batch(producer, payloads, delivered)
+                if hole is not None:  # later messages were queued behind a refused one
+                    fail(hole[1], at=hole[0])
             for payload in rest:  # the per-message path: a pack that cannot go in one call, or its refused tail
-                try:
-                    produce(topic, payload, partition=0, on_delivery=delivered)
-                except ck.KafkaException as exc:  # refused (too large, ...): report what was confirmed before it
-                    err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
-                    if err is None or err.code() in _NO_TOPIC:
-                        raise  # ChannelNotFoundError, or what backend.errors makes of it
-                    producer.flush(max(0.0, deadline - time.monotonic()))
-                    failures.append((len(offsets), err))
-                    self._fail_unconfirmed(len(payloads), offsets, failures, timeout)
-                except BufferError:  # local queue full: serve delivery reports, then retry
-                    while True:
+                while True:
+                    try:
+                        produce(topic, payload, partition=0, on_delivery=delivered)
+                        break
+                    except BufferError:  # local queue full: serve delivery reports, then retry
                         if time.monotonic() > deadline:
-                            raise ProduceError(
-                                f"send to {topic!r}: local queue full for {timeout}s", channel=topic, retriable=True
-                            ) from None
+                            full = ck.KafkaError(
+                                ck.KafkaError._QUEUE_FULL, f"local queue full for {timeout}s", retriable=True
+                            )
+                            fail(full)
                         producer.poll(0.05)
-                        try:
-                            produce(topic, payload, partition=0, on_delivery=delivered)
-                            break
-                        except BufferError:
-                            continue
+                    except ck.KafkaException as exc:  # refused (too large, ...)
+                        err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+                        if err is None or err.code() in _NO_TOPIC:
+                            raise  # ChannelNotFoundError, or what backend.errors makes of it
+                        fail(err)
             producer.flush(max(0.0, deadline - time.monotonic()))
         if not failures and len(offsets) == len(payloads) and None not in offsets and min(offsets, default=0) >= 0:
             return list(map(_pack_offset, offsets))
         self._fail_unconfirmed(len(payloads), offsets, failures, timeout)
 
     def _queue_batch(
-        self,
-        producer: Any,
-        payloads: Sequence[bytes],
-        delivered: Any,
-        offsets: list[Any],
-        deadline: float,
-    ) -> Sequence[bytes]:
-        """Queue ``payloads`` with one ``produce_batch``; returns what it refused, which is a tail of the
-        pack (the queue filled up meanwhile: another thread shares the producer) for the per-message
-        path to send, waiting for room. A refusal with later messages queued behind it would send the
-        pack out of order; :class:`_BatchLimits` rules out the causes it knows, and if it happens anyway
-        the send fails, naming the confirmed prefix and saying that later messages may land."""
+        self, producer: Any, payloads: Sequence[bytes], delivered: Any
+    ) -> tuple[Sequence[bytes], tuple[int, ck.KafkaError] | None]:
+        """Queue ``payloads`` with one ``produce_batch``: returns what it refused, and ``(index, error)``
+        of a refused message that later ones were queued behind (else ``None``). A refusal is a tail of
+        the pack where the queue filled up meanwhile (another thread shares the producer, or it holds
+        larger messages than :class:`_BatchLimits` counted); the per-message path sends it, waiting for
+        room. A refusal with later messages queued behind it would send the pack out of order;
+        :class:`_BatchLimits` rules out the causes known (too large), and if it happens anyway the
+        send fails."""
         records: list[dict[str, Any]] = [{"value": payload} for payload in payloads]
         queued = producer.produce_batch(self.channel, records, partition=0, on_delivery=delivered)
         if queued == len(records):
-            return ()
+            return (), None
         first = next(i for i, record in enumerate(records) if "_error" in record)
         if all("_error" in record for record in records[first:]):
-            return payloads[first:]
-        err = records[first]["_error"]
-        producer.flush(max(0.0, deadline - time.monotonic()))  # the reports of what was queued
-        topic = self.channel
-        raise ProduceError(
-            f"send to {topic!r}: message {first} of {len(records)} refused ({err.str()}) after later ones were"
-            " queued: they may land, out of order",
-            channel=topic,
-            sent={topic: [_pack_offset(o) for o in offsets[:first] if o is not None and o >= 0]},
-            retriable=False,
-        )
+            return payloads[first:], None
+        return (), (first, records[first]["_error"])
 
     def _fail_unconfirmed(
-        self, count: int, offsets: list[Any], failures: list[tuple[int, ck.KafkaError]], timeout: float
+        self, count: int, offsets: list[Any], failures: list[tuple[int, ck.KafkaError]], timeout: float, note: str = ""
     ) -> NoReturn:
         """Raise ``ProduceError`` with the confirmed prefix (the offsets confirmed before anything failed)."""
         topic = self.channel
@@ -514,7 +511,7 @@ class _KafkaProducer(Producer):
             accepted.append(_pack_offset(offset))
         raise ProduceError(
             f"send to {topic!r}: {count - len(accepted)} of {count} not confirmed in order"
-            f" ({reason or f'not confirmed within {timeout}s'}); some of them may have landed",
+            f" ({reason or f'not confirmed within {timeout}s'}){note}; some of them may have landed",
             channel=topic,
             sent={topic: accepted},
             retriable=retriable,

@@ -241,7 +241,8 @@ def test_a_batch_call_that_refuses_a_tail_sends_it_after_in_order(kafka_url: str
     go one by one as room frees up. (The pack checks keep a lone send from getting there; another
     thread sharing the producer can fill the queue between the check and the call, which is what
     forcing the check open stands for here.)"""
-    with ms.connect(f"{kafka_url}&producer.queue.buffering.max.messages=4") as client:
+    sep = "&" if "?" in kafka_url else "?"
+    with ms.connect(f"{kafka_url}{sep}producer.queue.buffering.max.messages=4") as client:
         backend: Any = client.backend
         name = f"tail-{uuid.uuid4().hex[:8]}"
         backend.create_channel(name, b"")
