@@ -113,6 +113,9 @@ def _split() -> tuple[list[int], list[int]] | None:
     return _CPUS[:half], _CPUS[half:]
 
 
+_PINNED: list[bool] = []  # whether this process has started a broker under apart()
+
+
 @contextmanager
 def apart() -> Iterator[list[str]]:
     """For a broker the benchmark starts: yields the prefix of its command line (``taskset -c <cpus>``)
@@ -129,6 +132,7 @@ def apart() -> Iterator[list[str]]:
         yield []
         return
     mine, broker = split
+    _PINNED.append(True)
     os.sched_setaffinity(0, mine)
     try:
         yield [str(shutil.which("taskset")), "-c", ",".join(map(str, broker))]
@@ -137,14 +141,16 @@ def apart() -> Iterator[list[str]]:
 
 
 def cpu_layout() -> str:
-    """How :func:`apart` places a started broker and this process, for the report's environment."""
+    """How :func:`apart` placed a started broker and this process, for the report's environment."""
     split = _split()
+    if not _PINNED:
+        return "not pinned (no broker started by the benchmark so far: memory backend, or --url)"
     if split is None:
         return "not pinned (one CPU, or no taskset): brokers and the benchmark share the CPUs"
     mine, broker = split
     return (
         f"a broker the benchmark starts runs on CPU {','.join(map(str, broker))}, the benchmark (both sides'"
-        f" clients) on CPU {','.join(map(str, mine))}; a broker given by --url is not pinned"
+        f" clients) on CPU {','.join(map(str, mine))}"
     )
 
 

@@ -247,14 +247,19 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Msgs/s of each side in each of ``repeats`` runs, the sides taking turns pack by pack.
 
-    A run opens every side (untimed), then each side sends one pack of ``pack_size`` messages in turn,
-    who goes first rotating, and only the sends are timed; after ``max_packs`` turns the sides are closed
-    (each checks what landed) and opened afresh, until the run's timed seconds reach ``seconds``. Turns
-    of one pack keep the sides a few milliseconds apart, so a broker that slows down as it fills (Tansu,
-    twice as slow per pack by the end of a section) or that has a slow moment does so for every side
-    alike; turns of whole rounds (a second or so) left a side's figure to the moment of its turn."""
+    A run opens every side (untimed), then each side sends one pack of ``pack_size`` messages in turn, who goes
+    first rotating and the order reversing every full rotation, and only the sends are timed; after ``max_packs``
+    turns the sides are closed (each checks what landed) and opened afresh, until the run's timed seconds reach
+    ``seconds``. Turns of one pack keep the sides a few milliseconds apart, so a broker that slows down as it fills
+    (Tansu, twice as slow per pack by the end of a section) or that has a slow moment does so for every side alike;
+    turns of whole rounds (~0.2 s each) left a side's figure to the moment of its turn."""
+    if max_packs < 1:
+        raise ValueError(f"max_packs must be at least 1, got {max_packs}")
     rates: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
+    n = len(names)
+    turn = 0  # across segments and runs: who goes first rotates, and the order reverses every n turns,
+    # so every side goes first, and follows each other side, equally often
     for _ in range(repeats):
         spent = dict.fromkeys(names, 0.0)
         packs = 0
@@ -262,9 +267,13 @@ def interleaved(
             with ExitStack() as opened:
                 send = {name: opened.enter_context(sides[name]()) for name in names}
                 gc.collect()
-                for turn in range(max_packs):
-                    first = turn % len(names)
-                    for name in names[first:] + names[:first]:
+                for _ in range(max_packs):
+                    first = turn % n
+                    order = names[first:] + names[:first]
+                    if turn // n % 2:
+                        order.reverse()
+                    turn += 1
+                    for name in order:
                         t0 = time.perf_counter()
                         send[name]()
                         spent[name] += time.perf_counter() - t0
