@@ -1,5 +1,6 @@
 """Helpers the broker-specific tests share: rows to send, consuming through a broker restart, the
-exactly-once-in-order check, and a consumer process that is killed while holding messages."""
+exactly-once-in-order check, a send the client refuses part of, and a consumer process that is
+killed while holding messages."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 import msgstream as ms
 from msgstream.errors import MsgStreamError, ProduceError
@@ -20,6 +25,18 @@ def owner() -> ms.OwnerDescription:
 def row(i: int, size: int = 100) -> ms.InsertMsg:
     """An insert of ``size`` bytes whose row id and first hash value are ``i`` (default repack: channel i % n)."""
     return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], row_data=[b"x" * size])
+
+
+def refused_send(client: ms.Client, big: int) -> tuple[Any, str, ProduceError]:
+    """A new channel and a backend send of ``[b"first", <big bytes>, b"third"]`` that fails because the
+    client refuses the big one: (the backend, the channel, the error)."""
+    backend: Any = client.backend
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    backend.create_channel(name, b"")
+    producer = backend.create_producer(name)
+    with pytest.raises(ProduceError) as err:
+        producer.send([b"first", b"x" * big, b"third"], 10)
+    return backend, name, err.value
 
 
 def consume_rows(stream: ms.MsgStream, want: int, into: list[tuple[str, int]], timeout: float) -> None:

@@ -18,7 +18,7 @@ from msgstream.errors import ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 
 from .brokers import start_moto, start_tansu
-from .common import restart_loses_and_repeats_nothing, row
+from .common import refused_send, restart_loses_and_repeats_nothing, row
 
 
 def test_registered() -> None:
@@ -224,14 +224,9 @@ def test_a_refused_message_names_exactly_the_confirmed_prefix(kafka_url: str) ->
     the messages confirmed before it, and nothing after it is sent, so the channel keeps the pack's order.
     (Too large for one ``produce_batch`` call too: that would skip it and queue the message after it.)"""
     with ms.connect(kafka_url) as client:
-        backend: Any = client.backend
-        name = f"big-{uuid.uuid4().hex[:8]}"
-        backend.create_channel(name, b"")
-        producer = backend.create_producer(name)
-        with pytest.raises(ProduceError) as err:
-            producer.send([b"first", b"x" * (2 * 2**20), b"third"], 10)
-        sent = err.value.sent[name]
-        assert len(sent) == 1 and "too large" in str(err.value).lower() and not err.value.retriable
+        backend, name, err = refused_send(client, 2 * 2**20)
+        sent = err.sent[name]
+        assert len(sent) == 1 and "too large" in str(err).lower() and not err.retriable
         got = _read_all(backend, name, 1)
         assert [(r.msg_id, r.payload) for r in got] == [(sent[0], b"first")]
 

@@ -24,7 +24,7 @@ from msgstream.errors import (
 from msgstream.testing import ConformanceSuite, consume_n
 
 from .brokers import free_port, start_pulsar_lite
-from .common import owner, restart_loses_and_repeats_nothing, row
+from .common import owner, refused_send, restart_loses_and_repeats_nothing, row
 
 
 def test_registered() -> None:
@@ -201,14 +201,9 @@ def test_a_refused_message_names_exactly_the_confirmed_prefix(pulsar_url: str) -
     """The client refuses an oversized message inside send_async, before the messages ahead of it are
     confirmed: the error must still name those as sent, and nothing after the refused one."""
     with ms.connect(pulsar_url) as client:
-        backend = client.backend
-        name = f"big-{uuid.uuid4().hex[:8]}"
-        backend.create_channel(name, b"")
-        producer = backend.create_producer(name)
-        with pytest.raises(ProduceError) as err:
-            producer.send([b"first", b"x" * (6 * 2**20), b"third"], 10)
-        sent = err.value.sent[name]
-        assert len(sent) == 1 and "MessageTooBig" in str(err.value)
+        backend, name, err = refused_send(client, 6 * 2**20)
+        sent = err.sent[name]
+        assert len(sent) == 1 and "MessageTooBig" in str(err)
         consumer = backend.create_consumer("s", [name], SubscriptionPosition.EARLIEST)
         got = consumer.receive(10, 5)
         assert got[0].msg_id == sent[0] and got[0].payload == b"first"
