@@ -95,6 +95,7 @@ class Figure:
             "runs_msgs_per_s": [round(r) for r in self.rates],
             "spread": round(self.spread, 4),
             "ratio": None if self.ratio is None else round(self.ratio, 4),
+            "runs_ratio": [round(r, 4) for r in self.ratios],
             "ratio_to": self.ratio_to or None,
         }
 

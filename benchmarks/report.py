@@ -67,9 +67,12 @@ def target_text(row: Row) -> str:
 
 
 def verdicts(rows: list[Row]) -> str:
-    """One line per row that carries a target: what it compares and whether the target is met."""
+    """One line per row that carries a target: what it compares, the median ratio with each run's (the
+    table's Spread is of the rates, which move with the broker from run to run; the ratios compare
+    sides of the same run), and whether the target is met."""
     return "\n".join(
-        f"- {r.section} {size_text(r.row_bytes)}, {r.name}: {r.ratio:.2f}x {r.ratio_to}, target {target_text(r)}"
+        f"- {r.section} {size_text(r.row_bytes)}, {r.name}: {r.ratio:.2f}x {r.ratio_to}"
+        f" (runs: {', '.join(f'{x:.2f}' for x in r.ratios)}), target {target_text(r)}"
         for r in rows
         if r.target is not None and r.ratio is not None
     )
