@@ -630,14 +630,12 @@ class _KafkaConsumer(Consumer):
                 batch = _take(self._c, max_messages, min(remaining, 1.0))
             # the hot path: one comprehension per batch, no per-message bookkeeping beyond the record (and
             # for a consumer of one channel, whose topic is that channel's name, not even the topic)
-            if (only := self._only) is not None:
-                out = [RawMessage(only, _pack_offset(m.offset()), m.value() or b"") for m in batch if m.error() is None]
-            else:
-                out = [
-                    RawMessage(m.topic(), _pack_offset(m.offset()), m.value() or b"")
-                    for m in batch
-                    if m.error() is None
-                ]
+            only = self._only
+            out = [
+                RawMessage(only or m.topic(), _pack_offset(m.offset()), m.value() or b"")
+                for m in batch
+                if m.error() is None
+            ]
             if len(out) != len(batch):
                 self._raise_errors(batch)  # end-of-partition events are skipped; any other error raises
             if out and self._guard:
