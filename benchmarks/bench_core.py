@@ -441,15 +441,36 @@ def drain(
     timeout: float = CONSUME_TIMEOUT,
     stalled: type[Exception] = RuntimeError,
 ) -> None:
-    """Consume until ``expected`` messages came, ``received`` of them already; a consume that returns
-    nothing raises ``stalled``, one message too many ``RuntimeError``."""
-    while received < expected:
-        got = stream.consume(timeout=timeout)
-        if got is None:
-            raise stalled(f"{label} consume returned nothing after {received} of {expected} messages")
-        received += len(got.msgs)
+    """Consume until ``expected`` messages came, ``received`` of them already (:func:`take_until`); one
+    message too many raises ``RuntimeError``."""
+
+    def take(wait: float) -> int | None:
+        got = stream.consume(timeout=wait)
+        return None if got is None else len(got.msgs)
+
+    received = take_until(take, received, expected, timeout, stalled, label=label)
     if received != expected:
         raise RuntimeError(f"{label} consume: got {received} messages, expected {expected}")
+
+
+def take_until(
+    take: Callable[[float], int | None],
+    received: int,
+    n_msgs: int,
+    timeout: float,
+    stalled: type[Exception] = RuntimeError,
+    *,
+    label: str = "msgstream",
+) -> int:
+    """Call ``take`` (a consume as a function of its timeout, returning how many messages came, or
+    ``None``) until ``n_msgs`` messages have come (``received`` so far); a call that returns nothing
+    within ``timeout`` raises ``stalled``. Returns the count."""
+    while received < n_msgs:
+        got = take(timeout)
+        if got is None:
+            raise stalled(f"{label} consume returned nothing after {received} of {n_msgs} messages")
+        received += got
+    return received
 
 
 def _timetick_round(

@@ -76,7 +76,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from msgstream_kafka import KafkaBackend
 
 import msgstream as ms
-from benchmarks.bench_core import apart, clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment, take_until
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
@@ -94,7 +94,6 @@ from benchmarks.report import (
     runs,
     size_text,
     subscribed,
-    take_until,
     verdicts,
     workload,
 )

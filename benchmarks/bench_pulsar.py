@@ -68,7 +68,7 @@ from typing import Any
 import pulsar  # type: ignore[import-untyped]
 
 import msgstream as ms
-from benchmarks.bench_core import apart, clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment, take_until
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
@@ -86,7 +86,6 @@ from benchmarks.report import (
     runs,
     size_text,
     subscribed,
-    take_until,
     verdicts,
     workload,
 )

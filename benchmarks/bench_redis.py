@@ -53,7 +53,7 @@ import redis
 from msgstream_redis import RedisBackend
 
 import msgstream as ms
-from benchmarks.bench_core import apart, clock, environment, print_environment
+from benchmarks.bench_core import apart, clock, environment, print_environment, take_until
 from benchmarks.report import (
     TARGET_RULE,
     PackFrames,
@@ -71,7 +71,6 @@ from benchmarks.report import (
     runs,
     size_text,
     subscribed,
-    take_until,
     verdicts,
     workload,
 )

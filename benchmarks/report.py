@@ -92,23 +92,6 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def take_until(
-    take: Callable[[float], int | None],
-    received: int,
-    n_msgs: int,
-    timeout: float,
-    stalled: type[Exception] = RuntimeError,
-) -> int:
-    """Call a :func:`receiver` until ``n_msgs`` messages have come (``received`` so far); a call that
-    returns nothing within ``timeout`` raises ``stalled``. Returns the count."""
-    while received < n_msgs:
-        got = take(timeout)
-        if got is None:
-            raise stalled(f"msgstream consume returned nothing after {received} of {n_msgs} messages")
-        received += got
-    return received
-
-
 def consume_sides(
     msgstream: Callable[[bool], tuple[int, float]],
     raw: Callable[[Callable[[bytes], ms.TsMsg] | None], tuple[int, float]],
