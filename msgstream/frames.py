@@ -143,7 +143,7 @@ class FramePack:
                     raise
                 on_error(exc)
                 continue
-            msg.__dict__["_raw"] = raw
+            msg._raw = raw
             msgs.append(msg)
         return consumed_pack(msgs) if msgs else MsgPack(0, 0, [])
 

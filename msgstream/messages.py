@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
 from .errors import UnknownMsgTypeError, UnmarshalError
 from .pack import Position
+
+if TYPE_CHECKING:
+    from .backend import RawMessage
 
 __all__ = [
     "DeleteMsg",
@@ -57,7 +60,18 @@ class MsgType(enum.IntEnum):
     TIME_SYNC = 1201
 
 
-class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
+class _Consumed:
+    """The slot a consumed message keeps its backend record in (``RawMessage``), for ``position``
+    and acknowledgement. A slot, not a field: never encoded, not part of equality, unset on a message
+    that was not consumed. A slot rather than an entry in ``__dict__`` because the consuming stream
+    sets it on every message: ~30 ns against ~100 for a ``__dict__`` made per message."""
+
+    __slots__ = ("_raw",)
+    if TYPE_CHECKING:  # for type checkers only: msgspec reads the annotations of every base class
+        _raw: RawMessage
+
+
+class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True):
     """Base of every message: a time range and the hash values the repack function routes by.
 
     A user type subclasses it with ``kw_only=True`` and a ``msg_type`` class attribute::
@@ -112,7 +126,7 @@ class TsMsg(msgspec.Struct, array_like=True, kw_only=True, dict=True):
     @property
     def position(self) -> Position | None:
         """Where this message was read from; ``None`` until it is consumed."""
-        raw = self.__dict__.get("_raw")  # set by the consuming stream; not a field, never encoded
+        raw: RawMessage | None = getattr(self, "_raw", None)  # set by the consuming stream
         if raw is None:
             return None
         return Position(raw.channel, raw.msg_id, self.end_ts)

@@ -86,7 +86,7 @@ def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
         first: dict[str, TsMsg] = {}
         last: dict[str, TsMsg] = {}
         for m in msgs:
-            ch = m.__dict__["_raw"].channel
+            ch = m._raw.channel
             if ch not in first:
                 first[ch] = m
             last[ch] = m
@@ -99,6 +99,6 @@ def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
 def _positions(msgs: Iterable[TsMsg]) -> list[Position]:
     out = []
     for m in msgs:
-        raw = m.__dict__["_raw"]
+        raw = m._raw
         out.append(Position(raw.channel, raw.msg_id, m.end_ts))
     return out

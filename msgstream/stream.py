@@ -309,7 +309,7 @@ class MsgStream:
         except UnmarshalError:
             return self._decode_prefix(raws)
         for msg, raw in zip(msgs, raws, strict=True):
-            msg.__dict__["_raw"] = raw
+            msg._raw = raw
         if self.auto_ack:
             self._unacked.extend(raws)
         return msgs
@@ -337,7 +337,7 @@ class MsgStream:
                     raise
                 self._on_error(exc)
                 return None
-            msg.__dict__["_raw"] = raw
+            msg._raw = raw
             msgs.append(msg)
         if self.auto_ack:
             self._unacked.extend(raws)
@@ -356,7 +356,7 @@ class MsgStream:
             if is_raw[kind]:
                 raws.append(m)  # type: ignore[arg-type]
             elif is_msg[kind]:
-                raw = m.__dict__.get("_raw")
+                raw = getattr(m, "_raw", None)
                 if raw is not None:
                     raws.append(raw)
             else:

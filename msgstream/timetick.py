@@ -162,7 +162,7 @@ class TimeTickStream:
         ack_now: list[TsMsg] = []
         error: TimeTickError | None = None
         for m in msgs:
-            ch = only or channels[m.__dict__["_raw"].channel]
+            ch = only or channels[m._raw.channel]
             ts = m.end_ts
             is_tick = tick_type[type(m)]
             if ch.skip_upto is not None:
@@ -240,10 +240,10 @@ class TimeTickStream:
             if k:
                 covered = chlog[:k]
                 del chlog[:k]
-                done += [m.__dict__["_raw"] for m in covered]
+                done += [m._raw for m in covered]
                 if ch.in_order:
                     data += [m for m in covered if m.end_ts > prev and not tick_type[type(m)]]
-                ch.position = Position(ch.name, covered[-1].__dict__["_raw"].msg_id, tick)
+                ch.position = Position(ch.name, covered[-1]._raw.msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)
             if not chlog:  # nothing left to be out of order with

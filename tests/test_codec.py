@@ -130,6 +130,20 @@ def test_messages_behave_as_values() -> None:
     assert ms.InsertMsg().row_ids == [] and ms.InsertMsg().row_ids is not ms.InsertMsg().row_ids
 
 
+def test_consumed_record_is_no_field() -> None:
+    """The backend record a consumed message carries gives its position and nothing else: not
+    encoded, not in equality or repr, and user attributes still work beside it."""
+    frame = ms.InsertMsg(begin_ts=3, end_ts=4, row_ids=[7]).marshal()
+    consumed = ms.UnmarshalDispatcher().unmarshal(frame)
+    consumed._raw = ms.RawMessage("chan-z", b"\x00\x01", frame)
+    assert consumed.position == ms.Position("chan-z", b"\x00\x01", 4)
+    assert consumed == ms.InsertMsg(begin_ts=3, end_ts=4, row_ids=[7]) and "chan-z" not in repr(consumed)
+    assert consumed.marshal() == frame
+    consumed.note = "mine"  # type: ignore[attr-defined]
+    assert consumed.note == "mine" and consumed.position is not None  # type: ignore[attr-defined]
+    assert "_raw" not in ms.InsertMsg.__struct_fields__
+
+
 @given(st.text(), st.binary(max_size=40), st.integers(0, 2**64 - 1))
 def test_position_round_trips(channel: str, msg_id: bytes, ts: int) -> None:
     pos = ms.Position(channel, msg_id, ts)
