@@ -6,6 +6,7 @@ import gc
 import inspect
 import logging
 import pickle
+from typing import Annotated
 
 import msgspec
 import pytest
@@ -206,6 +207,84 @@ def test_produce_refuses_a_bad_pack_whole(msgs: list[ms.TsMsg], error: type[Exce
         assert all(p.msg_id == b"" for p in out.get_latest_positions())
         good = _SelfFramed(hash_values=[3], note="fine")  # a type with its own marshal, validated by its body
         assert list(out.produce(ms.MsgPack.of([good]))) == [chans[1]]
+
+
+class _Constrained(ms.TsMsg, kw_only=True):
+    msg_type = 3100
+    count: Annotated[int, msgspec.Meta(ge=0)] = 0
+    weights: dict[str, float] = {}
+    stats: list[ms.SegmentStats] = []
+
+
+class _SelfChecked(ms.TsMsg, kw_only=True):
+    msg_type = 3101
+    count: int = 0
+
+    def __post_init__(self) -> None:  # runs on every decode: consumers would refuse count < 0
+        if self.count < 0:
+            raise ValueError("count must not be negative")
+
+
+class _Trimmed(ms.TsMsg, kw_only=True, omit_defaults=True):  # must still put every field on the wire
+    msg_type = 3102
+    note: str = ""
+
+
+class _Tagged(ms.TsMsg, kw_only=True, tag=True):  # its class name leads the array on the wire
+    msg_type = 3103
+    count: int = 0
+
+
+def _set_negative() -> _SelfChecked:
+    msg = _SelfChecked(count=3)
+    msg.count = -3  # after construction: only a decode runs __post_init__ again
+    return msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        _Constrained(count=1, weights={"a": 1.5, "b": 2}, stats=[ms.SegmentStats(segment_id=1)]),
+        _Constrained(count=-1),
+        _Constrained(weights={"a": "heavy"}),  # type: ignore[dict-item]
+        _Constrained(weights={1: 1.0}),  # type: ignore[dict-item]
+        _Constrained(stats=[ms.SegmentStats(num_rows="3")]),  # type: ignore[arg-type]
+        _Constrained(stats=[{"segment_id": 1}]),  # type: ignore[list-item]
+        _Constrained(count=True),
+        _Constrained(count=2.0),  # type: ignore[arg-type]
+        _SelfChecked(count=3),
+        _set_negative(),
+        _Trimmed(),
+        _Tagged(count=1),
+        _Tagged(count="1"),  # type: ignore[arg-type]
+        _Trimmed(note=b"x"),  # type: ignore[arg-type]
+        ms.InsertMsg(row_data=[bytearray(b"ok")]),  # type: ignore[list-item]
+        ms.InsertMsg(row_data=["text"]),  # type: ignore[list-item]
+        ms.InsertMsg(row_ids=(1, 2)),  # type: ignore[arg-type]
+        ms.InsertMsg(collection_name=b"c"),  # type: ignore[arg-type]
+        ms.DeleteMsg(primary_keys=[1, "a", 2.5]),  # type: ignore[list-item]
+    ],
+)
+def test_produce_refuses_exactly_what_consumers_cannot_decode(msg: ms.TsMsg) -> None:
+    """Produce checks a body with a cheaper decoder than the type's own (the fields as one tuple
+    type); it must refuse exactly the messages a consumer's decode of the frame would refuse,
+    constraints, nested types and ``__post_init__`` included."""
+    msg.hash_values = [0]
+    dispatcher = ms.UnmarshalDispatcher()
+    dispatcher.add_msg_template(type(msg).msg_type, type(msg))
+    try:
+        consumers_read = isinstance(dispatcher.unmarshal(msg.marshal()), type(msg))
+    except errors.UnmarshalError:
+        consumers_read = False
+    with ms.connect("memory://checked") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+        out = client.msg_stream()
+        out.create_producers(chans)
+        if consumers_read:
+            assert out.produce(ms.MsgPack.of([msg]))
+        else:
+            with pytest.raises(errors.InvalidArgumentError, match="wrong type"):
+                out.produce(ms.MsgPack.of([msg]))
 
 
 def test_memory_is_found_through_its_entry_point() -> None:

@@ -146,12 +146,13 @@ class _BatchLimits:
 
     def admit(self, producer: Any, payloads: Sequence[bytes]) -> bool:
         """Whether ``produce_batch`` can queue all of ``payloads`` now: none too large, and room in the
-        local queue for all of them (counting what is queued already at the largest size)."""
-        queued = len(producer)
-        if queued + len(payloads) > self.queue_msgs:
+        local queue for all of them, counting every message, queued already or not, at the largest size
+        (one pass over the sizes, not two: a bound that errs only towards the per-message path)."""
+        n = len(producer) + len(payloads)
+        if n > self.queue_msgs:
             return False
-        largest = max(map(len, payloads))
-        return largest <= self.max_bytes and sum(map(len, payloads)) + queued * largest <= self.queue_bytes
+        largest = len(max(payloads, key=len))
+        return largest <= self.max_bytes and n * largest <= self.queue_bytes
 
 
 def _offset(msg_id: bytes) -> int:

@@ -250,6 +250,25 @@ def test_a_batch_call_that_refuses_a_tail_sends_it_after_in_order(kafka_url: str
         assert [(r.msg_id, r.payload) for r in got] == list(zip(ids, payloads, strict=True))
 
 
+def test_batch_limits_admit_only_packs_nothing_in_can_be_refused() -> None:
+    """The checks before one ``produce_batch``: no message over the size limit, and room in the local
+    queue for the pack beside what is queued, every message counted at the pack's largest size."""
+
+    class Queued:  # what ``len(producer)`` reports: messages in librdkafka's local queue
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+    limits = _BatchLimits(max_bytes=100, queue_msgs=10, queue_bytes=900)
+    assert limits.admit(Queued(0), [b"x" * 100] * 9)
+    assert not limits.admit(Queued(0), [b"x" * 10, b"x" * 101])  # one too large
+    assert not limits.admit(Queued(8), [b"x"] * 3)  # 11 messages: more than the queue holds
+    assert not limits.admit(Queued(5), [b"x"] * 4 + [b"x" * 100])  # 10 counted at 100 bytes > 900
+    assert limits.admit(Queued(4), [b"x"] * 4 + [b"x" * 100])  # 9 at 100 bytes fit
+
+
 def test_a_batch_call_that_skips_a_message_fails_the_send(kafka_url: str) -> None:
     """If ``produce_batch`` refuses a message and queues the next (here: one too large, the check
     forced open), the pack would land out of order: the send fails, naming the confirmed prefix and
