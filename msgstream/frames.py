@@ -18,7 +18,7 @@ import msgspec
 from .backend import RawMessage
 from .codec import UnmarshalDispatcher
 from .errors import UnmarshalError
-from .messages import HEADER, HEADER_SIZE, MAGIC, VERSION, TsMsg
+from .messages import HEADER, HEADER_SIZE, MAGIC, VERSION, TsMsg, set_record
 from .pack import MsgPack, Position, consumed_pack
 
 __all__ = ["FramePack", "frame_timestamps", "frame_type"]
@@ -143,7 +143,7 @@ class FramePack:
                     raise
                 on_error(exc)
                 continue
-            msg._raw = raw
+            set_record(msg, raw)
             msgs.append(msg)
         return consumed_pack(msgs) if msgs else MsgPack(0, 0, [])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -21,7 +22,7 @@ from .errors import (
     UnmarshalError,
 )
 from .frames import FramePack
-from .messages import HEADER_SIZE, TsMsg, encode_body_into
+from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record
 from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
@@ -308,8 +309,7 @@ class MsgStream:
             msgs = [unmarshal(raw.payload) for raw in raws]
         except UnmarshalError:
             return self._decode_prefix(raws)
-        for msg, raw in zip(msgs, raws, strict=True):
-            msg._raw = raw
+        deque(map(set_record, msgs, raws), 0)  # each message its record, without a Python-level loop
         if self.auto_ack:
             self._unacked.extend(raws)
         return msgs
@@ -337,7 +337,7 @@ class MsgStream:
                     raise
                 self._on_error(exc)
                 return None
-            msg._raw = raw
+            set_record(msg, raw)
             msgs.append(msg)
         if self.auto_ack:
             self._unacked.extend(raws)

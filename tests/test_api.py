@@ -235,6 +235,16 @@ class _Tagged(ms.TsMsg, kw_only=True, tag=True):  # its class name leads the arr
     count: int = 0
 
 
+class _Mapped(ms.TsMsg, kw_only=True, array_like=False):  # a map on the wire, fields by name
+    msg_type = 3104
+    count: int = 0
+
+
+class _Frozen(ms.TsMsg, kw_only=True, frozen=True):
+    msg_type = 3105
+    count: int = 0
+
+
 def _set_negative() -> _SelfChecked:
     msg = _SelfChecked(count=3)
     msg.count = -3  # after construction: only a decode runs __post_init__ again
@@ -256,6 +266,8 @@ def _set_negative() -> _SelfChecked:
         _set_negative(),
         _Trimmed(),
         _Tagged(count=1),
+        _Mapped(count=1),
+        _Mapped(count="1"),  # type: ignore[arg-type]
         _Tagged(count="1"),  # type: ignore[arg-type]
         _Trimmed(note=b"x"),  # type: ignore[arg-type]
         ms.InsertMsg(row_data=[bytearray(b"ok")]),  # type: ignore[list-item]
@@ -285,6 +297,46 @@ def test_produce_refuses_exactly_what_consumers_cannot_decode(msg: ms.TsMsg) -> 
         else:
             with pytest.raises(errors.InvalidArgumentError, match="wrong type"):
                 out.produce(ms.MsgPack.of([msg]))
+
+
+def test_frozen_and_self_guarding_types_are_consumed_with_their_positions() -> None:
+    """A consumed message's record goes into its slot past the type's ``__setattr__``: a frozen type,
+    or one that allows only its fields, is consumed (typed and from frames) with its position."""
+
+    class Guarded(ms.TsMsg, kw_only=True):
+        msg_type = 3106
+        count: int = 0
+
+        def __setattr__(self, name: str, value: object) -> None:
+            if name not in self.__struct_fields__:
+                raise AttributeError(f"{name} is not a field")
+            super().__setattr__(name, value)
+
+    dispatcher = ms.UnmarshalDispatcher()
+    for cls in (_Frozen, Guarded):
+        dispatcher.add_msg_template(cls.msg_type, cls)
+    with ms.connect("memory://frozen") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+        out, inp = client.msg_stream(), client.msg_stream()
+        out.create_producers(chans)
+        inp.create_consumers("s", chans, dispatcher)
+        ids = out.produce(ms.MsgPack.of([_Frozen(hash_values=[0], count=1), Guarded(hash_values=[0], count=2)]))
+        pack = inp.consume(timeout=5)
+        assert pack is not None and [type(m) for m in pack.msgs] == [_Frozen, Guarded]
+        assert [m.position.msg_id for m in pack.msgs if m.position] == ids[chans[0]]
+        inp.seek([ms.Position(chans[0], b"", 0)])
+        frames = inp.consume_frames(timeout=5)
+        assert frames is not None
+        assert [m.position.msg_id for m in frames.unmarshal().msgs if m.position] == ids[chans[0]]
+
+
+def test_a_field_named_like_the_record_slot_is_refused() -> None:
+    class Clash(ms.TsMsg, kw_only=True):
+        msg_type = 3107
+        _raw: str = ""
+
+    with pytest.raises(TypeError, match="_raw is taken"):
+        Clash(hash_values=[0]).marshal()
 
 
 def test_memory_is_found_through_its_entry_point() -> None:
