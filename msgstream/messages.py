@@ -169,11 +169,13 @@ def _checker(cls: type[TsMsg]) -> Callable[[Any], object]:
     """What a produce decodes a body with to check that consumers can read it: the verdict of the
     type's decoder at less cost. The fields' types as one tuple decode by the same rules, without
     building the message (one-row InsertMsg: 262 against 308 ns; no struct, no GC tracking). A type
-    whose decoding does more than read its fields in order (``__post_init__``, a tag), or whose body is
-    not an array (``array_like=False``), is checked with its own decoder. (``omit_defaults`` leaves
-    nothing off an array-like struct: every field is on the wire; a test holds msgspec to that.)"""
+    whose decoding does more than read its fields in order (``__post_init__``, a tag), whose body is
+    not an array (``array_like=False``), or that writes its own frames (overrides ``marshal``), is
+    checked with its own decoder. (``omit_defaults`` leaves nothing off an array-like struct: every
+    field is on the wire; a test holds msgspec to that.)"""
     config = cls.__struct_config__
-    if hasattr(cls, "__post_init__") or config.tag is not None or not config.array_like:
+    special = hasattr(cls, "__post_init__") or config.tag is not None or not config.array_like
+    if special or cls.marshal is not TsMsg.marshal:
         return cls._decoder.decode
     fields = tuple(field.type for field in msgspec.structs.fields(cls))
     return msgspec.msgpack.Decoder(tuple.__class_getitem__(fields)).decode

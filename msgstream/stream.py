@@ -488,7 +488,7 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             cls = type(m)
             own = cls.marshal is TsMsg.marshal  # else a user type that frames itself: decode its frame's body
             header = cls.prepare()
-            decode = cls._check if own else cls._decoder.decode  # a frame of its own: its own decoder
+            decode = cls._check
         if own:
             encode_body_into(m, buf)
             body: bytes | bytearray | memoryview = buf
