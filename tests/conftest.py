@@ -1,6 +1,6 @@
 """Session brokers for the backend and fault suites: an existing one named by an environment variable,
-else one started here (free loopback port, temp dir) and stopped at the end. And the ``--long`` option
-of the fault suite."""
+else one started here through scripts/broker.py (Apache Kafka, Apache Pulsar, redis-server on free
+loopback ports) and stopped at the end. And the ``--long`` option of the fault suite."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends.brokers import Broker, start_pulsar_lite, start_redis, start_tansu
+from scripts.broker import Broker, start_kafka, start_pulsar, start_redis
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -23,15 +23,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fault-report", metavar="PATH", help="fault suite: write the figures it measured to PATH")
 
 
-def _broker_url(
-    env: str, factory: pytest.TempPathFactory, start: Callable[[Path], Broker], url: Callable[[int], str]
-) -> Iterator[str]:
+def _broker_url(env: str, factory: pytest.TempPathFactory, start: Callable[[Path], Broker]) -> Iterator[str]:
     if os.environ.get(env):
         yield os.environ[env]
         return
     broker = start(Path(factory.mktemp(env.lower())))
     try:
-        yield url(broker.port)
+        yield broker.url
     finally:
         broker.stop()
 
@@ -39,21 +37,16 @@ def _broker_url(
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """MSGSTREAM_REDIS_URL, else a redis-server started for this session."""
-    yield from _broker_url("MSGSTREAM_REDIS_URL", tmp_path_factory, start_redis, lambda p: f"redis://127.0.0.1:{p}/0")
+    yield from _broker_url("MSGSTREAM_REDIS_URL", tmp_path_factory, start_redis)
 
 
 @pytest.fixture(scope="session")
 def kafka_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """MSGSTREAM_KAFKA_URL, else a Tansu broker started for this session. delete_topics=false: on Tansu,
-    deleting a topic a consumer still subscribes to crashes librdkafka 2.16 (docs/backends.md)."""
-    yield from _broker_url(
-        "MSGSTREAM_KAFKA_URL", tmp_path_factory, start_tansu, lambda p: f"kafka://127.0.0.1:{p}/?delete_topics=false"
-    )
+    """MSGSTREAM_KAFKA_URL, else Apache Kafka (one KRaft node) started for this session; a bare URL."""
+    yield from _broker_url("MSGSTREAM_KAFKA_URL", tmp_path_factory, start_kafka)
 
 
 @pytest.fixture(scope="session")
 def pulsar_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """MSGSTREAM_PULSAR_URL, else a pulsar-lite broker started for this session."""
-    yield from _broker_url(
-        "MSGSTREAM_PULSAR_URL", tmp_path_factory, start_pulsar_lite, lambda p: f"pulsar://127.0.0.1:{p}"
-    )
+    """MSGSTREAM_PULSAR_URL, else Apache Pulsar standalone started for this session; a bare URL."""
+    yield from _broker_url("MSGSTREAM_PULSAR_URL", tmp_path_factory, start_pulsar)

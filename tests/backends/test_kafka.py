@@ -1,5 +1,5 @@
-"""Kafka backend: the whole conformance suite against a real Kafka-protocol broker (Tansu, started by
-the suite; MSGSTREAM_KAFKA_URL for your own Apache Kafka), plus Kafka-specific tests."""
+"""Kafka backend: the whole conformance suite against Apache Kafka (started by the suite through
+scripts/broker.py; MSGSTREAM_KAFKA_URL for your own), plus Kafka-specific tests."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
 from msgstream.errors import ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
+from scripts.broker import start_kafka
 
-from .brokers import start_moto, start_tansu
 from .common import refused_send, restart_loses_and_repeats_nothing, row
 
 
@@ -83,9 +83,9 @@ def test_two_members_split_channels_and_one_takes_over(kafka_url: str) -> None:
 
 
 def test_stopped_broker_fails_produce_within_the_timeout(tmp_path: Path) -> None:
-    broker = start_tansu(tmp_path / "dies")
+    broker = start_kafka(tmp_path / "dies")
     try:
-        url = f"kafka://127.0.0.1:{broker.port}/?delete_topics=false&producer.message.timeout.ms=3000"
+        url = f"{broker.url}/?producer.message.timeout.ms=3000"
         with ms.connect(url) as client:
             chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
             out = client.msg_stream(produce_timeout=5)
@@ -101,17 +101,15 @@ def test_stopped_broker_fails_produce_within_the_timeout(tmp_path: Path) -> None
         broker.stop()
 
 
-def test_restart_on_s3_storage_loses_and_repeats_nothing(tmp_path: Path) -> None:
-    """Tansu on S3 storage (a local moto server that outlives it): 10,000 messages across a SIGKILL +
-    restart of the broker, each consumed exactly once, in per-channel order."""
-    s3 = start_moto(tmp_path / "s3")
-    broker = start_tansu(tmp_path / "tansu", s3=s3)
+def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """10,000 messages across a SIGKILL + restart of Apache Kafka (same data dir and ports), each consumed
+    exactly once, in per-channel order."""
+    broker = start_kafka(tmp_path / "kafka")
     try:
-        with ms.connect(f"kafka://127.0.0.1:{broker.port}/?delete_topics=false&operation_timeout=5") as client:
+        with ms.connect(f"{broker.url}/?operation_timeout=5") as client:
             restart_loses_and_repeats_nothing(client, broker.restart, retries=20)
     finally:
         broker.stop()
-        s3.stop()
 
 
 class _LosingCommits:
@@ -157,7 +155,7 @@ def test_a_failed_commit_is_made_again(kafka_url: str) -> None:
         first.close()
         with client.msg_stream() as second:
             second.create_consumers("retried", [ch])
-            expect_quiet(second, 3.0)  # a join takes about 1 s on Tansu
+            expect_quiet(second, 3.0)
 
 
 def test_a_member_drops_what_it_acknowledged_when_a_lost_commit_rewinds_it(kafka_url: str) -> None:

@@ -13,8 +13,8 @@ import msgstream as ms
 from msgstream.backend import installed_schemes
 from msgstream.errors import BrokerUnavailableError, InvalidURLError, MsgStreamError, ProduceError, SeekError
 from msgstream.testing import ConformanceSuite, consume_n
+from scripts.broker import free_port, start_redis
 
-from .brokers import free_port, start_redis
 from .common import consume_rows, kill_consumer_holding, owner, restart_loses_and_repeats_nothing, row
 
 
