@@ -69,15 +69,21 @@ __all__ = ["KafkaBackend"]
 
 log = logging.getLogger("msgstream.kafka")
 
-_OWN_OPTIONS = {"registry_topic", "operation_timeout", "replication_factor", "delete_topics"}
+_OWN_OPTIONS = {"registry_topic", "registry_refresh", "operation_timeout", "replication_factor", "delete_topics"}
 _ROLES = ("producer.", "consumer.", "admin.")
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing committed yet
-_PRODUCER_DEFAULTS = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+_PRODUCER_DEFAULTS = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "linger.ms": 5,
+    # librdkafka's producer asks the broker to create a topic it writes to (Apache Kafka's brokers allow
+    # it by default): a late produce would bring a destroyed channel back. Channels are created only by
+    # create_channel.
+    "allow.auto.create.topics": False,
+}
 _CONSUMER_DEFAULTS = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
-    "session.timeout.ms": 1000,  # a first join takes about half of this on Tansu; raise it for Apache Kafka
-    "heartbeat.interval.ms": 200,
     # one partition per channel: the default range assignor would give partition 0 of every topic, so
     # every channel, to the same member; round-robin spreads the channels over the members
     "partition.assignment.strategy": "roundrobin",
@@ -187,6 +193,7 @@ class KafkaBackend(Backend):
         try:
             self.timeout = float(opts.get("operation_timeout", 10.0))
             self.replication = int(opts.get("replication_factor", 1))
+            self.registry_refresh = float(opts.get("registry_refresh", 1.0))
         except (TypeError, ValueError):
             raise InvalidURLError(f"bad operation_timeout or replication_factor in {url.redacted()!r}") from None
         self.registry_topic = str(opts.get("registry_topic", "__msgstream_channels"))
@@ -208,7 +215,10 @@ class KafkaBackend(Backend):
         self.admin_conf = {**common, **roles["admin."]}
         with self.errors("connect", BrokerUnavailableError):
             self.admin = AdminClient(self.admin_conf)
-            metadata = self.admin.list_topics(timeout=self.timeout)
+            try:
+                metadata = self.admin.list_topics(timeout=self.timeout)
+            finally:
+                self.admin.poll(0)  # librdkafka's log lines reach the logger when its queue is served
             self._producer = ck.Producer(self.producer_conf)
             self._reader = ck.Consumer(  # reads to the end of a partition (registry, latest offset)
                 {
@@ -224,6 +234,7 @@ class KafkaBackend(Backend):
         self._lock = threading.RLock()
         self._registry: dict[str, bytes | None] = {}  # channel -> metadata; None = deleted
         self._registry_next = 0
+        self._refreshed = 0.0
         self._consumers: set[_KafkaConsumer] = set()
         self._closed = False
         if self.registry_topic not in metadata.topics:
@@ -298,8 +309,13 @@ class KafkaBackend(Backend):
             finally:
                 self._reader.unassign()
 
-    def refresh_registry(self) -> None:
+    def refresh_registry(self, force: bool = True) -> None:
+        """Apply the registry records written since the last refresh (by any client). Without ``force``
+        only when that was more than ``registry_refresh`` seconds ago (the hot paths)."""
+        if not force and time.monotonic() - self._refreshed < self.registry_refresh:
+            return
         with self._lock:
+            self._refreshed = time.monotonic()
             for m in self._read_to_end(self.registry_topic, self._registry_next):
                 name = (m.key() or b"").decode()
                 value = m.value() or b""
@@ -318,8 +334,9 @@ class KafkaBackend(Backend):
             self.fail(BrokerUnavailableError, f"registry write for {name!r} failed", errors[0] if errors else None)
 
     def exists(self, name: str, refresh: bool = True) -> bool:
-        if refresh:
-            self.refresh_registry()
+        """Whether ``name`` is a live channel; ``refresh=False``: by a registry at most ``registry_refresh``
+        seconds old."""
+        self.refresh_registry(force=refresh)
         return self._registry.get(name) is not None
 
     def check_channel(self, name: str, refresh: bool = True) -> None:
@@ -412,6 +429,21 @@ class _KafkaProducer(Producer):
         self._closed = False
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        try:
+            return self._send(payloads, timeout)
+        except ProduceError as exc:
+            # a channel destroyed by another client since the registry was last read: its topic is gone,
+            # and librdkafka holds the messages until they time out (never creating it again, see
+            # allow.auto.create.topics above): say so rather than "not confirmed"
+            try:
+                gone = not exc.sent.get(self.channel) and not self._backend.exists(self.channel)
+            except MsgStreamError:
+                gone = False
+            if gone:
+                raise ChannelNotFoundError(self.channel, "destroyed") from exc
+            raise
+
+    def _send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
         if self._closed:
             raise StreamClosedError("producer is closed")
         backend = self._backend
