@@ -35,7 +35,6 @@ but a member leaving mid-batch makes the next one see the whole batch again), ``
 (false; true fixes that on Apache Pulsar with ``acknowledgmentAtBatchIndexLevelEnabled``, never on
 pulsar-lite), ``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
 (10000), ``receiver_queue_size`` (1000), ``stall_timeout`` (2 s; 0 turns the stall check off, see ``_unstall``),
-``client_log_level`` (warn: the C++ client's lines on stdout),
 and for TLS ``tls_trust_certs_file_path``,
 ``tls_allow_insecure_connection``, ``tls_validate_hostname``, ``tls_certificate_file_path``,
 ``tls_private_key_file_path``.
@@ -43,11 +42,14 @@ and for TLS ``tls_trust_certs_file_path``,
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import http.client
 import itertools
 import logging
+import os
+import tempfile
 import threading
 import time
 import uuid
@@ -88,12 +90,6 @@ from msgstream.errors import (
 __all__ = ["PulsarBackend"]
 
 log = logging.getLogger("msgstream.pulsar")
-_LOG_LEVELS = {
-    "debug": pulsar.LoggerLevel.Debug,
-    "info": pulsar.LoggerLevel.Info,
-    "warn": pulsar.LoggerLevel.Warn,
-    "error": pulsar.LoggerLevel.Error,
-}
 _SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "shared": pulsar.ConsumerType.Shared}
 _TLS_OPTIONS = {
     "tls_trust_certs_file_path": str,
@@ -111,6 +107,7 @@ _RETRIABLE = {
     pulsar.Result.ServiceUnitNotReady,
     pulsar.Result.TooManyLookupRequestException,
     pulsar.Result.BrokerPersistenceError,
+    pulsar.Result.BrokerMetadataError,
     pulsar.Result.ProducerQueueIsFull,
     pulsar.Result.MemoryBufferIsFull,
 }
@@ -124,6 +121,7 @@ _RETRIABLE_EXC: tuple[type[BaseException], ...] = tuple(
         "ServiceUnitNotReady",
         "TooManyLookupRequestException",
         "BrokerPersistenceError",
+        "BrokerMetadataError",
         "ProducerQueueIsFull",
         "MemoryBufferIsFull",
         "ConsumerBusy",
@@ -131,6 +129,64 @@ _RETRIABLE_EXC: tuple[type[BaseException], ...] = tuple(
     )
 )
 _Key = tuple[int, int, int]  # (ledger, entry, batch index): the order of messages on a topic
+
+
+class _NativeLog:
+    """The C++ client's own log lines, forwarded to the ``msgstream.pulsar.client`` logger.
+
+    pulsar-client takes one logger per process (the first client's) and offers three: stdout, a file, or
+    a Python logger. The Python bridge is unusable here: it sends every DEBUG line into Python, whatever
+    the logger's level, and a line that carries a binary payload (the multi-topic consumer logs each
+    message it receives) fails to convert and is printed to stdout instead. So the client writes to a
+    file, at the level the logger had when the first client was made, and a daemon thread reads the file
+    and logs each line at its own level."""
+
+    _LEVELS = {b"DEBUG": logging.DEBUG, b"INFO": logging.INFO, b"WARN": logging.WARNING, b"ERROR": logging.ERROR}
+    _instance: _NativeLog | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.logger = log.getChild("client")
+        level = self.logger.getEffectiveLevel()
+        self.level = (
+            pulsar.LoggerLevel.Debug
+            if level <= logging.DEBUG
+            else pulsar.LoggerLevel.Info
+            if level <= logging.INFO
+            else pulsar.LoggerLevel.Warn
+            if level <= logging.WARNING
+            else pulsar.LoggerLevel.Error
+        )
+        fd, self.path = tempfile.mkstemp(prefix="msgstream-pulsar-", suffix=".log")
+        os.close(fd)
+        atexit.register(os.unlink, self.path)
+        threading.Thread(target=self._forward, name="msgstream-pulsar-log", daemon=True).start()
+
+    @classmethod
+    def logger_for_client(cls) -> Any:
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return pulsar.FileLogger(cls._instance.level, cls._instance.path)
+
+    def _forward(self) -> None:
+        level = logging.WARNING
+        with open(self.path, "rb") as lines:
+            while True:
+                line = lines.readline()
+                if not line.endswith(b"\n"):  # nothing new (or half a line): look again shortly
+                    lines.seek(-len(line), os.SEEK_CUR)
+                    time.sleep(0.2)
+                    continue
+                # "2026-01-01 12:00:00.000 WARN  [thread] File:line | text"
+                head, _, text = line.partition(b" | ")
+                words = head.split()
+                if len(words) >= 3 and words[2] in self._LEVELS:
+                    level = self._LEVELS[words[2]]
+                    where = words[-1].decode(errors="replace")
+                    self.logger.log(level, "%s | %s", where, text.rstrip().decode(errors="replace"))
+                else:  # a continuation line: the level of the line before
+                    self.logger.log(level, "%s", line.rstrip().decode(errors="replace"))
 
 
 def _key(msg_id: Any) -> _Key:
@@ -224,14 +280,13 @@ class _Admin:
 class PulsarBackend(Backend):
     """See the module docstring."""
 
-    # member_kill_recovery: pulsar-lite can wedge a subscription whose member was SIGKILLed (docs/backends.md);
-    # against Apache Pulsar, override it in your ConformanceSuite subclass
     features = Features(
         shared_subscription=True,
         durable=True,
         cross_process=True,
-        member_kill_recovery=False,  # pulsar-lite gap 6 (docs/backends.md)
-        idempotent_produce=False,  # pulsar-lite stores producer resends twice (gap 10); see docs/backends.md
+        # Apache Pulsar stores a producer's resend after a reconnect twice unless the namespace has
+        # deduplication on (brokerDeduplicationEnabled, off as shipped); docs/backends.md
+        idempotent_produce=False,
     )
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
@@ -265,9 +320,6 @@ class PulsarBackend(Backend):
         if kind not in _SUBSCRIPTION_TYPES:
             raise InvalidURLError(f"subscription_type must be one of {sorted(_SUBSCRIPTION_TYPES)}, got {kind!r}")
         self.consumer_type = _SUBSCRIPTION_TYPES[kind]
-        log_level = str(opts.get("client_log_level", "warn")).lower()
-        if log_level not in _LOG_LEVELS:
-            raise InvalidURLError(f"client_log_level must be one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
         self.tenant = str(opts.get("tenant", "public"))
         self.namespace = str(opts.get("namespace", "default"))
         self.registry_topic = self.topic(str(opts.get("registry_topic", "__msgstream_channels")))
@@ -278,10 +330,7 @@ class PulsarBackend(Backend):
         client_kw: dict[str, Any] = {
             "operation_timeout_seconds": max(1, round(self.timeout)),
             "connection_timeout_ms": int(self.timeout * 1000),
-            # The C++ client's own lines go to stdout at ``client_log_level`` (warn). Not through a Python
-            # logger: with pulsar-client 3.13 that bridge printed every received payload at DEBUG to
-            # stdout whatever the logger's level, and could abort the process at exit.
-            "logger": pulsar.ConsoleLogger(_LOG_LEVELS[log_level]),
+            "logger": _NativeLog.logger_for_client(),
             "use_tls": url.scheme == "pulsar+ssl",
         }
         for name, convert in _TLS_OPTIONS.items():
