@@ -41,7 +41,7 @@ from msgstream.errors import (
     UnmarshalError,
 )
 
-__all__ = ["ConformanceSuite", "FlushMsg", "consume_n", "every_message_type", "expect_quiet"]
+__all__ = ["ConformanceSuite", "FlushMsg", "consume_n", "consume_packs", "every_message_type", "expect_quiet"]
 
 
 class _Consuming(Protocol):
@@ -133,6 +133,21 @@ def consume_n(stream: _Consuming, n: int, timeout: float = 30.0) -> list[ms.TsMs
             out.extend(pack.msgs)
     assert len(out) == n, f"expected {n} messages, received {len(out)}"
     return out
+
+
+def consume_packs(stream: _Consuming, n: int, timeout: float = 30.0) -> list[list[ms.TsMsg]]:
+    """Consume packs until they hold at least ``n`` messages (a broker may hand them over in any split);
+    fail once ``timeout`` passed. Returns each pack's messages."""
+    deadline = time.monotonic() + timeout
+    packs: list[list[ms.TsMsg]] = []
+    while sum(map(len, packs)) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"received {sum(map(len, packs))} of {n} messages within {timeout}s")
+        pack = stream.consume(timeout=min(remaining, 1.0))
+        if pack is not None:
+            packs.append(list(pack.msgs))
+    return packs
 
 
 def expect_quiet(stream: _Consuming, period: float) -> None:
@@ -410,11 +425,11 @@ class ConformanceSuite:
         out.produce(ms.MsgPack.of([_data(i, 0) for i in range(10)]))
         with client.msg_stream(receive_batch=4) as first:
             first.create_consumers(sub, chans)
-            got = consume_n(first, 4, self.timeout)
+            got = [m for pack in consume_packs(first, 4, self.timeout) for m in pack]  # acknowledged on close
         # position=LATEST is ignored for an existing subscription: it resumes where it was
         second = self.consumer(streams, chans, sub=sub, position=ms.SubscriptionPosition.LATEST)
         out.produce(ms.MsgPack.of([_data(i, 0) for i in range(10, 12)]))
-        rest = consume_n(second, 8, self.timeout)
+        rest = consume_n(second, 12 - len(got), self.timeout)
         assert [m.row_ids[0] for m in got + rest if isinstance(m, ms.InsertMsg)] == list(range(12))
 
     def test_unacknowledged_messages_go_to_the_next_member(self, client: ms.Client, streams: Any) -> None:
@@ -477,6 +492,39 @@ class ConformanceSuite:
             deadline = time.monotonic() + self.timeout
             while time.monotonic() < deadline:
                 inp.consume(timeout=0.5)
+
+    def test_channel_destroyed_by_another_client(self, client: ms.Client, url: str) -> None:
+        """Client B holds a producer and a consumer of a channel that client A destroys: every later
+        produce of B fails within its timeout claiming nothing sent, B's consumer gets
+        ChannelNotFoundError, and the channel does not come back (no late produce re-creates it)."""
+        produce_timeout = 5.0
+        chans = self.channels(client, 1)
+        with ms.connect(url) as other:
+            out = other.msg_stream(produce_timeout=produce_timeout)
+            out.create_producers(chans)
+            inp = other.msg_stream()
+            inp.create_consumers(self.sub(), chans)
+            out.produce(ms.MsgPack.of([_data(0, 0)]))
+            consume_n(inp, 1, self.timeout)
+            client.destroy_channels(chans)
+            for i in range(3):  # at once, and again once a client's caches have had time to go stale
+                start = time.monotonic()
+                with pytest.raises((ProduceError, ChannelNotFoundError)) as err:
+                    out.produce(ms.MsgPack.of([_data(i + 1, 0)]))
+                assert time.monotonic() - start < produce_timeout + 5, "produce outlived its timeout"
+                if isinstance(err.value, ProduceError):
+                    assert not any(err.value.sent.values()), f"claimed as sent: {err.value.sent}"
+                time.sleep(i)
+            with pytest.raises(ChannelNotFoundError):
+                deadline = time.monotonic() + self.timeout
+                while time.monotonic() < deadline:
+                    inp.consume(timeout=0.5)
+            out.close()
+            inp.close()
+        with ms.connect(url) as third, pytest.raises(ChannelNotFoundError):
+            third.describe_channels(chans)
+        with pytest.raises(ChannelNotFoundError):
+            client.describe_channels(chans)
 
     def test_latest_subscription_starts_after_existing_messages(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 2)
@@ -709,12 +757,12 @@ class ConformanceSuite:
         self.producer(streams, chans).produce(ms.MsgPack.of([_data(i, 0) for i in range(5)]))
         with pytest.raises(ZeroDivisionError), client.msg_stream() as failing:
             failing.create_consumers(sub, chans)
-            assert consume_n(failing, 5, self.timeout)
+            packs = consume_packs(failing, 5, self.timeout)  # every pack but the last is acknowledged
             raise ZeroDivisionError("the handler failed")
+        in_hand = len(packs[-1])
         again = self.consumer(streams, chans, sub=sub)
-        assert [m.row_ids[0] for m in consume_n(again, 5, self.timeout) if isinstance(m, ms.InsertMsg)] == list(
-            range(5)
-        )
+        rows = [m.row_ids[0] for m in consume_n(again, in_hand, self.timeout) if isinstance(m, ms.InsertMsg)]
+        assert rows == list(range(5 - in_hand, 5))
 
     def test_seek_is_all_or_nothing(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 2)
