@@ -370,12 +370,25 @@ def start_kafka(workdir: Path, *, port: int | None = None) -> Broker:
 
 
 # -- Apache Pulsar --------------------------------------------------------------------------------------
+_PULSAR_PROBE = """
+import sys, pulsar
+client = pulsar.Client(sys.argv[1], operation_timeout_seconds=5, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+try:
+    client.create_producer("persistent://public/default/__broker_ready").send(b"ready")
+finally:
+    client.close()
+"""
+
+
 def _pulsar_ready(web: int, service: int) -> bool:
+    """The admin API lists public/default, and a client can create a topic there and write to it (the first
+    topic of a new standalone can take seconds more). The client runs in a process of its own: pulsar-client
+    keeps the first client's logger for the whole process, which is not this probe's to choose."""
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/admin/v2/namespaces/public", timeout=2) as response:
         if "public/default" not in json.loads(response.read()):
             return False
-    with socket.create_connection(("127.0.0.1", service), timeout=0.5):
-        return True
+    probe = [sys.executable, "-c", _PULSAR_PROBE, f"pulsar://127.0.0.1:{service}"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def start_pulsar(workdir: Path, *, port: int | None = None) -> Broker:

@@ -437,9 +437,10 @@ class PulsarBackend(Backend):
             raise ChannelNotFoundError(name)
         return entry
 
-    def still_live(self, name: str, nonce: bytes) -> bool:
-        """Whether the incarnation ``nonce`` of ``name`` is still the live one (refreshed now and then)."""
-        self.refresh_registry(force=False)
+    def still_live(self, name: str, nonce: bytes, force: bool = False) -> bool:
+        """Whether the incarnation ``nonce`` of ``name`` is still the live one, by the registry as it is now
+        (``force``) or as of at most ``registry_refresh`` seconds ago."""
+        self.refresh_registry(force)
         entry = self._registry.get(name)
         return entry is not None and entry.nonce == nonce
 
@@ -472,7 +473,12 @@ class PulsarBackend(Backend):
             self._append(_Entry("D", name, entry.nonce))
             self.refresh_registry()  # applies our record in log order, as every other client will
         if self.admin is not None:
-            self.admin.request("DELETE", self._admin_path(entry.topic) + "?force=true", ok=(204, 404))
+            # terminated first: its producers in other clients fail at once (TopicTerminated) instead of
+            # reconnecting after the delete, which would create the topic again (auto-creation is on as
+            # Apache Pulsar ships)
+            path = self._admin_path(entry.topic)
+            self.admin.request("POST", path + "/terminate", ok=(200, 204, 404, 405))
+            self.admin.request("DELETE", path + "?force=true", ok=(204, 404))
 
     def create_producer(self, channel: str) -> Producer:
         entry = self.live(channel)
@@ -578,7 +584,10 @@ class _PulsarProducer(Producer):
         if self._closed:
             raise StreamClosedError("producer is closed")
         backend, channel = self._backend, self.channel
-        if not backend.still_live(channel, self._nonce):
+        # read the registry to its end first (one round trip): the topic of a channel another client
+        # destroyed still takes writes (it is not deleted without admin_url), and a produce that started
+        # after the destroy must not land there
+        if not backend.still_live(channel, self._nonce, force=True):
             raise ProduceError(f"channel {channel!r} does not exist (deleted?)", channel=channel)
         n = len(payloads)
         # a callback per payload, writing into its own slot: most results come in send order, but a

@@ -506,6 +506,7 @@ class ConformanceSuite:
             inp.create_consumers(self.sub(), chans)
             out.produce(ms.MsgPack.of([_data(0, 0)]))
             consume_n(inp, 1, self.timeout)
+            out.produce(ms.MsgPack.of([_data(0, 0)]))  # whatever B caches about the channel is fresh now
             client.destroy_channels(chans)
             for i in range(3):  # at once, and again once a client's caches have had time to go stale
                 start = time.monotonic()
