@@ -181,6 +181,7 @@ class Broker:
         self.port, self.start_timeout = port, start_timeout
         self.env = {**os.environ, **env} if env else None
         self.log = workdir / f"{name}.out"
+        self.admin_url: str | None = None  # a broker's admin REST API, where it has one (Pulsar)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def launch(self) -> None:
@@ -425,7 +426,7 @@ def start_pulsar(workdir: Path, *, port: int | None = None) -> Broker:
         port=ports["service"],
         start_timeout=120.0,
     )
-    broker.admin_url = f"http://127.0.0.1:{ports['web']}"  # type: ignore[attr-defined]
+    broker.admin_url = f"http://127.0.0.1:{ports['web']}"
     return broker.start()
 
 
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         print(f"URL={broker.url}", flush=True)
-        if hasattr(broker, "admin_url"):
+        if broker.admin_url:
             print(f"ADMIN_URL={broker.admin_url}", flush=True)
         print(f"DATA={workdir}", flush=True)
         while not stop.wait(0.5):

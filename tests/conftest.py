@@ -47,6 +47,26 @@ def kafka_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pulsar_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _pulsar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str | None]]:
+    if os.environ.get("MSGSTREAM_PULSAR_URL"):
+        yield os.environ["MSGSTREAM_PULSAR_URL"], os.environ.get("MSGSTREAM_PULSAR_ADMIN_URL")
+        return
+    broker = start_pulsar(Path(tmp_path_factory.mktemp("pulsar")))
+    try:
+        yield broker.url, broker.admin_url
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def pulsar_url(_pulsar: tuple[str, str | None]) -> str:
     """MSGSTREAM_PULSAR_URL, else Apache Pulsar standalone started for this session; a bare URL."""
-    yield from _broker_url("MSGSTREAM_PULSAR_URL", tmp_path_factory, start_pulsar)
+    return _pulsar[0]
+
+
+@pytest.fixture(scope="session")
+def pulsar_admin_url(_pulsar: tuple[str, str | None]) -> str:
+    """The admin REST API of that broker (MSGSTREAM_PULSAR_ADMIN_URL beside MSGSTREAM_PULSAR_URL)."""
+    if _pulsar[1] is None:
+        pytest.fail("MSGSTREAM_PULSAR_URL is set without MSGSTREAM_PULSAR_ADMIN_URL; the admin tests need both")
+    return _pulsar[1]

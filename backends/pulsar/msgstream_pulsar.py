@@ -8,9 +8,9 @@ Mapping (docs/backends.md has the long form):
   ``__msgstream_channels``: a log of create/destroy records, read to its end by a kept reader. A
   concurrent create of one name is decided by the log's order: the first record wins, the other
   creator reads that back and raises ``ChannelExistsError``.
-* destroy -> a destroy record: msgstream refuses the channel from then on (other clients within
-  ``registry_refresh`` seconds). With ``admin_url`` (Apache Pulsar) the topic is also deleted through
-  the admin REST API; pulsar-lite has no admin plane, so there the topic stays, unlisted and unused.
+* destroy -> a destroy record: msgstream refuses the channel from then on (a producer reads the registry
+  before each send; a consumer at most ``registry_refresh`` seconds later). With ``admin_url`` the topic
+  is also terminated and deleted through the admin REST API; without it the topic stays, unlisted.
 * message id -> ``MessageId.serialize()`` as the client hands it out (send callback, receive, reader).
 * produce -> one producer per channel, ``send_async`` for every payload (batching off by default, see
   ``batching`` below); every callback's
@@ -32,9 +32,9 @@ Options: ``tenant`` (public), ``namespace`` (default), ``operation_timeout`` (5 
 (failover | shared), ``token`` (masked everywhere), ``admin_url``, ``registry_topic``, ``registry_refresh``
 (1 s), ``batching`` (false: each message its own entry, so acknowledgements are exact; true: faster,
 but a member leaving mid-batch makes the next one see the whole batch again), ``batch_index_ack``
-(false; true fixes that on Apache Pulsar with ``acknowledgmentAtBatchIndexLevelEnabled``, never on
-pulsar-lite), ``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
-(10000), ``receiver_queue_size`` (1000), ``stall_timeout`` (2 s; 0 turns the stall check off, see ``_unstall``),
+(false; true fixes that where the broker has ``acknowledgmentAtBatchIndexLevelEnabled``),
+``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
+(10000), ``receiver_queue_size`` (1000),
 and for TLS ``tls_trust_certs_file_path``,
 ``tls_allow_insecure_connection``, ``tls_validate_hostname``, ``tls_certificate_file_path``,
 ``tls_private_key_file_path``.
@@ -233,7 +233,7 @@ class _Live(msgspec.Struct, frozen=True):
 
 
 class _Admin:
-    """Apache Pulsar's admin REST API, over one kept HTTP connection (pulsar-lite has none)."""
+    """Apache Pulsar's admin REST API, over one kept HTTP connection."""
 
     def __init__(self, base: str, token: str | None, timeout: float) -> None:
         parts = urlsplit(base)
@@ -300,8 +300,8 @@ class PulsarBackend(Backend):
             self.producer_conf: dict[str, Any] = {
                 # off by default: with batching, a batch is one broker entry, and a member that leaves
                 # after acknowledging part of a batch gets the whole batch redelivered to the next
-                # member, acknowledged messages included (unless batch-index acks are on, which
-                # pulsar-lite gets wrong). docs/backends.md weighs the trade.
+                # member, acknowledged messages included (unless batch-index acks are on, which the
+                # broker must allow). docs/backends.md weighs the trade.
                 "batching_enabled": _flag(opts.get("batching", False)),
                 "batching_max_messages": int(opts.get("batching_max_messages", 1000)),
                 "batching_max_publish_delay_ms": int(opts.get("batching_max_publish_delay_ms", 1)),
@@ -310,9 +310,6 @@ class PulsarBackend(Backend):
                 "send_timeout_millis": int(self.timeout * 1000),
             }
             self.receiver_queue_size = int(opts.get("receiver_queue_size", 1000))
-            # pulsar-lite gap 7: a consumer can stop receiving for good while messages wait; after this
-            # long with nothing, a Failover consumer checks for newer messages and subscribes again
-            self.stall_timeout = float(opts.get("stall_timeout", 2.0))
             self.batch_index_ack = _flag(opts.get("batch_index_ack", False))
         except (TypeError, ValueError):
             raise InvalidURLError(f"a numeric option is not a number in {url.redacted()!r}") from None
@@ -346,9 +343,8 @@ class PulsarBackend(Backend):
         self._consumers: set[_PulsarConsumer] = set()
         self._producers: set[_PulsarProducer] = set()
         with self.errors("connect", BrokerUnavailableError):
-            # one client, so one connection, for the registry, producers and every consumer: pulsar-lite
-            # leaves unanswered a subscribe from a second connection to a subscription that has a
-            # consumer (docs/backends.md), so members in one process must share the connection
+            # one client (one connection pool, one set of threads) for the registry, producers and
+            # every consumer
             self.client = pulsar.Client(service, **client_kw)
             try:
                 # a durable subscription that never acknowledges keeps the registry's records from
@@ -361,11 +357,8 @@ class PulsarBackend(Backend):
             except BaseException:
                 self.client.close()
                 raise
-        self._registry_empty = False
         try:
             self.refresh_registry()
-            if self._registry_empty:  # a first record, so that reading it no longer logs errors
-                self._append(_Entry("I", "", b""))
         except BaseException:
             self.client.close()
             raise
@@ -410,11 +403,7 @@ class PulsarBackend(Backend):
             self._refreshed = time.monotonic()
 
     def _available(self) -> bool:
-        try:
-            return bool(self._reader.has_message_available())
-        except pulsar.UnknownError:  # a topic never written to (pulsar-lite): nothing to read
-            self._registry_empty = True
-            return False
+        return bool(self._reader.has_message_available())
 
     def _apply(self, record: _Entry) -> None:
         live = self._registry.get(record.name)
@@ -508,9 +497,7 @@ class PulsarBackend(Backend):
                 topic, f"__msgstream_probe_{uuid.uuid4().hex}", consumer_type=pulsar.ConsumerType.Exclusive
             )
             try:
-                entry = probe.get_last_message_id()
-            except pulsar.UnknownError:  # never written to (pulsar-lite)
-                entry = None
+                entry = probe.get_last_message_id()  # entry id -1 on an empty topic
             finally:
                 try:  # a probe subscription left behind would hold the topic's backlog forever
                     probe.unsubscribe()
@@ -547,10 +534,7 @@ class PulsarBackend(Backend):
 
     @staticmethod
     def _has(reader: Any) -> bool:
-        try:
-            return bool(reader.has_message_available())
-        except pulsar.UnknownError:
-            return False
+        return bool(reader.has_message_available())
 
     def close(self) -> None:
         if self._closed:
@@ -660,8 +644,6 @@ class _PulsarConsumer(Consumer):
         self._closed = False
         self._native: Any = None
         self._fast: Any = None
-        self._quiet_since = time.monotonic()  # of the last delivery (the stall check, `_unstall`)
-        self._stall_wait = backend.stall_timeout
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -697,67 +679,17 @@ class _PulsarConsumer(Consumer):
         while True:
             out = self._take(max_messages, fetch)
             fetch = True
-            now = time.monotonic()
-            if out:
-                self._quiet_since = now
-                self._stall_wait = self._backend.stall_timeout
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
                 return out
-            remaining = deadline - now
-            if remaining <= 0:
-                return out
-            wait = remaining
-            if self._last and self._backend.stall_timeout > 0:  # wake for the stall check in time
-                wait = min(wait, max(0.001, self._quiet_since + self._stall_wait - now))
             with self._backend.errors("receive"):
                 try:
-                    self._buffered.append(self._fast.receive(max(1, int(wait * 1000))))
+                    self._buffered.append(self._fast.receive(max(1, int(remaining * 1000))))
                     # return it now: asking the client for more would hold it up to the batch policy's
-                    # 1 ms (p50 latency 1.7 -> 0.8 ms at 500 msgs/s); a backlog is fetched by the next call
+                    # 1 ms; a backlog is fetched by the next call
                     fetch = False
                 except pulsar.Timeout:
-                    self._unstall()
-
-    def _unstall(self) -> None:
-        """pulsar-lite gap 7 (docs/backends.md): a consumer may stop receiving for good although messages
-        wait. After ``stall_timeout`` seconds with nothing (doubling while it stays quiet, at most a
-        minute apart), a Failover consumer asks whether a channel it reads holds a message newer than
-        the newest it delivered, and if so subscribes again: the subscription resumes after what was
-        acknowledged, and what comes again is dropped as a repeat. Shared subscriptions, and channels
-        that delivered nothing since subscribing, have no such bound to compare with."""
-        backend = self._backend
-        if not self._ordered or backend.stall_timeout <= 0 or not self._last:
-            return
-        now = time.monotonic()
-        quiet = now - self._quiet_since
-        if quiet < self._stall_wait:
-            return
-        self._quiet_since = now
-        self._stall_wait = min(self._stall_wait * 2, 60.0)
-        try:
-            lagging = next(  # one is enough: each check costs a short-lived subscription and a reader
-                (
-                    channel
-                    for channel, newest in list(self._last.items())
-                    if (last := backend.last_id(self._entries[channel].topic)) is not None and _key(last) > _key(newest)
-                ),
-                None,
-            )
-        except MsgStreamError as exc:  # the broker is away: receive's own errors tell the caller
-            log.debug("stall check of %r failed: %s", self.subscription, exc)
-            return
-        if lagging is None or self._closed:
-            return
-        log.warning(
-            "subscription %r: nothing received for %.1f s although %r holds newer messages; subscribing again",
-            self.subscription,
-            quiet,
-            lagging,
-        )
-        stale, self._native = self._native, None  # if subscribing fails now, the next call tries again
-        self._buffered.clear()
-        with contextlib.suppress(pulsar.PulsarException):  # the client may have closed it (a broker restart)
-            stale.close()
-        self._subscribe()
+                    pass
 
     def _take(self, max_messages: int, fetch: bool = True) -> list[RawMessage]:
         """Up to ``max_messages`` of what was fetched (with ``fetch``, after asking the client for what it
@@ -792,8 +724,9 @@ class _PulsarConsumer(Consumer):
             if ordered:  # failover: a channel's ids only grow, so a smaller one was delivered already
                 newest = last.get(channel)
                 if newest is not None and msg_id <= newest:
-                    # pulsar-lite delivers part of a backlog twice. (A rewind by another member's seek
-                    # would be dropped here too: seek from the member that consumes, docs/backends.md.)
+                    # a reconnect (a broker restart) redelivers what was in flight, which the caller
+                    # may hold already. (A rewind by another member's seek would be dropped here too:
+                    # seek from the member that consumes, docs/backends.md.)
                     continue
                 last[channel] = msg_id
                 raw = msg_id.serialize()
@@ -829,7 +762,7 @@ class _PulsarConsumer(Consumer):
                 raise SeekError(f"channel {channel!r} is not consumed by this consumer")
             topic = self._entries[channel].topic
             with backend.errors(f"seek on {channel!r}", SeekError):
-                if after is None:  # seek to MessageId.earliest does nothing on pulsar-lite: use the first id
+                if after is None:  # to the channel's first message (None: an empty channel stays)
                     starts[channel] = backend.read_one(topic, pulsar.MessageId.earliest)
                     continue
                 target = _parse_id(after, channel)
@@ -839,8 +772,8 @@ class _PulsarConsumer(Consumer):
                 raise SeekError(f"message id {after.hex()!r} is not on channel {channel!r}")
             starts[channel], skips[channel] = target, _unwrapped_id(target)
         with backend.errors("seek", SeekError):
-            # pulsar-lite delivers nothing new to a consumer that stays connected through a seek: close
-            # it, move each cursor with a short-lived consumer, subscribe again. Channels not named keep
+            # a multi-topic consumer cannot seek one of its topics to a message id: close it, move each
+            # cursor with a short-lived consumer of that topic, subscribe again. Channels not named keep
             # their state: what the caller holds of them comes again and is dropped as a repeat.
             if self._native is not None:
                 self._native.close()
