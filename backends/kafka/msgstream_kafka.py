@@ -4,8 +4,8 @@ Mapping (docs/backends.md has the long form):
 
 * channel -> a topic with one partition; the channel registry (owner records, and which channels
   exist) is the topic ``__msgstream_channels`` (records ``C<metadata>`` / ``D`` keyed by channel),
-  read to its end and cached. Produce checks the registry: some brokers (Tansu) acknowledge writes to
-  a deleted topic and drop them.
+  read to its end and cached for at most ``registry_refresh`` seconds. Destroying a channel deletes its
+  topic (``delete_topics``); the producer never has a topic created by writing to it.
 * message id -> the offset as 8 signed big-endian bytes.
 * produce -> one idempotent producer (``acks=all``); a pack is queued by one ``produce_batch`` call where
   nothing in it can be refused (else a ``produce()`` each), every delivery report is collected and the
@@ -13,16 +13,15 @@ Mapping (docs/backends.md has the long form):
   accepted, and a refused message stops the pack there.
 * subscription -> consumer group; receive = ``consume(num_messages, timeout)``; ack -> the contiguous
   acknowledged prefix of each partition is committed (asynchronously; synchronously on revoke and close).
-* LATEST for a new group -> its committed offset is set to the true end first (a watermark read can be
-  stale on Tansu); seek -> the offset is checked against the partition, committed, and the assigned
-  partition is moved.
-* latest message id -> read from the high watermark - 1 to the end of the partition (the watermark that
-  comes with fetched data is exact where the metadata one may not be).
+* LATEST for a new group -> its committed offset is set to the end when the consumer is made (the group
+  joins on the first receive; what is produced meanwhile belongs to it); seek -> the offset is checked
+  against the partition, committed, and the assigned partition is moved.
+* latest message id -> the high watermark - 1.
 
 Options: librdkafka properties pass through (``linger.ms=5``, ``security.protocol=SASL_SSL``, ...);
 prefix one with ``producer.``, ``consumer.`` or ``admin.`` to give it to that client only. msgstream's
-own: ``registry_topic``, ``operation_timeout`` (10 s), ``replication_factor`` (1), ``delete_topics``
-(true; false on Tansu, see docs/backends.md).
+own: ``registry_topic``, ``registry_refresh`` (1 s), ``operation_timeout`` (10 s), ``replication_factor``
+(1), ``delete_topics`` (true; false leaves a destroyed channel's topic on the broker, refused by msgstream).
 """
 
 from __future__ import annotations
@@ -90,13 +89,6 @@ _CONSUMER_DEFAULTS = {
     # librdkafka pauses fetching for 1 s whenever its local queue is full; a consumer that decodes
     # then sits idle on a long backlog (132k vs 350k msgs/s measured at 100 B with 300,000 queued)
     "fetch.queue.backoff.ms": 10,
-    # how long the broker may hold a fetch that found nothing. Tansu holds it that long even when a
-    # message arrives meanwhile, so it is a floor on latency: at librdkafka's 500 ms, produce -> consume
-    # took 130 ms at the median. Lower is not always better: at 10 ms (4 ms median latency on memory
-    # storage) a consumer of Tansu on S3 storage received nothing at all, its fetches never completing
-    # in time. 100 ms works on both; on Apache Kafka, which answers as soon as data arrives, it only
-    # sets how often an idle consumer asks.
-    "fetch.wait.max.ms": 100,
     "max.poll.interval.ms": 300000,
 }
 
@@ -198,8 +190,7 @@ class KafkaBackend(Backend):
             raise InvalidURLError(f"bad operation_timeout or replication_factor in {url.redacted()!r}") from None
         self.registry_topic = str(opts.get("registry_topic", "__msgstream_channels"))
         # false: destroying a channel only tombstones it in the registry (msgstream refuses it from then
-        # on) and leaves the topic. Needed on Tansu, where deleting a topic that a consumer is still
-        # subscribed to crashes librdkafka 2.16 in that process (see docs/backends.md).
+        # on) and leaves the topic, for brokers where a client may not delete topics
         self.delete_topics = str(opts.get("delete_topics", "true")).lower() not in ("false", "0", "no")
         # librdkafka's own log lines go to the "msgstream.kafka" logger, not to stderr
         common: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": log}
@@ -282,19 +273,19 @@ class KafkaBackend(Backend):
                 if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
 
-    def _read_to_end(self, topic: str, start: int) -> list[Any]:
-        """Every message of ``topic`` from offset ``start`` to the end of its partition."""
+    def _read_to_end(self, topic: str, start: int, timeout: float | None = None) -> list[Any]:
+        """Every message of ``topic`` from offset ``start`` to the end of its partition, within ``timeout``
+        (default ``operation_timeout``) seconds."""
+        timeout = self.timeout if timeout is None else timeout
         out: list[Any] = []
         with self._lock, self.errors(f"read {topic!r}", BrokerUnavailableError):
             self._reader.assign([ck.TopicPartition(topic, 0, start)])
-            deadline = time.monotonic() + self.timeout
+            deadline = time.monotonic() + timeout
             try:
                 while True:
                     if time.monotonic() > deadline:
-                        raise BrokerUnavailableError(
-                            f"reading {topic!r} took over {self.timeout}s",
-                        )
-                    batch = _take(self._reader, 500, 0.5)
+                        raise BrokerUnavailableError(f"reading {topic!r} took over {timeout}s")
+                    batch = _take(self._reader, 500, min(0.5, timeout))
                     done = False
                     for m in batch:
                         err = m.error()
@@ -309,14 +300,14 @@ class KafkaBackend(Backend):
             finally:
                 self._reader.unassign()
 
-    def refresh_registry(self, force: bool = True) -> None:
+    def refresh_registry(self, force: bool = True, timeout: float | None = None) -> None:
         """Apply the registry records written since the last refresh (by any client). Without ``force``
         only when that was more than ``registry_refresh`` seconds ago (the hot paths)."""
         if not force and time.monotonic() - self._refreshed < self.registry_refresh:
             return
         with self._lock:
             self._refreshed = time.monotonic()
-            for m in self._read_to_end(self.registry_topic, self._registry_next):
+            for m in self._read_to_end(self.registry_topic, self._registry_next, timeout):
                 name = (m.key() or b"").decode()
                 value = m.value() or b""
                 self._registry[name] = value[1:] if value[:1] == b"C" else None
@@ -384,20 +375,16 @@ class KafkaBackend(Backend):
         self._consumers.add(consumer)
         return consumer
 
-    def latest_offset(self, topic: str) -> int | None:
-        """The offset of the newest message (None if none), exact even where the broker's metadata
-        watermark lags (Tansu after a batch): read from watermark - 1 to the end."""
-        with self._lock, self.errors(f"latest offset of {topic!r}", BrokerUnavailableError, topic):
+    def watermarks(self, topic: str) -> tuple[int, int]:
+        """The partition's first offset and the offset after its newest message."""
+        with self._lock, self.errors(f"offsets of {topic!r}", BrokerUnavailableError, topic):
             low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
-        if high <= low:
-            return None
-        tail = self._read_to_end(topic, max(low, high - 1))
-        return tail[-1].offset() if tail else high - 1
+        return int(low), int(high)
 
-    def low_offset(self, topic: str) -> int:
-        with self._lock, self.errors(f"first offset of {topic!r}", BrokerUnavailableError, topic):
-            low, _ = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
-        return int(low)
+    def latest_offset(self, topic: str) -> int | None:
+        """The offset of the newest message, None if there is none."""
+        low, high = self.watermarks(topic)
+        return high - 1 if high > low else None
 
     def latest_message_id(self, channel: str) -> bytes | None:
         self.check_channel(channel)
@@ -435,8 +422,10 @@ class _KafkaProducer(Producer):
             # a channel destroyed by another client since the registry was last read: its topic is gone,
             # and librdkafka holds the messages until they time out (never creating it again, see
             # allow.auto.create.topics above): say so rather than "not confirmed"
-            try:
-                gone = not exc.sent.get(self.channel) and not self._backend.exists(self.channel)
+            backend = self._backend
+            try:  # briefly: the send has had its time already
+                backend.refresh_registry(timeout=1.0)
+                gone = not exc.sent.get(self.channel) and not backend.exists(self.channel, refresh=False)
             except MsgStreamError:
                 gone = False
             if gone:
@@ -538,7 +527,7 @@ class _KafkaProducer(Producer):
             retriable = err.retriable() or err.code() == ck.KafkaError._MSG_TIMED_OUT
         accepted: list[bytes] = []
         for offset in confirmed:
-            if offset is None or offset < 0:  # seen from Tansu right after a restart
+            if offset is None or offset < 0:  # a report without an offset: nothing to name it by
                 reason = "the broker confirmed a message without its offset"
                 break
             accepted.append(_pack_offset(offset))
@@ -591,17 +580,13 @@ class _KafkaConsumer(Consumer):
         self._subscribed = False
 
     def _start_new_partitions_at_end(self) -> None:
-        """LATEST for a group new on a channel: commit the true end first, so the group does not start
-        from a watermark that can lag (Tansu); channels the group already knows are left alone."""
+        """LATEST for a group new on a channel: commit the channel's end now, not when the group joins (on
+        the first receive), so what is produced in between is delivered; channels the group already
+        knows are left alone."""
         parts = [ck.TopicPartition(c, 0) for c in self.channels]
         committed = self._c.committed(parts, timeout=self._backend.timeout)
         fresh = [tp.topic for tp in committed if tp.offset == _NO_OFFSET]
-        start = []
-        for topic in fresh:
-            latest = self._backend.latest_offset(topic)
-            start.append(
-                ck.TopicPartition(topic, 0, (latest + 1) if latest is not None else self._backend.low_offset(topic))
-            )
+        start = [ck.TopicPartition(topic, 0, self._backend.watermarks(topic)[1]) for topic in fresh]
         if start:
             self._c.commit(offsets=start, asynchronous=False)
 
@@ -752,17 +737,15 @@ class _KafkaConsumer(Consumer):
         for channel, after in targets.items():  # check every target before moving any
             if channel not in self.channels:
                 raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+            low, high = backend.watermarks(channel)
             if after is None:
-                offsets.append(ck.TopicPartition(channel, 0, backend.low_offset(channel)))
+                offsets.append(ck.TopicPartition(channel, 0, low))
                 continue
             if len(after) != 8:
                 raise SeekError(f"not a Kafka offset id: {after.hex()!r} on {channel!r}")
             offset = int.from_bytes(after, "big", signed=True)
-            latest = backend.latest_offset(channel)
-            if offset < backend.low_offset(channel) or latest is None or offset > latest:
-                raise SeekError(
-                    f"offset {offset} is not on {channel!r} (first {backend.low_offset(channel)}, latest {latest})"
-                )
+            if not low <= offset < high:
+                raise SeekError(f"offset {offset} is not on {channel!r} (offsets {low} to {high - 1})")
             offsets.append(ck.TopicPartition(channel, 0, offset + 1))
         with backend.errors("seek", SeekError):
             self._commit_retrying(offsets)
