@@ -31,7 +31,7 @@ from typing import Any
 from ._kinds import SubclassOf
 from .backend import SubscriptionPosition
 from .codec import UnmarshalDispatcher
-from .errors import InvalidArgumentError, StreamStateError, TimeTickError
+from .errors import InvalidArgumentError, StreamClosedError, StreamStateError, TimeTickError
 from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
@@ -67,8 +67,10 @@ class TimeTickStream:
     without bound behind a stalled channel). ``lag_warning_after``: seconds after which a channel that
     has not ticked while others have is named in a log warning (repeated at that interval).
 
-    The wrapped stream's acknowledgements are taken over: a message is acknowledged once the pack
-    that covers it was returned, so its subscription never skips a buffered message.
+    The wrapped stream's acknowledgements are taken over: the messages a returned pack covers are
+    acknowledged when the next ``consume``, ``seek`` or ``close`` runs (not when a ``with`` block exits on
+    an exception), so the subscription never skips a buffered message. An acknowledgement that fails is
+    raised from that call and kept for the next one; the pack's data was delivered already.
     """
 
     def __init__(self, stream: MsgStream, *, max_buffered: int = 1_000_000, lag_warning_after: float = 10.0) -> None:
@@ -92,6 +94,7 @@ class TimeTickStream:
         self._buffered = 0
         self._lag_since: float | None = None
         self._lag_warned_at = 0.0
+        self._done: list[Any] = []  # backend records of what returned packs covered, not yet acknowledged
 
     @property
     def inner(self) -> MsgStream:
@@ -132,10 +135,9 @@ class TimeTickStream:
         """The pack of the next complete tick, or ``None`` if none completed within ``timeout``.
         ``timeout=0`` still takes what the broker has ready. Raises ``TimeTickError`` instead of
         reading on once ``max_buffered`` messages are held (the rest stays on the broker)."""
-        if not self._order:
-            self._stream.consume(0)  # raises the stream's own error (closed / no consumer)
-            raise StreamStateError("no consumer: call create_consumers() first")
+        self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
+        self._ack_done()
         while True:
             pack = self._emit()
             if pack is not None:
@@ -253,8 +255,19 @@ class TimeTickStream:
         data.sort(key=_END_TS)
         self._last_tick = tick
         self._lag_since = None
-        self._stream._ack_raw(done)
+        self._done += done
         return MsgPack(prev, tick, data, starts, ends)
+
+    def _ack_done(self) -> None:
+        if self._done:
+            self._stream._ack_raw(self._done)  # on failure they stay, and the next call tries again
+            self._done = []
+
+    def _require_consumer(self) -> None:
+        if self._stream.closed:
+            raise StreamClosedError("stream is closed")
+        if not self._order:
+            raise StreamStateError("no consumer: call create_consumers() first")
 
     def lagging_channels(self) -> list[str]:
         """Channels with no pending tick while some other channel has one (what holds packs back)."""
@@ -283,9 +296,9 @@ class TimeTickStream:
     def seek(self, positions: Sequence[Position]) -> None:
         """Resume after the pack whose ``end_positions`` these are: the next consume returns the next
         tick's messages. Pass every channel's position, as a pack's ``end_positions`` has them."""
-        if not self._order:
-            raise StreamStateError("no consumer: call create_consumers() first")
+        self._require_consumer()
         seek_targets(positions, list(self._channels))  # checked before anything moves
+        self._ack_done()
         self._stream.seek(positions)
         for p in positions:
             ch = self._channels[p.channel]
@@ -299,8 +312,14 @@ class TimeTickStream:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the wrapped stream. Messages buffered and not yet returned stay unacknowledged."""
-        self._stream.close()
+        """Acknowledge what returned packs covered and close the wrapped stream. Messages buffered and
+        not yet returned stay unacknowledged."""
+        if self._stream.closed:
+            return
+        try:
+            self._ack_done()
+        finally:
+            self._stream.close()
 
     @property
     def closed(self) -> bool:
@@ -309,7 +328,9 @@ class TimeTickStream:
     def __enter__(self) -> TimeTickStream:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
+            self._done = []
         self.close()
 
     def __repr__(self) -> str:

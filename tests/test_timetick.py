@@ -8,12 +8,13 @@ import resource
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import msgstream as ms
 from msgstream import timestamp
-from msgstream.errors import InvalidArgumentError, TimeTickError
+from msgstream.errors import ConsumeError, InvalidArgumentError, StreamClosedError, StreamStateError, TimeTickError
 
 
 @pytest.fixture
@@ -193,3 +194,61 @@ def test_ticker_interval_and_errors(client: ms.Client) -> None:
         time.sleep(0.01)
     with pytest.raises(ms.errors.StreamClosedError):
         broken.stop()
+
+
+def test_a_failed_acknowledgement_loses_no_pack(client: ms.Client) -> None:
+    """The broker refuses one acknowledgement (away for a moment): the error reaches the caller, the
+    acknowledgement is made again on the next call, and every tick's pack is returned exactly once."""
+    chans = _chans(client, 2)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        tt.create_consumers("qn", chans)
+        for t in (10, 20, 30):
+            out.produce(ms.MsgPack(t - 5, t - 5, [_data(t - 5, 0), _data(t - 4, 1)]))
+            out.broadcast(ms.MsgPack(t, t, [ms.TimeTickMsg(begin_ts=t, end_ts=t)]))
+        consumer = tt.inner._consumer
+        assert consumer is not None
+        real_ack = consumer.ack
+        refused: list[int] = []
+
+        def ack_refused_once(records: Any) -> None:
+            if not refused:
+                refused.append(len(records))
+                raise ConsumeError("the broker is away")
+            real_ack(records)
+
+        consumer.ack = ack_refused_once  # type: ignore[method-assign]
+        packs: list[ms.MsgPack] = []
+        errors = 0
+        deadline = time.monotonic() + 10
+        while len(packs) < 3:
+            assert time.monotonic() < deadline, f"packs {[p.end_ts for p in packs]} after {errors} errors"
+            try:
+                pack = tt.consume(timeout=0.5)
+            except ConsumeError:
+                errors += 1
+                continue
+            if pack is not None:
+                packs.append(pack)
+        assert errors == 1 and refused
+        assert [p.end_ts for p in packs] == [10, 20, 30]
+        assert [[m.row_ids[0] for m in p.msgs] for p in packs] == [[5, 6], [15, 16], [25, 26]]
+    with client.tt_msg_stream() as again:  # every pack was acknowledged in the end
+        again.create_consumers("qn", chans)
+        assert again.consume(timeout=0.3) is None
+
+
+def test_consume_without_its_own_consumer_takes_nothing_from_the_inner_stream(client: ms.Client) -> None:
+    """A time-tick stream whose consumer was made on the inner stream, not through it, refuses to
+    consume, and leaves what the inner stream could deliver where it is."""
+    chans = _chans(client, 1)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        out.produce(ms.MsgPack(5, 5, [_data(5, 0)]))
+        tt.inner.create_consumers("qn", chans)
+        with pytest.raises(StreamStateError):
+            tt.consume(timeout=0.5)
+        pack = tt.inner.consume(timeout=5)
+        assert pack is not None and [m.row_ids for m in pack.msgs] == [[5]]
+    with pytest.raises(StreamClosedError):
+        tt.consume(timeout=0.1)
