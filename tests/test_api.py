@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import gc
 import inspect
 import logging
@@ -91,7 +92,8 @@ def test_error_tree() -> None:
         assert issubclass(getattr(errors, name), errors.MsgStreamError)
     assert issubclass(errors.UnknownMsgTypeError, errors.UnmarshalError)
     assert issubclass(errors.StreamClosedError, errors.StreamStateError)
-    assert not any(name in dir(__builtins__) for name in errors.__all__), "an error shadows a builtin"
+    # vars(builtins), not __builtins__: in an imported module that is a dict, whose dir() lists dict methods
+    assert not set(errors.__all__) & set(vars(builtins)), "an error shadows a builtin"
 
 
 def test_value_classes() -> None:
