@@ -114,9 +114,11 @@ class Features:
 
     #: Two consumers on one subscription split the messages (each message to one of them).
     shared_subscription: bool = True
-    #: Messages, subscriptions and channels survive a broker restart (used by the fault suite).
+    #: Messages, subscriptions and channels survive a broker restart (the fault suite's restart test
+    #: requires it of the brokers it restarts).
     durable: bool = False
-    #: Clients in other processes see the same channels (false for in-process brokers).
+    #: Clients in other processes see the same channels and messages (false for in-process brokers; the
+    #: conformance suite checks it with a second process).
     cross_process: bool = True
     #: A subscription whose member was killed (no close) takes a new member, and the messages the dead
     #: one held unacknowledged go to it (used by the fault suite).

@@ -73,7 +73,6 @@ class MsgStream:
         self._dispatcher = _DEFAULT_DISPATCHER
         self._unacked: list[RawMessage] = []
         self._backlog: list[RawMessage] = []
-        self._started = False
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -133,11 +132,11 @@ class MsgStream:
         self._repack = repack
 
     def start(self) -> None:
-        """Mark the stream ready; set-up calls come before, produce/consume after."""
+        """Milvus's ``Start``: checks that the stream has producers or a consumer. Nothing else waits for
+        it: a stream produces and consumes as soon as they are created."""
         self._check_open()
         if not self._producers and self._consumer is None:
             raise StreamStateError("start() before create_producers() or create_consumers()")
-        self._started = True
 
     # -- producing ----------------------------------------------------------------------------
     def produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
@@ -441,7 +440,7 @@ class MsgStream:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("started" if self._started else "new")
+        state = "closed" if self._closed else "open"
         return (
             f"MsgStream({self._backend!r}, {state}, producers={self.producer_channels},"
             f" consumer={self.subscription!r}:{self.consumer_channels})"

@@ -151,7 +151,7 @@ class RedisBackend(Backend):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._raise(cls, f"{what}: Redis unreachable ({type(exc).__name__}: {exc})", exc, channel, retriable=True)
         except redis.ResponseError as exc:
-            if "MSGSTREAM_NO_CHANNEL" in str(exc) or "NOGROUP" in str(exc):
+            if "NOGROUP" in str(exc):  # the stream, with its groups, was deleted
                 raise ChannelNotFoundError(channel or "?", "deleted") from None
             self._raise(cls, f"{what}: {exc}", exc, channel, retriable=False)
         except redis.RedisError as exc:
@@ -267,7 +267,7 @@ class _RedisProducer(Producer):
                 parts += (head, b"$%d\r\n" % len(p), p, b"\r\n")
             try:
                 with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
-                    conn = pool.get_connection()
+                    conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
                     try:
                         conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
                         replies: list[Any] = []

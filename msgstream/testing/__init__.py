@@ -20,6 +20,9 @@ arrives" checks wait ``quiet_period`` (default 0.5 s). See docs/plugins.md.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -394,6 +397,38 @@ class ConformanceSuite:
         for inp in (a, b):
             got = consume_n(inp, 40, self.timeout)
             assert sorted(got, key=lambda m: m.row_ids if isinstance(m, ms.InsertMsg) else []) == sent
+
+    def test_another_process_sees_channels_and_messages(self, client: ms.Client, url: str, feats: Features) -> None:
+        """``cross_process``: a channel created here is described, and its messages consumed, by a client
+        in another process on the same URL."""
+        if not feats.cross_process:
+            pytest.skip("backend declares cross_process=False")
+        chans = self.channels(client, 2)
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([_data(i, i) for i in range(6)]))
+        reader = textwrap.dedent("""
+            import sys, msgstream as ms
+            with ms.connect(sys.argv[1]) as client, client.msg_stream() as inp:
+                chans = sys.argv[2].split(",")
+                roles = {d.owner.role for d in client.describe_channels(chans).descriptions}
+                inp.create_consumers("other-process", chans)
+                rows = []
+                while len(rows) < 6:
+                    pack = inp.consume(timeout=float(sys.argv[3]))
+                    assert pack is not None, rows
+                    rows += [m.row_ids[0] for m in pack.msgs]
+                print(sorted(roles), sorted(rows))
+        """)
+        done = subprocess.run(
+            [sys.executable, "-c", reader, url, ",".join(chans), str(self.timeout)],
+            capture_output=True,
+            text=True,
+            timeout=self.timeout * 2,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split("\n")[0] == "['proxy'] [0, 1, 2, 3, 4, 5]", done.stdout
 
     def test_one_subscription_shares_without_duplicates(self, client: ms.Client, streams: Any, feats: Features) -> None:
         if not feats.shared_subscription:

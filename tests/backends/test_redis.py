@@ -3,11 +3,14 @@ crash, authentication and outage tests."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import msgstream as ms
 from msgstream.backend import installed_schemes
@@ -178,3 +181,13 @@ def test_entries_whose_reply_was_lost_in_a_broken_connection_are_delivered(tmp_p
             inp.close()
     finally:
         broker.stop()
+
+
+def test_declared_redis_py_has_the_calls_the_backend_makes() -> None:
+    """The backend takes a connection with ``ConnectionPool.get_connection()`` and no command name,
+    which redis-py accepts from 5.3 on (before, the name was required: a TypeError on the first
+    produce). The distribution must not claim to work with an older redis-py."""
+    requires = importlib.metadata.requires("msgstream-redis") or []
+    [spec] = [Requirement(r) for r in requires if Requirement(r).name == "redis"]
+    floor = min(Version(s.version) for s in spec.specifier if s.operator in (">=", "==", "~="))
+    assert floor >= Version("5.3"), f"msgstream-redis declares {spec}"

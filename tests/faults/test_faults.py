@@ -366,6 +366,7 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
     errors: list[BaseException] = []
     try:
         with ms.connect(url) as client:
+            assert type(client.backend).features.durable, f"{broker_name} runs durable here but its backend says not"
             chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=3))
             out = client.msg_stream(produce_timeout=5)
             out.create_producers(chans)
