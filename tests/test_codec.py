@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import struct
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -154,3 +155,36 @@ def test_position_round_trips(channel: str, msg_id: bytes, ts: int) -> None:
 def test_position_rejects_garbage(data: bytes) -> None:
     with contextlib.suppress(UnmarshalError):
         ms.Position.from_bytes(data)
+
+
+class _EventV1(ms.TsMsg, kw_only=True):
+    msg_type = 6100
+    name: str = ""
+
+
+class _EventV2(ms.TsMsg, kw_only=True):  # the same type, a field appended (with a default)
+    msg_type = 6100
+    name: str = ""
+    weight: int = 7
+
+
+def test_appending_a_field_with_a_default_is_read_both_ways() -> None:
+    """docs/wire-format.md's evolution rule: a reader ignores trailing elements it does not know, and
+    gives fields missing at the end their defaults, so a field appended with a default needs no
+    version bump. Frames written by the other version of the type, and by a generic MessagePack
+    encoder (as another language would), decode."""
+    old, new = ms.UnmarshalDispatcher(), ms.UnmarshalDispatcher()
+    old.add_msg_template(6100, _EventV1)
+    new.add_msg_template(6100, _EventV2)
+    written_new = _EventV2(begin_ts=1, end_ts=2, hash_values=[3], name="n", weight=9).marshal()
+    assert old.unmarshal(written_new) == _EventV1(begin_ts=1, end_ts=2, hash_values=[3], name="n")
+    written_old = _EventV1(begin_ts=1, end_ts=2, hash_values=[3], name="n").marshal()
+    assert new.unmarshal(written_old) == _EventV2(begin_ts=1, end_ts=2, hash_values=[3], name="n", weight=7)
+    insert = ms.InsertMsg(begin_ts=3, end_ts=4, hash_values=[7], row_ids=[1], timestamps=[3], row_data=[b"ab"])
+    head, body = insert.marshal()[:HEADER_SIZE], msgspec.msgpack.decode(insert.marshal()[HEADER_SIZE:])
+    assert DISPATCHER.unmarshal(head + msgspec.msgpack.encode([*body, "a later field", 1])) == insert
+    assert DISPATCHER.unmarshal(head + msgspec.msgpack.encode(body[:3])) == ms.InsertMsg(
+        begin_ts=3, end_ts=4, hash_values=[7]
+    )
+    with pytest.raises(UnmarshalError):  # a known field of the wrong type is still refused
+        DISPATCHER.unmarshal(head + msgspec.msgpack.encode([3, 4, [7], 5]))
