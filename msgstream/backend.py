@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote
 
-import msgspec
-
 from .errors import BackendNotFoundError, InvalidURLError, StreamClosedError
+from .values import RawMessage, SubscriptionPosition
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -73,38 +71,6 @@ class _ClosedHandle:
 
 #: see :class:`_ClosedHandle`: ``self._producer = CLOSED`` in a backend's ``close()``
 CLOSED: Any = _ClosedHandle()
-
-
-class SubscriptionPosition(enum.Enum):
-    """Where a subscription seen for the first time starts; an existing one resumes where it was."""
-
-    EARLIEST = "earliest"
-    LATEST = "latest"
-
-
-class RawMessage(msgspec.Struct, frozen=True, gc=False):
-    """One message as a backend delivers it: ``RawMessage(channel, msg_id, payload)``.
-
-    Immutable, hashable, compared field by field, and unpacked like the 3-tuple it stands for
-    (``channel, msg_id, payload = raw``; ``raw[2]``). It is a C-level struct, not a NamedTuple, because
-    a backend builds one per message on the consume hot path: a NamedTuple instance costs about 115 ns
-    to build and is tracked by the garbage collector, this 35 ns and is not (it holds only a str and
-    two bytes, so it can be in no reference cycle). In hot loops read the attributes: unpacking goes
-    through a Python-level ``__iter__``. It is not a ``tuple`` instance and does not equal one.
-    """
-
-    channel: str
-    msg_id: bytes
-    payload: bytes
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.channel, self.msg_id, self.payload))
-
-    def __getitem__(self, index: int) -> Any:
-        return (self.channel, self.msg_id, self.payload)[index]
-
-    def __len__(self) -> int:
-        return 3
 
 
 @dataclasses.dataclass(frozen=True)

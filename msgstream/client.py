@@ -7,16 +7,14 @@ import re
 import uuid
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from .backend import URL, Backend, load_backend
 from .errors import InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
-
-if TYPE_CHECKING:
-    from .stream import MsgStream
-    from .timetick import TimeTickStream
+from .stream import MsgStream
+from .timetick import TimeTickStream
 
 __all__ = [
     "ChannelDescription",
@@ -137,8 +135,6 @@ class Client:
 
     def msg_stream(self, **options: Any) -> MsgStream:
         """A new :class:`~msgstream.MsgStream` on this client's backend (options: see MsgStream)."""
-        from .stream import MsgStream
-
         self._check_open()
         stream = MsgStream(self.backend, **options)
         self._streams.add(stream)
@@ -147,8 +143,6 @@ class Client:
     def tt_msg_stream(self, **options: Any) -> TimeTickStream:
         """A :class:`~msgstream.TimeTickStream` over a new MsgStream; options go to the TimeTickStream
         (``max_buffered``, ``lag_warning_after``) or else to the MsgStream."""
-        from .timetick import TimeTickStream
-
         tt_keys = {"max_buffered", "lag_warning_after"}
         tt_opts = {k: v for k, v in options.items() if k in tt_keys}
         stream_opts = {k: v for k, v in options.items() if k not in tt_keys}

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .pack import Position
+    from .values import Position
 
 __all__ = [
     "BackendNotFoundError",

@@ -17,10 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import msgspec
 
 from .errors import UnknownMsgTypeError, UnmarshalError
-from .pack import Position
-
-if TYPE_CHECKING:
-    from .backend import RawMessage
+from .values import Position, RawMessage
 
 __all__ = [
     "DeleteMsg",

@@ -1,4 +1,4 @@
-"""Value types that travel with messages: :class:`Position` and :class:`MsgPack`."""
+"""Packs of messages: :class:`MsgPack` (``Position`` lives in :mod:`msgstream.values`)."""
 
 from __future__ import annotations
 
@@ -7,50 +7,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .errors import UnmarshalError
+from .values import Position
 
 if TYPE_CHECKING:
     from .messages import TsMsg
 
 __all__ = ["MsgPack", "Position"]
-
-_POSITION_MAGIC = b"MSP\x01"
-
-
-class Position(msgspec.Struct, frozen=True, array_like=True):
-    """Where a message sits on its channel.
-
-    ``msg_id`` is the backend's message id (opaque bytes); ``b""`` means "before the first message"
-    (an empty channel's latest position), so seeking to it resumes from the channel's start.
-    ``timestamp`` is the message's ``end_ts`` (for a time-tick pack: the tick); 0 when unknown.
-    """
-
-    channel: str
-    msg_id: bytes
-    timestamp: int = 0
-
-    def to_bytes(self) -> bytes:
-        """Serialise for a checkpoint; :meth:`from_bytes` reads it back (format in docs/wire-format.md)."""
-        return _POSITION_MAGIC + _ENCODER.encode(self)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Position:
-        """Parse :meth:`to_bytes` output; anything else raises :class:`~msgstream.errors.UnmarshalError`."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise UnmarshalError(f"Position.from_bytes needs bytes, got {type(data).__name__}")
-        if bytes(data[:4]) != _POSITION_MAGIC:
-            raise UnmarshalError("not a msgstream position (bad magic or version)", data=bytes(data))
-        try:
-            return _DECODER.decode(memoryview(data)[4:])
-        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
-            raise UnmarshalError(f"corrupt position: {exc}", data=bytes(data)) from exc
-
-    def __repr__(self) -> str:
-        return f"Position(channel={self.channel!r}, msg_id={self.msg_id.hex()!r}, timestamp={self.timestamp})"
-
-
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(Position)
 
 
 class MsgPack(msgspec.Struct):
