@@ -260,24 +260,31 @@ class MsgStream:
         """The next messages (up to ``receive_batch``), or ``None`` if nothing arrived in ``timeout``
         seconds. A frame that cannot be decoded raises ``UnmarshalError`` carrying its ``position``
         (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
-        msgs = self._consume_msgs(timeout)
-        if msgs is None:
-            return None
-        return consumed_pack(msgs, len(self._require_consumer().channels) == 1)
-
-    def _consume_msgs(self, timeout: float) -> list[TsMsg] | None:
-        """What :meth:`consume` returns, before the pack is made: the decoded messages, each carrying its
-        backend record (for decorators such as the time-tick stream, which make packs of their own)."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         if self.auto_ack:
             self._ack_delivered()
+        msgs = self._receive(consumer, deadline, self.auto_ack)
+        if msgs is None:
+            return None
+        return consumed_pack(msgs, len(consumer.channels) == 1)
+
+    def receive(self, timeout: float = 1.0) -> list[TsMsg] | None:
+        """The next decoded messages (up to ``receive_batch``), each carrying its ``position``, or ``None``
+        if nothing arrived in ``timeout`` seconds; none is acknowledged, whatever ``auto_ack`` says, until
+        the caller passes it to :meth:`ack`. For decorators that make packs of their own, such as
+        :class:`~msgstream.TimeTickStream`. Bad frames as in :meth:`consume`."""
+        consumer = self._require_consumer()
+        return self._receive(consumer, time.monotonic() + check_timeout(timeout, "timeout"), False)
+
+    def _receive(self, consumer: Consumer, deadline: float, track: bool) -> list[TsMsg] | None:
+        """Receive and decode; ``track``: the messages are acknowledged by the next consume (auto_ack)."""
         while True:
             raws = self._backlog or consumer.receive(self._batch, max(0.0, deadline - time.monotonic()))
             self._backlog = []
             if not raws:
                 return None
-            msgs = self._decode(raws)
+            msgs = self._decode(raws, track)
             if msgs is not None:
                 return msgs
             # the batch began with a bad frame that went to on_error: go on with the rest
@@ -301,19 +308,19 @@ class MsgStream:
             self._unacked.extend(raws)
         return FramePack(raws, self._dispatcher)
 
-    def _decode(self, raws: list[RawMessage]) -> list[TsMsg] | None:
+    def _decode(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
         """Decode ``raws`` into a pack; if a frame does not decode, see :meth:`_decode_prefix`."""
         unmarshal = self._dispatcher.unmarshal
         try:  # the usual case: every frame decodes
             msgs = [unmarshal(raw.payload) for raw in raws]
         except UnmarshalError:
-            return self._decode_prefix(raws)
+            return self._decode_prefix(raws, track)
         deque(map(set_record, msgs, raws), 0)  # each message its record, without a Python-level loop
-        if self.auto_ack:
+        if track:
             self._unacked.extend(raws)
         return msgs
 
-    def _decode_prefix(self, raws: list[RawMessage]) -> list[TsMsg] | None:
+    def _decode_prefix(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
         A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
         unmarshal = self._dispatcher.unmarshal
@@ -327,7 +334,7 @@ class MsgStream:
                     raws = raws[:i]
                     break
                 self._backlog = raws[1:]
-                if self.auto_ack:  # reported, so acknowledged with the rest
+                if track:  # reported, so acknowledged with the rest
                     self._unacked.append(raw)
                 else:
                     self._require_consumer().ack([raw])
@@ -338,7 +345,7 @@ class MsgStream:
                 return None
             set_record(msg, raw)
             msgs.append(msg)
-        if self.auto_ack:
+        if track:
             self._unacked.extend(raws)
         return msgs
 
@@ -360,11 +367,6 @@ class MsgStream:
                     raws.append(raw)
             else:
                 raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
-        self._ack_raw(raws)
-
-    def _ack_raw(self, raws: Sequence[RawMessage]) -> None:
-        """Acknowledge by the backend records consumed messages carry (for decorators such as the
-        time-tick stream that hold the records already: no per-message checks)."""
         if raws:
             self._require_consumer().ack(raws)
 

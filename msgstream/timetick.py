@@ -85,7 +85,6 @@ class TimeTickStream:
         ):
             raise InvalidArgumentError(f"lag_warning_after must be a positive number, got {lag_warning_after!r}")
         self._stream = stream
-        stream.auto_ack = False
         self._max_buffered = max_buffered
         self._lag_after = float(lag_warning_after)
         self._channels: dict[str, _Channel] = {}
@@ -148,7 +147,7 @@ class TimeTickStream:
                     f" on {[ch.name for ch in self._order if not ch.ticks]}"
                 )
             remaining = max(0.0, deadline - time.monotonic())
-            got = self._stream._consume_msgs(remaining)  # no pack: this stream makes its own
+            got = self._stream.receive(remaining)  # no pack: this stream makes its own
             if got is not None:
                 self._ingest(got)
             elif remaining <= 0:
@@ -260,7 +259,7 @@ class TimeTickStream:
 
     def _ack_done(self) -> None:
         if self._done:
-            self._stream._ack_raw(self._done)  # on failure they stay, and the next call tries again
+            self._stream.ack(self._done)  # on failure they stay, and the next call tries again
             self._done = []
 
     def _require_consumer(self) -> None:

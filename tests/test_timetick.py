@@ -252,3 +252,28 @@ def test_consume_without_its_own_consumer_takes_nothing_from_the_inner_stream(cl
         assert pack is not None and [m.row_ids for m in pack.msgs] == [[5]]
     with pytest.raises(StreamClosedError):
         tt.consume(timeout=0.1)
+
+
+def test_wrapping_a_stream_leaves_its_settings_and_acknowledges_only_what_packs_cover(client: ms.Client) -> None:
+    """``ms.TimeTickStream(client.msg_stream())``: the inner stream keeps ``auto_ack``; what the
+    time-tick stream holds for a tick that never completed is not acknowledged, so a new member of the
+    subscription gets it."""
+    chans = _chans(client, 2)
+    with client.msg_stream() as out:
+        out.create_producers(chans)
+        inner = client.msg_stream()
+        tt = ms.TimeTickStream(inner)
+        assert inner.auto_ack
+        tt.create_consumers("qn", chans)
+        out.produce(ms.MsgPack(5, 5, [_data(5, 0), _data(6, 1)]))
+        out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+        out.produce(ms.MsgPack(15, 15, [_data(15, 0)]))  # its tick (20) never comes
+        pack = tt.consume(timeout=5)
+        assert pack is not None and [m.row_ids for m in pack.msgs] == [[5], [6]]
+        assert tt.consume(timeout=0.3) is None  # row 15 is buffered, waiting for a tick
+        tt.close()
+        assert inner.auto_ack
+    with client.msg_stream() as again:
+        again.create_consumers("qn", chans)
+        got = again.consume(timeout=5)
+        assert got is not None and [m.row_ids for m in got.msgs] == [[15]]
