@@ -303,6 +303,11 @@ class _RedisProducer(Producer):
         self._closed = True
 
 
+def _payload(fields: Any) -> bytes:
+    """The frame in an entry's fields (``[b"d", frame]``); an entry written otherwise gives ``b""``."""
+    return fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
+
+
 class _RedisConsumer(Consumer):
     def __init__(self, backend: RedisBackend, subscription: str, channels: Sequence[str]) -> None:
         super().__init__(subscription, channels)
@@ -316,12 +321,13 @@ class _RedisConsumer(Consumer):
         self._next_claim = 0.0
         self._max_block = max(0.05, backend.socket_timeout / 2)
         self._closed = False
-        # The newest entry id this member has received, per stream key. If a connection breaks during
-        # XREADGROUP, Redis may have assigned entries to this member whose reply never arrived: they
+        # The entry ids this member has delivered and not seen acknowledged, per stream key. If a
+        # connection breaks during XREADGROUP, Redis may have assigned entries to this member whose
+        # reply never arrived (and redis-py may have read again by itself, bringing newer ones): they
         # sit in its own pending list, where no claim of other members' entries finds them. So after
-        # an error the next receive, and every claim round, re-reads its own pending entries after
-        # these ids.
-        self._last_seen: dict[bytes, bytes] = {}
+        # an error the next receive, and every claim round, looks through its own pending list for
+        # entries it never delivered.
+        self._held: dict[bytes, set[bytes]] = {key.encode(): set() for key in self._keys}
         self._recover = False
 
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
@@ -341,17 +347,34 @@ class _RedisConsumer(Consumer):
             raise
 
     def _recover_lost_replies(self, max_messages: int) -> list[RawMessage]:
-        """This member's own pending entries after the newest it received: delivered by Redis, lost on
-        the way. Clears the recovery flag once there are none left."""
-        ids = [self._last_seen.get(key.encode(), b"0") for key in self._keys]
-        args = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
+        """Entries in this member's own pending list that it never delivered: assigned by Redis, lost
+        on the way. Clears the recovery flag once there are none left."""
+        out: list[RawMessage] = []
         with self._backend.errors("receive"):
-            out = self._parse(self._backend.command(*args, "STREAMS", *self._keys, *ids))
+            for channel, key in zip(self.channels, self._keys, strict=True):
+                held = self._held[key.encode()]
+                start = "-"
+                while len(out) < max_messages:
+                    mine = self._backend.command("XPENDING", key, self.subscription, start, "+", 1000, self._name)
+                    lost = [p[0] for p in mine if p[0] not in held][: max_messages - len(out)]
+                    if lost:  # XRANGE of each id, in one round trip: the entries' payloads
+                        pipe = self._r.pipeline(transaction=False)
+                        for entry_id in lost:
+                            pipe.xrange(key, entry_id, entry_id)
+                        gone = []
+                        for entry_id, found in zip(lost, pipe.execute(), strict=True):
+                            if found:
+                                held.add(entry_id)
+                                out.append(RawMessage(channel, entry_id, _payload(found[0][1])))
+                            else:  # trimmed meanwhile: nothing to deliver, nothing to keep pending
+                                gone.append(entry_id)
+                        if gone:
+                            self._backend.command("XACK", key, self.subscription, *gone)
+                    if len(mine) < 1000:
+                        break
+                    start = b"(" + mine[-1][0]
         if not out:
             self._recover = False
-        elif len(out) > max_messages:
-            self._buffer.extend(out[max_messages:])
-            del out[max_messages:]
         return out
 
     def _receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
@@ -392,11 +415,10 @@ class _RedisConsumer(Consumer):
         channel_of = self._channel_of
         for key, entries in items:
             channel = channel_of[key]
-            if entries:
-                self._last_seen[key] = entries[-1][0]
+            held = self._held[key]
             for entry_id, fields in entries:
-                payload = fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
-                out.append(RawMessage(channel, entry_id, payload))
+                held.add(entry_id)
+                out.append(RawMessage(channel, entry_id, _payload(fields)))
         return out
 
     def _claim(self, max_messages: int) -> list[RawMessage]:
@@ -427,10 +449,11 @@ class _RedisConsumer(Consumer):
                         if "NOGROUP" in str(exc):
                             self._missing_channel()
                         raise
+                held = self._held[key.encode()]
                 for entry_id, fields in entries:
                     if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
-                        payload = fields[1] if len(fields) > 1 and fields[0] == b"d" else b""
-                        out.append(RawMessage(channel, entry_id, payload))
+                        out.append(RawMessage(channel, entry_id, _payload(fields)))
+                        held.add(entry_id)
                 if len(pending) < 1000:
                     break
                 start = b"(" + pending[-1][0]
@@ -455,11 +478,13 @@ class _RedisConsumer(Consumer):
             if len(by_channel) == 1:
                 ((channel, ids),) = by_channel.items()
                 self._backend.command("XACK", self._key_of[channel], self.subscription, *ids)
-                return
-            pipe = self._r.pipeline(transaction=False)
-            for channel, ids in by_channel.items():
-                pipe.xack(self._key_of[channel], self.subscription, *ids)
-            pipe.execute()
+            else:
+                pipe = self._r.pipeline(transaction=False)
+                for channel, ids in by_channel.items():
+                    pipe.xack(self._key_of[channel], self.subscription, *ids)
+                pipe.execute()
+        for channel, ids in by_channel.items():  # only once acknowledged: a failed ack keeps them held
+            self._held[self._key_of[channel].encode()].difference_update(ids)
 
     def seek(self, targets: Mapping[str, bytes | None]) -> None:
         if self._closed:
@@ -477,7 +502,7 @@ class _RedisConsumer(Consumer):
                     raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
             for channel, after in targets.items():
                 key = self._key_of[channel]
-                self._last_seen.pop(key.encode(), None)
+                self._held[key.encode()].clear()
                 self._r.xgroup_setid(key, self.subscription, after or "0")
                 while True:  # forget the group's deliveries on this stream
                     pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)

@@ -7,6 +7,7 @@ import importlib.metadata
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
@@ -191,3 +192,42 @@ def test_declared_redis_py_has_the_calls_the_backend_makes() -> None:
     [spec] = [Requirement(r) for r in requires if Requirement(r).name == "redis"]
     floor = min(Version(s.version) for s in spec.specifier if s.operator in (">=", "==", "~="))
     assert floor >= Version("5.3"), f"msgstream-redis declares {spec}"
+
+
+def test_entries_of_a_lost_reply_come_even_after_newer_ones_arrived(redis_url: str) -> None:
+    """A reply lost while redis-py reconnected and read again by itself: Redis assigned entries to this
+    member that it never saw, and the next read brought newer ones. The lost ones sit in the member's
+    own pending list *before* the newest it has seen; they must still be delivered, once, and the
+    entries the caller holds unacknowledged must not be delivered again."""
+    sep = "&" if "?" in redis_url else "?"
+    with ms.connect(f"{redis_url}{sep}claim_interval=0.2") as client:
+        [chan] = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers([chan])
+            out.produce(ms.MsgPack.of([row(i) for i in range(4)]))
+            inp = client.msg_stream(auto_ack=False)
+            inp.create_consumers("lost-then-newer", [chan])
+            held = consume_n(inp, 4, 10)  # delivered, held by the caller, not acknowledged
+            out.produce(ms.MsgPack.of([row(i) for i in range(4, 10)]))
+            backend: Any = client.backend
+            # the lost reply: entries 4..6 assigned to this member, never seen by it
+            backend.command(
+                "XREADGROUP",
+                "GROUP",
+                "lost-then-newer",
+                inp._consumer._name,
+                "COUNT",
+                3,  # type: ignore[union-attr]
+                "STREAMS",
+                backend.key(chan),
+                ">",
+            )
+            got: list[int] = []
+            deadline = time.monotonic() + 20
+            while sorted(got) != list(range(4, 10)):
+                assert time.monotonic() < deadline, f"received {got}"
+                pack = inp.consume(timeout=0.5)
+                got += [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)] if pack else []
+                assert len(got) == len(set(got)) and not set(got) & {0, 1, 2, 3}, f"delivered twice: {got}"
+            inp.ack(held)
+            inp.close()
