@@ -44,7 +44,7 @@ class MsgStream:
     True: a pack is acknowledged when the next consume, seek or close runs — not when a ``with`` block
     exits on an exception — so a consumer that dies while handling a pack gets it again; with False,
     call :meth:`ack`), ``validate`` (default True: each produced message is decoded back once, so a
-    field of the wrong type is refused at produce; False saves ~0.3 µs per message).
+    field of the wrong type is refused at produce; False skips that check, see docs/performance.md).
 
     One thread at a time may produce and one (possibly another) consume.
     """
@@ -478,8 +478,7 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
     gets its header. ``InvalidArgumentError`` names the first message that does not decode.
 
     Each body is encoded into one reused buffer, decoded from there, and copied once, with its header,
-    into the frame: no bytes object per body and no slice to take the header off again (60-150 ns a
-    message less than ``marshal()`` and a decode of the frame's tail)."""
+    into the frame: no bytes object per body and no slice to take the header off again."""
     frames: list[bytes] = []
     append = frames.append
     buf = bytearray(4096)  # encode_into grows it as needed
