@@ -89,8 +89,6 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
     msg_type: ClassVar[int] = 0
     _frame_header: ClassVar[bytes] = b""
     _decoder: ClassVar[msgspec.msgpack.Decoder[Any]]
-    #: decodes a body only to check it, for ``MsgStream(validate=True)``; see :func:`_checker`
-    _check: ClassVar[Callable[[Any], object]]
 
     begin_ts: int = 0
     end_ts: int = 0
@@ -121,7 +119,6 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
         if not 0 < msg_type < 2**32:
             raise TypeError(f"{cls.__name__}.msg_type must be an integer in 1..2**32-1, got {cls.msg_type!r}")
         cls._decoder = msgspec.msgpack.Decoder(cls)
-        cls._check = _checker(cls)
         cls._frame_header = header = HEADER.pack(MAGIC, VERSION, 0, msg_type)
         return header
 
@@ -160,22 +157,6 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
         except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
             raise UnmarshalError(f"corrupt {cls.__name__} frame: {exc}", data=bytes(data)) from exc
         return msg
-
-
-def _checker(cls: type[TsMsg]) -> Callable[[Any], object]:
-    """What a produce decodes a body with to check that consumers can read it: the verdict of the
-    type's decoder at less cost. The fields' types as one tuple decode by the same rules, without
-    building the message (no struct, no GC tracking). A type
-    whose decoding does more than read its fields in order (``__post_init__``, a tag), whose body is
-    not an array (``array_like=False``), or that writes its own frames (overrides ``marshal``), is
-    checked with its own decoder. (``omit_defaults`` leaves nothing off an array-like struct: every
-    field is on the wire; a test holds msgspec to that.)"""
-    config = cls.__struct_config__
-    special = hasattr(cls, "__post_init__") or config.tag is not None or not config.array_like
-    if special or cls.marshal is not TsMsg.marshal:
-        return cls._decoder.decode
-    fields = tuple(field.type for field in msgspec.structs.fields(cls))
-    return msgspec.msgpack.Decoder(tuple.__class_getitem__(fields)).decode
 
 
 def check_header(data: bytes) -> int:

@@ -474,8 +474,8 @@ def _raise_bad_route(msgs: Sequence[TsMsg], n: int) -> NoReturn:
 
 
 def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
-    """Frames for ``msgs``, each body decoded back (by its type's checker, ``TsMsg._check``) before it
-    gets its header. ``InvalidArgumentError`` names the first message that does not decode.
+    """Frames for ``msgs``, each body decoded back by its type's decoder before it gets its header.
+    ``InvalidArgumentError`` names the first message that does not decode.
 
     Each body is encoded into one reused buffer, decoded from there, and copied once, with its header,
     into the frame: no bytes object per body and no slice to take the header off again."""
@@ -488,7 +488,7 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             cls = type(m)
             own = cls.marshal is TsMsg.marshal  # else a user type that frames itself: decode its frame's body
             header = cls.prepare()
-            decode = cls._check
+            decode = cls._decoder.decode
         if own:
             encode_body_into(m, buf)
             body: bytes | bytearray | memoryview = buf
