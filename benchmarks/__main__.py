@@ -19,9 +19,9 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
-    "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Tansu broker)"),
-    "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own pulsar-lite)"),
-    "latency": ("benchmarks.bench_latency", "produce -> consume latency at a fixed rate, msgstream and raw clients"),
+    "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Apache Kafka)"),
+    "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own Apache Pulsar)"),
+    "latency": ("benchmarks.bench_latency", "produce -> consume latency at a fixed rate, msgstream beside raw clients"),
     "scaling": (
         "benchmarks.bench_scaling",
         "throughput vs size and channels, time-tick vs plain, every backend",
@@ -48,12 +48,12 @@ _redis_options = _url_option(
     "MSGSTREAM_REDIS_URL", "Redis server, redis://[[user]:password@]host[:port][/db]", "a redis-server"
 )
 _kafka_options = _url_option(
-    "MSGSTREAM_KAFKA_URL",
-    "Kafka-protocol broker, kafka://host:port[,host:port...][/][?options] (for Tansu add ?delete_topics=false)",
-    "a Tansu broker",
+    "MSGSTREAM_KAFKA_URL", "Kafka broker, kafka://host:port[,host:port...][/][?options]", "Apache Kafka (KRaft)"
 )
 _pulsar_url = _url_option(
-    "MSGSTREAM_PULSAR_URL", "Pulsar-protocol broker, pulsar://host:port[/?options]", "a pulsar-lite"
+    "MSGSTREAM_PULSAR_URL",
+    "Pulsar broker, pulsar://host:port[/?options] (add admin_url=http://host:8080 to delete topics after use)",
+    "Apache Pulsar standalone",
 )
 
 
@@ -87,7 +87,7 @@ OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 }
 
 
-#: suites whose timed runs default to other than 2 s: one-second runs keep `all` near 10 minutes
+#: suites whose timed runs default to other than 2 s: one-second runs keep `all` near 13 minutes on 2 cores
 DEFAULT_SECONDS: dict[str, float] = {"all": 1.0}
 
 

@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -107,51 +108,56 @@ _CPUS: list[int] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffi
 
 def _split() -> tuple[list[int], list[int]] | None:
     """(the benchmark's CPUs, a started broker's CPUs): the lower and upper half; None where there is only
-    one CPU, or no ``taskset`` to start the broker with."""
+    one CPU, or no ``taskset`` to pin the broker with."""
     if len(_CPUS) < 2 or shutil.which("taskset") is None:
         return None
     half = len(_CPUS) // 2
     return _CPUS[:half], _CPUS[half:]
 
 
-_PINNED: list[bool] = []  # whether this process has started a broker under apart()
-
-
 @contextmanager
-def apart() -> Iterator[list[str]]:
-    """For a broker the benchmark starts: yields the prefix of its command line (``taskset -c <cpus>``)
-    that runs it on the upper half of the CPUs, while this process keeps to the lower half for the
-    ``with`` block (restored afterwards). The main thread is moved at once; threads it starts from then
-    on (librdkafka's, pulsar-client's) inherit its CPUs.
+def apart(pid: int) -> Iterator[bool]:
+    """For a broker the benchmark started (process ``pid``): pins the broker, every thread of it
+    (``taskset -a -p``; threads it starts later inherit), to the upper half of the CPUs, and this process
+    to the lower half for the ``with`` block (restored afterwards). This process's main thread is moved at
+    once; threads it starts from then on (librdkafka's, pulsar-client's) inherit its CPUs. The broker is
+    started before it is pinned, so a JVM sizes its thread pools and garbage collector for the whole machine
+    (as on a host of its own with this many cores) and then runs on its share.
 
-    So the clients of both sides and the broker do not take each other's cores, as on separate hosts.
-    Left to the scheduler on this 2-core machine, Tansu's threads, librdkafka's and the Python thread
-    crowded each other, and a pack's time on the same broker varied twice as much from run to run
-    (docs/performance.md, Kafka). Yields ``[]`` (no pinning) where :func:`_split` finds no split."""
+    So the clients of both sides and the broker do not take each other's cores, as on separate hosts, and
+    a comparison of two clients is not decided by which of them the scheduler happened to put beside the
+    broker. Yields whether it pinned: False where :func:`_split` finds no split or ``taskset`` fails."""
     split = _split()
     if split is None:
-        yield []
+        yield False
         return
     mine, broker = split
-    _PINNED.append(True)
+    done = subprocess.run(
+        [str(shutil.which("taskset")), "-a", "-p", "-c", ",".join(map(str, broker)), str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"could not pin the broker (pid {pid}): {done.stderr.strip()}", file=sys.stderr, flush=True)
+        yield False
+        return
     os.sched_setaffinity(0, mine)
     try:
-        yield [str(shutil.which("taskset")), "-c", ",".join(map(str, broker))]
+        yield True
     finally:
         os.sched_setaffinity(0, _CPUS)
 
 
 def cpu_layout() -> str:
-    """How :func:`apart` placed a started broker and this process, for the report's environment."""
+    """How :func:`apart` places a broker the benchmark starts and this process, for the report's environment."""
     split = _split()
-    if not _PINNED:
-        return "not pinned (no broker started by the benchmark so far: memory backend, or --url)"
     if split is None:
         return "not pinned (one CPU, or no taskset): brokers and the benchmark share the CPUs"
     mine, broker = split
     return (
-        f"a broker the benchmark starts runs on CPU {','.join(map(str, broker))}, the benchmark (both sides'"
-        f" clients) on CPU {','.join(map(str, mine))}"
+        f"a broker the benchmark starts runs on CPU {','.join(map(str, broker))} (all its threads), the"
+        f" benchmark (both sides' clients) on CPU {','.join(map(str, mine))}; a broker given by URL is not pinned"
     )
 
 
@@ -374,10 +380,10 @@ def _timetick_side(client: ms.Client, row: bytes, budget: float, max_msgs: int, 
     every channel's fetching); then packs of ``PACK_SIZE`` inserts, each followed by a broadcast tick
     above its timestamps, are produced (untimed); then the clock runs while the stream reads all of them.
 
-    Both sides so time the same thing. (Timing from each side's first *data* pack, as before, did not:
-    a time-tick stream's first pack is a complete tick, and to return it the stream had read, untimed,
-    up to a tick on every channel, on a backend that serves channel by channel most of the round; a
-    plain stream's first pack is one batch. That read 2.2x at 10 KiB on memory and 1.4x on Kafka.)"""
+    Both sides so time the same thing. (Timing from each side's first *data* pack would not: a time-tick
+    stream's first pack is a complete tick, and to return it the stream has read, untimed, up to a tick
+    on every channel, on a backend that serves channel by channel most of the round; a plain stream's
+    first pack is one batch.)"""
     label = "time-tick" if tt else "plain"
     with _channels(client) as channels, client.tt_msg_stream() if tt else client.msg_stream() as stream:
         stream.create_consumers(f"bench-{label}", channels)

@@ -1,19 +1,25 @@
-"""Latency benchmark: produce -> consume time of single messages at a fixed rate, on every backend.
+"""Latency benchmark: produce -> consume time of single messages at a fixed rate, msgstream beside the raw
+client of each broker with the same settings.
 
 ``python -m benchmarks latency [--seconds S] [--repeats N] [--json PATH] [--rate R]``
 
-For each backend (memory://, and Redis, Kafka and Pulsar on brokers started for the run exactly as
-their throughput benchmarks start them) one thread produces one-message packs (a 100 B ``InsertMsg``)
-at ``--rate`` messages per second, paced by the clock, into one channel, while another thread
-consumes with ``MsgStream.consume`` and notes, per message, the time from just before ``produce`` to
-the return of the ``consume`` that delivered it. Both threads share the process (and so the GIL), as
-a service that produces and consumes would. The first second is warm-up and not counted. Each figure
-is the median over ``--repeats`` runs of that run's percentile.
+For each backend (memory://, and Redis, Apache Kafka and Apache Pulsar started for the run through
+``scripts/broker.py``, each pinned to CPUs of its own, or the brokers ``MSGSTREAM_*_URL`` name) one thread
+produces one-message packs (a 100 B ``InsertMsg``) at ``--rate`` messages per second, paced by the
+clock, into one channel, while another thread consumes with ``MsgStream.consume`` and notes, per
+message, the time from just before ``produce`` to the return of the ``consume`` that delivered it. Both
+threads share the process (and so the GIL), as a service that produces and consumes would. The first
+second is warm-up and not counted. Each side first has one untimed run; then each figure is the median
+over ``--repeats`` runs of that run's percentile, the msgstream and raw runs of a backend alternating.
 
-The raw clients run the same loop on the same broker: redis-py ``XADD`` / ``XREADGROUP BLOCK`` +
-``XACK``; confluent-kafka ``produce`` + ``flush`` / ``consume`` + async commit with the backend's own
-settings (so the same ``fetch.wait.max.ms``); pulsar-client unbatched ``send`` / ``receive`` +
-``acknowledge``. A raw message is the same 100 B frame.
+The raw clients run the same loop on the same broker, with the settings msgstream's backend uses:
+redis-py ``XADD`` / ``XREADGROUP BLOCK`` + ``XACK``; confluent-kafka with the backend's producer and
+consumer configuration (``acks=all``, idempotence, ``linger.ms=5``; ``fetch.wait.max.ms=100``, ...):
+``produce`` + ``flush`` / ``poll`` then ``consume`` of what is fetched + asynchronous commit;
+pulsar-client with the backend's producer configuration (unbatched) and consumer settings (Failover,
+receiver queue 1000): ``send`` / ``receive`` + ``acknowledge``. A raw message is the same 100 B frame,
+made just before the clock starts (msgstream marshals its message within the measured time) and decoded
+on arrival on both sides (msgstream returns it typed; the raw loop unmarshals it to learn its index).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Protocol
 
 import msgstream as ms
 from benchmarks.bench_core import environment, print_environment
+from benchmarks.brokers import given_url, server
 from benchmarks.report import progress
 
 WARMUP_SECONDS = 1.0
@@ -53,7 +60,7 @@ class Side(Protocol):
 class MsgStreamSide:
     def __init__(self, url: str) -> None:
         self.client = client = ms.connect(url)
-        [chan] = client.create_channels(
+        [chan] = self.channels = client.create_channels(
             ms.CreateChannelRequest(owner=ms.OwnerDescription(role="latency"), num_channels=1)
         )
         self.out = client.msg_stream()
@@ -71,6 +78,9 @@ class MsgStreamSide:
         return [] if pack is None else [m.row_ids[0] for m in pack.msgs]  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        self.out.close()
+        self.inp.close()
+        self.client.destroy_channels(self.channels)
         self.client.close()
 
 
@@ -188,9 +198,14 @@ class RawKafka:
         )
         plain = {k: v for k, v in backend.consumer_conf.items() if k != "logger"}
         self.producer = ck.Producer({k: v for k, v in backend.producer_conf.items() if k != "logger"})
-        self.consumer = ck.Consumer({**plain, "group.id": "latency-raw", "auto.offset.reset": "earliest"})
+        group = f"latency-raw-{uuid.uuid4().hex[:8]}"
+        self.consumer = ck.Consumer({**plain, "group.id": group, "auto.offset.reset": "earliest"})
         self.consumer.subscribe([self.topic])
-        self.consumer.consume(1, 2.0)  # joins before the clock starts
+        deadline = time.monotonic() + 30
+        while not self.consumer.assignment():  # joins before the clock starts
+            if time.monotonic() > deadline:
+                raise RuntimeError("raw Kafka consumer got no partition within 30 s")
+            self.consumer.poll(0.1)
 
     def send(self, i: int, frame: bytes) -> None:
         self.producer.produce(self.topic, frame, partition=0)
@@ -209,25 +224,36 @@ class RawKafka:
 
     def close(self) -> None:
         self.consumer.close()
+        self.client.destroy_channels([self.topic])
         self.client.close()
 
 
 class RawPulsar:
-    """pulsar-client: unbatched ``send`` / ``receive`` + ``acknowledge`` on a Failover subscription."""
+    """pulsar-client with the backend's settings: its producer configuration (unbatched by default)
+    ``send``; a Failover subscription with its receiver queue, ``receive`` + ``acknowledge``; on a
+    channel's topic."""
 
     def __init__(self, url: str) -> None:
         import pulsar
 
-        self.client = pulsar.Client(
-            url.split("/?", maxsplit=1)[0], logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
+        self.client = ms.connect(url)
+        backend: Any = self.client.backend
+        [self.channel] = self.client.create_channels(
+            ms.CreateChannelRequest(owner=ms.OwnerDescription(role="latency-raw"), num_channels=1)
         )
-        topic = f"persistent://public/default/msgstream-latency-raw-{uuid.uuid4().hex[:8]}"
-        self.producer = self.client.create_producer(topic, batching_enabled=False)
-        self.consumer = self.client.subscribe(
+        topic = backend._registry[self.channel].topic
+        self.raw = pulsar.Client(
+            url.split("?", 1)[0].rstrip("/"),
+            operation_timeout_seconds=max(1, round(backend.timeout)),
+            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+        )
+        self.producer = self.raw.create_producer(topic, **backend.producer_conf)
+        self.consumer = self.raw.subscribe(
             topic,
             "latency",
-            consumer_type=pulsar.ConsumerType.Failover,
+            consumer_type=backend.consumer_type,
             initial_position=pulsar.InitialPosition.Earliest,
+            receiver_queue_size=backend.receiver_queue_size,
         )
 
     def send(self, i: int, frame: bytes) -> None:
@@ -244,49 +270,52 @@ class RawPulsar:
         return [_index(msg.data())]
 
     def close(self) -> None:
+        self.raw.close()
+        self.client.destroy_channels([self.channel])
         self.client.close()
 
 
 @contextmanager
+def _started(name: str) -> Iterator[str]:
+    with server(name, given_url(name)) as broker:
+        yield broker.url
+
+
+@contextmanager
 def _backends() -> Iterator[list[tuple[str, Callable[[], AbstractContextManager[str]]]]]:
-    from benchmarks.bench_kafka import tansu_server
-    from benchmarks.bench_pulsar import pulsar_lite
-    from benchmarks.bench_redis import redis_server
-
-    @contextmanager
-    def kafka() -> Iterator[str]:
-        with tansu_server() as tansu:
-            yield tansu.url
-
-    @contextmanager
-    def pulsar() -> Iterator[str]:
-        with pulsar_lite() as (url, _version):
-            yield url
-
+    """(name, a context manager that gives its URL) for every backend: memory://, then Redis, Kafka and
+    Pulsar, each started when its turn comes (one broker at a time) unless ``MSGSTREAM_*_URL`` names one."""
     yield [
         ("memory", lambda: nullcontext("memory://latency")),
-        ("redis", redis_server),
-        ("kafka", kafka),
-        ("pulsar", pulsar),
+        ("redis", partial(_started, "redis")),
+        ("kafka", partial(_started, "kafka")),
+        ("pulsar", partial(_started, "pulsar")),
     ]
 
 
 def latency_table(results: list[dict[str, Any]]) -> str:
-    """Markdown: a row per backend and side, the raw client's p50 beside msgstream's as a ratio."""
+    """Markdown: a row per backend, msgstream's percentiles beside the raw client's."""
     lines = [
-        "| Backend | Side | p50 (ms) | p99 (ms) | max (ms) | messages per run | p50 msgstream/raw |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| Backend | msgstream p50 (ms) | raw p50 (ms) | msgstream p99 (ms) | raw p99 (ms) |"
+        " msgstream max (ms) | raw max (ms) | messages per run | p50 msgstream/raw | p99 msgstream/raw |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     raw = {r["backend"]: r for r in results if r["side"] == "raw"}
+
+    def cell(row: dict[str, Any] | None, key: str, digits: int) -> str:
+        return "-" if row is None else f"{row[key]:.{digits}f}"
+
+    def ratio(mine: dict[str, Any], theirs: dict[str, Any] | None, key: str) -> str:
+        return "" if theirs is None or not theirs[key] else f"{mine[key] / theirs[key]:.2f}x"
+
     for r in results:
-        ratio = (
-            f"{r['p50_ms'] / raw[r['backend']]['p50_ms']:.2f}x"
-            if r["side"] == "msgstream" and r["backend"] in raw
-            else ""
-        )
+        if r["side"] != "msgstream":
+            continue
+        b = raw.get(r["backend"])
         lines.append(
-            f"| {r['backend']} | {r['side']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} |"
-            f" {r['messages']:,.0f} | {ratio} |"
+            f"| {r['backend']} | {cell(r, 'p50_ms', 2)} | {cell(b, 'p50_ms', 2)} | {cell(r, 'p99_ms', 2)} |"
+            f" {cell(b, 'p99_ms', 2)} | {cell(r, 'max_ms', 1)} | {cell(b, 'max_ms', 1)} | {r['messages']:,.0f} |"
+            f" {ratio(r, b, 'p50_ms')} | {ratio(r, b, 'p99_ms')} |"
         )
     return "\n".join(lines)
 
@@ -301,22 +330,38 @@ def run(args: argparse.Namespace) -> int:
         f" median of {args.repeats} runs",
     )
     raw_sides: dict[str, Callable[[str], Any]] = {"redis": RawRedis, "kafka": RawKafka, "pulsar": RawPulsar}
+    servers: dict[str, str] = {}
     with _backends() as backends:
-        for name, server in backends:
+        for name, open_server in backends:
             progress(f"latency, {name} ...")
-            with server() as url:
+            with open_server() as url:
+                servers[name] = url
                 sides: dict[str, Callable[[], Any]] = {"msgstream": partial(MsgStreamSide, url)}
                 if name in raw_sides:
                     sides["raw"] = partial(raw_sides[name], url)
-                for side, open_side in sides.items():
-                    runs = [measure(open_side, rate, args.seconds) for _ in range(args.repeats)]
-                    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                for open_side in sides.values():  # untimed: a broker's JIT compiler, the clients' first calls
+                    measure(open_side, rate, WARMUP_SECONDS)
+                runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+                for _ in range(args.repeats):  # the sides' runs alternate
+                    for side, open_side in sides.items():
+                        runs[side].append(measure(open_side, rate, args.seconds))
+                for side, side_runs in runs.items():
+                    medians = {k: statistics.median(r[k] for r in side_runs) for k in side_runs[0]}
                     results.append({"backend": name, "side": side, **medians})
     print("## Results\n")
     print(latency_table(results))
+    print(
+        f"\nOne 100 B InsertMsg per pack at {rate:g} msgs/s; produce -> consume time of each message after"
+        f" {WARMUP_SECONDS:g} s of warm-up, median over {args.repeats} runs of each run's percentile."
+        " raw: the broker's own client with the settings msgstream's backend uses (see the module docstring)."
+    )
     if args.json is not None:
         Path(args.json).write_text(
-            json.dumps({"benchmark": "latency", "environment": env, "rate": rate, "results": results}, indent=2) + "\n",
+            json.dumps(
+                {"benchmark": "latency", "environment": env, "rate": rate, "servers": servers, "results": results},
+                indent=2,
+            )
+            + "\n",
             encoding="utf-8",
         )
     return 0

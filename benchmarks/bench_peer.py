@@ -1,5 +1,6 @@
 """Peer benchmark: msgstream against FastStream, the framework a Python team would likely pick instead,
-on the same Redis and Kafka brokers in the same run.
+on the same Redis and Apache Kafka brokers in the same run (started through ``scripts/broker.py``, or the
+brokers ``MSGSTREAM_REDIS_URL`` / ``MSGSTREAM_KAFKA_URL`` name).
 
 ``python -m benchmarks peer [--seconds S] [--repeats N] [--json PATH]``
 
@@ -7,7 +8,8 @@ Both sides move N one-row ``InsertMsg`` frames (100 B and 1 KiB of row data) thr
 
 - produce: msgstream ``MsgStream.produce`` of packs of 1000 against FastStream written the way its
   docs recommend for throughput: on Redis, ``broker.publish(frame, stream=key, pipeline=pipe)`` for
-  1000 frames and one ``pipe.execute()``; on Kafka, ``broker.publish_batch(*frames, topic=topic)``.
+  1000 frames and one ``pipe.execute()``; on Kafka, ``broker.publish_batch(*frames, topic=topic)``, its
+  producer with msgstream's settings (``acks=all``, idempotence, ``linger.ms=5``).
 - consume: msgstream ``consume_frames`` (bytes out, as FastStream's handler gets them) and ``consume``
   (typed messages) against a FastStream subscriber whose handler counts the payloads: on Kafka a batch
   subscriber (``batch=True, max_records=1000``); on Redis ``StreamSub(group=..., max_records=1000)``
@@ -196,8 +198,6 @@ async def faststream_kafka_consume(url: str, frames: list[bytes], n: int) -> flo
         batch=True,
         max_records=PACK,
         fetch_max_wait_ms=100,
-        session_timeout_ms=1000,
-        heartbeat_interval_ms=200,
     )
     async def handle(batch: list[bytes]) -> None:
         counter.add(batch)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +24,7 @@ ProduceSide = Callable[[], "AbstractContextManager[SendPack]"]
 
 @dataclass
 class Row(Figure):
-    """A figure with the issue's target for its ratio (if it has one)."""
+    """A figure with the project's target for its ratio (if it has one)."""
 
     target: float | None = None
 
@@ -44,12 +43,6 @@ TARGET_RULE = (
     " run. The targets apply to the comparisons of equal work: consume_frames against the raw client"
     " decoding nothing, typed consume against raw + unmarshal, typed produce against raw + marshal."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def size_text(n: float) -> str:
@@ -236,9 +229,9 @@ def interleaved(
     A run opens every side (untimed), then each side sends one pack of ``pack_size`` messages in turn, who goes
     first rotating and the order reversing every full rotation, and only the sends are timed; after ``max_packs``
     turns the sides are closed (each checks what landed) and opened afresh, until the run's timed seconds reach
-    ``seconds``. Turns of one pack keep the sides a few milliseconds apart, so a broker that slows down as it fills
-    (Tansu, twice as slow per pack by the end of a section) or that has a slow moment does so for every side alike;
-    turns of whole rounds (~0.2 s each) left a side's figure to the moment of its turn."""
+    ``seconds``. Turns of one pack keep the sides a few milliseconds apart, so a broker whose speed drifts (log
+    segments rolling, a garbage collection, the JIT compiler, another process) does so for every side alike;
+    turns of whole rounds (~0.2 s each) would leave a side's figure to the moment of its turn."""
     if max_packs < 1:
         raise ValueError(f"max_packs must be at least 1, got {max_packs}")
     rates: dict[str, list[float]] = {name: [] for name in sides}
