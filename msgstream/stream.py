@@ -262,8 +262,7 @@ class MsgStream:
         (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
-        if self.auto_ack:
-            self._ack_delivered()
+        self._ack_delivered()
         msgs = self._receive(consumer, deadline, self.auto_ack)
         if msgs is None:
             return None
@@ -275,7 +274,9 @@ class MsgStream:
         the caller passes it to :meth:`ack`. For decorators that make packs of their own, such as
         :class:`~msgstream.TimeTickStream`. Bad frames as in :meth:`consume`."""
         consumer = self._require_consumer()
-        return self._receive(consumer, time.monotonic() + check_timeout(timeout, "timeout"), False)
+        deadline = time.monotonic() + check_timeout(timeout, "timeout")
+        self._ack_delivered()  # reported bad frames only: nothing else is tracked here
+        return self._receive(consumer, deadline, False)
 
     def _receive(self, consumer: Consumer, deadline: float, track: bool) -> list[TsMsg] | None:
         """Receive and decode; ``track``: the messages are acknowledged by the next consume (auto_ack)."""
@@ -298,8 +299,7 @@ class MsgStream:
         """
         consumer = self._require_consumer()
         wait = check_timeout(timeout, "timeout")
-        if self.auto_ack:
-            self._ack_delivered()
+        self._ack_delivered()
         raws = self._backlog or consumer.receive(self._batch, wait)
         self._backlog = []
         if not raws:
@@ -334,10 +334,7 @@ class MsgStream:
                     raws = raws[:i]
                     break
                 self._backlog = raws[1:]
-                if track:  # reported, so acknowledged with the rest
-                    self._unacked.append(raw)
-                else:
-                    self._require_consumer().ack([raw])
+                self._unacked.append(raw)  # reported: acknowledged by the next call, retried until it is
                 exc.with_position(Position(raw.channel, raw.msg_id, 0))
                 if self._on_error is None:
                     raise
@@ -382,8 +379,7 @@ class MsgStream:
         falls back silently to the start or the end."""
         consumer = self._require_consumer()
         targets = seek_targets(positions, consumer.channels)
-        if self.auto_ack:
-            self._ack_delivered()
+        self._ack_delivered()
         consumer.seek(targets)
         self._backlog = [r for r in self._backlog if r.channel not in targets]
 
@@ -398,15 +394,13 @@ class MsgStream:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Acknowledge what was consumed, close producers and consumer. Idempotent."""
+        """Acknowledge what was consumed, close producers and consumer. Idempotent. If the
+        acknowledgement fails, nothing is closed and the error is raised: call ``close()`` again (a
+        stream left so keeps its consumer, and its subscription delivers those messages again)."""
         if self._closed:
             return
+        self._ack_delivered()
         errors: list[BaseException] = []
-        try:
-            if self.auto_ack:
-                self._ack_delivered()
-        except MsgStreamError as exc:
-            errors.append(exc)
         self._closed = True
         closeables: list[Producer | Consumer] = [*self._producers, *([self._consumer] if self._consumer else [])]
         for closeable in closeables:

@@ -93,7 +93,8 @@ class TimeTickStream:
         self._buffered = 0
         self._lag_since: float | None = None
         self._lag_warned_at = 0.0
-        self._done: list[Any] = []  # backend records of what returned packs covered, not yet acknowledged
+        # backend records of what returned packs covered, and of messages dropped, not yet acknowledged
+        self._done: list[Any] = []
 
     @property
     def inner(self) -> MsgStream:
@@ -195,8 +196,7 @@ class TimeTickStream:
             else:
                 ch.max_ts = ts
         self._buffered += len(msgs) - len(ack_now)
-        if ack_now:
-            self._stream.ack(ack_now)
+        self._done += [m._raw for m in ack_now]  # dropped: acknowledged with the next pack's records
         if error is not None:
             raise error
 
@@ -312,13 +312,12 @@ class TimeTickStream:
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
         """Acknowledge what returned packs covered and close the wrapped stream. Messages buffered and
-        not yet returned stay unacknowledged."""
+        not yet returned stay unacknowledged. If the acknowledgement fails, nothing is closed and the
+        error is raised: call ``close()`` again."""
         if self._stream.closed:
             return
-        try:
-            self._ack_done()
-        finally:
-            self._stream.close()
+        self._ack_done()
+        self._stream.close()
 
     @property
     def closed(self) -> bool:

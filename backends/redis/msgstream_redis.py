@@ -389,6 +389,8 @@ class _RedisConsumer(Consumer):
                 # look for such entries at every claim round too (one cheap command)
                 claimed = self._recover_lost_replies(max_messages) or self._claim(max_messages)
                 if claimed:
+                    if len(claimed) >= max_messages:  # more may wait: take them before any newer entry
+                        self._next_claim = now
                     return claimed
             remaining = deadline - now
             # wake up for the next claim round too
