@@ -1,0 +1,109 @@
+"""The fault-injecting conformance mode on the in-process memory backend (a fresh broker per test), and
+the wrapper's own behaviour: faults raised before the broker sees the call, typed as the SPI says,
+reproducible from the seed."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+import msgstream as ms
+from msgstream.backend import SubscriptionPosition, load_backend
+from msgstream.errors import ConsumeError, InvalidArgumentError, MsgStreamError, ProduceError, SeekError
+from msgstream.memory import MemoryBackend
+from msgstream.testing.faults import FaultInjectingSuite, FaultyBackend, InjectedFault
+
+
+class TestMemoryUnderFaults(FaultInjectingSuite):
+    quiet_period = 0.2
+
+    @pytest.fixture
+    def url(self) -> str:
+        return f"memory://faults-{uuid.uuid4().hex[:8]}"
+
+
+def _memory() -> MemoryBackend:
+    backend = load_backend(f"memory://faulty-{uuid.uuid4().hex[:8]}")
+    assert isinstance(backend, MemoryBackend)
+    return backend
+
+
+def test_wrapper_keeps_the_inner_features_and_delegates() -> None:
+    inner = _memory()
+    faulty = FaultyBackend(inner, seed=1)
+    assert isinstance(faulty, FaultyBackend) and isinstance(faulty, ms.Backend)
+    assert type(faulty).features == MemoryBackend.features == faulty.features
+    assert type(FaultyBackend(_memory(), seed=2)) is type(faulty)  # one subclass per inner backend class
+    faulty.create_channel("ch", b"meta")
+    assert inner.channel_metadata("ch") == faulty.channel_metadata("ch") == b"meta"
+    assert faulty.latest_message_id("ch") is None
+    with ms.Client(faulty) as client:
+        assert client.backend is faulty
+    for bad in ({"rate": 1.5}, {"rate": -0.1}, {"calls": ("send", "close")}, {"calls": "send"}):
+        with pytest.raises(InvalidArgumentError):
+            FaultyBackend(_memory(), seed=1, **bad)  # type: ignore[arg-type]
+
+
+def test_every_fault_is_the_spi_error_raised_before_the_broker_sees_the_call() -> None:
+    inner = _memory()
+    faulty = FaultyBackend(inner, seed=7, rate=1.0)
+    faulty.create_channel("ch", b"")
+    producer = faulty.create_producer("ch")
+    consumer = faulty.create_consumer("s", ["ch"], SubscriptionPosition.EARLIEST)
+    with pytest.raises(ProduceError) as sent:
+        producer.send([b"x"], 1.0)
+    assert isinstance(sent.value, InjectedFault) and sent.value.retriable
+    assert sent.value.channel == "ch" and sent.value.sent == {}
+    assert inner.latest_message_id("ch") is None  # nothing reached the broker
+    faulty.enabled = False
+    (msg_id,) = producer.send([b"x"], 1.0)
+    (raw,) = consumer.receive(10, 1.0)
+    faulty.enabled = True
+    with pytest.raises(ConsumeError) as received:
+        consumer.receive(10, 0.0)
+    with pytest.raises(ConsumeError) as acked:
+        consumer.ack([raw])
+    with pytest.raises(SeekError) as sought:
+        consumer.seek({"ch": None})
+    for err in (received.value, acked.value, sought.value):
+        assert isinstance(err, InjectedFault) and err.retriable
+    faulty.enabled = False
+    assert consumer.receive(10, 0.0) == []  # the failed seek moved nothing
+    consumer.close()  # not acknowledged (the ack failed): the next member gets it again
+    again = faulty.create_consumer("s", ["ch"], SubscriptionPosition.EARLIEST)
+    assert [r.msg_id for r in again.receive(10, 1.0)] == [msg_id]
+    assert faulty.injected == {"send": 1, "receive": 1, "ack": 1, "seek": 1}
+
+
+def test_only_the_named_calls_fail_and_the_seed_reproduces_the_faults() -> None:
+    def run(seed: int, calls: tuple[str, ...]) -> list[bool]:
+        faulty = FaultyBackend(_memory(), seed=seed, rate=0.3, calls=calls)
+        faulty.create_channel("ch", b"")
+        producer = faulty.create_producer("ch")
+        consumer = faulty.create_consumer("s", ["ch"], SubscriptionPosition.EARLIEST)
+        outcome = []
+        for _ in range(50):
+            try:
+                producer.send([b"x"], 1.0)
+                consumer.receive(10, 0.0)
+                outcome.append(True)
+            except MsgStreamError:
+                outcome.append(False)
+        return outcome
+
+    assert run(3, ("send", "receive")) == run(3, ("send", "receive"))
+    assert run(3, ("send", "receive")) != run(4, ("send", "receive"))
+    assert all(run(3, ("ack", "seek")))
+
+
+def test_fail_next_forces_a_fault() -> None:
+    faulty = FaultyBackend(_memory(), seed=1, rate=0.0)
+    faulty.create_channel("ch", b"")
+    consumer = faulty.create_consumer("s", ["ch"], SubscriptionPosition.EARLIEST)
+    faulty.fail_next("seek", times=2)
+    for _ in range(2):
+        with pytest.raises(SeekError):
+            consumer.seek({"ch": None})
+    consumer.seek({"ch": None})
+    assert faulty.injected["seek"] == 2 and faulty.seen["seek"] == 3
