@@ -24,6 +24,8 @@ import pytest
 import msgstream as ms
 from msgstream.errors import MsgStreamError, ProduceError, UnmarshalError
 
+from .load import consume_confirmed
+
 WORKER = Path(__file__).with_name("crash_worker.py")
 BROKERS = ["redis", "kafka", "pulsar"]
 
@@ -394,25 +396,17 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
             produced = threading.Event()  # the producer has stopped: `confirmed` is final
 
             def consume() -> None:
-                seen: set[int] = set()
-                while True:
-                    if produced.is_set() and confirmed <= seen:
-                        return
-                    try:
-                        pack = inp.consume(timeout=0.5)
-                    except MsgStreamError as exc:
-                        if not exc.retriable:
-                            errors.append(exc)
-                            return
-                        time.sleep(0.05)
-                        continue
-                    if pack is None:
-                        if produced.is_set() and time.monotonic() > drain_deadline[0]:
-                            return
-                        continue
-                    got = [(p.channel, m.row_ids[0], p.msg_id) for m in pack.msgs if (p := m.position)]
-                    output.extend(got)
-                    seen.update(r for _, r, _ in got)
+                try:
+                    consume_confirmed(
+                        inp,
+                        produced=produced,
+                        confirmed=confirmed,
+                        drain_deadline=drain_deadline,
+                        output=output,
+                        seen=set(),
+                    )
+                except MsgStreamError as exc:
+                    errors.append(exc)
 
             drain_deadline = [float("inf")]
             threads = [threading.Thread(target=produce), threading.Thread(target=consume)]

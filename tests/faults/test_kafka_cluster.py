@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 import msgstream as ms
-from msgstream.errors import MsgStreamError, ProduceError
+from msgstream.errors import ProduceError
+
+from .load import consume_confirmed
 
 NODES = 3
 KILLS = 2
@@ -147,23 +149,9 @@ def test_partition_leader_killed_under_load_loses_nothing(
                         time.sleep(0.05)  # the next pack carries new rows: a failed one may land or not
 
             def consume() -> None:
-                while True:
-                    if produced.is_set() and confirmed <= seen:
-                        return
-                    try:
-                        pack = inp.consume(timeout=0.5)
-                    except MsgStreamError as exc:
-                        if not exc.retriable:
-                            raise
-                        time.sleep(0.05)
-                        continue
-                    if pack is None:
-                        if produced.is_set() and time.monotonic() > drain_deadline[0]:
-                            return
-                        continue
-                    got = [(p.channel, m.row_ids[0], p.msg_id) for m in pack.msgs if (p := m.position)]
-                    output.extend(got)
-                    seen.update(r for _, r, _ in got)
+                consume_confirmed(
+                    inp, produced=produced, confirmed=confirmed, drain_deadline=drain_deadline, output=output, seen=seen
+                )
 
             def guarded(work: Callable[[], None]) -> Callable[[], None]:
                 def run() -> None:
