@@ -8,6 +8,8 @@ See docs/architecture.md for the layers and README.md for a tour.
 
 from __future__ import annotations
 
+import logging
+
 from . import errors, repack, timestamp
 from .backend import URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
 from .client import (
@@ -40,6 +42,10 @@ from .timestamp import Ticker
 from .timetick import TimeTickStream
 
 __version__ = "0.1.0"
+
+# a library's loggers never print: without a handler configured by the application, records go nowhere
+# (not to stderr through logging's last resort)
+logging.getLogger("msgstream").addHandler(logging.NullHandler())
 
 __all__ = [
     "URL",

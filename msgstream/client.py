@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
@@ -81,7 +82,7 @@ class Client:
             raise InvalidArgumentError(f"Client needs a msgstream.backend.Backend, got {type(backend).__name__}")
         self.backend = backend
         self._closed = False
-        self._streams: weakref.WeakSet[MsgStream] = weakref.WeakSet()
+        self._streams: weakref.WeakSet[MsgStream | TimeTickStream] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
@@ -146,10 +147,16 @@ class Client:
         tt_keys = {"max_buffered", "lag_warning_after"}
         tt_opts = {k: v for k, v in options.items() if k in tt_keys}
         stream_opts = {k: v for k, v in options.items() if k not in tt_keys}
-        return TimeTickStream(self.msg_stream(**stream_opts), **tt_opts)
+        self._check_open()
+        # the time-tick stream is what this client closes (acknowledging what its packs covered first)
+        stream = TimeTickStream(MsgStream(self.backend, **stream_opts), **tt_opts)
+        self._streams.add(stream)
+        return stream
 
     def close(self) -> None:
-        """Close the streams opened from this client that are still open, then the backend."""
+        """Close the streams opened from this client that are still open, then the backend. A stream whose
+        last acknowledgement fails is closed without it (its subscription delivers those messages
+        again) and the failure logged."""
         if self._closed:
             return
         self._closed = True
@@ -157,8 +164,10 @@ class Client:
             for stream in list(self._streams):
                 try:
                     stream.close()
-                except MsgStreamError:
-                    log.warning("error closing %r with its client", stream, exc_info=True)
+                except MsgStreamError as exc:
+                    log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
+                    with contextlib.suppress(MsgStreamError):
+                        stream.close(acknowledge=False)
         finally:
             self.backend.close()
 

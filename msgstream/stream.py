@@ -72,6 +72,7 @@ class MsgStream:
         self._consumer: Consumer | None = None
         self._dispatcher = _DEFAULT_DISPATCHER
         self._unacked: list[RawMessage] = []
+        self._reported: list[RawMessage] = []  # bad frames reported, acknowledged by the next call
         self._backlog: list[RawMessage] = []
         self._closed = False
 
@@ -334,7 +335,7 @@ class MsgStream:
                     raws = raws[:i]
                     break
                 self._backlog = raws[1:]
-                self._unacked.append(raw)  # reported: acknowledged by the next call, retried until it is
+                self._reported.append(raw)  # acknowledged by the next call, retried until it is
                 exc.with_position(Position(raw.channel, raw.msg_id, 0))
                 if self._on_error is None:
                     raise
@@ -368,8 +369,13 @@ class MsgStream:
             self._require_consumer().ack(raws)
 
     def _ack_delivered(self) -> None:
-        if self._unacked and self._consumer is not None:
-            self._consumer.ack(self._unacked)  # on failure they stay, and the next call tries again
+        if self._consumer is None:
+            return
+        if self._reported:
+            self._consumer.ack(self._reported)  # on failure they stay, and the next call tries again
+            self._reported = []
+        if self._unacked:
+            self._consumer.ack(self._unacked)
             self._unacked = []
 
     def seek(self, positions: Sequence[Position]) -> None:
@@ -393,13 +399,15 @@ class MsgStream:
         return [Position(c, self._backend.latest_message_id(c) or b"", 0) for c in channels]
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, acknowledge: bool = True) -> None:
         """Acknowledge what was consumed, close producers and consumer. Idempotent. If the
-        acknowledgement fails, nothing is closed and the error is raised: call ``close()`` again (a
-        stream left so keeps its consumer, and its subscription delivers those messages again)."""
+        acknowledgement fails, nothing is closed and the error is raised: call ``close()`` again, or
+        ``close(acknowledge=False)`` to close without it (the subscription then delivers those messages
+        again)."""
         if self._closed:
             return
-        self._ack_delivered()
+        if acknowledge:
+            self._ack_delivered()
         errors: list[BaseException] = []
         self._closed = True
         closeables: list[Producer | Consumer] = [*self._producers, *([self._consumer] if self._consumer else [])]

@@ -29,13 +29,13 @@ from operator import attrgetter
 from typing import Any
 
 from ._kinds import SubclassOf
-from .backend import SubscriptionPosition
 from .codec import UnmarshalDispatcher
 from .errors import InvalidArgumentError, StreamClosedError, StreamStateError, TimeTickError
 from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
 from .stream import MsgStream, check_timeout, seek_targets
+from .values import SubscriptionPosition
 
 __all__ = ["TimeTickStream"]
 
@@ -310,14 +310,15 @@ class TimeTickStream:
         self._last_tick = min(p.timestamp for p in positions) if positions else self._last_tick
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, acknowledge: bool = True) -> None:
         """Acknowledge what returned packs covered and close the wrapped stream. Messages buffered and
         not yet returned stay unacknowledged. If the acknowledgement fails, nothing is closed and the
-        error is raised: call ``close()`` again."""
+        error is raised: call ``close()`` again, or ``close(acknowledge=False)`` to close without it."""
         if self._stream.closed:
             return
-        self._ack_done()
-        self._stream.close()
+        if acknowledge:
+            self._ack_done()
+        self._stream.close(acknowledge=acknowledge)
 
     @property
     def closed(self) -> bool:

@@ -7,6 +7,9 @@ import gc
 import inspect
 import logging
 import pickle
+import subprocess
+import sys
+import uuid
 from typing import Annotated
 
 import msgspec
@@ -429,3 +432,25 @@ def test_client_takes_a_backend_instance() -> None:
     assert client.backend is backend and client.url == "memory://direct"
     with pytest.raises(errors.InvalidArgumentError):
         ms.Client("memory://")  # type: ignore[arg-type]
+
+
+def test_a_reported_bad_frame_is_acknowledged_even_when_the_error_leaves_the_with_block() -> None:
+    """A corrupt frame is reported once: the ``UnmarshalError`` that ends a ``with`` block does not leave
+    it unacknowledged for the next member (the pack in hand would be; a reported frame is not)."""
+    with ms.connect(f"memory://bad-{uuid.uuid4().hex[:8]}") as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=1))
+        client.backend.create_producer(ch).send([b"not a frame"], 5)
+        with pytest.raises(errors.UnmarshalError), client.msg_stream(auto_ack=False) as inp:
+            inp.create_consumers("s", [ch])
+            inp.consume(timeout=5)
+        with client.msg_stream(auto_ack=False) as again:
+            again.create_consumers("s", [ch])
+            assert again.consume(timeout=0.3) is None
+
+
+def test_the_library_never_prints_its_log_records() -> None:
+    """In a program that configures no logging, msgstream's warnings go nowhere (a NullHandler), not to
+    stderr through logging's last resort."""
+    code = "import logging, msgstream; logging.getLogger('msgstream.kafka').warning('a warning')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr

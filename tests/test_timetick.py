@@ -277,3 +277,53 @@ def test_wrapping_a_stream_leaves_its_settings_and_acknowledges_only_what_packs_
         again.create_consumers("qn", chans)
         got = again.consume(timeout=5)
         assert got is not None and [m.row_ids for m in got.msgs] == [[15]]
+
+
+def test_closing_the_client_acknowledges_what_the_packs_covered() -> None:
+    """A time-tick stream closed with its client (not by the caller) acknowledges what its returned
+    packs covered first: the next member of the subscription does not get those packs again."""
+    url = f"memory://tt-close-{uuid.uuid4().hex[:8]}"
+    with ms.connect(url) as keeper:  # keeps the in-process broker alive across the clients below
+        chans = _chans(keeper, 2)
+        with keeper.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack(5, 5, [_data(5, 0), _data(6, 1)]))
+            out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+        client = ms.connect(url)
+        tt = client.tt_msg_stream()
+        tt.create_consumers("qn", chans)
+        pack = tt.consume(timeout=5)
+        assert pack is not None and len(pack.msgs) == 2
+        client.close()
+        assert tt.closed
+        with keeper.tt_msg_stream() as again:
+            again.create_consumers("qn", chans)
+            assert again.consume(timeout=0.3) is None
+
+
+def test_close_without_acknowledging_leaves_the_pack_to_the_subscription(client: ms.Client) -> None:
+    """``close()`` whose acknowledgement fails raises and closes nothing; ``close(acknowledge=False)``
+    closes, and the subscription delivers the pack again."""
+    chans = _chans(client, 1)
+    with client.msg_stream() as out:
+        out.create_producers(chans)
+        out.produce(ms.MsgPack(5, 5, [_data(5, 0)]))
+    inp = client.msg_stream()
+    inp.create_consumers("qn", chans)
+    assert inp.consume(timeout=5) is not None
+    consumer = inp._consumer
+    assert consumer is not None
+
+    def refuse(records: Any) -> None:
+        raise ConsumeError("the broker is away")
+
+    consumer.ack = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConsumeError):
+        inp.close()
+    assert not inp.closed
+    inp.close(acknowledge=False)
+    assert inp.closed
+    with client.msg_stream() as again:
+        again.create_consumers("qn", chans)
+        pack = again.consume(timeout=5)
+        assert pack is not None and [m.row_ids for m in pack.msgs] == [[5]]
