@@ -301,17 +301,23 @@ class KafkaBackend(Backend):
                 self._reader.unassign()
 
     def refresh_registry(self, force: bool = True, timeout: float | None = None) -> None:
-        """Apply the registry records written since the last refresh (by any client). Without ``force``
-        only when that was more than ``registry_refresh`` seconds ago (the hot paths)."""
+        """Apply the registry records written since the last refresh (by any client), within ``timeout``
+        seconds (default ``operation_timeout``). Without ``force`` only when that was more than
+        ``registry_refresh`` seconds ago (the hot paths)."""
         if not force and time.monotonic() - self._refreshed < self.registry_refresh:
             return
-        with self._lock:
+        timeout = self.timeout if timeout is None else max(0.05, timeout)
+        if not self._lock.acquire(timeout=timeout):
+            raise BrokerUnavailableError(f"the channel registry was busy for {timeout:.1f}s")
+        try:
             self._refreshed = time.monotonic()
             for m in self._read_to_end(self.registry_topic, self._registry_next, timeout):
                 name = (m.key() or b"").decode()
                 value = m.value() or b""
                 self._registry[name] = value[1:] if value[:1] == b"C" else None
                 self._registry_next = m.offset() + 1
+        finally:
+            self._lock.release()
 
     def _record(self, name: str, value: bytes) -> None:
         errors: list[ck.KafkaError] = []
@@ -324,14 +330,14 @@ class KafkaBackend(Backend):
         if self._producer.flush(self.timeout) or errors:
             self.fail(BrokerUnavailableError, f"registry write for {name!r} failed", errors[0] if errors else None)
 
-    def exists(self, name: str, refresh: bool = True) -> bool:
+    def exists(self, name: str, refresh: bool = True, timeout: float | None = None) -> bool:
         """Whether ``name`` is a live channel; ``refresh=False``: by a registry at most ``registry_refresh``
-        seconds old."""
-        self.refresh_registry(force=refresh)
+        seconds old (read again within ``timeout`` if it is older)."""
+        self.refresh_registry(force=refresh, timeout=timeout)
         return self._registry.get(name) is not None
 
-    def check_channel(self, name: str, refresh: bool = True) -> None:
-        if not self.exists(name, refresh):
+    def check_channel(self, name: str, refresh: bool = True, timeout: float | None = None) -> None:
+        if not self.exists(name, refresh, timeout):
             raise ChannelNotFoundError(name)
 
     # -- Backend --------------------------------------------------------------------------------
@@ -429,6 +435,11 @@ class _KafkaProducer(Producer):
             except MsgStreamError:
                 gone = False
             if gone:
+                # its messages would sit in librdkafka's queue until message.timeout.ms, and every later
+                # send of this client would wait for them: purge what is queued (a send of another
+                # thread that loses messages so fails, retriable, naming what was confirmed)
+                backend._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                backend._producer.poll(0)
                 raise ChannelNotFoundError(self.channel, "destroyed") from exc
             raise
 
@@ -436,7 +447,7 @@ class _KafkaProducer(Producer):
         if self._closed:
             raise StreamClosedError("producer is closed")
         backend = self._backend
-        if not backend.exists(self.channel, refresh=False):
+        if not backend.exists(self.channel, refresh=False, timeout=timeout):
             raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
         # delivery reports come in produce order (one partition): the offsets confirmed, and each
         # failure with how many were confirmed before it
@@ -634,7 +645,7 @@ class _KafkaConsumer(Consumer):
             raise StreamClosedError("consumer is closed")
         backend = self._backend
         for channel in self.channels:
-            backend.check_channel(channel, refresh=False)
+            backend.check_channel(channel, refresh=False, timeout=timeout)
         deadline = time.monotonic() + timeout
         if not self._subscribed:
             with backend.errors("subscribe"):

@@ -14,7 +14,7 @@ from msgstream_kafka import _BatchLimits
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
-from msgstream.errors import ProduceError
+from msgstream.errors import ChannelNotFoundError, ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 from scripts.broker import start_kafka
 
@@ -283,3 +283,21 @@ def test_a_batch_call_that_skips_a_message_fails_the_send(kafka_url: str) -> Non
         got = _read_all(backend, name, 2)
         assert [r.payload for r in got] == [b"first", b"third"]
         assert got[0].msg_id == err.value.sent[name][0]
+
+
+def test_a_send_to_a_channel_destroyed_elsewhere_does_not_hold_up_the_other_channels(kafka_url: str) -> None:
+    """A send to a channel another client destroyed fails; what it left in librdkafka's queue (the topic
+    is gone, so it would wait there for message.timeout.ms) must not make this client's next sends to
+    live channels wait out their timeout."""
+    with ms.connect(kafka_url) as a, ms.connect(kafka_url) as b:
+        gone, live = a.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=2))
+        with b.msg_stream(produce_timeout=5) as to_gone, b.msg_stream(produce_timeout=5) as to_live:
+            to_gone.create_producers([gone])
+            to_live.create_producers([live])
+            to_gone.produce(ms.MsgPack.of([row(0)]))
+            a.destroy_channels([gone])
+            with pytest.raises((ProduceError, ChannelNotFoundError)):
+                to_gone.produce(ms.MsgPack.of([row(1)]))
+            start = time.monotonic()
+            to_live.produce(ms.MsgPack.of([row(2)]))
+            assert time.monotonic() - start < 2, "a live channel's send waited for the destroyed one's messages"
