@@ -119,7 +119,7 @@ def server(name: str, url: str | None = None) -> Iterator[Server]:
             started = Server(name, broker.url, what, broker)
         elif name == "pulsar":
             broker = start_pulsar(workdir)
-            admin = getattr(broker, "admin_url")  # noqa: B009 (set by start_pulsar, not declared by Broker)
+            admin = broker.admin_url
             what = f"Apache Pulsar {PULSAR_VERSION} standalone (in-process bookie, RocksDB metadata)"
             started = Server(name, f"{broker.url}/?admin_url={admin}", what, broker)
         else:

@@ -9,7 +9,7 @@ class SubclassOf(dict[type, bool]):
     msgspec Struct classes (every message type, ``RawMessage``) have a metaclass, so ``isinstance``
     against one goes through the generic ``type.__instancecheck__``, several times the cost of a dict
     hit. Loops that ask it once or twice a message (the time-tick stream's buffering and emitting,
-    ``MsgStream.ack``) use this instead (docs/performance.md). It holds the types it has seen.
+    ``MsgStream.ack``) use this instead. It holds the types it has seen.
     """
 
     __slots__ = ("base",)

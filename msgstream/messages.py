@@ -62,7 +62,7 @@ class _Consumed:
     """The slot a consumed message keeps its backend record in (``RawMessage``), for ``position``
     and acknowledgement. A slot, not a field: never encoded, not part of equality, unset on a message
     that was not consumed. A slot rather than an entry in ``__dict__`` because the consuming stream
-    sets it on every message, and a ``__dict__`` made per message costs more (docs/performance.md)."""
+    sets it on every message, and a ``__dict__`` made per message costs more."""
 
     __slots__ = ("_raw",)
     if TYPE_CHECKING:  # for type checkers only: msgspec reads the annotations of every base class

@@ -323,7 +323,8 @@ class MsgStream:
 
     def _decode_prefix(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
-        A bad frame at the head is acknowledged and reported (raised, or given to ``on_error``)."""
+        A bad frame at the head is reported (raised, or given to ``on_error``) and acknowledged by the next
+        call."""
         unmarshal = self._dispatcher.unmarshal
         msgs: list[TsMsg] = []
         for i, raw in enumerate(raws):

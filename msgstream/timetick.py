@@ -11,7 +11,8 @@ arrived. The pack for ``T`` holds those not emitted yet (``end_ts`` above the pr
 
 Because of the promise above, a buffered message has been fully handled exactly when its ``end_ts`` is
 at or below the last emitted tick. After a pack, each channel's log is popped while its head is such
-a message; the last one popped is the channel's ``end_position`` (timestamp ``T``) and is acknowledged.
+a message; the last one popped is the channel's ``end_position`` (timestamp ``T``); what was popped is
+acknowledged when the next ``consume``, ``seek`` or ``close`` runs.
 ``seek(end_positions)`` replays each channel from just after it and drops what is ``<= T`` until the
 channel shows a tick above ``T`` — the replayed messages that were already emitted — so nothing is lost
 or repeated even when a channel had delivered messages beyond the tick before the crash.

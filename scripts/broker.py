@@ -148,7 +148,10 @@ def jars(name: str) -> Path:
         shutil.rmtree(lib, ignore_errors=True)
         argv = [mvn, "-B", "-q", "-s", str(settings), "-f", str(pom), "dependency:copy-dependencies"]
         argv += ["-DincludeScope=runtime", f"-DoutputDirectory={lib}"]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        try:  # the first resolution downloads a few hundred MB
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+        except subprocess.TimeoutExpired:
+            raise BrokerError(f"resolving {name} {_VERSIONS[name]} with Maven took over 30 minutes") from None
         if done.returncode != 0:
             raise BrokerError(f"resolving {name} {_VERSIONS[name]} with Maven failed:\n{done.stdout[-3000:]}")
     (lib / ".complete").touch()
@@ -320,7 +323,7 @@ def _kafka_node(
     if not (data / "meta.properties").exists():
         cluster = (workdir / "cluster.id").read_text().strip()
         fmt = [*base, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster}", f"--config={properties}"]
-        done = subprocess.run(fmt, capture_output=True, text=True, check=False)
+        done = subprocess.run(fmt, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise BrokerError(f"formatting {data} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return [*base[:1], "-Xmx512m", *base[1:], "kafka.Kafka", str(properties)]

@@ -187,7 +187,9 @@ class KafkaBackend(Backend):
             self.replication = int(opts.get("replication_factor", 1))
             self.registry_refresh = float(opts.get("registry_refresh", 1.0))
         except (TypeError, ValueError):
-            raise InvalidURLError(f"bad operation_timeout or replication_factor in {url.redacted()!r}") from None
+            raise InvalidURLError(
+                f"bad operation_timeout, replication_factor or registry_refresh in {url.redacted()!r}"
+            ) from None
         self.registry_topic = str(opts.get("registry_topic", "__msgstream_channels"))
         # false: destroying a channel only tombstones it in the registry (msgstream refuses it from then
         # on) and leaves the topic, for brokers where a client may not delete topics

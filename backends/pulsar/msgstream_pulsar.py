@@ -131,6 +131,11 @@ _RETRIABLE_EXC: tuple[type[BaseException], ...] = tuple(
 _Key = tuple[int, int, int]  # (ledger, entry, batch index): the order of messages on a topic
 
 
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):  # removed already (a temp cleaner, a forked child's exit)
+        os.unlink(path)
+
+
 class _NativeLog:
     """The C++ client's own log lines, forwarded to the ``msgstream.pulsar.client`` logger.
 
@@ -159,7 +164,7 @@ class _NativeLog:
         )
         fd, self.path = tempfile.mkstemp(prefix="msgstream-pulsar-", suffix=".log")
         os.close(fd)
-        atexit.register(os.unlink, self.path)
+        atexit.register(_remove, self.path)
         threading.Thread(target=self._forward, name="msgstream-pulsar-log", daemon=True).start()
 
     @classmethod
@@ -392,7 +397,7 @@ class PulsarBackend(Backend):
                 return
             self._lock.release()
         with self._lock, self.errors("read the channel registry", BrokerUnavailableError):
-            while self._available():
+            while self._has(self._reader):
                 data = self._reader.read_next(int(self.timeout * 1000)).data()
                 try:
                     record = msgspec.msgpack.decode(data, type=_Entry)
@@ -401,9 +406,6 @@ class PulsarBackend(Backend):
                     continue
                 self._apply(record)
             self._refreshed = time.monotonic()
-
-    def _available(self) -> bool:
-        return bool(self._reader.has_message_available())
 
     def _apply(self, record: _Entry) -> None:
         live = self._registry.get(record.name)
