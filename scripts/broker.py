@@ -278,14 +278,28 @@ def start_redis(
 
 
 # -- Apache Kafka ---------------------------------------------------------------------------------------
+_PROBE_LOG = logging.getLogger("broker.probe")  # the readiness probes' client lines: not for anyone's eyes
+_PROBE_LOG.addHandler(logging.NullHandler())
+_PROBE_LOG.propagate = False
+
+
 def _kafka_ready(bootstrap: str, brokers: int = 1) -> bool:
     from confluent_kafka.admin import AdminClient
 
     host, port = bootstrap.split(",", maxsplit=1)[0].rsplit(":", 1)
     socket.create_connection((host, int(port)), timeout=0.5).close()  # before a client that logs refusals
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": logging.getLogger("broker.probe")}
-    admin = AdminClient(conf)
-    return len(admin.list_topics(timeout=2).brokers) >= brokers
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _PROBE_LOG}
+    if len(AdminClient(conf).list_topics(timeout=2).brokers) < brokers:
+        return False
+    # and an idempotent producer gets its id and a write lands: until then a new broker answers clients'
+    # first writes with "coordinator load in progress", which they log and retry
+    from confluent_kafka import Producer
+
+    producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "message.timeout.ms": 5000})
+    delivered: list[bool] = []
+    producer.produce("__broker_ready", b"ready", on_delivery=lambda err, _m: delivered.append(err is None))
+    producer.flush(6)
+    return delivered == [True]
 
 
 def _kafka_node(

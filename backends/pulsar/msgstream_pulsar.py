@@ -396,7 +396,10 @@ class PulsarBackend(Backend):
             if not self._lock.acquire(blocking=False):
                 return
             self._lock.release()
-        with self._lock, self.errors("read the channel registry", BrokerUnavailableError):
+        if not self._lock.acquire(timeout=self.timeout):
+            raise BrokerUnavailableError(f"the channel registry was busy for {self.timeout}s")
+        with contextlib.ExitStack() as held, self.errors("read the channel registry", BrokerUnavailableError):
+            held.callback(self._lock.release)
             while self._has(self._reader):
                 data = self._reader.read_next(int(self.timeout * 1000)).data()
                 try:
@@ -570,6 +573,7 @@ class _PulsarProducer(Producer):
         if self._closed:
             raise StreamClosedError("producer is closed")
         backend, channel = self._backend, self.channel
+        deadline = time.monotonic() + timeout
         # read the registry to its end first (one round trip): the topic of a channel another client
         # destroyed still takes writes (it is not deleted without admin_url), and a produce that started
         # after the destroy must not land there
@@ -592,7 +596,7 @@ class _PulsarProducer(Producer):
         with backend.errors(f"send to {channel!r}", ProduceError, channel):
             for i, payload in enumerate(payloads):
                 send_async(payload, functools.partial(delivered, i))
-        finished = done.wait(timeout) if n else True
+        finished = done.wait(max(0.0, deadline - time.monotonic())) if n else True
         accepted: list[bytes] = []
         failure = None if finished else f"not confirmed within {timeout}s"
         retriable = not finished
