@@ -698,20 +698,28 @@ class FaultInjectingSuite:
         assert faulty.injected["seek"] >= 2 or "seek" not in faulty.calls, f"seek faults: {self._where(faulty)}"
 
     # -- time tick ------------------------------------------------------------------------------
-    def test_time_tick_packs_through_faults(self, client: ms.Client, faulty: FaultyBackend) -> None:
-        """Rows and broadcast ticks (some ticks with no row) produced through failing sends; the time-tick
-        stream consumed through failing receives and acks, restarted halfway from the last pack's
-        ``end_positions`` (through a failing seek): one pack per tick, in tick order, each with exactly
-        its tick's rows, every row once."""
+    def _tick_setup(
+        self, client: ms.Client
+    ) -> tuple[float, list[str], str, ms.MsgStream, _Expected, ms.TimeTickStream]:
+        """Channels, rows and ticks produced (through failing sends), and a time-tick stream subscribed:
+        (deadline, channels, subscription, producing stream, expected packs, time-tick stream)."""
         deadline = time.monotonic() + self.timeout
         chans = self._channels(client, max(2, self.channels - 1))
         sub = self._sub()
         out = self._producer(client, chans)
         expected = self._produce_ticks(out, deadline)
-        rows: list[int] = []
-        half = len(expected) // 2
         tt = client.tt_msg_stream(receive_batch=self.receive_batch)
         tt.create_consumers(sub, chans)
+        return deadline, chans, sub, out, expected, tt
+
+    def test_time_tick_packs_through_faults(self, client: ms.Client, faulty: FaultyBackend) -> None:
+        """Rows and broadcast ticks (some ticks with no row) produced through failing sends; the time-tick
+        stream consumed through failing receives and acks, restarted halfway from the last pack's
+        ``end_positions`` (through a failing seek): one pack per tick, in tick order, each with exactly
+        its tick's rows, every row once."""
+        deadline, chans, sub, out, expected, tt = self._tick_setup(client)
+        rows: list[int] = []
+        half = len(expected) // 2
         tt.start()
         end_positions = self._take_packs(tt, expected, 0, half, rows=rows, faulty=faulty, deadline=deadline)
         _close(tt, deadline)
@@ -735,15 +743,9 @@ class FaultInjectingSuite:
         """A time-tick stream returns half the tick packs and closes, the acknowledgement of what the last
         pack covered failing (close retried as documented); a new time-tick stream on the same
         subscription, without a seek, returns the following ticks' packs: no pack, no row twice."""
-        deadline = time.monotonic() + self.timeout
-        chans = self._channels(client, max(2, self.channels - 1))
-        sub = self._sub()
-        out = self._producer(client, chans)
-        expected = self._produce_ticks(out, deadline)
+        deadline, chans, sub, out, expected, tt = self._tick_setup(client)
         rows: list[int] = []
         half = len(expected) // 2
-        tt = client.tt_msg_stream(receive_batch=self.receive_batch)
-        tt.create_consumers(sub, chans)
         self._take_packs(tt, expected, 0, half, rows=rows, faulty=faulty, deadline=deadline)
         self._force(faulty, "ack")  # close acknowledges what the last pack covered: that fails
         _close(tt, deadline)
