@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote
@@ -274,9 +274,10 @@ class Consumer(abc.ABC):
         (at-least-once)."""
 
     @abc.abstractmethod
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
-        """Make the subscription resume each channel of ``targets`` right after its message id;
-        ``None`` resumes from the channel's first message. Unacknowledged deliveries on those channels
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
+        """Make the subscription resume each channel of ``targets`` right after its message id (at it,
+        delivering that message again, for the channels in ``inclusive``); ``None`` resumes from the
+        channel's first message. The core passes ``inclusive`` only when it is not empty. Unacknowledged deliveries on those channels
         are forgotten. Check every target before moving any: an id that is not on its channel raises
         ``SeekError`` and changes nothing — never a silent move to the start or the end."""
 

@@ -88,7 +88,7 @@ class FramePack:
 
     @property
     def start_positions(self) -> list[Position]:
-        """The first frame of each channel in this pack."""
+        """The first frame of each channel in this pack (inclusive: seeking to them replays the pack)."""
         return self._edges()[0]
 
     @property
@@ -104,7 +104,7 @@ class FramePack:
                 first.setdefault(raw.channel, raw)
                 last[raw.channel] = raw
             self._positions = (
-                [Position(r.channel, r.msg_id, _end_ts(r.payload)) for r in first.values()],
+                [Position(r.channel, r.msg_id, _end_ts(r.payload), True) for r in first.values()],
                 [Position(r.channel, r.msg_id, _end_ts(r.payload)) for r in last.values()],
             )
         return self._positions

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
@@ -204,7 +204,7 @@ class _MemoryConsumer(Consumer):
                 if sub is not None:
                     sub.pending.pop(int.from_bytes(msg.msg_id, "big"), None)
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
         with self._broker.changed:
@@ -221,7 +221,7 @@ class _MemoryConsumer(Consumer):
                 offset = int.from_bytes(after, "big")
                 if offset >= len(log):
                     raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({len(log)} messages)")
-                cursors[channel] = offset + 1
+                cursors[channel] = offset if channel in inclusive else offset + 1
             for channel, cursor in cursors.items():
                 ch = self._broker.channels[channel]
                 sub = ch.subs.setdefault(self.subscription, _Subscription(cursor))

@@ -19,8 +19,8 @@ class MsgPack(msgspec.Struct):
     """A batch of messages with its time range and, once consumed, its positions.
 
     ``start_positions`` / ``end_positions`` hold one position per channel the pack touched: the first
-    and the last message of that channel in the pack. ``stream.seek(pack.end_positions)`` on a fresh
-    stream resumes right after this pack.
+    (inclusive) and the last message of that channel in the pack. ``stream.seek(pack.end_positions)``
+    resumes right after this pack; ``stream.seek(pack.start_positions)`` replays it.
     """
 
     begin_ts: int
@@ -55,12 +55,12 @@ def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
         firsts, lasts = first.values(), last.values()
     begin = min([m.begin_ts for m in msgs])
     end = max([m.end_ts for m in msgs])
-    return MsgPack(begin, end, msgs, _positions(firsts), _positions(lasts))
+    return MsgPack(begin, end, msgs, _positions(firsts, True), _positions(lasts, False))
 
 
-def _positions(msgs: Iterable[TsMsg]) -> list[Position]:
+def _positions(msgs: Iterable[TsMsg], inclusive: bool) -> list[Position]:
     out = []
     for m in msgs:
         raw = m._raw
-        out.append(Position(raw.channel, raw.msg_id, m.end_ts))
+        out.append(Position(raw.channel, raw.msg_id, m.end_ts, inclusive))
     return out

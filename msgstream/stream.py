@@ -380,14 +380,18 @@ class MsgStream:
             self._unacked = []
 
     def seek(self, positions: Sequence[Position]) -> None:
-        """Resume each position's channel right after that position (a position with an empty msg_id:
-        from the channel's start). Channels not named keep their place. Every position is checked
+        """Resume each position's channel right after that position (at it, for an ``inclusive`` one;
+        a position with an empty msg_id: from the channel's start). Channels not named keep their place. Every position is checked
         before any channel moves: an invalid one raises ``SeekError`` and nothing changes; seek never
         falls back silently to the start or the end."""
         consumer = self._require_consumer()
         targets = seek_targets(positions, consumer.channels)
         self._ack_delivered()
-        consumer.seek(targets)
+        inclusive = {p.channel for p in positions if p.inclusive and p.msg_id}
+        if inclusive:
+            consumer.seek(targets, inclusive=inclusive)
+        else:  # a plugin written before inclusive seeks still serves every other seek
+            consumer.seek(targets)
         self._backlog = [r for r in self._backlog if r.channel not in targets]
 
     def get_latest_positions(self) -> list[Position]:

@@ -23,11 +23,14 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
     ``msg_id`` is the backend's message id (opaque bytes); ``b""`` means "before the first message"
     (an empty channel's latest position), so seeking to it resumes from the channel's start.
     ``timestamp`` is the message's ``end_ts`` (for a time-tick pack: the tick); 0 when unknown.
+    ``inclusive``: seeking to this position resumes *at* its message (delivered again) rather than
+    right after it; a plain pack's ``start_positions`` are inclusive, so seeking to them replays the pack.
     """
 
     channel: str
     msg_id: bytes
     timestamp: int = 0
+    inclusive: bool = False
 
     def to_bytes(self) -> bytes:
         """Serialise for a checkpoint; :meth:`from_bytes` reads it back (format in docs/wire-format.md)."""
@@ -46,7 +49,8 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
             raise UnmarshalError(f"corrupt position: {exc}", data=bytes(data)) from exc
 
     def __repr__(self) -> str:
-        return f"Position(channel={self.channel!r}, msg_id={self.msg_id.hex()!r}, timestamp={self.timestamp})"
+        at = ", inclusive=True" if self.inclusive else ""
+        return f"Position(channel={self.channel!r}, msg_id={self.msg_id.hex()!r}, timestamp={self.timestamp}{at})"
 
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -145,10 +145,17 @@ def test_consumed_record_is_no_field() -> None:
     assert "_raw" not in ms.InsertMsg.__struct_fields__
 
 
-@given(st.text(), st.binary(max_size=40), st.integers(0, 2**64 - 1))
-def test_position_round_trips(channel: str, msg_id: bytes, ts: int) -> None:
-    pos = ms.Position(channel, msg_id, ts)
+@given(st.text(), st.binary(max_size=40), st.integers(0, 2**64 - 1), st.booleans())
+def test_position_round_trips(channel: str, msg_id: bytes, ts: int, inclusive: bool) -> None:
+    pos = ms.Position(channel, msg_id, ts, inclusive)
     assert ms.Position.from_bytes(pos.to_bytes()) == pos
+
+
+def test_position_golden_bytes_and_older_checkpoints() -> None:
+    pos = ms.Position("c", b"\x01", 5, True)
+    assert pos.to_bytes() == b"MSP\x01\x94\xa1c\xc4\x01\x01\x05\xc3"
+    # a checkpoint written before the inclusive flag existed: three elements, resume after the message
+    assert ms.Position.from_bytes(b"MSP\x01\x93\xa1c\xc4\x01\x01\x05") == ms.Position("c", b"\x01", 5)
 
 
 @given(st.binary(max_size=60))

@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import confluent_kafka as ck
@@ -742,7 +742,7 @@ class _KafkaConsumer(Consumer):
         del delivered[:n]
         return last
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
         backend = self._backend
@@ -759,7 +759,7 @@ class _KafkaConsumer(Consumer):
             offset = int.from_bytes(after, "big", signed=True)
             if not low <= offset < high:
                 raise SeekError(f"offset {offset} is not on {channel!r} (offsets {low} to {high - 1})")
-            offsets.append(ck.TopicPartition(channel, 0, offset + 1))
+            offsets.append(ck.TopicPartition(channel, 0, offset if channel in inclusive else offset + 1))
         with backend.errors("seek", SeekError):
             self._commit_retrying(offsets)
             for tp in offsets:

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
@@ -757,7 +757,7 @@ class _PulsarConsumer(Consumer):
                 acknowledge(pending[raw])  # first: if it fails, the message stays pending for a retry
                 del pending[raw]
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
         backend = self._backend
@@ -800,7 +800,7 @@ class _PulsarConsumer(Consumer):
                         mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
                     finally:
                         mover.close()
-                    if channel in skips:
+                    if channel in skips and channel not in inclusive:
                         self._skip[channel] = skips[channel]
             finally:
                 with contextlib.suppress(MsgStreamError):  # else the next receive subscribes again

@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import redis
@@ -303,6 +303,12 @@ class _RedisProducer(Producer):
         self._closed = True
 
 
+def _before(entry: bytes) -> bytes:
+    """The greatest stream entry id below ``entry``: a group set there delivers ``entry`` next."""
+    ms, seq = (int(part) for part in entry.split(b"-"))
+    return b"%d-%d" % ((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
+
+
 def _payload(fields: Any) -> bytes:
     """The frame in an entry's fields (``[b"d", frame]``); an entry written otherwise gives ``b""``."""
     return fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
@@ -488,7 +494,7 @@ class _RedisConsumer(Consumer):
         for channel, ids in by_channel.items():  # only once acknowledged: a failed ack keeps them held
             self._held[self._key_of[channel].encode()].difference_update(ids)
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
         with self._backend.errors("seek"):
@@ -505,7 +511,8 @@ class _RedisConsumer(Consumer):
             for channel, after in targets.items():
                 key = self._key_of[channel]
                 self._held[key.encode()].clear()
-                self._r.xgroup_setid(key, self.subscription, after or "0")
+                start = _before(after) if after and channel in inclusive else after
+                self._r.xgroup_setid(key, self.subscription, start or "0")
                 while True:  # forget the group's deliveries on this stream
                     pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
                     if not pending:

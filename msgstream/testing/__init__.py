@@ -617,6 +617,33 @@ class ConformanceSuite:
         inp.ack(again)
         expect_quiet(inp, self.quiet_period)
 
+    def test_seek_to_start_positions_replays_the_pack(self, client: ms.Client, streams: Any) -> None:
+        """A plain pack's start positions are inclusive: seeking to them (through bytes, as a checkpoint
+        would) delivers the pack again from its first message, on every channel it touched."""
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(4)]))
+        inp = self.consumer(streams, chans)
+        consume_n(inp, 4, self.timeout)  # the replayed pack does not start at the channels' first messages
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(4, 12)]))
+        pack = inp.consume(timeout=self.timeout)
+        assert pack is not None and pack.start_positions
+        inp.seek([ms.Position.from_bytes(p.to_bytes()) for p in pack.start_positions])
+        again = consume_n(inp, 8, self.timeout)  # the pack again, and what came after it
+        assert sorted(m.row_ids[0] for m in again if isinstance(m, ms.InsertMsg)) == list(range(4, 12))
+        frames = streams()
+        frames.create_consumers(self.sub(), chans)
+        first = frames.consume_frames(timeout=self.timeout)
+        assert first is not None
+        frames.seek(first.start_positions)
+        want = {(f.channel, f.msg_id) for f in first.frames}
+        replayed: set[tuple[str, bytes]] = set()
+        deadline = time.monotonic() + self.timeout
+        while not want <= replayed and time.monotonic() < deadline:
+            replay = frames.consume_frames(timeout=0.5)
+            replayed.update((f.channel, f.msg_id) for f in replay or [])
+        assert want <= replayed, "seeking to a frame pack's start positions did not replay it"
+
     def test_seek_to_empty_position_starts_from_first(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 1)
         inp = self.consumer(streams, chans, position=ms.SubscriptionPosition.LATEST)

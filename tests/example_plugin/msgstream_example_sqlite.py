@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
 from urllib.parse import unquote
@@ -338,7 +338,7 @@ class _SqliteConsumer(Consumer):
                     "DELETE FROM pending WHERE channel = ? AND sub = ? AND seq = ? AND consumer IS NOT NULL", rows
                 )
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         self._check_open()
         with self._backend._tx(_consume_error) as conn:  # one transaction: all targets or none
             cursors: dict[str, int] = {}
@@ -350,8 +350,9 @@ class _SqliteConsumer(Consumer):
                 if after:
                     if len(after) != _ID_LEN:
                         raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
-                    cursors[channel] = int.from_bytes(after, "big") + 1
-                    if cursors[channel] > length:
+                    offset = int.from_bytes(after, "big")
+                    cursors[channel] = offset if channel in inclusive else offset + 1
+                    if offset >= length:
                         raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({length} messages)")
             for channel, cursor in cursors.items():
                 conn.execute(
