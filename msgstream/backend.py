@@ -277,9 +277,10 @@ class Consumer(abc.ABC):
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         """Make the subscription resume each channel of ``targets`` right after its message id (at it,
         delivering that message again, for the channels in ``inclusive``); ``None`` resumes from the
-        channel's first message. The core passes ``inclusive`` only when it is not empty. Unacknowledged deliveries on those channels
-        are forgotten. Check every target before moving any: an id that is not on its channel raises
-        ``SeekError`` and changes nothing — never a silent move to the start or the end."""
+        channel's first message. The core passes ``inclusive`` only when it is not empty. Unacknowledged
+        deliveries on those channels are forgotten. Check every target before moving any: an id that is
+        not on its channel raises ``SeekError`` and changes nothing — never a silent move to the start or
+        the end."""
 
     def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
         """Leave the subscription (it keeps its place for the next member). Idempotent."""

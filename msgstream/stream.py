@@ -381,9 +381,9 @@ class MsgStream:
 
     def seek(self, positions: Sequence[Position]) -> None:
         """Resume each position's channel right after that position (at it, for an ``inclusive`` one;
-        a position with an empty msg_id: from the channel's start). Channels not named keep their place. Every position is checked
-        before any channel moves: an invalid one raises ``SeekError`` and nothing changes; seek never
-        falls back silently to the start or the end."""
+        a position with an empty msg_id: from the channel's start). Channels not named keep their place.
+        Every position is checked before any channel moves: an invalid one raises ``SeekError`` and
+        nothing changes; seek never falls back silently to the start or the end."""
         consumer = self._require_consumer()
         targets = seek_targets(positions, consumer.channels)
         self._ack_delivered()

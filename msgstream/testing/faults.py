@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import ClassVar, TypeVar, cast
 
 import msgspec
@@ -165,10 +165,10 @@ class FaultyConsumer(Consumer):
             raise InjectedConsumeError(f"injected fault: ack of {len(messages)} message(s) failed")
         self.inner.ack(messages)
 
-    def seek(self, targets: Mapping[str, bytes | None]) -> None:
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._faults.check("seek"):
             raise InjectedSeekError(f"injected fault: seek of {sorted(targets)} failed before anything moved")
-        self.inner.seek(targets)
+        self.inner.seek(targets, inclusive)
 
     def close(self) -> None:
         self.inner.close()
