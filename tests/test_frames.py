@@ -47,7 +47,7 @@ def test_pack_time_range_positions_and_unmarshal(client: ms.Client) -> None:
     assert pack is not None and len(pack) == 3
     assert [f.msg_id for f in pack] == ids
     assert (pack.begin_ts, pack.end_ts) == (3, 11)
-    assert pack.start_positions == [ms.Position(ch, ids[0], 7)]
+    assert pack.start_positions == [ms.Position(ch, ids[0], 7, inclusive=True)]
     assert pack.end_positions == [ms.Position(ch, ids[2], 11)]
     typed = pack.unmarshal()
     assert typed.msgs == [_row(0, 7), _row(1, 3), _row(2, 11)]

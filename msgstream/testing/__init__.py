@@ -380,7 +380,8 @@ class ConformanceSuite:
             got.extend(pack.msgs)
             for ch in {m.position.channel for m in pack.msgs if m.position}:
                 mine = [m.position for m in pack.msgs if m.position and m.position.channel == ch]
-                assert mine[0] in pack.start_positions and mine[-1] in pack.end_positions
+                first = ms.Position(mine[0].channel, mine[0].msg_id, mine[0].timestamp, inclusive=True)
+                assert first in pack.start_positions and mine[-1] in pack.end_positions
             assert len(pack.end_positions) == len({p.channel for p in pack.end_positions})
             assert pack.begin_ts == min(m.begin_ts for m in pack.msgs)
             assert pack.end_ts == max(m.end_ts for m in pack.msgs)
