@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from ._kinds import SubclassOf
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
 from .errors import (
@@ -30,7 +28,6 @@ from .repack import default as default_repack
 __all__ = ["MsgStream"]
 
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
-_IS_RAW, _IS_MSG = SubclassOf(RawMessage), SubclassOf(TsMsg)  # isinstance per type, for ack's loop
 MAX_TIMEOUT = 3600.0
 
 
@@ -310,18 +307,6 @@ class MsgStream:
         return FramePack(raws, self._dispatcher)
 
     def _decode(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
-        """Decode ``raws`` into a pack; if a frame does not decode, see :meth:`_decode_prefix`."""
-        unmarshal = self._dispatcher.unmarshal
-        try:  # the usual case: every frame decodes
-            msgs = [unmarshal(raw.payload) for raw in raws]
-        except UnmarshalError:
-            return self._decode_prefix(raws, track)
-        deque(map(set_record, msgs, raws), 0)  # each message its record, without a Python-level loop
-        if track:
-            self._unacked.extend(raws)
-        return msgs
-
-    def _decode_prefix(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
         """Decode the longest good prefix of ``raws`` into a pack; what follows it waits in the backlog.
         A bad frame at the head is reported (raised, or given to ``on_error``) and acknowledged by the next
         call."""
@@ -355,12 +340,10 @@ class MsgStream:
         if isinstance(msgs, (TsMsg, RawMessage)) or not isinstance(msgs, Sequence):
             raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
         raws: list[RawMessage] = []
-        is_raw, is_msg = _IS_RAW, _IS_MSG
         for m in msgs:
-            kind = type(m)
-            if is_raw[kind]:
-                raws.append(m)  # type: ignore[arg-type]
-            elif is_msg[kind]:
+            if isinstance(m, RawMessage):
+                raws.append(m)
+            elif isinstance(m, TsMsg):
                 raw = getattr(m, "_raw", None)
                 if raw is not None:
                     raws.append(raw)

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
-from ._kinds import SubclassOf
 from .codec import UnmarshalDispatcher
 from .errors import InvalidArgumentError, StreamClosedError, StreamStateError, TimeTickError
 from .messages import TimeTickMsg, TsMsg
@@ -42,7 +41,6 @@ __all__ = ["TimeTickStream"]
 
 log = logging.getLogger("msgstream.timetick")
 _END_TS = attrgetter("end_ts")
-_TICK = SubclassOf(TimeTickMsg)  # _TICK[type(m)]: m is a tick (isinstance at a fraction of its cost)
 
 
 class _Channel:
@@ -161,13 +159,12 @@ class TimeTickStream:
         rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
         only = self._order[0] if len(self._order) == 1 else None  # a stream of one channel
-        tick_type = _TICK
         ack_now: list[TsMsg] = []
         error: TimeTickError | None = None
         for m in msgs:
             ch = only or channels[m._raw.channel]
             ts = m.end_ts
-            is_tick = tick_type[type(m)]
+            is_tick = isinstance(m, TimeTickMsg)
             if ch.skip_upto is not None:
                 if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
                     ack_now.append(m)
@@ -211,7 +208,6 @@ class TimeTickStream:
                 tick = ch.ticks[0]
         assert tick is not None
         prev = self._last_tick
-        tick_type = _TICK
         data: list[TsMsg] = []
         done: list[Any] = []  # the backend records of what the pack covers, to acknowledge
         starts: list[Position] = []
@@ -222,9 +218,9 @@ class TimeTickStream:
                 for m in chlog:  # first tick above ``tick`` (no data <= tick follows a tick > tick)
                     ts = m.end_ts
                     if ts > tick:
-                        if tick_type[type(m)]:
+                        if isinstance(m, TimeTickMsg):
                             break
-                    elif ts > prev and not tick_type[type(m)]:
+                    elif ts > prev and not isinstance(m, TimeTickMsg):
                         data.append(m)
             ticks = ch.ticks
             while ticks and ticks[0] <= tick:
@@ -244,7 +240,7 @@ class TimeTickStream:
                 del chlog[:k]
                 done += [m._raw for m in covered]
                 if ch.in_order:
-                    data += [m for m in covered if m.end_ts > prev and not tick_type[type(m)]]
+                    data += [m for m in covered if m.end_ts > prev and not isinstance(m, TimeTickMsg)]
                 ch.position = Position(ch.name, covered[-1]._raw.msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)
