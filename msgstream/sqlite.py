@@ -74,23 +74,11 @@ CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL
 _FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
     UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
 
-ErrorFactory = Callable[[str, bool], MsgStreamError]
+ErrorClass = Callable[[str], MsgStreamError]  # what a failed sqlite3 call becomes, by operation
 
 
 def _msg_id(seq: int) -> bytes:
     return seq.to_bytes(_ID_LEN, "big")
-
-
-def _error(cls: type[MsgStreamError]) -> ErrorFactory:
-    def make(text: str, retriable: bool) -> MsgStreamError:
-        exc = cls(text)
-        exc.retriable = retriable
-        return exc
-
-    return make
-
-
-_unavailable, _consume_error = _error(BrokerUnavailableError), _error(ConsumeError)
 
 
 def _retriable(exc: sqlite3.Error) -> bool:
@@ -158,14 +146,14 @@ class SQLiteBackend(Backend):
                 conn.close()
                 raise
         except sqlite3.Error as exc:
-            raise _unavailable(f"cannot open {url.redacted()}: {exc}", _retriable(exc)) from exc
+            raise BrokerUnavailableError(f"cannot open {url.redacted()}: {exc}") from exc
         self._conn = conn
 
     @contextlib.contextmanager
-    def _tx(self, error: ErrorFactory, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
+    def _tx(self, error: ErrorClass, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
         """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
-        seconds (default ``busy_timeout``) for the write lock; sqlite3 errors become ``error(text,
-        retriable)``; anything raised rolls back."""
+        seconds (default ``busy_timeout``) for the write lock; sqlite3 errors become ``error(text)``,
+        ``retriable`` when trying again may work; anything raised rolls back."""
         with self._lock:
             conn = self._conn
             if conn is None:
@@ -187,12 +175,14 @@ class SQLiteBackend(Backend):
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise error(f"sqlite {self.url.redacted()}: {exc}", _retriable(exc)) from exc
+                    translated = error(f"sqlite {self.url.redacted()}: {exc}")
+                    translated.retriable = _retriable(exc)
+                    raise translated from exc
                 raise
 
     def _version(self) -> tuple[int, int]:
         """Changes whenever any connection committed a write to the file."""
-        with self._tx(_consume_error, write=False) as conn:
+        with self._tx(ConsumeError, write=False) as conn:
             return int(conn.execute("PRAGMA data_version").fetchone()[0]), self._commits
 
     @staticmethod
@@ -205,35 +195,35 @@ class SQLiteBackend(Backend):
     def create_channel(self, name: str, metadata: bytes) -> None:
         if not isinstance(name, str) or not CHANNEL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid channel name {name!r}")
-        with self._tx(_unavailable) as conn:
+        with self._tx(BrokerUnavailableError) as conn:
             if conn.execute("SELECT 1 FROM channels WHERE name = ?", (name,)).fetchone():
                 raise ChannelExistsError(f"channel exists: {name!r}")
             conn.execute("INSERT INTO channels (name, metadata) VALUES (?, ?)", (name, bytes(metadata)))
 
     def channel_metadata(self, name: str) -> bytes:
-        with self._tx(_unavailable, write=False) as conn:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
             row = conn.execute("SELECT metadata FROM channels WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise ChannelNotFoundError(name)
         return bytes(row[0])
 
     def delete_channel(self, name: str) -> None:
-        with self._tx(_unavailable) as conn:
+        with self._tx(BrokerUnavailableError) as conn:
             chan = self._channel(conn, name)[0]
             for table in ("messages", "subscriptions", "pending"):
                 conn.execute(f"DELETE FROM {table} WHERE chan = ?", (chan,))
             conn.execute("DELETE FROM channels WHERE id = ?", (chan,))
 
     def create_producer(self, channel: str) -> Producer:
-        with self._tx(_unavailable, write=False) as conn:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
             chan = self._channel(conn, channel)[0]
         return _SQLiteProducer(self, channel, chan)
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
         token = uuid.uuid4().hex
-        self._reap(_unavailable)
+        self._reap(BrokerUnavailableError)
         ids: dict[str, int] = {}
-        with self._tx(_unavailable) as conn:
+        with self._tx(BrokerUnavailableError) as conn:
             for name in channels:
                 chan, first, nxt = self._channel(conn, name)
                 ids[name] = chan
@@ -245,11 +235,11 @@ class SQLiteBackend(Backend):
         return consumer
 
     def latest_message_id(self, channel: str) -> bytes | None:
-        with self._tx(_unavailable, write=False) as conn:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
             nxt = self._channel(conn, channel)[2]
         return _msg_id(nxt - 1) if nxt else None
 
-    def _reap(self, error: ErrorFactory, wait: float | None = None) -> None:
+    def _reap(self, error: ErrorClass, wait: float | None = None) -> None:
         """Hand the pending messages of members whose process died back for redelivery."""
         with self._tx(error, write=False, wait=wait) as conn:
             rows = conn.execute("SELECT token, pid, started FROM members").fetchall()
@@ -294,8 +284,8 @@ class _SQLiteProducer(Producer):
         self._chan = chan
         self._closed = False
 
-    def _error(self, text: str, retriable: bool) -> MsgStreamError:
-        return ProduceError(f"send to {self.channel!r} failed: {text}", channel=self.channel, retriable=retriable)
+    def _error(self, text: str) -> MsgStreamError:
+        return ProduceError(f"send to {self.channel!r} failed: {text}", channel=self.channel)
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
         if self._closed:
@@ -387,7 +377,7 @@ class _SQLiteConsumer(Consumer):
             try:
                 if time.monotonic() >= self._next_reap:
                     self._next_reap = time.monotonic() + _REAP_EVERY
-                    self._backend._reap(_consume_error, max(remaining, 0.001))
+                    self._backend._reap(ConsumeError, max(remaining, 0.001))
                 version = self._backend._version()
                 if version != self._seen:
                     self._seen = version
@@ -410,7 +400,7 @@ class _SQLiteConsumer(Consumer):
         n, first_channel, sub, me = len(self.channels), self._next_channel, self.subscription, self._token
         self._next_channel = (first_channel + 1) % n
         read = "SELECT seq, payload FROM messages WHERE chan = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?"
-        with self._backend._tx(_consume_error, wait=wait) as conn:
+        with self._backend._tx(ConsumeError, wait=wait) as conn:
             for k in range(n):
                 name = self.channels[(first_channel + k) % n]
                 chan = self._ids[name]
@@ -450,7 +440,7 @@ class _SQLiteConsumer(Consumer):
         for m in messages:
             by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
         plans = {name: self._held.settle(name, seqs) for name, seqs in by_channel.items()}
-        with self._backend._tx(_consume_error) as conn:
+        with self._backend._tx(ConsumeError) as conn:
             for name, plan in plans.items():
                 chan, sub = self._ids.get(name), self.subscription
                 for first, left in plan:
@@ -468,7 +458,7 @@ class _SQLiteConsumer(Consumer):
 
     def seek(self, targets: Mapping[str, bytes | None]) -> None:
         self._check_open()
-        with self._backend._tx(_consume_error) as conn:  # one transaction: all targets or none
+        with self._backend._tx(ConsumeError) as conn:  # one transaction: all targets or none
             cursors: dict[int, int] = {}
             for channel, after in targets.items():
                 if channel not in self._ids:
@@ -494,6 +484,6 @@ class _SQLiteConsumer(Consumer):
             return
         self._closed = True
         self._backend._consumers.discard(self)
-        with self._backend._tx(_consume_error) as conn:
+        with self._backend._tx(ConsumeError) as conn:
             conn.execute("UPDATE pending SET member = NULL WHERE member = ?", (self._token,))
             conn.execute("DELETE FROM members WHERE token = ?", (self._token,))
