@@ -18,6 +18,7 @@ from pathlib import Path
 #: name -> (module, one-line description)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
+    "sqlite": ("benchmarks.bench_sqlite", "sqlite:/// backend against raw sqlite3, cross-process latency, idle CPU"),
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
     "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Apache Kafka)"),
     "pulsar": ("benchmarks.bench_pulsar", "Pulsar backend against raw pulsar-client (starts its own Apache Pulsar)"),
@@ -72,6 +73,10 @@ def _scaling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw throughput vs message size to PNG")
 
 
+def _sqlite_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", type=Path, help="the database file (default: a new one in a temporary directory)")
+
+
 def _all_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the report and plot go (default: docs/)")
 
@@ -84,6 +89,7 @@ OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "kafka": _kafka_options,
     "pulsar": _pulsar_options,
     "latency": _latency_options,
+    "sqlite": _sqlite_options,
 }
 
 

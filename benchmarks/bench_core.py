@@ -510,7 +510,12 @@ def bench_timetick(client: ms.Client, row_bytes: int, seconds: float, repeats: i
 
 
 # -- report -----------------------------------------------------------------------------------------
-SECTION_TITLES = {"codec": "codec", "memory": "memory backend", "timetick": "time-tick vs plain"}
+SECTION_TITLES = {
+    "codec": "codec",
+    "memory": "memory backend",
+    "timetick": "time-tick vs plain",
+    "sqlite": "sqlite:///",
+}
 
 
 def _size(n: float) -> str:

@@ -34,6 +34,12 @@ def _broker_url(env: str, factory: pytest.TempPathFactory, start: Callable[[Path
         broker.stop()
 
 
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A new sqlite:/// broker file for the test."""
+    return f"sqlite:///{tmp_path}/broker.db"
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """MSGSTREAM_REDIS_URL, else a redis-server started for this session."""

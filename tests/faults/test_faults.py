@@ -1,4 +1,5 @@
-"""Fault suite: consumer crashes, corrupt input and secrets, against every backend with a real broker.
+"""Fault suite: consumer crashes, corrupt input and secrets, against every backend with a real broker, and
+sqlite:///'s producing processes killed.
 
 Short by default (CI); ``--long`` for the full runs. Every figure a test measures goes to the session's
 fault report (``--fault-report PATH`` writes it as Markdown; docs/reliability.md keeps the last one).
@@ -27,10 +28,11 @@ from msgstream.errors import MsgStreamError, ProduceError, UnmarshalError
 from .load import consume_confirmed
 
 WORKER = Path(__file__).with_name("crash_worker.py")
-BROKERS = ["redis", "kafka", "pulsar"]
+BROKERS = ["redis", "kafka", "pulsar"]  # brokers in processes of their own
+BACKENDS = [*BROKERS, "sqlite"]  # and the one in a file
 
 
-@pytest.fixture(params=BROKERS)
+@pytest.fixture(params=BACKENDS)
 def broker_url(request: pytest.FixtureRequest) -> tuple[str, str]:
     name: str = request.param
     return name, str(request.getfixturevalue(f"{name}_url"))
@@ -222,7 +224,7 @@ def _write_raw(backend: Any, chan: str, payloads: list[bytes]) -> None:
         producer.close()
 
 
-@pytest.mark.parametrize("backend_name", ["memory", *BROKERS])
+@pytest.mark.parametrize("backend_name", ["memory", *BACKENDS])
 def test_corrupt_frames_are_reported_and_good_messages_go_on(
     backend_name: str, request: pytest.FixtureRequest, fault_report: Any
 ) -> None:
@@ -461,6 +463,76 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
         assert firsts == sorted(firsts), f"channel {c}: first deliveries out of order"
 
 
+# -- producing processes killed (sqlite:///: the broker is the file) -----------------------------
+_WRITER = """
+import os, sys
+import msgstream as ms
+url, chans, log, base = sys.argv[1], sys.argv[2].split(","), sys.argv[3], int(sys.argv[4])
+fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+with ms.connect(url) as client, client.msg_stream(produce_timeout=30) as out:
+    out.create_producers(chans)
+    for k in range(base, base + 10**6, 50):
+        rows = range(k, k + 50)
+        out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=1, end_ts=1, hash_values=[i], row_ids=[i]) for i in rows]))
+        os.write(fd, f"{k}\\n".encode())  # confirmed: one write(2), so a kill leaves whole lines
+"""
+
+
+def test_producers_killed_lose_and_repeat_nothing_confirmed(
+    sqlite_url: str, tmp_path: Path, request: pytest.FixtureRequest, fault_report: Any
+) -> None:
+    """Three processes produce into one sqlite:/// file at once and are SIGKILLed at random points, again
+    and again. Every pack whose produce returned is stored, exactly once; of a pack a kill interrupted,
+    each channel's share is stored whole or not at all (it is one transaction); per channel, each writer's
+    rows keep their order."""
+    rounds = 20 if request.config.getoption("--long") else 5
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with ms.connect(sqlite_url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=3))
+    logs: list[Path] = []
+    for r in range(rounds):
+        procs = []
+        for w in range(3):
+            logs.append(tmp_path / f"confirmed-{r}-{w}.log")
+            base = len(logs) * 10**6  # each writer's rows are its own
+            argv = [sys.executable, "-c", _WRITER, sqlite_url, ",".join(chans), str(logs[-1]), str(base)]
+            procs.append(subprocess.Popen(argv, start_new_session=True))
+        deadline = time.monotonic() + 60
+        while not all(log.exists() and log.stat().st_size for log in logs[-3:]):  # every writer confirmed a pack
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), f"writers stalled ({seed})"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    confirmed = {i for log in logs for k in log.read_text().split() for i in range(int(k), int(k) + 50)}
+    got: list[tuple[str, int]] = []
+    with ms.connect(sqlite_url) as client, client.msg_stream(receive_batch=1000) as inp:
+        inp.create_consumers("check", chans)
+        while (pack := inp.consume(timeout=1)) is not None:
+            got += [(m.position.channel, m.row_ids[0]) for m in pack.msgs if isinstance(m, ms.InsertMsg) and m.position]
+    rows = [r for _, r in got]
+    lost = len(confirmed - set(rows))
+    repeated = len(rows) - len(set(rows))
+    unconfirmed = set(rows) - confirmed
+    fault_report.add(
+        "producers killed", "sqlite", rounds=rounds, writers=3, confirmed=len(confirmed), stored=len(rows),
+        lost=lost, repeated=repeated, unconfirmed_stored=len(unconfirmed), seed=seed,
+    )  # fmt: skip
+    assert lost == 0 and repeated == 0, f"lost {lost}, repeated {repeated} (seed {seed})"
+    packs = {r - r % 50 for r in unconfirmed}  # packs a kill interrupted: at most one per writer process
+    assert len(packs) <= len(logs), f"seed {seed}"
+    stored = set(rows)
+    for k, c in ((k, c) for k in packs for c in range(3)):  # each channel's share of a pack: whole or nothing
+        share = {i for i in range(k, k + 50) if i % 3 == c}
+        assert share <= stored or not share & stored, f"pack {k}, channel {c}: partly stored (seed {seed})"
+    for ch in chans:
+        for writer in {r // 10**6 for r in rows}:
+            mine = [r for c, r in got if c == ch and r // 10**6 == writer]
+            assert mine == sorted(mine), f"{ch}: writer {writer} out of order (seed {seed})"
+
+
 # -- sustained load -------------------------------------------------------------------------------
 def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -476,7 +548,7 @@ def _open_fds() -> int:
 RSS_GROWTH_BOUND_MIB = 40.0  # after the first fifth of the run (warm-up: caches, client buffers)
 
 
-@pytest.mark.parametrize("backend_name", BROKERS)  # not memory://: it is the broker, it keeps every message
+@pytest.mark.parametrize("backend_name", BACKENDS)  # not memory://: it is the broker, it keeps every message
 def test_sustained_load_keeps_memory_flat_and_leaks_nothing(
     backend_name: str, request: pytest.FixtureRequest, fault_report: Any
 ) -> None:
@@ -555,7 +627,7 @@ def _within(seconds: float, call: Callable[[], Any]) -> BaseException | None:
     return outcome[0]
 
 
-@pytest.mark.parametrize("backend_name", ["memory", *BROKERS])
+@pytest.mark.parametrize("backend_name", ["memory", *BACKENDS])
 def test_bad_input_is_a_typed_error_never_a_hang(
     backend_name: str, request: pytest.FixtureRequest, fault_report: Any
 ) -> None:

@@ -1,0 +1,490 @@
+"""The ``sqlite:///`` backend: durable streams in one SQLite file, shared by the processes of one host.
+
+``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (the file is the URL's path less its
+first slash). Every client, thread and process that opens the file shares one broker. The file is in WAL
+mode (readers run beside the one writer) and every read-modify-write is a ``BEGIN IMMEDIATE``
+transaction, so two members of a subscription never take the same message. A ``send`` that returned
+is committed: it survives a kill -9 of any process, and with ``synchronous=full`` a power loss.
+
+A message id is the message's 0-based sequence number in its channel, 8 bytes big-endian. Each
+(channel, subscription) has a cursor shared by its members and rows in ``pending``: ranges of sequence
+numbers delivered to a member and not acknowledged; a range whose ``member`` is NULL waits for
+redelivery and goes first to the next member that receives. A member that closes hands its ranges
+back; so does one whose process died, found by process id and start time (all clients of a file run
+on one host: SQLite's WAL mode needs shared memory).
+
+Options (``?name=value``), defaults in brackets:
+
+* ``synchronous`` [full]: ``full`` fsyncs the log at every commit; ``normal`` only at checkpoints, so
+  a power loss may undo the last commits (a process crash never does).
+* ``busy_timeout`` [5]: seconds ack, seek, close and channel operations wait for another connection's
+  write lock (send and receive wait at most their own timeout).
+* ``max_messages`` [0: none], ``max_age`` [0: none, seconds]: retention per channel, applied by each
+  send; ``retention`` [acked]: trim only what every subscription acknowledged, or ``force``.
+* ``poll_interval`` [0.001]: seconds between two looks at the file while a receive waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from bisect import bisect_right
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from sqlite3 import Connection
+from typing import Any
+
+from .backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from .errors import (
+    BrokerUnavailableError,
+    ChannelExistsError,
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
+
+__all__ = ["SQLiteBackend"]
+
+_ID_LEN = 8
+_REAP_EVERY = 1.0  # seconds between a receiving member's looks for members whose process died
+_VACUUM_PAGES = 1024  # free pages the file may keep; a send gives back up to 4x that many per call
+_OPTIONS = {"synchronous", "busy_timeout", "max_messages", "max_age", "retention", "poll_interval"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
+    metadata BLOB NOT NULL, first INTEGER NOT NULL DEFAULT 0, next INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS messages (chan INTEGER, seq INTEGER, ts REAL NOT NULL, payload BLOB NOT NULL,
+    PRIMARY KEY (chan, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (chan INTEGER, sub TEXT, cursor INTEGER NOT NULL,
+    PRIMARY KEY (chan, sub)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (chan INTEGER, sub TEXT, first INTEGER, last INTEGER NOT NULL, member TEXT,
+    PRIMARY KEY (chan, sub, first)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_by_member ON pending (member);
+CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL)
+    WITHOUT ROWID;
+"""
+_FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
+    UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
+
+ErrorClass = Callable[[str], MsgStreamError]  # what a failed sqlite3 call becomes, by operation
+
+
+def _msg_id(seq: int) -> bytes:
+    return seq.to_bytes(_ID_LEN, "big")
+
+
+def _retriable(exc: sqlite3.Error) -> bool:
+    """Another connection held the lock too long, or the disk failed or filled: trying again may work."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(w in text for w in ("locked", "busy", "i/o", "full"))
+
+
+def _process_stamp(pid: int) -> str | None:
+    """A live process's start time (field 22 of Linux's /proc/PID/stat), so that a reused pid is not taken
+    for the dead process; None if there is no such live process (or no /proc: see docs/backends.md)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
+    try:
+        value = float(options.get(name, default))
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value <= 10**12:
+        raise InvalidURLError(f"option {name} must be a non-negative number in {url.redacted()!r}")
+    return value
+
+
+class SQLiteBackend(Backend):
+    """A broker in one SQLite file; see the module docstring."""
+
+    features = Features(shared_subscription=True, durable=True, cross_process=True)
+
+    def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        path = url.path[1:]
+        if url.hosts or not path or path == ":memory:" or path.startswith("file:"):
+            raise InvalidURLError(
+                f"sqlite URLs are sqlite:///relative.db or sqlite:////abs/file.db: {url.redacted()!r}"
+            )
+        if unknown := sorted(set(self.options) - _OPTIONS):
+            raise InvalidURLError(f"unknown sqlite options {unknown} in {url.redacted()!r}")
+        self._sync = str(self.options.get("synchronous", "full")).upper()
+        self._force = str(self.options.get("retention", "acked"))
+        if self._sync not in ("FULL", "NORMAL") or self._force not in ("acked", "force"):
+            raise InvalidURLError(f"synchronous is full|normal, retention acked|force: {url.redacted()!r}")
+        self._busy = _number(self.options, "busy_timeout", 5.0, url)
+        self._max_messages = int(_number(self.options, "max_messages", 0, url))
+        self._max_age = _number(self.options, "max_age", 0, url)
+        self.poll_interval = _number(self.options, "poll_interval", 0.001, url)
+        self._lock = threading.Lock()  # one connection, used by one thread at a time
+        self._busy_ms = -1
+        self._commits = 0  # our own writes: data_version counts only other connections'
+        self._consumers: weakref.WeakSet[_SQLiteConsumer] = weakref.WeakSet()  # closed with the backend
+        self._conn: Connection | None = None
+        try:
+            conn = sqlite3.connect(path, self._busy, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._sync}")
+                conn.executescript(_SCHEMA)
+            except sqlite3.Error:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            raise BrokerUnavailableError(f"cannot open {url.redacted()}: {exc}") from exc
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _tx(self, error: ErrorClass, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
+        """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
+        seconds (default ``busy_timeout``) for the write lock; sqlite3 errors become ``error(text)``,
+        ``retriable`` when trying again may work; anything raised rolls back."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StreamClosedError(f"backend {self.url.redacted()} is closed")
+            try:
+                busy_ms = max(1, int((self._busy if wait is None else wait) * 1000))
+                if busy_ms != self._busy_ms:
+                    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                    self._busy_ms = busy_ms
+                if write:
+                    conn.execute("BEGIN IMMEDIATE")
+                changes = conn.total_changes
+                yield conn
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+                self._commits += conn.total_changes != changes
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    translated = error(f"sqlite {self.url.redacted()}: {exc}")
+                    translated.retriable = _retriable(exc)
+                    raise translated from exc
+                raise
+
+    def _version(self) -> tuple[int, int]:
+        """Changes whenever any connection committed a write to the file."""
+        with self._tx(ConsumeError, write=False) as conn:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0]), self._commits
+
+    @staticmethod
+    def _channel(conn: Connection, name: str) -> tuple[int, int, int]:
+        row = conn.execute("SELECT id, first, next FROM channels WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ChannelNotFoundError(name)
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        if not isinstance(name, str) or not CHANNEL_NAME.fullmatch(name):
+            raise InvalidArgumentError(f"invalid channel name {name!r}")
+        with self._tx(BrokerUnavailableError) as conn:
+            if conn.execute("SELECT 1 FROM channels WHERE name = ?", (name,)).fetchone():
+                raise ChannelExistsError(f"channel exists: {name!r}")
+            conn.execute("INSERT INTO channels (name, metadata) VALUES (?, ?)", (name, bytes(metadata)))
+
+    def channel_metadata(self, name: str) -> bytes:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            row = conn.execute("SELECT metadata FROM channels WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ChannelNotFoundError(name)
+        return bytes(row[0])
+
+    def delete_channel(self, name: str) -> None:
+        with self._tx(BrokerUnavailableError) as conn:
+            chan = self._channel(conn, name)[0]
+            for table in ("messages", "subscriptions", "pending"):
+                conn.execute(f"DELETE FROM {table} WHERE chan = ?", (chan,))
+            conn.execute("DELETE FROM channels WHERE id = ?", (chan,))
+
+    def create_producer(self, channel: str) -> Producer:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            chan = self._channel(conn, channel)[0]
+        return _SQLiteProducer(self, channel, chan)
+
+    def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        token = uuid.uuid4().hex
+        self._reap(BrokerUnavailableError)
+        ids: dict[str, int] = {}
+        with self._tx(BrokerUnavailableError) as conn:
+            for name in channels:
+                chan, first, nxt = self._channel(conn, name)
+                ids[name] = chan
+                start = first if initial is SubscriptionPosition.EARLIEST else nxt
+                conn.execute("INSERT OR IGNORE INTO subscriptions VALUES (?, ?, ?)", (chan, subscription, start))
+            conn.execute("INSERT INTO members VALUES (?, ?, ?)", (token, os.getpid(), _process_stamp(os.getpid())))
+        consumer = _SQLiteConsumer(self, subscription, ids, token)
+        self._consumers.add(consumer)
+        return consumer
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            nxt = self._channel(conn, channel)[2]
+        return _msg_id(nxt - 1) if nxt else None
+
+    def _reap(self, error: ErrorClass, wait: float | None = None) -> None:
+        """Hand the pending messages of members whose process died back for redelivery."""
+        with self._tx(error, write=False, wait=wait) as conn:
+            rows = conn.execute("SELECT token, pid, started FROM members").fetchall()
+        dead = [(token,) for token, pid, started in rows if _process_stamp(pid) != started]
+        if dead:
+            with self._tx(error, wait=wait) as conn:
+                conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", dead)
+                conn.executemany("DELETE FROM members WHERE token = ?", dead)
+
+    def _trim(self, conn: Connection, chan: int, first: int, nxt: int) -> None:
+        """Apply the retention limits to one channel, inside the caller's transaction."""
+        bound = nxt - self._max_messages if self._max_messages else 0
+        if self._max_age:
+            young = "SELECT seq FROM messages WHERE chan = ? AND ts >= ? ORDER BY seq LIMIT 1"
+            row = conn.execute(young, (chan, time.time() - self._max_age)).fetchone()
+            bound = max(bound, nxt if row is None else row[0])
+        if self._force == "acked":
+            floor = conn.execute(_FLOOR, (chan,)).fetchone()[0]
+            bound = bound if floor is None else min(bound, floor)
+        if bound > first:
+            conn.execute("DELETE FROM messages WHERE chan = ? AND seq < ?", (chan, bound))
+            conn.execute("UPDATE channels SET first = ? WHERE id = ?", (bound, chan))
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free > _VACUUM_PAGES:  # one page per step of the statement, as Python's execute steps once
+                for _ in range(min(free, 4 * _VACUUM_PAGES)):
+                    conn.execute("PRAGMA incremental_vacuum(1)")
+
+    def close(self) -> None:
+        for consumer in list(self._consumers):  # give their pending messages back while we can
+            with contextlib.suppress(MsgStreamError):
+                consumer.close()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _SQLiteProducer(Producer):
+    def __init__(self, backend: SQLiteBackend, channel: str, chan: int) -> None:
+        super().__init__(channel)
+        self._backend = backend
+        self._chan = chan
+        self._closed = False
+
+    def _error(self, text: str) -> MsgStreamError:
+        return ProduceError(f"send to {self.channel!r} failed: {text}", channel=self.channel)
+
+    def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        backend, chan, now = self._backend, self._chan, time.time()
+        with backend._tx(self._error, wait=timeout) as conn:
+            row = conn.execute("SELECT first, next FROM channels WHERE id = ?", (chan,)).fetchone()
+            if row is None:
+                raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
+            first, start = row
+            conn.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?)", [(chan, start + i, now, p) for i, p in enumerate(payloads)]
+            )
+            conn.execute("UPDATE channels SET next = ? WHERE id = ?", (start + len(payloads), chan))
+            if backend._max_messages or backend._max_age:
+                backend._trim(conn, chan, first, start + len(payloads))
+        return [_msg_id(seq) for seq in range(start, start + len(payloads))]
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _Held:
+    """What one member was delivered and has not acknowledged: per channel, ranges ``first..last`` of
+    sequence numbers, each the key of one of the member's rows in the ``pending`` table."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, dict[int, int]] = {}  # channel -> first -> last
+
+    def add(self, channel: str, first: int, last: int) -> None:
+        self._ranges.setdefault(channel, {})[first] = last
+
+    def forget(self, channel: str) -> None:
+        self._ranges.pop(channel, None)
+
+    def settle(self, channel: str, seqs: set[int]) -> list[tuple[int, list[tuple[int, int]]]]:
+        """What acknowledging ``seqs`` does: for each range they touch, (its first, the ranges left of it).
+        Changes nothing until :meth:`apply`, so that an acknowledgement that failed can be made again."""
+        ranges = self._ranges.get(channel, {})
+        firsts = sorted(ranges)
+        hit: dict[int, list[int]] = {}
+        for seq in seqs:
+            i = bisect_right(firsts, seq) - 1
+            if i >= 0 and seq <= ranges[firsts[i]]:
+                hit.setdefault(firsts[i], []).append(seq)
+        out = []
+        for first, acked in hit.items():
+            last, start, left = ranges[first], first, []
+            for seq in sorted(acked):
+                if seq > start:
+                    left.append((start, seq - 1))
+                start = seq + 1
+            if start <= last:
+                left.append((start, last))
+            out.append((first, left))
+        return out
+
+    def apply(self, channel: str, settled: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        ranges = self._ranges.get(channel, {})
+        for first, left in settled:
+            ranges.pop(first, None)
+            ranges.update(left)
+
+
+class _SQLiteConsumer(Consumer):
+    def __init__(self, backend: SQLiteBackend, subscription: str, ids: dict[str, int], token: str) -> None:
+        super().__init__(subscription, list(ids))
+        self._backend = backend
+        self._ids = ids
+        self._token = token
+        self._held = _Held()
+        self._next_channel = 0
+        self._next_reap = 0.0
+        self._seen: tuple[int, int] | None = None  # the file's version at the last look
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+
+    def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        """Look at the file whenever it changed, sleeping ``poll_interval`` between two checks of its
+        version (``PRAGMA data_version``, a read of shared memory); a lock held past the deadline
+        counts as nothing having arrived."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if time.monotonic() >= self._next_reap:
+                    self._next_reap = time.monotonic() + _REAP_EVERY
+                    self._backend._reap(ConsumeError, max(remaining, 0.001))
+                version = self._backend._version()
+                if version != self._seen:
+                    self._seen = version
+                    out = self._take(max_messages, max(remaining, 0.001))
+                    if out:
+                        return out
+            except ConsumeError as exc:
+                if not exc.retriable or "lock" not in str(exc):
+                    raise
+                self._seen = None  # look again
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(self._backend.poll_interval, remaining))
+
+    def _take(self, max_messages: int, wait: float) -> list[RawMessage]:
+        """Up to ``max_messages``, visiting channels round-robin from a rotating start; per channel,
+        ranges waiting for redelivery come first, then the cursor moves on."""
+        out: list[RawMessage] = []
+        n, first_channel, sub, me = len(self.channels), self._next_channel, self.subscription, self._token
+        self._next_channel = (first_channel + 1) % n
+        read = "SELECT seq, payload FROM messages WHERE chan = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?"
+        with self._backend._tx(ConsumeError, wait=wait) as conn:
+            for k in range(n):
+                name = self.channels[(first_channel + k) % n]
+                chan = self._ids[name]
+                row = conn.execute(
+                    "SELECT cursor FROM subscriptions WHERE chan = ? AND sub = ?", (chan, sub)
+                ).fetchone()
+                if row is None:
+                    raise ChannelNotFoundError(name)
+                ranges = conn.execute(
+                    "SELECT first, last FROM pending WHERE chan = ? AND sub = ? AND member IS NULL ORDER BY first",
+                    (chan, sub),
+                ).fetchall()
+                for first, last, new in [*((a, b, False) for a, b in ranges), (row[0], 2**62, True)]:
+                    room = max_messages - len(out)
+                    if room <= 0:
+                        break
+                    rows = conn.execute(read, (chan, first, last, room)).fetchall()
+                    if not new:
+                        conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ?", (chan, sub, first))
+                    if not rows:
+                        continue
+                    top = rows[-1][0]
+                    if new:
+                        conn.execute(
+                            "UPDATE subscriptions SET cursor = ? WHERE chan = ? AND sub = ?", (top + 1, chan, sub)
+                        )
+                    elif top < last:  # the rest of a redelivered range waits for the next receive
+                        conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, NULL)", (chan, sub, top + 1, last))
+                    conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, ?)", (chan, sub, rows[0][0], top, me))
+                    self._held.add(name, rows[0][0], top)
+                    out += [RawMessage(name, _msg_id(seq), payload) for seq, payload in rows]
+        return out
+
+    def ack(self, messages: Sequence[RawMessage]) -> None:
+        self._check_open()
+        by_channel: dict[str, set[int]] = {}
+        for m in messages:
+            by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
+        plans = {name: self._held.settle(name, seqs) for name, seqs in by_channel.items()}
+        with self._backend._tx(ConsumeError) as conn:
+            for name, plan in plans.items():
+                chan, sub = self._ids.get(name), self.subscription
+                for first, left in plan:
+                    gone = conn.execute(
+                        "DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ? AND member = ?",
+                        (chan, sub, first, self._token),
+                    ).rowcount
+                    if gone:  # else a seek forgot the range meanwhile
+                        conn.executemany(
+                            "INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
+                            [(chan, sub, a, b, self._token) for a, b in left],
+                        )
+        for name, plan in plans.items():
+            self._held.apply(name, plan)
+
+    def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
+        self._check_open()
+        with self._backend._tx(ConsumeError) as conn:  # one transaction: all targets or none
+            cursors: dict[int, int] = {}
+            for channel, after in targets.items():
+                if channel not in self._ids:
+                    raise SeekError(f"channel {channel!r} is not consumed by this consumer")
+                chan, first, nxt = SQLiteBackend._channel(conn, channel)
+                after = after or b""
+                if after and len(after) != _ID_LEN:
+                    raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
+                seq = int.from_bytes(after, "big") if after else first - 1
+                cursor = seq if channel in inclusive else seq + 1
+                if after and seq >= nxt:
+                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({nxt} messages)")
+                if cursor < first:
+                    raise SeekError(f"the messages after {after.hex()} on {channel!r} were trimmed (retention)")
+                cursors[chan] = cursor
+            for chan, cursor in cursors.items():
+                conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (chan, self.subscription, cursor))
+                conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
+        for channel in targets:
+            self._held.forget(channel)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._consumers.discard(self)
+        with self._backend._tx(ConsumeError) as conn:
+            conn.execute("UPDATE pending SET member = NULL WHERE member = ?", (self._token,))
+            conn.execute("DELETE FROM members WHERE token = ?", (self._token,))
