@@ -26,14 +26,24 @@ Rules every implementation keeps (the conformance suite, :mod:`msgstream.testing
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections import deque
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
-from .errors import BackendNotFoundError, InvalidURLError, StreamClosedError
+from .errors import (
+    BackendNotFoundError,
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    StreamClosedError,
+)
 from .values import RawMessage, SubscriptionPosition
 
 __all__ = [
@@ -46,6 +56,7 @@ __all__ = [
     "RawMessage",
     "SubscriptionPosition",
     "URL",
+    "Unacked",
     "installed_schemes",
     "load_backend",
 ]
@@ -286,6 +297,59 @@ class Consumer(abc.ABC):
         """Leave the subscription (it keeps its place for the next member). Idempotent."""
 
 
+H = TypeVar("H")
+
+
+class Unacked(Generic[H]):
+    """What a consumer delivered and has not seen acknowledged: per channel, message ids in delivery
+    order, each with a handle (what the broker needs to acknowledge it: a native message id; ``None``
+    when the id is enough). Backends keep this bookkeeping here rather than each their own.
+
+    Acknowledgements come in any order. :meth:`settle` forgets the ids it is given and returns the
+    newest id of the delivered prefix that is now wholly acknowledged (what an offset-committing broker
+    commits); an id not held (never delivered, acknowledged already, forgotten by a seek) is ignored.
+    """
+
+    def __init__(self) -> None:
+        self._order: dict[str, deque[bytes]] = {}
+        self._handles: dict[str, dict[bytes, H | None]] = {}
+
+    def deliver(self, channel: str, msg_ids: Sequence[bytes], handles: Iterable[H] | None = None) -> None:
+        """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``."""
+        held = self._handles.get(channel)
+        if held is None:
+            held = self._handles[channel] = {}
+            self._order[channel] = deque()
+        held.update(zip(msg_ids, handles, strict=True) if handles is not None else dict.fromkeys(msg_ids))
+        self._order[channel].extend(msg_ids)
+
+    def holds(self, channel: str, msg_id: bytes) -> bool:
+        return msg_id in self._handles.get(channel, ())
+
+    def handle(self, channel: str, msg_id: bytes) -> H | None:
+        """The handle of a held message (``None`` if it has none or is not held)."""
+        return self._handles.get(channel, {}).get(msg_id)
+
+    def settle(self, channel: str, msg_ids: Iterable[bytes]) -> bytes | None:
+        """Forget ``msg_ids`` as acknowledged; the newest id of the acknowledged delivered prefix if
+        this made it longer, else ``None``."""
+        held = self._handles.get(channel)
+        if held is None:
+            return None
+        for msg_id in msg_ids:
+            held.pop(msg_id, None)
+        order = self._order[channel]
+        last = None
+        while order and order[0] not in held:
+            last = order.popleft()
+        return last
+
+    def forget(self, channel: str) -> None:
+        """Drop what is held on ``channel`` (a seek moved it, a rebalance took it away)."""
+        self._handles.pop(channel, None)
+        self._order.pop(channel, None)
+
+
 class Backend(abc.ABC):
     """One connection to a broker. Subclasses set ``features`` and implement the abstract methods.
 
@@ -294,10 +358,51 @@ class Backend(abc.ABC):
     """
 
     features: ClassVar[Features] = Features()
+    #: The exceptions of the backend's client library, each with whether a call that raised it may
+    #: succeed when tried again; the first match wins. :meth:`errors` translates these and lets
+    #: everything else through. A backend whose client encodes more in one exception class (an error
+    #: code) overrides :meth:`classify` instead.
+    native_errors: ClassVar[tuple[tuple[type[BaseException], bool], ...]] = ()
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         self.url = url
         self.options = dict(options)
+
+    def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
+        """For a native exception, ``(class, retriable)``: the msgstream class it always becomes
+        (``None``: the one the caller names) and whether trying again may work; ``None`` for an
+        exception that is not the client library's. By default, :attr:`native_errors`."""
+        for kind, retriable in self.native_errors:
+            if isinstance(exc, kind):
+                return None, retriable
+        return None
+
+    @contextlib.contextmanager
+    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
+        """Translate, at the boundary, a native exception raised in the block into ``cls`` (or the class
+        :meth:`classify` names for it), ``from None``: the native exception's text, scrubbed of
+        credentials, goes into the message, its traceback does not (it may hold them)."""
+        try:
+            yield
+        except MsgStreamError:
+            raise
+        except Exception as exc:
+            verdict = self.classify(exc)
+            if verdict is None:
+                raise
+            kind, retriable = verdict
+            raise self.error(kind or cls, f"{what}: {type(exc).__name__}: {exc}", retriable, channel) from None
+
+    def error(
+        self, cls: type[MsgStreamError], text: str, retriable: bool, channel: str | None = None
+    ) -> MsgStreamError:
+        """A ``cls`` error whose text has no credential and names the broker (its redacted URL)."""
+        if issubclass(cls, ChannelNotFoundError):
+            return cls(channel or "?", scrub(text, self.url, self.options))
+        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
+        err = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
+        err.retriable = retriable
+        return err
 
     @abc.abstractmethod
     def create_channel(self, name: str, metadata: bytes) -> None:

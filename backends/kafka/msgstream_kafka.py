@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NoReturn
 
 import confluent_kafka as ck
@@ -48,8 +48,8 @@ from msgstream.backend import (
     Producer,
     RawMessage,
     SubscriptionPosition,
+    Unacked,
     redact_options,
-    scrub,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
@@ -108,6 +108,21 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
 
 _pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
 _NO_TOPIC = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+_TRANSIENT = (
+    ck.KafkaError._TRANSPORT,
+    ck.KafkaError._ALL_BROKERS_DOWN,
+    ck.KafkaError._TIMED_OUT,
+    ck.KafkaError._MSG_TIMED_OUT,
+    ck.KafkaError.REQUEST_TIMED_OUT,
+)
+
+
+def _verdict(err: ck.KafkaError | None) -> tuple[type[MsgStreamError] | None, bool]:
+    """A librdkafka error's msgstream class (``None``: the caller's) and whether trying again may work."""
+    if err is not None and err.code() in _NO_TOPIC:
+        return ChannelNotFoundError, False
+    return None, err is None or err.retriable() or err.code() in _TRANSIENT
+
 
 # confluent-kafka 2.12 added Producer.produce_batch: one call queues a pack, for less CPU than a
 # produce() each (docs/performance.md); older versions take the per-message path
@@ -234,35 +249,17 @@ class KafkaBackend(Backend):
             self._create_topic(self.registry_topic, {"cleanup.policy": "compact"})
 
     # -- errors ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
-        try:
-            yield
-        except ck.KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
-            self.fail(cls, f"{what}: {err.str() if err else exc}", err, channel)
+    def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
+        if not isinstance(exc, ck.KafkaException):
+            return None
+        return _verdict(exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None)
 
     def fail(
         self, cls: type[MsgStreamError], text: str, err: ck.KafkaError | None, channel: str | None = None
     ) -> NoReturn:
-        if err is not None and err.code() in _NO_TOPIC:
-            raise ChannelNotFoundError(channel or "?", "no such topic")
-        retriable = (
-            err is None
-            or err.retriable()
-            or err.code()
-            in (
-                ck.KafkaError._TRANSPORT,
-                ck.KafkaError._ALL_BROKERS_DOWN,
-                ck.KafkaError._TIMED_OUT,
-                ck.KafkaError._MSG_TIMED_OUT,
-                ck.KafkaError.REQUEST_TIMED_OUT,
-            )
-        )
-        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
-        exc = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
-        exc.retriable = retriable
-        raise exc from None
+        """Raise for an error librdkafka reported as a value (a delivery report, a consumed error)."""
+        kind, retriable = _verdict(err)
+        raise self.error(kind or cls, text, retriable, channel) from None
 
     # -- topics and the registry ----------------------------------------------------------------
     def _create_topic(self, topic: str, config: dict[str, str] | None = None) -> None:
@@ -569,10 +566,7 @@ class _KafkaConsumer(Consumer):
             "auto.offset.reset": reset,
             "on_commit": self._on_commit,
         }
-        # per channel: the records delivered and not yet acknowledged, in order, and those acknowledged
-        # ahead of an older one (kept until the older ones are acknowledged too)
-        self._delivered: dict[str, list[RawMessage]] = {c: [] for c in channels}
-        self._early: dict[str, set[RawMessage]] = {c: set() for c in channels}
+        self._unacked: Unacked[None] = Unacked()
         self._only = channels[0] if len(channels) == 1 else None
         self._committed: dict[str, int] = {}  # commits still to make: channel -> next offset
         # channel -> the offset after the newest this member acknowledged; kept across rebalances. A
@@ -607,8 +601,7 @@ class _KafkaConsumer(Consumer):
     def _on_assign(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
         for tp in partitions:
             self._assigned.add(tp.topic)
-            self._delivered[tp.topic].clear()
-            self._early[tp.topic].clear()
+            self._unacked.forget(tp.topic)
             if tp.topic in self._floor:
                 self._guard[tp.topic] = self._floor[tp.topic]
 
@@ -625,8 +618,7 @@ class _KafkaConsumer(Consumer):
         self._commit([tp.topic for tp in partitions], asynchronous=False)
         for tp in partitions:
             self._assigned.discard(tp.topic)
-            self._delivered[tp.topic].clear()
-            self._early[tp.topic].clear()
+            self._unacked.forget(tp.topic)
 
     def _commit(self, topics: Sequence[str], asynchronous: bool) -> None:
         offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
@@ -700,12 +692,10 @@ class _KafkaConsumer(Consumer):
     def _deliver(self, out: list[RawMessage]) -> None:
         """Note ``out`` as delivered and not yet acknowledged, per channel, in order."""
         for channel, records in _by_channel(out, self._only).items():
-            self._delivered[channel] += records
+            self._unacked.deliver(channel, [r.msg_id for r in records])
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
-        """Commit, per channel, the offset after the longest delivered prefix now acknowledged. Acks in
-        delivery order (what ``MsgStream`` sends) are settled per batch by one list comparison; others
-        wait in ``_early`` until the messages delivered before them are acknowledged too."""
+        """Commit, per channel, the offset after the longest delivered prefix now acknowledged."""
         if self._closed:
             raise StreamClosedError("consumer is closed")
         if not messages:
@@ -714,33 +704,11 @@ class _KafkaConsumer(Consumer):
         for channel, records in _by_channel(messages, self._only).items():
             if channel not in self._assigned:
                 continue  # revoked meanwhile: committing it could rewind the partition's new owner
-            last = self._settle(channel, records)
+            last = self._unacked.settle(channel, [r.msg_id for r in records])
             if last is not None:
-                self._committed[channel] = self._floor[channel] = _offset(last.msg_id) + 1
+                self._committed[channel] = self._floor[channel] = _offset(last) + 1
                 touched.append(channel)
         self._commit(touched, asynchronous=True)
-
-    def _settle(self, channel: str, records: list[RawMessage]) -> RawMessage | None:
-        """Mark ``records`` acknowledged; returns the record ending the delivered prefix this
-        acknowledged. The usual case, the oldest n in order, is one list comparison (by identity)."""
-        delivered, early = self._delivered[channel], self._early[channel]
-        n = len(records)
-        if not early and delivered[:n] == records:
-            del delivered[:n]
-            return records[-1]
-        pending = set(delivered)  # acks of records not (or no longer) delivered are dropped, never kept
-        early.update([r for r in records if r in pending])
-        n = 0
-        for raw in delivered:
-            if raw not in early:
-                break
-            early.discard(raw)
-            n += 1
-        if not n:
-            return None
-        last = delivered[n - 1]
-        del delivered[:n]
-        return last
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
@@ -763,8 +731,7 @@ class _KafkaConsumer(Consumer):
         with backend.errors("seek", SeekError):
             self._commit_retrying(offsets)
             for tp in offsets:
-                self._delivered[tp.topic].clear()
-                self._early[tp.topic].clear()
+                self._unacked.forget(tp.topic)
                 self._committed.pop(tp.topic, None)
                 self._floor.pop(tp.topic, None)
                 self._guard.pop(tp.topic, None)

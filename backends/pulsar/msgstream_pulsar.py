@@ -54,8 +54,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Collection, Generator, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import msgspec
@@ -71,14 +71,13 @@ from msgstream.backend import (
     Producer,
     RawMessage,
     SubscriptionPosition,
+    Unacked,
     redact_options,
-    scrub,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
     ChannelExistsError,
     ChannelNotFoundError,
-    ConsumeError,
     InvalidArgumentError,
     InvalidURLError,
     MsgStreamError,
@@ -372,18 +371,7 @@ class PulsarBackend(Backend):
         return f"persistent://{self.tenant}/{self.namespace}/{physical}"
 
     # -- errors ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
-        try:
-            yield
-        except pulsar.PulsarException as exc:
-            self.fail(cls, f"{what}: {type(exc).__name__}: {exc}", isinstance(exc, _RETRIABLE_EXC), channel)
-
-    def fail(self, cls: type[MsgStreamError], text: str, retriable: bool, channel: str | None = None) -> NoReturn:
-        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
-        exc = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
-        exc.retriable = retriable
-        raise exc from None
+    native_errors = (*((kind, True) for kind in _RETRIABLE_EXC), (pulsar.PulsarException, False))
 
     # -- the registry ---------------------------------------------------------------------------
     def refresh_registry(self, force: bool = True) -> None:
@@ -641,8 +629,7 @@ class _PulsarConsumer(Consumer):
         self._channel_of = {entry.topic: channel for channel, entry in entries.items()}
         earliest = initial is SubscriptionPosition.EARLIEST
         self._initial = pulsar.InitialPosition.Earliest if earliest else pulsar.InitialPosition.Latest
-        # per channel: id -> MessageId of what was delivered and is not acknowledged yet
-        self._pending: dict[str, dict[bytes, Any]] = {channel: {} for channel in entries}
+        self._pending: Unacked[Any] = Unacked()  # handles: the native MessageIds
         self._buffered: deque[Any] = deque()  # fetched beyond a receive's max_messages
         self._skip: dict[str, Any] = {}  # after a seek: drop (and ack) what is at or before this MessageId
         self._ordered = backend.consumer_type == pulsar.ConsumerType.Failover
@@ -710,7 +697,7 @@ class _PulsarConsumer(Consumer):
                 with contextlib.suppress(pulsar.Timeout):
                     buffered.append(fast.receive(0))
         out: list[RawMessage] = []
-        pending_of = self._pending
+        pending = self._pending
         channel_of = self._channel_of
         skip = self._skip
         ordered = self._ordered
@@ -726,7 +713,6 @@ class _PulsarConsumer(Consumer):
                         fast.acknowledge(msg_id)  # at or before the seek target: already consumed
                     continue
                 del skip[channel]
-            pending = pending_of[channel]
             if ordered:  # failover: a channel's ids only grow, so a smaller one was delivered already
                 newest = last.get(channel)
                 if newest is not None and msg_id <= newest:
@@ -738,24 +724,23 @@ class _PulsarConsumer(Consumer):
                 raw = msg_id.serialize()
             else:
                 raw = msg_id.serialize()
-                if raw in pending:  # delivered twice, and the caller still holds it
+                if pending.holds(channel, raw):  # delivered twice, and the caller still holds it
                     continue
-            pending[raw] = msg_id
+            pending.deliver(channel, [raw], [msg_id])
             out.append(RawMessage(channel, raw, message.data()))
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         self._require()
-        pending_of = self._pending
+        pending = self._pending
         acknowledge = self._fast.acknowledge
         with self._backend.errors("ack"):
             for record in messages:
-                pending = pending_of.get(record.channel)
-                raw = record.msg_id
-                if pending is None or raw not in pending:  # forgotten by a seek, or acked already
+                msg_id = pending.handle(record.channel, record.msg_id)
+                if msg_id is None:  # forgotten by a seek, or acked already
                     continue
-                acknowledge(pending[raw])  # first: if it fails, the message stays pending for a retry
-                del pending[raw]
+                acknowledge(msg_id)  # first: if it fails, the message stays pending for a retry
+                pending.settle(record.channel, [record.msg_id])
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
@@ -786,7 +771,7 @@ class _PulsarConsumer(Consumer):
                 self._native = None
             self._buffered.clear()
             for channel in starts:
-                self._pending[channel].clear()
+                self._pending.forget(channel)
                 self._last.pop(channel, None)
                 self._skip.pop(channel, None)
             try:

@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NoReturn
 
 import redis
@@ -47,7 +47,7 @@ from msgstream.backend import (
     Producer,
     RawMessage,
     SubscriptionPosition,
-    scrub,
+    Unacked,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
@@ -141,29 +141,14 @@ class RedisBackend(Backend):
             self._redis.ping()
 
     # -- errors ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def errors(self, what: str, cls: type[MsgStreamError] = ConsumeError, channel: str | None = None) -> Iterator[None]:
-        """Translate redis-py exceptions into msgstream errors; no credential reaches the text."""
-        try:
-            yield
-        except redis.AuthenticationError as exc:
-            self._raise(BrokerUnavailableError, f"{what}: authentication failed", exc, channel, retriable=False)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            self._raise(cls, f"{what}: Redis unreachable ({type(exc).__name__}: {exc})", exc, channel, retriable=True)
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the stream, with its groups, was deleted
-                raise ChannelNotFoundError(channel or "?", "deleted") from None
-            self._raise(cls, f"{what}: {exc}", exc, channel, retriable=False)
-        except redis.RedisError as exc:
-            self._raise(cls, f"{what}: {type(exc).__name__}: {exc}", exc, channel, retriable=False)
+    native_errors = ((redis.ConnectionError, True), (redis.TimeoutError, True), (redis.RedisError, False))
 
-    def _raise(
-        self, cls: type[MsgStreamError], text: str, exc: BaseException, channel: str | None, retriable: bool
-    ) -> NoReturn:
-        text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
-        err = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
-        err.retriable = retriable
-        raise err from None
+    def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
+        if isinstance(exc, redis.AuthenticationError):  # a ConnectionError that trying again cannot fix
+            return BrokerUnavailableError, False
+        if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):  # the stream and its groups were deleted
+            return ChannelNotFoundError, False
+        return super().classify(exc)
 
     # -- keys -----------------------------------------------------------------------------------
     def key(self, channel: str) -> str:
@@ -333,7 +318,7 @@ class _RedisConsumer(Consumer):
         # sit in its own pending list, where no claim of other members' entries finds them. So after
         # an error the next receive, and every claim round, looks through its own pending list for
         # entries it never delivered.
-        self._held: dict[bytes, set[bytes]] = {key.encode(): set() for key in self._keys}
+        self._held: Unacked[None] = Unacked()
         self._recover = False
 
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
@@ -358,11 +343,10 @@ class _RedisConsumer(Consumer):
         out: list[RawMessage] = []
         with self._backend.errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
-                held = self._held[key.encode()]
                 start = "-"
                 while len(out) < max_messages:
                     mine = self._backend.command("XPENDING", key, self.subscription, start, "+", 1000, self._name)
-                    lost = [p[0] for p in mine if p[0] not in held][: max_messages - len(out)]
+                    lost = [p[0] for p in mine if not self._held.holds(channel, p[0])][: max_messages - len(out)]
                     if lost:  # XRANGE of each id, in one round trip: the entries' payloads
                         pipe = self._r.pipeline(transaction=False)
                         for entry_id in lost:
@@ -370,7 +354,7 @@ class _RedisConsumer(Consumer):
                         gone = []
                         for entry_id, found in zip(lost, pipe.execute(), strict=True):
                             if found:
-                                held.add(entry_id)
+                                self._held.deliver(channel, [entry_id])
                                 out.append(RawMessage(channel, entry_id, _payload(found[0][1])))
                             else:  # trimmed meanwhile: nothing to deliver, nothing to keep pending
                                 gone.append(entry_id)
@@ -423,10 +407,8 @@ class _RedisConsumer(Consumer):
         channel_of = self._channel_of
         for key, entries in items:
             channel = channel_of[key]
-            held = self._held[key]
-            for entry_id, fields in entries:
-                held.add(entry_id)
-                out.append(RawMessage(channel, entry_id, _payload(fields)))
+            self._held.deliver(channel, [entry_id for entry_id, _ in entries])
+            out += [RawMessage(channel, entry_id, _payload(fields)) for entry_id, fields in entries]
         return out
 
     def _claim(self, max_messages: int) -> list[RawMessage]:
@@ -457,11 +439,10 @@ class _RedisConsumer(Consumer):
                         if "NOGROUP" in str(exc):
                             self._missing_channel()
                         raise
-                held = self._held[key.encode()]
                 for entry_id, fields in entries:
                     if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
                         out.append(RawMessage(channel, entry_id, _payload(fields)))
-                        held.add(entry_id)
+                        self._held.deliver(channel, [entry_id])
                 if len(pending) < 1000:
                     break
                 start = b"(" + pending[-1][0]
@@ -492,7 +473,7 @@ class _RedisConsumer(Consumer):
                     pipe.xack(self._key_of[channel], self.subscription, *ids)
                 pipe.execute()
         for channel, ids in by_channel.items():  # only once acknowledged: a failed ack keeps them held
-            self._held[self._key_of[channel].encode()].difference_update(ids)
+            self._held.settle(channel, ids)
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
@@ -510,7 +491,7 @@ class _RedisConsumer(Consumer):
                     raise SeekError(f"entry {after.decode()} is not on {channel!r} (never written, or trimmed)")
             for channel, after in targets.items():
                 key = self._key_of[channel]
-                self._held[key.encode()].clear()
+                self._held.forget(channel)
                 start = _before(after) if after and channel in inclusive else after
                 self._r.xgroup_setid(key, self.subscription, start or "0")
                 while True:  # forget the group's deliveries on this stream
