@@ -20,7 +20,7 @@ from .errors import (
     UnmarshalError,
 )
 from .frames import FramePack
-from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record
+from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record, with_properties
 from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
@@ -491,7 +491,10 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             raise InvalidArgumentError(
                 f"message {len(frames)} ({cls.__name__}) has a field of the wrong type: {exc}"
             ) from None
-        append(header + buf if own else frame)
+        if m._props:  # rare: the frame gets the flag and the properties block
+            append(with_properties(header + buf, m._props) if own else frame)
+        else:
+            append(header + buf if own else frame)
     return frames
 
 
