@@ -45,7 +45,7 @@ HEADER_SIZE = HEADER.size
 PROPERTIES = 0x01
 KNOWN_FLAGS = PROPERTIES
 _LENGTH = struct.Struct(">I")
-_MAX_PROPERTIES = 2**32 - 1
+_MAX_PROPERTIES = 2**24 - 1  # so the length's first byte is 0: never a MessagePack array to an older reader
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
 
 _ENCODER = msgspec.msgpack.Encoder()

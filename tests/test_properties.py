@@ -114,3 +114,8 @@ def test_a_field_named_properties_is_refused() -> None:
         class Bad(ms.TsMsg, kw_only=True):
             msg_type = 6000
             properties: dict[str, str] = {}
+
+
+def test_properties_are_limited_so_an_older_reader_never_sees_an_array() -> None:
+    with pytest.raises(InvalidArgumentError):
+        _insert(properties={"k": "v" * 2**24}).marshal()
