@@ -18,6 +18,7 @@ from pathlib import Path
 #: name -> (module, one-line description)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("benchmarks.bench_core", "codec, memory backend and time-tick stream (no broker needed)"),
+    "otel": ("benchmarks.bench_otel", "cost of message properties and of OpenTelemetry instrumentation on memory://"),
     "sqlite": ("benchmarks.bench_sqlite", "sqlite:/// backend against raw sqlite3, cross-process latency, idle CPU"),
     "redis": ("benchmarks.bench_redis", "Redis Streams backend against raw redis-py (starts its own redis-server)"),
     "kafka": ("benchmarks.bench_kafka", "Kafka backend against raw confluent-kafka (starts its own Apache Kafka)"),

@@ -22,7 +22,7 @@ from .client import (
 )
 from .codec import UnmarshalDispatcher
 from .errors import MsgStreamError
-from .frames import FramePack, frame_timestamps, frame_type
+from .frames import FramePack, frame_properties, frame_timestamps, frame_type
 from .messages import (
     DeleteMsg,
     InsertMsg,
@@ -82,6 +82,7 @@ __all__ = [
     "__version__",
     "connect",
     "errors",
+    "frame_properties",
     "frame_timestamps",
     "frame_type",
     "repack",

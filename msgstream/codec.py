@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
-from .messages import HEADER_SIZE, STOCK_TYPES, TsMsg, check_header
+from .messages import HEADER_SIZE, PROPERTIES, STOCK_TYPES, TsMsg, read_header, split_properties
 
 __all__ = ["Decode", "UnmarshalDispatcher"]
 
@@ -63,8 +63,9 @@ class UnmarshalDispatcher:
             del self._by_header[header]
 
     def unmarshal(self, data: bytes) -> TsMsg:
-        """Decode one frame. Raises ``UnmarshalError`` for anything that is not a valid frame of a
-        registered type (``UnknownMsgTypeError`` when only the type is unknown); never anything else."""
+        """Decode one frame (one with properties takes the careful path). Raises ``UnmarshalError``
+        for anything that is not a valid frame of a registered type (``UnknownMsgTypeError`` when only
+        the type is unknown); never anything else."""
         try:
             decode = self._by_header.get(data[:HEADER_SIZE])
         except TypeError:  # not bytes (a memoryview slice is unhashable): the careful path decides
@@ -78,11 +79,16 @@ class UnmarshalDispatcher:
             raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
 
     def _unmarshal_slow(self, data: bytes) -> TsMsg:
-        msg_type = check_header(data)  # raises UnmarshalError for anything that is not a v1 frame
+        msg_type, flags = read_header(data)  # raises UnmarshalError for anything that is not a v1 frame
         decode = self._decoders.get(msg_type)
         if decode is None:
             raise UnknownMsgTypeError(msg_type, data=bytes(data))
-        return decode(data)
+        if not flags & PROPERTIES:
+            return decode(data)
+        props, plain = split_properties(data)  # the decoder sees the frame as if it had none
+        msg = decode(plain)
+        msg._props = props
+        return msg
 
 
 def _struct_decoder(cls: type[TsMsg]) -> Decode:

@@ -18,10 +18,10 @@ import msgspec
 from .backend import RawMessage
 from .codec import UnmarshalDispatcher
 from .errors import UnmarshalError
-from .messages import HEADER, HEADER_SIZE, MAGIC, VERSION, TsMsg, set_record
+from .messages import HEADER, HEADER_SIZE, MAGIC, PROPERTIES, VERSION, TsMsg, frame_properties, set_record
 from .pack import MsgPack, Position, consumed_pack
 
-__all__ = ["FramePack", "frame_timestamps", "frame_type"]
+__all__ = ["FramePack", "frame_properties", "frame_timestamps", "frame_type"]
 
 
 class _Head(msgspec.Struct, array_like=True):
@@ -48,8 +48,11 @@ def frame_timestamps(payload: bytes) -> tuple[int, int]:
     """``(begin_ts, end_ts)`` of a frame, reading only the start of its body; ``UnmarshalError`` if the
     frame is not one."""
     frame_type(payload)
+    start = HEADER_SIZE
+    if payload[3] & PROPERTIES:  # skip the properties block
+        start += 4 + int.from_bytes(payload[HEADER_SIZE : HEADER_SIZE + 4], "big")
     try:
-        head = _HEAD.decode(memoryview(payload)[HEADER_SIZE:])
+        head = _HEAD.decode(memoryview(payload)[start:])
     except Exception as exc:  # decoding is pure: any failure is bad input
         raise UnmarshalError(f"corrupt frame header fields: {exc}", data=bytes(payload)) from exc
     return head.begin_ts, head.end_ts

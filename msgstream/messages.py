@@ -5,18 +5,23 @@ encode or decode. A frame is an 8-byte header (magic ``MS``, version, flags, Msg
 MessagePack array of the message's fields in declaration order, the first three always ``begin_ts``,
 ``end_ts`` and ``hash_values`` (docs/wire-format.md). ``position`` is set on consumed messages; it is
 not part of the encoding or of equality.
+
+``properties`` (str -> str) travel outside the body: a frame that has some sets the ``PROPERTIES`` flag
+bit and carries them, length-prefixed, between the header and the body, so a frame without properties
+is byte for byte what it was before properties existed, and decoding it does no extra work.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
-from .errors import UnknownMsgTypeError, UnmarshalError
+from .errors import InvalidArgumentError, UnknownMsgTypeError, UnmarshalError
 from .values import Position, RawMessage
 
 __all__ = [
@@ -34,11 +39,17 @@ __all__ = [
 
 MAGIC = b"MS"
 VERSION = 1
-HEADER = struct.Struct(">2sBBI")  # magic, version, flags (0), msg_type
+HEADER = struct.Struct(">2sBBI")  # magic, version, flags, msg_type
 HEADER_SIZE = HEADER.size
+#: flag bit: a properties block (uint32 length, then a MessagePack map of str -> str) follows the header
+PROPERTIES = 0x01
+KNOWN_FLAGS = PROPERTIES
+_LENGTH = struct.Struct(">I")
+_MAX_PROPERTIES = 2**24 - 1  # so the length's first byte is 0: never a MessagePack array to an older reader
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
 
 _ENCODER = msgspec.msgpack.Encoder()
+_PROPERTIES_DECODER = msgspec.msgpack.Decoder(dict[str, str])
 #: ``encode_body_into(msg, buffer)``: the body of a frame (the message's fields, without the header)
 #: into a bytearray, for the core's produce path
 encode_body_into = _ENCODER.encode_into
@@ -67,6 +78,7 @@ class _Consumed:
     __slots__ = ("_raw",)
     if TYPE_CHECKING:  # for type checkers only: msgspec reads the annotations of every base class
         _raw: RawMessage
+        _props: dict[str, str] | None  # TsMsg's properties (a class default, see there)
 
 
 #: ``set_record(msg, raw)``: fill the slot through its descriptor, so a frozen message type, or one with
@@ -74,7 +86,50 @@ class _Consumed:
 set_record: Callable[[TsMsg, RawMessage], None] = _Consumed.__dict__["_raw"].__set__
 
 
-class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True):
+def _get_properties(self: TsMsg) -> dict[str, str]:
+    """This message's properties (str -> str); ``{}`` when it has none. The dict may be changed in
+    place; marshal and produce check that it still maps str to str."""
+    props = self._props
+    if props is None:
+        self._props = props = {}
+    return props
+
+
+def _set_properties(self: TsMsg, value: dict[str, str]) -> None:
+    self._props = checked_properties(value)
+
+
+_new_struct = msgspec.StructMeta.__call__
+
+
+class _TsMsgMeta(msgspec.StructMeta):
+    """Takes the ``properties`` keyword, which is not a field (fields are the body on the wire)."""
+
+    def __call__(cls, /, *args: Any, **kwargs: Any) -> Any:
+        if "properties" not in kwargs:
+            return _new_struct(cls, *args, **kwargs)
+        properties = kwargs.pop("properties")
+        msg = _new_struct(cls, *args, **kwargs)
+        if properties:
+            msg._props = checked_properties(properties)
+        return msg
+
+
+def checked_properties(properties: object) -> dict[str, str]:
+    """A copy of ``properties`` if it is a mapping of str to str, else ``InvalidArgumentError``."""
+    if not isinstance(properties, dict):
+        raise InvalidArgumentError(f"properties must be a dict of str to str, got {type(properties).__name__}")
+    for key, value in properties.items():
+        if type(key) is not str or type(value) is not str:
+            raise InvalidArgumentError(
+                f"properties must map str to str, got {key!r}: {value!r} ({type(key).__name__}: {type(value).__name__})"
+            )
+    return dict(properties)
+
+
+class TsMsg(  # noqa: PLW1641 (unhashable, as every mutable Struct)
+    msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True, metaclass=_TsMsgMeta
+):
     """Base of every message: a time range and the hash values the repack function routes by.
 
     A user type subclasses it with ``kw_only=True`` and a ``msg_type`` class attribute::
@@ -84,9 +139,16 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
             segment_ids: list[int] = []
 
     and is registered on a dispatcher with ``dispatcher.add_msg_template(2000, FlushMsg)``.
+
+    ``properties`` (keyword ``properties={"tenant": "t1"}``, attribute ``m.properties``, ``{}`` by
+    default) are string pairs carried on the wire next to the body, not in it; they take part in
+    equality and show in the repr when there are any. ``properties`` is not a field: a subclass
+    cannot declare one.
     """
 
     msg_type: ClassVar[int] = 0
+    if TYPE_CHECKING:  # type checkers see the constructor keyword as a field; it is not one (no body slot)
+        properties: dict[str, str] = {}
     _frame_header: ClassVar[bytes] = b""
     _decoder: ClassVar[msgspec.msgpack.Decoder[Any]]
 
@@ -96,6 +158,8 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "properties" in inspect.get_annotations(cls):
+            raise TypeError(f"{cls.__name__}: the field name properties is taken (TsMsg.properties)")
         cls._frame_header = b""  # each type builds its own on first use (prepare); never inherit one
 
     @classmethod
@@ -110,6 +174,8 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
             return header
         if "_raw" in cls.__struct_fields__:
             raise TypeError(f"{cls.__name__}: the field name _raw is taken (a consumed message's record)")
+        if "properties" in cls.__struct_fields__ or "_props" in cls.__struct_fields__:
+            raise TypeError(f"{cls.__name__}: the field name properties is taken (TsMsg.properties)")
         if cls.__struct_fields__[:3] != _HEADER_FIELDS:
             raise TypeError(
                 f"{cls.__name__}: declare TsMsg subclasses with kw_only=True so that begin_ts, end_ts and"
@@ -121,6 +187,25 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
         cls._decoder = msgspec.msgpack.Decoder(cls)
         cls._frame_header = header = HEADER.pack(MAGIC, VERSION, 0, msg_type)
         return header
+
+    if not TYPE_CHECKING:
+        properties = property(_get_properties, _set_properties)
+
+    def __eq__(self, other: object) -> bool:
+        same = _struct_eq(self, other)
+        if same is True:
+            return (self._props or None) == (other._props or None)  # type: ignore[attr-defined]
+        return same
+
+    def __ne__(self, other: object) -> bool:
+        same = self.__eq__(other)
+        return same if same is NotImplemented else not same
+
+    def __repr__(self) -> str:
+        text: str = _struct_repr(self)
+        if self._props:
+            text = f"{text[:-1]}, properties={self._props!r})"
+        return text
 
     # -- Milvus's TsMsg interface -------------------------------------------------------------
     def set_ts(self, ts: int) -> None:
@@ -138,12 +223,15 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
 
     def marshal(self) -> bytes:
         """The frame bytes of this message (docs/wire-format.md)."""
-        return (self._frame_header or self.prepare()) + _ENCODER.encode(self)
+        frame = (self._frame_header or self.prepare()) + _ENCODER.encode(self)
+        if self._props:
+            return with_properties(frame, self._props)
+        return frame
 
     @classmethod
     def unmarshal(cls: type[T], data: bytes) -> T:
         """Decode a frame of exactly this type; see :class:`msgstream.UnmarshalDispatcher` for any type."""
-        msg_type = check_header(data)
+        msg_type, _flags = read_header(data)
         if msg_type != cls.msg_type:
             raise UnknownMsgTypeError(msg_type, data=bytes(data))
         return cls.decode_body(data)
@@ -152,11 +240,82 @@ class TsMsg(msgspec.Struct, _Consumed, array_like=True, kw_only=True, dict=True)
     def decode_body(cls: type[T], data: bytes) -> T:
         """Decode the body of a frame whose header was already checked."""
         cls.prepare()
+        if data[3] & PROPERTIES:  # properties between header and body
+            props, plain = split_properties(data)
+            with_props = cls.decode_body(plain)
+            with_props._props = props
+            return with_props
         try:
             msg: T = cls._decoder.decode(memoryview(data)[HEADER_SIZE:])
         except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
             raise UnmarshalError(f"corrupt {cls.__name__} frame: {exc}", data=bytes(data)) from exc
         return msg
+
+
+#: the properties, or None for none: an instance attribute only on messages that have some (in their
+#: ``__dict__``), so a message without them costs one attribute read on encode and nothing on decode.
+#: Set here, not in the class body, where msgspec and type checkers would take it for a field.
+TsMsg._props = None
+
+_struct_eq = msgspec.Struct.__eq__
+_struct_repr = msgspec.Struct.__repr__
+
+
+def with_properties(frame: bytes | bytearray, props: dict[str, str]) -> bytes:
+    """``frame`` (without properties) with the ``PROPERTIES`` flag set and ``props`` after its header.
+    ``InvalidArgumentError`` unless ``props`` maps str to str."""
+    for key, value in props.items():
+        if type(key) is not str or type(value) is not str:
+            checked_properties(props)  # raises, naming the pair
+    block = _ENCODER.encode(props)
+    if len(block) > _MAX_PROPERTIES:
+        raise InvalidArgumentError(f"properties take {len(block)} bytes encoded; at most {_MAX_PROPERTIES}")
+    return (
+        b"".join(
+            (frame[:3], bytes((frame[3] | PROPERTIES,)), frame[4:HEADER_SIZE], _LENGTH.pack(len(block)), block),
+        )
+        + frame[HEADER_SIZE:]
+    )
+
+
+def split_properties(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], bytes]:
+    """``(properties, frame without them)`` for a frame with the ``PROPERTIES`` flag set; the frame
+    returned has flags 0 and the same body. ``UnmarshalError`` if the block is cut short or not a map
+    of str to str."""
+    end = HEADER_SIZE + _LENGTH.size
+    if len(data) < end:
+        raise UnmarshalError("truncated frame: properties flag set but no properties length", data=bytes(data))
+    (size,) = _LENGTH.unpack_from(data, HEADER_SIZE)
+    if len(data) < end + size:
+        raise UnmarshalError(f"truncated frame: properties block of {size} bytes cut short", data=bytes(data))
+    try:
+        props = _PROPERTIES_DECODER.decode(memoryview(data)[end : end + size])
+    except Exception as exc:  # decoding is pure: any failure is bad input
+        raise UnmarshalError(f"corrupt frame properties: {exc}", data=bytes(data)) from exc
+    head = bytes(data[:HEADER_SIZE])
+    plain = b"".join((head[:3], bytes((head[3] & ~PROPERTIES,)), head[4:], data[end + size :]))
+    return props, plain
+
+
+def frame_properties(payload: bytes) -> dict[str, str]:
+    """The properties of a frame (``{}`` if it has none), without decoding its body; ``UnmarshalError``
+    if ``payload`` is not a msgstream frame."""
+    read_header(payload)
+    if not payload[3] & PROPERTIES:
+        return {}
+    return split_properties(payload)[0]
+
+
+def read_header(data: bytes) -> tuple[int, int]:
+    """Validate a frame header and return ``(msg_type, flags)``; flag bits this reader does not know
+    (any but ``PROPERTIES``) raise ``UnmarshalError``: they would change the layout after the header."""
+    msg_type = check_header(data)
+    flags = data[3]
+    if flags & ~KNOWN_FLAGS:
+        raise UnmarshalError(
+            f"frame has unknown flag bits {flags:#04x} (this reader knows {KNOWN_FLAGS:#04x})", data=bytes(data)
+        )
+    return msg_type, flags
 
 
 def check_header(data: bytes) -> int:

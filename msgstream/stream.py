@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, Protocol
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
@@ -20,15 +20,37 @@ from .errors import (
     UnmarshalError,
 )
 from .frames import FramePack
-from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record
+from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record, with_properties
 from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
 
-__all__ = ["MsgStream"]
+__all__ = ["Hooks", "MsgStream", "set_hooks"]
 
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
 MAX_TIMEOUT = 3600.0
+
+
+class Hooks(Protocol):
+    """What an instrumentation (msgstream.instrumentation) puts around the stream's operations. Each
+    method gets the stream, the argument, and the un-instrumented operation to call."""
+
+    def produce(self, stream: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]]) -> Any: ...
+
+    def broadcast(self, stream: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]]) -> Any: ...
+
+    def consume(self, stream: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any: ...
+
+
+#: set by an instrumentation, ``None`` otherwise: the one branch per pack an un-instrumented stream pays
+_hooks: Hooks | None = None
+
+
+def set_hooks(hooks: Hooks | None) -> None:
+    """Install (or with ``None`` remove) the hooks every ``MsgStream`` calls around produce, broadcast,
+    consume, receive and consume_frames."""
+    global _hooks  # noqa: PLW0603 (one module-level switch, read once per pack)
+    _hooks = hooks
 
 
 class MsgStream:
@@ -142,6 +164,11 @@ class MsgStream:
         every message, as ``{channel: [message ids]}``. ``RepackError`` (nothing sent) for a bad
         routing, ``ProduceError`` naming the channel for a failed delivery (its ``sent`` lists what
         was accepted before)."""
+        if _hooks is not None:
+            return _hooks.produce(self, pack, self._produce)  # type: ignore[no-any-return]
+        return self._produce(pack)
+
+    def _produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
         msgs = self._check_pack(pack)
         n = len(self._producers)
         if not msgs:
@@ -193,6 +220,11 @@ class MsgStream:
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
+        if _hooks is not None:
+            return _hooks.broadcast(self, pack, self._broadcast)  # type: ignore[no-any-return]
+        return self._broadcast(pack)
+
+    def _broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         msgs = self._check_pack(pack)
         if not msgs:
             return {}
@@ -258,6 +290,11 @@ class MsgStream:
         """The next messages (up to ``receive_batch``), or ``None`` if nothing arrived in ``timeout``
         seconds. A frame that cannot be decoded raises ``UnmarshalError`` carrying its ``position``
         (or goes to ``on_error``); the messages around it are not lost, the next call goes on."""
+        if _hooks is not None:
+            return _hooks.consume(self, timeout, self._consume)  # type: ignore[no-any-return]
+        return self._consume(timeout)
+
+    def _consume(self, timeout: float) -> MsgPack | None:
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         self._ack_delivered()
@@ -271,6 +308,11 @@ class MsgStream:
         if nothing arrived in ``timeout`` seconds; none is acknowledged, whatever ``auto_ack`` says, until
         the caller passes it to :meth:`ack`. For decorators that make packs of their own, such as
         :class:`~msgstream.TimeTickStream`. Bad frames as in :meth:`consume`."""
+        if _hooks is not None:
+            return _hooks.consume(self, timeout, self._receive_unacked)  # type: ignore[no-any-return]
+        return self._receive_unacked(timeout)
+
+    def _receive_unacked(self, timeout: float) -> list[TsMsg] | None:
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         self._ack_delivered()  # reported bad frames only: nothing else is tracked here
@@ -295,6 +337,11 @@ class MsgStream:
         frame comes out like any other and raises only when it is unmarshalled. For consumers that
         route, filter by type (``msgstream.frame_type``) or forward messages without reading them all.
         """
+        if _hooks is not None:
+            return _hooks.consume(self, timeout, self._consume_frames)  # type: ignore[no-any-return]
+        return self._consume_frames(timeout)
+
+    def _consume_frames(self, timeout: float) -> FramePack | None:
         consumer = self._require_consumer()
         wait = check_timeout(timeout, "timeout")
         self._ack_delivered()
@@ -491,7 +538,10 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             raise InvalidArgumentError(
                 f"message {len(frames)} ({cls.__name__}) has a field of the wrong type: {exc}"
             ) from None
-        append(header + buf if own else frame)
+        if m._props:  # rare: the frame gets the flag and the properties block
+            append(with_properties(header + buf, m._props) if own else frame)
+        else:
+            append(header + buf if own else frame)
     return frames
 
 

@@ -99,6 +99,11 @@ class TimeTickStream:
     def inner(self) -> MsgStream:
         return self._stream
 
+    @property
+    def buffered(self) -> int:
+        """Messages held across channels waiting for a tick."""
+        return self._buffered
+
     # -- set-up (delegated) ---------------------------------------------------------------------
     def create_consumers(
         self,

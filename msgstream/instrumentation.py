@@ -1,0 +1,303 @@
+"""OpenTelemetry tracing and metrics for msgstream (``pip install "msgstream[otel]"``).
+
+::
+
+    from msgstream.instrumentation import MsgStreamInstrumentor
+    MsgStreamInstrumentor().instrument(tracer_provider=tp, meter_provider=mp)   # global providers if omitted
+    ...
+    MsgStreamInstrumentor().uninstrument()
+
+Once instrumented, every :class:`~msgstream.MsgStream` (and so every time-tick stream over one) reports,
+following the OpenTelemetry messaging semantic conventions:
+
+- a PRODUCER span ``send {channel}`` (``send`` for several channels) per ``produce`` / ``broadcast`` of
+  data messages, whose W3C trace context (``traceparent``, ``tracestate``) goes into each data message's
+  properties on the wire. The caller's messages get those properties only for the duration of the call
+  (their previous properties are put back before it returns), so a message object is unchanged after it;
+- a CONSUMER span ``receive {channel}`` per ``consume`` / ``receive`` / ``consume_frames`` that returned
+  data messages, spanning the call, with one span link per distinct producing span found in the
+  messages' properties;
+- counters ``messaging.client.sent.messages`` and ``messaging.client.consumed.messages`` (data messages)
+  and the histogram ``messaging.client.operation.duration`` (seconds, per traced operation);
+- observable gauges over the streams it saw consume, or that were given to :meth:`observe`:
+  ``msgstream.consumer.lag.messages`` / ``msgstream.consumer.lag.seconds`` (per channel, from
+  ``stream.lag()`` where the stream has it), ``msgstream.timetick.buffered.messages`` and
+  ``msgstream.timetick.lagging.channels`` (time-tick streams given to :meth:`observe`).
+
+Time ticks (``TimeTickMsg``) are control messages: they get no trace context, are not counted, and a
+pack of ticks alone makes no span. Polls that return nothing make no span either.
+
+Not instrumented, msgstream imports nothing of OpenTelemetry and each stream operation pays one
+``None`` check (:func:`msgstream.stream.set_hooks`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import __version__, stream
+from .frames import FramePack
+from .messages import PROPERTIES, MsgType, TimeTickMsg, TsMsg, frame_properties
+from .pack import MsgPack
+from .stream import MsgStream
+
+__all__ = ["MsgStreamInstrumentor"]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TICK = int(MsgType.TIME_TICK)
+_LOCK = threading.Lock()
+
+
+def _system(s: MsgStream) -> str:
+    url = getattr(s._backend, "url", None)
+    scheme = getattr(url, "scheme", None)
+    return scheme if isinstance(scheme, str) else "msgstream"
+
+
+def _error_type(exc: BaseException) -> str:
+    return type(exc).__qualname__
+
+
+class _Hooks:
+    """What :func:`msgstream.stream.set_hooks` calls while instrumented."""
+
+    def __init__(self, tracer: trace.Tracer, meter: metrics.Meter) -> None:
+        self._tracer = tracer
+        self._sent = meter.create_counter(
+            "messaging.client.sent.messages", unit="{message}", description="Data messages a producer sent."
+        )
+        self._consumed = meter.create_counter(
+            "messaging.client.consumed.messages",
+            unit="{message}",
+            description="Data messages a consumer received.",
+        )
+        self._duration = meter.create_histogram(
+            "messaging.client.operation.duration", unit="s", description="Duration of a traced messaging operation."
+        )
+        self.streams: weakref.WeakSet[Any] = weakref.WeakSet()  # for the gauges
+
+    # -- producing ------------------------------------------------------------------------------
+    def produce(self, s: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]]) -> Any:
+        return self._send(s, pack, send, 1)
+
+    def broadcast(self, s: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]]) -> Any:
+        return self._send(s, pack, send, max(1, len(s.producer_channels)))
+
+    def _send(self, s: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]], copies: int) -> Any:
+        msgs = getattr(pack, "msgs", None)
+        data = [m for m in msgs if isinstance(m, TsMsg) and not isinstance(m, TimeTickMsg)] if msgs else []
+        if not data:  # nothing to trace (ticks only), or a bad argument the stream reports itself
+            return send(pack)
+        channels = s.producer_channels
+        attrs: dict[str, Any] = {
+            "messaging.system": _system(s),
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+        }
+        if len(channels) == 1:
+            attrs["messaging.destination.name"] = channels[0]
+        span_attrs = {**attrs, "messaging.batch.message_count": len(data) * copies} if len(data) > 1 else attrs
+        name = f"send {channels[0]}" if len(channels) == 1 else "send"
+        start = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            name, kind=SpanKind.PRODUCER, attributes=span_attrs, record_exception=False, set_status_on_exception=False
+        ) as span:
+            carrier: dict[str, str] = {}
+            _PROPAGATOR.inject(carrier)
+            saved = [m._props for m in data]
+            for m, props in zip(data, saved, strict=True):
+                m._props = {**props, **carrier} if props else carrier
+            try:
+                result = send(pack)
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                span.set_attribute("error.type", _error_type(exc))
+                self._duration.record(time.perf_counter() - start, {**attrs, "error.type": _error_type(exc)})
+                raise
+            finally:
+                for m, props in zip(data, saved, strict=True):
+                    m._props = props
+            if len(data) == 1 and isinstance(result, dict):
+                ids = [i for got in result.values() for i in got]
+                if len(ids) == 1:
+                    span.set_attribute("messaging.message.id", ids[0].hex())
+        self._duration.record(time.perf_counter() - start, attrs)
+        self._sent.add(len(data) * copies, attrs)
+        return result
+
+    # -- consuming ------------------------------------------------------------------------------
+    def consume(self, s: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any:
+        started_ns = time.time_ns()
+        start = time.perf_counter()
+        self.streams.add(s)
+        result = receive(timeout)  # an exception passes through untraced: nothing was consumed
+        if not result:
+            return result
+        count, contexts = _trace_contexts(result)
+        if not count:
+            return result
+        channels = s.consumer_channels
+        attrs: dict[str, Any] = {
+            "messaging.system": _system(s),
+            "messaging.operation.type": "receive",
+            "messaging.operation.name": "receive",
+        }
+        if len(channels) == 1:
+            attrs["messaging.destination.name"] = channels[0]
+        if s.subscription:
+            attrs["messaging.destination.subscription.name"] = s.subscription
+        links = []
+        for carrier in contexts:
+            ctx = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+            if ctx.is_valid:
+                links.append(Link(ctx))
+        span_attrs = {**attrs, "messaging.batch.message_count": count}
+        name = f"receive {channels[0]}" if len(channels) == 1 else "receive"
+        span = self._tracer.start_span(
+            name, kind=SpanKind.CONSUMER, attributes=span_attrs, links=links, start_time=started_ns
+        )
+        span.end()
+        self._duration.record(time.perf_counter() - start, attrs)
+        self._consumed.add(count, attrs)
+        return result
+
+    # -- gauges ---------------------------------------------------------------------------------
+    def lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._lag(messages=True)
+
+    def lag_seconds(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._lag(messages=False)
+
+    def _lag(self, messages: bool) -> list[Observation]:
+        out: list[Observation] = []
+        for s in list(self.streams):
+            lag = getattr(s, "lag", None)
+            if not callable(lag) or getattr(s, "closed", False):
+                continue
+            try:
+                rows = lag()
+            except Exception:  # a gauge never breaks the export; the stream reports its errors itself
+                continue
+            sub = getattr(s, "subscription", None) or getattr(getattr(s, "inner", None), "subscription", None)
+            for row in rows:
+                value = row.messages if messages else row.seconds
+                if value is not None:
+                    attrs = {"messaging.destination.name": row.channel}
+                    if sub:
+                        attrs["messaging.destination.subscription.name"] = sub
+                    out.append(Observation(value, attrs))
+        return out
+
+    def buffered(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(s.buffered) for s in list(self.streams) if hasattr(s, "buffered") and not s.closed]
+
+    def lagging(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(len(s.lagging_channels()))
+            for s in list(self.streams)
+            if hasattr(s, "lagging_channels") and not s.closed
+        ]
+
+
+def _trace_contexts(result: Any) -> tuple[int, list[dict[str, str]]]:
+    """``(data messages, distinct trace-context carriers)`` of what a consume returned."""
+    count = 0
+    carriers: dict[str, dict[str, str]] = {}  # traceparent -> carrier: one link per producing span
+    if isinstance(result, FramePack):
+        for raw in result.frames:
+            payload = raw.payload
+            if len(payload) < 8 or int.from_bytes(payload[4:8], "big") == _TICK:
+                continue
+            count += 1
+            if payload[3] & PROPERTIES:
+                try:
+                    props = frame_properties(payload)
+                except Exception:  # a bad frame is the consumer's to report when it unmarshals it
+                    continue
+                parent = props.get("traceparent")
+                if parent is not None and parent not in carriers:
+                    carriers[parent] = props
+        return count, list(carriers.values())
+    msgs = result.msgs if isinstance(result, MsgPack) else result
+    for m in msgs:
+        if isinstance(m, TimeTickMsg):
+            continue
+        count += 1
+        known = m._props
+        if known:
+            parent = known.get("traceparent")
+            if parent is not None and parent not in carriers:
+                carriers[parent] = known
+    return count, list(carriers.values())
+
+
+class MsgStreamInstrumentor:
+    """Turns msgstream's tracing and metrics on (:meth:`instrument`) and off (:meth:`uninstrument`) for
+    every stream in the process. One instrumentation is active at a time; instrumenting again replaces it."""
+
+    _active: _Hooks | None = None
+
+    def instrument(self, *, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        """Start tracing and measuring; ``tracer_provider`` / ``meter_provider`` default to the global ones."""
+        tracer = trace.get_tracer("msgstream", __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter("msgstream", __version__, meter_provider=meter_provider)
+        hooks = _Hooks(tracer, meter)
+        meter.create_observable_gauge(
+            "msgstream.consumer.lag.messages",
+            [hooks.lag],
+            unit="{message}",
+            description="Messages on a channel after the last one the stream returned (stream.lag()).",
+        )
+        meter.create_observable_gauge(
+            "msgstream.consumer.lag.seconds",
+            [hooks.lag_seconds],
+            unit="s",
+            description="Time between the newest message on a channel and the last one returned (stream.lag()).",
+        )
+        meter.create_observable_gauge(
+            "msgstream.timetick.buffered.messages",
+            [hooks.buffered],
+            unit="{message}",
+            description="Messages a time-tick stream holds waiting for a tick.",
+        )
+        meter.create_observable_gauge(
+            "msgstream.timetick.lagging.channels",
+            [hooks.lagging],
+            unit="{channel}",
+            description="Channels a time-tick stream waits on for a tick.",
+        )
+        with _LOCK:
+            if MsgStreamInstrumentor._active is not None:
+                hooks.streams.update(MsgStreamInstrumentor._active.streams)
+            MsgStreamInstrumentor._active = hooks
+            stream.set_hooks(hooks)
+
+    def uninstrument(self) -> None:
+        """Stop: streams go back to their un-instrumented path (gauges report nothing more)."""
+        with _LOCK:
+            if MsgStreamInstrumentor._active is not None:
+                MsgStreamInstrumentor._active.streams.clear()
+            MsgStreamInstrumentor._active = None
+            stream.set_hooks(None)
+
+    @property
+    def is_instrumented(self) -> bool:
+        return MsgStreamInstrumentor._active is not None
+
+    def observe(self, s: Any) -> None:
+        """Report gauges for ``s`` (a ``MsgStream`` or ``TimeTickStream``) while instrumented: lag where the
+        stream has ``lag()``, and a time-tick stream's buffered messages and lagging channels. Consuming
+        streams are observed on their own; a time-tick stream needs this call."""
+        active = MsgStreamInstrumentor._active
+        if active is not None:
+            active.streams.add(s)

@@ -1,0 +1,209 @@
+"""OpenTelemetry instrumentation: spans linked through the messages' properties, counters, gauges, and
+nothing once uninstrumented. Runs on memory:// and sqlite:///."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import msgstream as ms
+from msgstream import stream as stream_module
+from msgstream.instrumentation import MsgStreamInstrumentor
+
+
+@pytest.fixture
+def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
+    spans = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader])
+    MsgStreamInstrumentor().instrument(tracer_provider=tp, meter_provider=mp)
+    try:
+        yield spans, reader
+    finally:
+        MsgStreamInstrumentor().uninstrument()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ms.Client]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'otel.db'}"
+    with ms.connect(url) as c:
+        yield c
+
+
+def _channels(client: ms.Client, n: int) -> list[str]:
+    return client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=n))
+
+
+def _data(i: int, props: dict[str, str] | None = None) -> ms.InsertMsg:
+    return ms.InsertMsg(begin_ts=i, end_ts=i, hash_values=[i], row_ids=[i], properties=props or {})
+
+
+def _consume_all(inp: Any, n: int, timeout: float = 20.0) -> list[ms.TsMsg]:
+    got: list[ms.TsMsg] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"received {len(got)} of {n}"
+        pack = inp.consume(timeout=0.5)
+        if pack is not None:
+            got += pack.msgs
+    return got
+
+
+def _metric(reader: InMemoryMetricReader, name: str) -> list[Any]:
+    data = reader.get_metrics_data()
+    if data is None:
+        return []
+    return [
+        point
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    ]
+
+
+def _total(reader: InMemoryMetricReader, name: str) -> int:
+    return sum(int(p.value) for p in _metric(reader, name))
+
+
+def test_consumer_span_links_every_producer_span_and_counters_match(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    spans, reader = otel
+    chans = _channels(client, 2)
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        inp.create_consumers("s", chans)
+        out.create_producers(chans)
+        mine = [_data(i, {"tenant": "t1"} if i % 2 else None) for i in range(10)]
+        out.produce(ms.MsgPack.of(mine[:6]))
+        out.produce(ms.MsgPack.of(mine[6:]))
+        out.broadcast(ms.MsgPack(20, 20, [ms.TimeTickMsg(begin_ts=20, end_ts=20)]))  # not traced
+        assert [m.properties for m in mine] == [{"tenant": "t1"} if i % 2 else {} for i in range(10)]
+        got = _consume_all(inp, 12)
+    data = [m for m in got if not isinstance(m, ms.TimeTickMsg)]
+    assert len(data) == 10
+    ticks = [m for m in got if isinstance(m, ms.TimeTickMsg)]
+    assert len(ticks) == 2 and all(m.properties == {} for m in ticks)
+    producers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    consumers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert len(producers) == 2 and {s.name for s in producers} == {"send"}
+    assert all(s.attributes is not None and s.attributes["messaging.operation.type"] == "send" for s in producers)
+    assert [s.attributes and s.attributes["messaging.batch.message_count"] for s in producers] == [6, 4]
+    by_span = {(s.context.trace_id, s.context.span_id): s for s in producers}
+    for m in data:  # each data message carries its producing span's context, and properties of its own
+        assert m.properties["traceparent"].split("-")[2] in {f"{sid:016x}" for _, sid in by_span}
+        assert isinstance(m, ms.InsertMsg)
+        if m.row_ids[0] % 2:
+            assert m.properties["tenant"] == "t1"
+    linked = {(link.context.trace_id, link.context.span_id) for s in consumers for link in s.links}
+    assert linked == set(by_span)
+    assert all(s.name == "receive" and s.attributes is not None for s in consumers)
+    assert sum(s.attributes["messaging.batch.message_count"] for s in consumers if s.attributes) == 10
+    assert _total(reader, "messaging.client.sent.messages") == 10
+    assert _total(reader, "messaging.client.consumed.messages") == 10
+    durations = _metric(reader, "messaging.client.operation.duration")
+    assert sum(p.count for p in durations) == 2 + len(consumers)
+
+
+def test_frames_and_timetick_streams_are_linked_too(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    spans, reader = otel
+    chans = _channels(client, 1)
+    with client.msg_stream() as out, client.msg_stream() as frames, client.tt_msg_stream() as tt:
+        frames.create_consumers("f", chans)
+        tt.create_consumers("t", chans)
+        MsgStreamInstrumentor().observe(tt)
+        out.create_producers(chans)
+        out.produce(ms.MsgPack.of([_data(1), _data(2)]))
+        seen = 0
+        deadline = time.monotonic() + 20
+        while seen < 2:
+            assert time.monotonic() < deadline
+            pack = frames.consume_frames(timeout=0.5)
+            seen += len(pack) if pack is not None else 0
+        for _ in range(50):  # the time-tick stream holds both until a tick
+            tt.consume(timeout=0.05)
+            if tt.buffered == 2:
+                break
+        assert tt.buffered == 2
+        assert [p.value for p in _metric(reader, "msgstream.timetick.buffered.messages")] == [2]
+        out.broadcast(ms.MsgPack(5, 5, [ms.TimeTickMsg(begin_ts=5, end_ts=5)]))
+        assert [m.end_ts for m in _consume_all(tt, 2)] == [1, 2]
+    (producer,) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    assert producer.name == f"send {chans[0]}"
+    consumers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert consumers and all(s.name == f"receive {chans[0]}" for s in consumers)
+    assert all([link.context.span_id for link in s.links] == [producer.context.span_id] for s in consumers)
+    assert _total(reader, "messaging.client.consumed.messages") == 4  # 2 as frames, 2 through the tick stream
+
+
+def test_lag_gauge_reads_stream_lag_when_there_is_one(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    _, reader = otel
+
+    class Row:
+        def __init__(self, channel: str, messages: int | None, seconds: float | None) -> None:
+            self.channel, self.messages, self.seconds = channel, messages, seconds
+
+    class Lagging:
+        closed = False
+        subscription = "s"
+
+        def lag(self) -> list[Row]:
+            return [Row("a", 3, 0.5), Row("b", None, None)]
+
+    source = Lagging()
+    MsgStreamInstrumentor().observe(source)
+    assert [
+        (p.value, dict(p.attributes)["messaging.destination.name"])
+        for p in _metric(reader, "msgstream.consumer.lag.messages")
+    ] == [(3, "a")]
+    assert [p.value for p in _metric(reader, "msgstream.consumer.lag.seconds")] == [0.5]
+
+
+def test_uninstrument_stops_everything(client: ms.Client) -> None:
+    spans = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    instrumentor = MsgStreamInstrumentor()
+    instrumentor.instrument(tracer_provider=tp, meter_provider=MeterProvider(metric_readers=[reader]))
+    assert stream_module._hooks is not None and instrumentor.is_instrumented
+    instrumentor.uninstrument()
+    assert stream_module._hooks is None and not instrumentor.is_instrumented
+    chans = _channels(client, 1)
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        inp.create_consumers("s", chans)
+        out.create_producers(chans)
+        out.produce(ms.MsgPack.of([_data(1)]))
+        (got,) = _consume_all(inp, 1)
+    assert got.properties == {}
+    assert spans.get_finished_spans() == ()
+    assert _total(reader, "messaging.client.sent.messages") == 0
+
+
+def test_the_core_imports_no_opentelemetry() -> None:
+    code = "import sys, msgstream as ms; ms.connect('memory://'); "
+    code += "print([m for m in sys.modules if 'opentelemetry' in m])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
