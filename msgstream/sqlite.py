@@ -27,13 +27,13 @@ Options (``?name=value``), defaults in brackets:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
 import time
 import uuid
 import weakref
-from bisect import bisect_right
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
@@ -308,55 +308,12 @@ class _SQLiteProducer(Producer):
         self._closed = True
 
 
-class _Held:
-    """What one member was delivered and has not acknowledged: per channel, ranges ``first..last`` of
-    sequence numbers, each the key of one of the member's rows in the ``pending`` table."""
-
-    def __init__(self) -> None:
-        self._ranges: dict[str, dict[int, int]] = {}  # channel -> first -> last
-
-    def add(self, channel: str, first: int, last: int) -> None:
-        self._ranges.setdefault(channel, {})[first] = last
-
-    def forget(self, channel: str) -> None:
-        self._ranges.pop(channel, None)
-
-    def settle(self, channel: str, seqs: set[int]) -> list[tuple[int, list[tuple[int, int]]]]:
-        """What acknowledging ``seqs`` does: for each range they touch, (its first, the ranges left of it).
-        Changes nothing until :meth:`apply`, so that an acknowledgement that failed can be made again."""
-        ranges = self._ranges.get(channel, {})
-        firsts = sorted(ranges)
-        hit: dict[int, list[int]] = {}
-        for seq in seqs:
-            i = bisect_right(firsts, seq) - 1
-            if i >= 0 and seq <= ranges[firsts[i]]:
-                hit.setdefault(firsts[i], []).append(seq)
-        out = []
-        for first, acked in hit.items():
-            last, start, left = ranges[first], first, []
-            for seq in sorted(acked):
-                if seq > start:
-                    left.append((start, seq - 1))
-                start = seq + 1
-            if start <= last:
-                left.append((start, last))
-            out.append((first, left))
-        return out
-
-    def apply(self, channel: str, settled: list[tuple[int, list[tuple[int, int]]]]) -> None:
-        ranges = self._ranges.get(channel, {})
-        for first, left in settled:
-            ranges.pop(first, None)
-            ranges.update(left)
-
-
 class _SQLiteConsumer(Consumer):
     def __init__(self, backend: SQLiteBackend, subscription: str, ids: dict[str, int], token: str) -> None:
         super().__init__(subscription, list(ids))
         self._backend = backend
         self._ids = ids
         self._token = token
-        self._held = _Held()
         self._next_channel = 0
         self._next_reap = 0.0
         self._seen: tuple[int, int] | None = None  # the file's version at the last look
@@ -430,31 +387,36 @@ class _SQLiteConsumer(Consumer):
                     elif top < last:  # the rest of a redelivered range waits for the next receive
                         conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, NULL)", (chan, sub, top + 1, last))
                     conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, ?)", (chan, sub, rows[0][0], top, me))
-                    self._held.add(name, rows[0][0], top)
                     out += [RawMessage(name, _msg_id(seq), payload) for seq, payload in rows]
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
+        """Per range of this member's that the ids fall in (found in ``pending``, where a seek or a
+        redelivery may have changed them): delete its row and insert what is left of it."""
         self._check_open()
         by_channel: dict[str, set[int]] = {}
         for m in messages:
             by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
-        plans = {name: self._held.settle(name, seqs) for name, seqs in by_channel.items()}
+        find = "SELECT first, last, member FROM pending WHERE chan = ? AND sub = ? AND first <= ? ORDER BY first DESC"
         with self._backend._tx(ConsumeError) as conn:
-            for name, plan in plans.items():
-                chan, sub = self._ids.get(name), self.subscription
-                for first, left in plan:
-                    gone = conn.execute(
-                        "DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ? AND member = ?",
-                        (chan, sub, first, self._token),
-                    ).rowcount
-                    if gone:  # else a seek forgot the range meanwhile
-                        conn.executemany(
-                            "INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
-                            [(chan, sub, a, b, self._token) for a, b in left],
-                        )
-        for name, plan in plans.items():
-            self._held.apply(name, plan)
+            for name, seqs in by_channel.items():
+                key = (self._ids.get(name), self.subscription)
+                hit: dict[tuple[int, int], list[int]] = {}
+                row = None
+                for seq in sorted(seqs):
+                    if row is None or seq > row[1]:
+                        row = conn.execute(find, (*key, seq)).fetchone()  # the nearest: ranges do not overlap
+                        if row is None or row[1] < seq or row[2] != self._token:
+                            row = None
+                            continue
+                    hit.setdefault((row[0], row[1]), []).append(seq)
+                for (first, last), acked in hit.items():
+                    conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ?", (*key, first))
+                    cuts = [first - 1, *acked, last + 1]
+                    conn.executemany(
+                        "INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
+                        [(*key, a + 1, b - 1, self._token) for a, b in itertools.pairwise(cuts) if a + 1 < b],
+                    )
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         self._check_open()
@@ -477,8 +439,6 @@ class _SQLiteConsumer(Consumer):
             for chan, cursor in cursors.items():
                 conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (chan, self.subscription, cursor))
                 conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
-        for channel in targets:
-            self._held.forget(channel)
 
     def close(self) -> None:
         if self._closed:

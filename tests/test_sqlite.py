@@ -239,3 +239,24 @@ def test_a_killed_members_messages_go_to_another_member(tmp_path: Path, joins: s
         assert other.receive(10, 0.5) == []
     finally:
         backend.close()
+
+
+def test_an_ack_after_another_members_seek_loses_nothing(tmp_path: Path) -> None:
+    """A seek drops every member's ranges on the channel; an ack by another member afterwards deletes
+    only the rows of what it acknowledged, so the rest goes back when it closes."""
+    backend = _backend(tmp_path / "a.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
+        seeker = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(5, 1)) == 5 and len(holder.receive(5, 1)) == 5  # holds 0..4, 5..9
+        seeker.seek({"c": None})  # back to the start: those ranges are dropped
+        got = holder.receive(20, 1)
+        assert [int(m.payload) for m in got] == list(range(20))
+        holder.ack(got[:10])
+        holder.close()  # 10..19 go back
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert sorted(int(m.payload) for m in _consume(other, 20)) == list(range(10, 30))
+    finally:
+        backend.close()
