@@ -33,7 +33,6 @@ import sqlite3
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
@@ -133,7 +132,7 @@ class SQLiteBackend(Backend):
         self._lock = threading.Lock()  # one connection, used by one thread at a time
         self._busy_ms = -1
         self._commits = 0  # our own writes: data_version counts only other connections'
-        self._consumers: weakref.WeakSet[_SQLiteConsumer] = weakref.WeakSet()  # closed with the backend
+        self._members: set[str] = set()  # tokens of our members not yet handed back: closed with the backend
         self._conn: Connection | None = None
         try:
             conn = sqlite3.connect(path, self._busy, isolation_level=None, check_same_thread=False)
@@ -230,9 +229,8 @@ class SQLiteBackend(Backend):
                 start = first if initial is SubscriptionPosition.EARLIEST else nxt
                 conn.execute("INSERT OR IGNORE INTO subscriptions VALUES (?, ?, ?)", (chan, subscription, start))
             conn.execute("INSERT INTO members VALUES (?, ?, ?)", (token, os.getpid(), _process_stamp(os.getpid())))
-        consumer = _SQLiteConsumer(self, subscription, ids, token)
-        self._consumers.add(consumer)
-        return consumer
+        self._members.add(token)
+        return _SQLiteConsumer(self, subscription, ids, token)
 
     def latest_message_id(self, channel: str) -> bytes | None:
         with self._tx(BrokerUnavailableError, write=False) as conn:
@@ -243,11 +241,16 @@ class SQLiteBackend(Backend):
         """Hand the pending messages of members whose process died back for redelivery."""
         with self._tx(error, write=False, wait=wait) as conn:
             rows = conn.execute("SELECT token, pid, started FROM members").fetchall()
-        dead = [(token,) for token, pid, started in rows if _process_stamp(pid) != started]
-        if dead:
-            with self._tx(error, wait=wait) as conn:
-                conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", dead)
-                conn.executemany("DELETE FROM members WHERE token = ?", dead)
+        if dead := [token for token, pid, started in rows if _process_stamp(pid) != started]:
+            self._release(dead, error, wait)
+
+    def _release(self, tokens: Collection[str], error: ErrorClass, wait: float | None = None) -> None:
+        """Hand these members' ranges back for redelivery and remove the members."""
+        rows = [(token,) for token in tokens]
+        with self._tx(error, wait=wait) as conn:
+            conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", rows)
+            conn.executemany("DELETE FROM members WHERE token = ?", rows)
+        self._members.difference_update(tokens)
 
     def _trim(self, conn: Connection, chan: int, first: int, nxt: int) -> None:
         """Apply the retention limits to one channel, inside the caller's transaction."""
@@ -268,9 +271,10 @@ class SQLiteBackend(Backend):
                     conn.execute("PRAGMA incremental_vacuum(1)")
 
     def close(self) -> None:
-        for consumer in list(self._consumers):  # give their pending messages back while we can
+        if self._members:  # members not closed (collected ones too): hand back what they hold
             with contextlib.suppress(MsgStreamError):
-                consumer.close()
+                self._release(list(self._members), BrokerUnavailableError)
+        self._members.clear()
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
@@ -441,10 +445,6 @@ class _SQLiteConsumer(Consumer):
                 conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if self._token in self._backend._members:  # else already handed back (by the backend's close)
+            self._backend._release([self._token], ConsumeError)  # if this fails, stays open: close again
         self._closed = True
-        self._backend._consumers.discard(self)
-        with self._backend._tx(ConsumeError) as conn:
-            conn.execute("UPDATE pending SET member = NULL WHERE member = ?", (self._token,))
-            conn.execute("DELETE FROM members WHERE token = ?", (self._token,))

@@ -4,6 +4,7 @@ other connections, and members whose process died."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sqlite3
@@ -258,5 +259,45 @@ def test_an_ack_after_another_members_seek_loses_nothing(tmp_path: Path) -> None
         holder.close()  # 10..19 go back
         other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
         assert sorted(int(m.payload) for m in _consume(other, 20)) == list(range(10, 30))
+    finally:
+        backend.close()
+
+
+def test_a_close_that_failed_on_a_lock_can_be_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    backend = _backend(path, "busy_timeout=0.2")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 3, 5)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(3, 1)) == 3
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ConsumeError) as err:
+                holder.close()
+            assert err.value.retriable
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+        holder.close()  # now hands the 3 back
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(_consume(other, 3)) == 3
+    finally:
+        backend.close()
+
+
+def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "g.db")
+    backend.create_channel("c", b"")
+    backend.create_producer("c").send([b"x"] * 3, 5)
+    leaked = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    assert len(leaked.receive(3, 1)) == 3
+    del leaked
+    gc.collect()
+    backend.close()
+    backend = _backend(tmp_path / "g.db")
+    try:  # same (live) process: only the close can have handed them back
+        assert len(_consume(backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST), 3)) == 3
     finally:
         backend.close()
