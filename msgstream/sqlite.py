@@ -11,7 +11,7 @@ A message id is the message's 0-based sequence number in its channel, 8 bytes bi
 numbers delivered to a member and not acknowledged; a range whose ``member`` is NULL waits for
 redelivery and goes first to the next member that receives. A member that closes hands its ranges
 back; so does one whose process died, found by process id and start time (all clients of a file run
-on one host: SQLite's WAL mode needs shared memory).
+on one host: SQLite's WAL mode needs shared memory; only members of one's own PID namespace are checked).
 
 Options (``?name=value``), defaults in brackets:
 
@@ -67,8 +67,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (chan INTEGER, sub TEXT, cursor INTEGER
 CREATE TABLE IF NOT EXISTS pending (chan INTEGER, sub TEXT, first INTEGER, last INTEGER NOT NULL, member TEXT,
     PRIMARY KEY (chan, sub, first)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_by_member ON pending (member);
-CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL)
-    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL,
+    ns TEXT NOT NULL) WITHOUT ROWID;
 """
 _FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
     UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
@@ -95,6 +95,14 @@ def _process_stamp(pid: int) -> str | None:
     except OSError:
         return None
     return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), "" if unknown: pids mean something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
@@ -228,7 +236,8 @@ class SQLiteBackend(Backend):
                 ids[name] = chan
                 start = first if initial is SubscriptionPosition.EARLIEST else nxt
                 conn.execute("INSERT OR IGNORE INTO subscriptions VALUES (?, ?, ?)", (chan, subscription, start))
-            conn.execute("INSERT INTO members VALUES (?, ?, ?)", (token, os.getpid(), _process_stamp(os.getpid())))
+            member = (token, os.getpid(), _process_stamp(os.getpid()) or "", _pid_namespace())
+            conn.execute("INSERT INTO members VALUES (?, ?, ?, ?)", member)
         self._members.add(token)
         return _SQLiteConsumer(self, subscription, ids, token)
 
@@ -238,9 +247,11 @@ class SQLiteBackend(Backend):
         return _msg_id(nxt - 1) if nxt else None
 
     def _reap(self, error: ErrorClass, wait: float | None = None) -> None:
-        """Hand the pending messages of members whose process died back for redelivery."""
+        """Hand back the ranges of members whose process died; only members of this PID namespace whose
+        start time is known (not where there is no /proc) can be told dead."""
         with self._tx(error, write=False, wait=wait) as conn:
-            rows = conn.execute("SELECT token, pid, started FROM members").fetchall()
+            known = "SELECT token, pid, started FROM members WHERE ns = ? AND started != ''"
+            rows = conn.execute(known, (_pid_namespace(),)).fetchall()
         if dead := [token for token, pid, started in rows if _process_stamp(pid) != started]:
             self._release(dead, error, wait)
 

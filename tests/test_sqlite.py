@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -299,5 +300,50 @@ def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close
     backend = _backend(tmp_path / "g.db")
     try:  # same (live) process: only the close can have handed them back
         assert len(_consume(backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST), 3)) == 3
+    finally:
+        backend.close()
+
+
+def test_a_member_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """A member in another PID namespace on the host (a container sharing the file) has a pid that means
+    another process here: it is left alone, not reaped while alive."""
+    url = f"sqlite:///{tmp_path}/n.db"
+    backend = load_backend(url)
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
+        argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+        try:
+            child = subprocess.Popen([*argv, sys.executable, "-c", _HOLDER, url], stdin=PIPE, stdout=PIPE)
+        except FileNotFoundError:
+            pytest.skip("no unshare(1)")
+        assert child.stdin is not None and child.stdout is not None
+        line = child.stdout.readline()
+        if not line:
+            child.wait(10)
+            pytest.skip("cannot make a PID namespace here")
+        assert int(line) == 30
+        try:
+            other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+            assert other.receive(30, 1.5) == []  # the holder (pid 1 in its namespace) is alive
+        finally:
+            child.stdin.close()
+            child.wait(10)
+    finally:
+        backend.close()
+
+
+def test_without_proc_members_are_made_and_never_reaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("msgstream.sqlite._process_stamp", lambda pid: None)  # as on macOS: no /proc
+    backend = _backend(tmp_path / "p.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 3, 5)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(3, 1)) == 3
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert other.receive(3, 0.3) == []  # the holder's process is not known dead
+        holder.close()
+        assert len(_consume(other, 3)) == 3
     finally:
         backend.close()
