@@ -54,6 +54,8 @@ from .errors import (
 __all__ = ["SQLiteBackend"]
 
 _ID_LEN = 8
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection held the lock too long
+_RETRIABLE = (*_BUSY, 10, 13)  # and SQLITE_IOERR, SQLITE_FULL: trying again may work
 _REAP_EVERY = 1.0  # seconds between a receiving member's looks for members whose process died
 _VACUUM_PAGES = 1024  # free pages the file may keep; a send gives back up to 4x that many per call
 _OPTIONS = {"synchronous", "busy_timeout", "max_messages", "max_age", "retention", "poll_interval"}
@@ -80,10 +82,17 @@ def _msg_id(seq: int) -> bytes:
     return seq.to_bytes(_ID_LEN, "big")
 
 
-def _retriable(exc: sqlite3.Error) -> bool:
-    """Another connection held the lock too long, or the disk failed or filled: trying again may work."""
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and any(w in text for w in ("locked", "busy", "i/o", "full"))
+def _code(exc: BaseException | None) -> int:
+    """The primary SQLite result code of a failure (before Python 3.11, from the error's own message):
+    SQLITE_BUSY (5) also for a wait for another thread's call; 0 for no SQLite error."""
+    if isinstance(exc, TimeoutError):
+        return _BUSY[0]
+    if not isinstance(exc, sqlite3.Error):
+        return 0
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    return next((c for c, word in ((5, "locked"), (10, "I/O"), (13, "full")) if word in str(exc)), 0)
 
 
 def _process_stamp(pid: int) -> str | None:
@@ -159,37 +168,44 @@ class SQLiteBackend(Backend):
     @contextlib.contextmanager
     def _tx(self, error: ErrorClass, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
         """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
-        seconds (default ``busy_timeout``) for the write lock; sqlite3 errors become ``error(text)``,
-        ``retriable`` when trying again may work; anything raised rolls back."""
-        with self._lock:
+        seconds (default ``busy_timeout``) for another thread's call and for the write lock; sqlite3
+        errors become ``error(text)``, ``retriable`` when trying again may work; anything raised rolls back."""
+        wait = self._busy if wait is None else max(wait, 0.0)
+        if not self._lock.acquire(timeout=wait):
+            busy = TimeoutError(f"another thread's call on this connection took over {wait:g} s")
+            raise self._error(error, busy) from busy
+        try:
             conn = self._conn
             if conn is None:
                 raise StreamClosedError(f"backend {self.url.redacted()} is closed")
-            try:
-                busy_ms = max(1, int((self._busy if wait is None else wait) * 1000))
-                if busy_ms != self._busy_ms:
+            if write:
+                if (busy_ms := max(1, int(wait * 1000))) != self._busy_ms:
                     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
                     self._busy_ms = busy_ms
-                if write:
-                    conn.execute("BEGIN IMMEDIATE")
-                changes = conn.total_changes
-                yield conn
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-                self._commits += conn.total_changes != changes
-            except BaseException as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    translated = error(f"sqlite {self.url.redacted()}: {exc}")
-                    translated.retriable = _retriable(exc)
-                    raise translated from exc
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
+            yield conn
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            self._commits += conn.total_changes != changes
+        except BaseException as exc:
+            if conn is not None and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(error, exc) from exc
+            raise
+        finally:
+            self._lock.release()
 
-    def _version(self) -> tuple[int, int]:
+    def _error(self, error: ErrorClass, exc: Exception) -> MsgStreamError:
+        translated = error(f"sqlite {self.url.redacted()}: {exc}")
+        translated.retriable = _code(exc) in _RETRIABLE
+        return translated
+
+    def _version(self, wait: float) -> tuple[int, int]:
         """Changes whenever any connection committed a write to the file."""
-        with self._tx(ConsumeError, write=False) as conn:
+        with self._tx(ConsumeError, write=False, wait=wait) as conn:
             return int(conn.execute("PRAGMA data_version").fetchone()[0]), self._commits
 
     @staticmethod
@@ -350,14 +366,14 @@ class _SQLiteConsumer(Consumer):
                 if time.monotonic() >= self._next_reap:
                     self._next_reap = time.monotonic() + _REAP_EVERY
                     self._backend._reap(ConsumeError, max(remaining, 0.001))
-                version = self._backend._version()
+                version = self._backend._version(max(remaining, 0.001))
                 if version != self._seen:
                     self._seen = version
                     out = self._take(max_messages, max(remaining, 0.001))
                     if out:
                         return out
             except ConsumeError as exc:
-                if not exc.retriable or "lock" not in str(exc):
+                if _code(exc.__cause__) not in _BUSY:
                     raise
                 self._seen = None  # look again
             remaining = deadline - time.monotonic()

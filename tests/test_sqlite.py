@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from subprocess import PIPE
@@ -346,4 +347,48 @@ def test_without_proc_members_are_made_and_never_reaped(tmp_path: Path, monkeypa
         holder.close()
         assert len(_consume(other, 3)) == 3
     finally:
+        backend.close()
+
+
+def test_a_call_waits_for_another_thread_at_most_its_own_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    backend = _backend(path)
+    try:
+        backend.create_channel("c", b"")
+        producer = backend.create_producer("c")
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.LATEST)
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        receiving = threading.Thread(target=consumer.receive, args=(1, 3))  # waits for the write lock
+        try:
+            receiving.start()
+            time.sleep(0.2)
+            start = time.monotonic()
+            with pytest.raises(ProduceError) as err:
+                producer.send([b"y"], 0.2)
+            assert err.value.retriable and time.monotonic() - start < 1
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+            receiving.join()
+    finally:
+        backend.close()
+
+
+def test_a_full_disk_is_an_error_for_receive_whatever_the_files_name(tmp_path: Path) -> None:
+    """Only a lock held past the deadline counts as nothing having arrived, told by SQLite's error code:
+    not by the word "lock" in the error text, which holds the file's path."""
+    backend = _backend(tmp_path / "blockstore.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 2000, 5)
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        with pytest.raises(ConsumeError) as err:
+            for _ in range(2000):  # each holds one more range: sooner or later one needs a new page
+                pages = backend._conn.execute("PRAGMA page_count").fetchone()[0]
+                backend._conn.execute(f"PRAGMA max_page_count = {pages}")
+                assert len(consumer.receive(1, 0.2)) == 1
+        assert err.value.retriable and "full" in str(err.value)
+    finally:
+        backend._conn.execute("PRAGMA max_page_count = 1000000")
         backend.close()
