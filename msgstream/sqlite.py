@@ -243,6 +243,8 @@ class SQLiteBackend(Backend):
         return _SQLiteProducer(self, channel, chan)
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        if not channels:
+            raise InvalidArgumentError("a consumer needs at least one channel")
         token = uuid.uuid4().hex
         self._reap(BrokerUnavailableError)
         ids: dict[str, int] = {}
@@ -454,18 +456,20 @@ class _SQLiteConsumer(Consumer):
         with self._backend._tx(ConsumeError) as conn:  # one transaction: all targets or none
             cursors: dict[int, int] = {}
             for channel, after in targets.items():
-                if channel not in self._ids:
+                if (chan := self._ids.get(channel)) is None:
                     raise SeekError(f"channel {channel!r} is not consumed by this consumer")
-                chan, first, nxt = SQLiteBackend._channel(conn, channel)
-                after = after or b""
+                row = conn.execute("SELECT first, next FROM channels WHERE id = ?", (chan,)).fetchone()
+                if row is None:  # deleted (a channel re-created under its name is another one)
+                    raise ChannelNotFoundError(channel)
+                first, nxt = row
                 if after and len(after) != _ID_LEN:
                     raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
                 seq = int.from_bytes(after, "big") if after else first - 1
-                cursor = seq if channel in inclusive else seq + 1
-                if after and seq >= nxt:
-                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({nxt} messages)")
+                cursor = seq if after and channel in inclusive else seq + 1
+                if seq >= nxt:
+                    raise SeekError(f"message id {seq:016x} is past the end of {channel!r} ({nxt} messages)")
                 if cursor < first:
-                    raise SeekError(f"the messages after {after.hex()} on {channel!r} were trimmed (retention)")
+                    raise SeekError(f"seek to {seq:016x} on {channel!r}: messages it needs were trimmed (retention)")
                 cursors[chan] = cursor
             for chan, cursor in cursors.items():
                 conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (chan, self.subscription, cursor))

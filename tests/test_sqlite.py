@@ -22,7 +22,14 @@ import pytest
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, load_backend
-from msgstream.errors import ConsumeError, InvalidURLError, ProduceError, SeekError
+from msgstream.errors import (
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    ProduceError,
+    SeekError,
+)
 
 
 def _backend(path: Path, query: str = "") -> Any:
@@ -391,4 +398,34 @@ def test_a_full_disk_is_an_error_for_receive_whatever_the_files_name(tmp_path: P
         assert err.value.retriable and "full" in str(err.value)
     finally:
         backend._conn.execute("PRAGMA max_page_count = 1000000")
+        backend.close()
+
+
+def test_seek_inclusive_to_the_start_and_on_a_re_created_channel(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    backend = _backend(path)
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"0", b"1"], 5)
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.LATEST)
+        consumer.seek({"c": None}, inclusive={"c"})  # None is the start, inclusive or not
+        assert [m.payload for m in _consume(consumer, 2)] == [b"0", b"1"]
+        consumer.seek({"c": (1).to_bytes(8, "big")}, inclusive={"c"})
+        assert [m.payload for m in _consume(consumer, 1)] == [b"1"]
+        backend.delete_channel("c")
+        backend.create_channel("c", b"")  # a new channel of the same name, not this consumer's
+        with pytest.raises(ChannelNotFoundError):
+            consumer.seek({"c": None})
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT COUNT(*) FROM subscriptions").fetchone()[0] == 0
+    finally:
+        backend.close()
+
+
+def test_a_consumer_needs_a_channel(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "e.db")
+    try:
+        with pytest.raises(InvalidArgumentError):
+            backend.create_consumer("s", [], SubscriptionPosition.LATEST)
+    finally:
         backend.close()
