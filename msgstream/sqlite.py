@@ -170,7 +170,7 @@ class SQLiteBackend(Backend):
         """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
         seconds (default ``busy_timeout``) for another thread's call and for the write lock; sqlite3
         errors become ``error(text)``, ``retriable`` when trying again may work; anything raised rolls back."""
-        wait = self._busy if wait is None else max(wait, 0.0)
+        wait = min(self._busy if wait is None else max(wait, 0.0), threading.TIMEOUT_MAX)
         if not self._lock.acquire(timeout=wait):
             busy = TimeoutError(f"another thread's call on this connection took over {wait:g} s")
             raise self._error(error, busy) from busy
