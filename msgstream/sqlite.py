@@ -179,7 +179,7 @@ class SQLiteBackend(Backend):
             if conn is None:
                 raise StreamClosedError(f"backend {self.url.redacted()} is closed")
             if write:
-                if (busy_ms := max(1, int(wait * 1000))) != self._busy_ms:
+                if (busy_ms := min(max(1, int(wait * 1000)), 2**31 - 1)) != self._busy_ms:  # a C int
                     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
                     self._busy_ms = busy_ms
                 conn.execute("BEGIN IMMEDIATE")

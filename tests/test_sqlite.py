@@ -429,3 +429,12 @@ def test_a_consumer_needs_a_channel(tmp_path: Path) -> None:
             backend.create_consumer("s", [], SubscriptionPosition.LATEST)
     finally:
         backend.close()
+
+
+def test_a_huge_busy_timeout_still_waits(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "h.db", "busy_timeout=1000000000000")
+    try:
+        backend.create_channel("c", b"")
+        assert backend._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2**31 - 1  # not 0: no wait
+    finally:
+        backend.close()
