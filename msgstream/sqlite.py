@@ -11,7 +11,7 @@ A message id is the message's 0-based sequence number in its channel, 8 bytes bi
 numbers delivered to a member and not acknowledged; a range whose ``member`` is NULL waits for
 redelivery and goes first to the next member that receives. A member that closes hands its ranges
 back; so does one whose process died, found by process id and start time (all clients of a file run
-on one host: SQLite's WAL mode needs shared memory).
+on one host: SQLite's WAL mode needs shared memory; only members of one's own PID namespace are checked).
 
 Options (``?name=value``), defaults in brackets:
 
@@ -27,13 +27,12 @@ Options (``?name=value``), defaults in brackets:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
 import time
 import uuid
-import weakref
-from bisect import bisect_right
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
@@ -55,6 +54,8 @@ from .errors import (
 __all__ = ["SQLiteBackend"]
 
 _ID_LEN = 8
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection held the lock too long
+_RETRIABLE = (*_BUSY, 10, 13)  # and SQLITE_IOERR, SQLITE_FULL: trying again may work
 _REAP_EVERY = 1.0  # seconds between a receiving member's looks for members whose process died
 _VACUUM_PAGES = 1024  # free pages the file may keep; a send gives back up to 4x that many per call
 _OPTIONS = {"synchronous", "busy_timeout", "max_messages", "max_age", "retention", "poll_interval"}
@@ -68,8 +69,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (chan INTEGER, sub TEXT, cursor INTEGER
 CREATE TABLE IF NOT EXISTS pending (chan INTEGER, sub TEXT, first INTEGER, last INTEGER NOT NULL, member TEXT,
     PRIMARY KEY (chan, sub, first)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_by_member ON pending (member);
-CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL)
-    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL,
+    ns TEXT NOT NULL) WITHOUT ROWID;
 """
 _FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
     UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
@@ -81,10 +82,17 @@ def _msg_id(seq: int) -> bytes:
     return seq.to_bytes(_ID_LEN, "big")
 
 
-def _retriable(exc: sqlite3.Error) -> bool:
-    """Another connection held the lock too long, or the disk failed or filled: trying again may work."""
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and any(w in text for w in ("locked", "busy", "i/o", "full"))
+def _code(exc: BaseException | None) -> int:
+    """The primary SQLite result code of a failure (before Python 3.11, from the error's own message):
+    SQLITE_BUSY (5) also for a wait for another thread's call; 0 for no SQLite error."""
+    if isinstance(exc, TimeoutError):
+        return _BUSY[0]
+    if not isinstance(exc, sqlite3.Error):
+        return 0
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    return next((c for c, word in ((5, "locked"), (10, "I/O"), (13, "full")) if word in str(exc)), 0)
 
 
 def _process_stamp(pid: int) -> str | None:
@@ -96,6 +104,14 @@ def _process_stamp(pid: int) -> str | None:
     except OSError:
         return None
     return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), "" if unknown: pids mean something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
@@ -133,7 +149,7 @@ class SQLiteBackend(Backend):
         self._lock = threading.Lock()  # one connection, used by one thread at a time
         self._busy_ms = -1
         self._commits = 0  # our own writes: data_version counts only other connections'
-        self._consumers: weakref.WeakSet[_SQLiteConsumer] = weakref.WeakSet()  # closed with the backend
+        self._members: set[str] = set()  # tokens of our members not yet handed back: closed with the backend
         self._conn: Connection | None = None
         try:
             conn = sqlite3.connect(path, self._busy, isolation_level=None, check_same_thread=False)
@@ -152,37 +168,44 @@ class SQLiteBackend(Backend):
     @contextlib.contextmanager
     def _tx(self, error: ErrorClass, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
         """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
-        seconds (default ``busy_timeout``) for the write lock; sqlite3 errors become ``error(text)``,
-        ``retriable`` when trying again may work; anything raised rolls back."""
-        with self._lock:
+        seconds (default ``busy_timeout``) for another thread's call and for the write lock; sqlite3
+        errors become ``error(text)``, ``retriable`` when trying again may work; anything raised rolls back."""
+        wait = min(self._busy if wait is None else max(wait, 0.0), threading.TIMEOUT_MAX)
+        if not self._lock.acquire(timeout=wait):
+            busy = TimeoutError(f"another thread's call on this connection took over {wait:g} s")
+            raise self._error(error, busy) from busy
+        try:
             conn = self._conn
             if conn is None:
                 raise StreamClosedError(f"backend {self.url.redacted()} is closed")
-            try:
-                busy_ms = max(1, int((self._busy if wait is None else wait) * 1000))
-                if busy_ms != self._busy_ms:
+            if write:
+                if (busy_ms := min(max(1, int(wait * 1000)), 2**31 - 1)) != self._busy_ms:  # a C int
                     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
                     self._busy_ms = busy_ms
-                if write:
-                    conn.execute("BEGIN IMMEDIATE")
-                changes = conn.total_changes
-                yield conn
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-                self._commits += conn.total_changes != changes
-            except BaseException as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    translated = error(f"sqlite {self.url.redacted()}: {exc}")
-                    translated.retriable = _retriable(exc)
-                    raise translated from exc
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
+            yield conn
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            self._commits += conn.total_changes != changes
+        except BaseException as exc:
+            if conn is not None and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(error, exc) from exc
+            raise
+        finally:
+            self._lock.release()
 
-    def _version(self) -> tuple[int, int]:
+    def _error(self, error: ErrorClass, exc: Exception) -> MsgStreamError:
+        translated = error(f"sqlite {self.url.redacted()}: {exc}")
+        translated.retriable = _code(exc) in _RETRIABLE
+        return translated
+
+    def _version(self, wait: float) -> tuple[int, int]:
         """Changes whenever any connection committed a write to the file."""
-        with self._tx(ConsumeError, write=False) as conn:
+        with self._tx(ConsumeError, write=False, wait=wait) as conn:
             return int(conn.execute("PRAGMA data_version").fetchone()[0]), self._commits
 
     @staticmethod
@@ -220,6 +243,8 @@ class SQLiteBackend(Backend):
         return _SQLiteProducer(self, channel, chan)
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
+        if not channels:
+            raise InvalidArgumentError("a consumer needs at least one channel")
         token = uuid.uuid4().hex
         self._reap(BrokerUnavailableError)
         ids: dict[str, int] = {}
@@ -229,10 +254,10 @@ class SQLiteBackend(Backend):
                 ids[name] = chan
                 start = first if initial is SubscriptionPosition.EARLIEST else nxt
                 conn.execute("INSERT OR IGNORE INTO subscriptions VALUES (?, ?, ?)", (chan, subscription, start))
-            conn.execute("INSERT INTO members VALUES (?, ?, ?)", (token, os.getpid(), _process_stamp(os.getpid())))
-        consumer = _SQLiteConsumer(self, subscription, ids, token)
-        self._consumers.add(consumer)
-        return consumer
+            member = (token, os.getpid(), _process_stamp(os.getpid()) or "", _pid_namespace())
+            conn.execute("INSERT INTO members VALUES (?, ?, ?, ?)", member)
+        self._members.add(token)
+        return _SQLiteConsumer(self, subscription, ids, token)
 
     def latest_message_id(self, channel: str) -> bytes | None:
         with self._tx(BrokerUnavailableError, write=False) as conn:
@@ -240,14 +265,21 @@ class SQLiteBackend(Backend):
         return _msg_id(nxt - 1) if nxt else None
 
     def _reap(self, error: ErrorClass, wait: float | None = None) -> None:
-        """Hand the pending messages of members whose process died back for redelivery."""
+        """Hand back the ranges of members whose process died; only members of this PID namespace whose
+        start time is known (not where there is no /proc) can be told dead."""
         with self._tx(error, write=False, wait=wait) as conn:
-            rows = conn.execute("SELECT token, pid, started FROM members").fetchall()
-        dead = [(token,) for token, pid, started in rows if _process_stamp(pid) != started]
-        if dead:
-            with self._tx(error, wait=wait) as conn:
-                conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", dead)
-                conn.executemany("DELETE FROM members WHERE token = ?", dead)
+            known = "SELECT token, pid, started FROM members WHERE ns = ? AND started != ''"
+            rows = conn.execute(known, (_pid_namespace(),)).fetchall()
+        if dead := [token for token, pid, started in rows if _process_stamp(pid) != started]:
+            self._release(dead, error, wait)
+
+    def _release(self, tokens: Collection[str], error: ErrorClass, wait: float | None = None) -> None:
+        """Hand these members' ranges back for redelivery and remove the members."""
+        rows = [(token,) for token in tokens]
+        with self._tx(error, wait=wait) as conn:
+            conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", rows)
+            conn.executemany("DELETE FROM members WHERE token = ?", rows)
+        self._members.difference_update(tokens)
 
     def _trim(self, conn: Connection, chan: int, first: int, nxt: int) -> None:
         """Apply the retention limits to one channel, inside the caller's transaction."""
@@ -268,9 +300,10 @@ class SQLiteBackend(Backend):
                     conn.execute("PRAGMA incremental_vacuum(1)")
 
     def close(self) -> None:
-        for consumer in list(self._consumers):  # give their pending messages back while we can
+        if self._members:  # members not closed (collected ones too): hand back what they hold
             with contextlib.suppress(MsgStreamError):
-                consumer.close()
+                self._release(list(self._members), BrokerUnavailableError)
+        self._members.clear()
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
@@ -308,55 +341,12 @@ class _SQLiteProducer(Producer):
         self._closed = True
 
 
-class _Held:
-    """What one member was delivered and has not acknowledged: per channel, ranges ``first..last`` of
-    sequence numbers, each the key of one of the member's rows in the ``pending`` table."""
-
-    def __init__(self) -> None:
-        self._ranges: dict[str, dict[int, int]] = {}  # channel -> first -> last
-
-    def add(self, channel: str, first: int, last: int) -> None:
-        self._ranges.setdefault(channel, {})[first] = last
-
-    def forget(self, channel: str) -> None:
-        self._ranges.pop(channel, None)
-
-    def settle(self, channel: str, seqs: set[int]) -> list[tuple[int, list[tuple[int, int]]]]:
-        """What acknowledging ``seqs`` does: for each range they touch, (its first, the ranges left of it).
-        Changes nothing until :meth:`apply`, so that an acknowledgement that failed can be made again."""
-        ranges = self._ranges.get(channel, {})
-        firsts = sorted(ranges)
-        hit: dict[int, list[int]] = {}
-        for seq in seqs:
-            i = bisect_right(firsts, seq) - 1
-            if i >= 0 and seq <= ranges[firsts[i]]:
-                hit.setdefault(firsts[i], []).append(seq)
-        out = []
-        for first, acked in hit.items():
-            last, start, left = ranges[first], first, []
-            for seq in sorted(acked):
-                if seq > start:
-                    left.append((start, seq - 1))
-                start = seq + 1
-            if start <= last:
-                left.append((start, last))
-            out.append((first, left))
-        return out
-
-    def apply(self, channel: str, settled: list[tuple[int, list[tuple[int, int]]]]) -> None:
-        ranges = self._ranges.get(channel, {})
-        for first, left in settled:
-            ranges.pop(first, None)
-            ranges.update(left)
-
-
 class _SQLiteConsumer(Consumer):
     def __init__(self, backend: SQLiteBackend, subscription: str, ids: dict[str, int], token: str) -> None:
         super().__init__(subscription, list(ids))
         self._backend = backend
         self._ids = ids
         self._token = token
-        self._held = _Held()
         self._next_channel = 0
         self._next_reap = 0.0
         self._seen: tuple[int, int] | None = None  # the file's version at the last look
@@ -378,14 +368,14 @@ class _SQLiteConsumer(Consumer):
                 if time.monotonic() >= self._next_reap:
                     self._next_reap = time.monotonic() + _REAP_EVERY
                     self._backend._reap(ConsumeError, max(remaining, 0.001))
-                version = self._backend._version()
+                version = self._backend._version(max(remaining, 0.001))
                 if version != self._seen:
                     self._seen = version
                     out = self._take(max_messages, max(remaining, 0.001))
                     if out:
                         return out
             except ConsumeError as exc:
-                if not exc.retriable or "lock" not in str(exc):
+                if _code(exc.__cause__) not in _BUSY:
                     raise
                 self._seen = None  # look again
             remaining = deadline - time.monotonic()
@@ -430,61 +420,62 @@ class _SQLiteConsumer(Consumer):
                     elif top < last:  # the rest of a redelivered range waits for the next receive
                         conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, NULL)", (chan, sub, top + 1, last))
                     conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, ?)", (chan, sub, rows[0][0], top, me))
-                    self._held.add(name, rows[0][0], top)
                     out += [RawMessage(name, _msg_id(seq), payload) for seq, payload in rows]
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
+        """Per range of this member's that the ids fall in (found in ``pending``, where a seek or a
+        redelivery may have changed them): delete its row and insert what is left of it."""
         self._check_open()
         by_channel: dict[str, set[int]] = {}
         for m in messages:
             by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
-        plans = {name: self._held.settle(name, seqs) for name, seqs in by_channel.items()}
+        find = "SELECT first, last, member FROM pending WHERE chan = ? AND sub = ? AND first <= ? ORDER BY first DESC"
         with self._backend._tx(ConsumeError) as conn:
-            for name, plan in plans.items():
-                chan, sub = self._ids.get(name), self.subscription
-                for first, left in plan:
-                    gone = conn.execute(
-                        "DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ? AND member = ?",
-                        (chan, sub, first, self._token),
-                    ).rowcount
-                    if gone:  # else a seek forgot the range meanwhile
-                        conn.executemany(
-                            "INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
-                            [(chan, sub, a, b, self._token) for a, b in left],
-                        )
-        for name, plan in plans.items():
-            self._held.apply(name, plan)
+            for name, seqs in by_channel.items():
+                key = (self._ids.get(name), self.subscription)
+                hit: dict[tuple[int, int], list[int]] = {}
+                row = None
+                for seq in sorted(seqs):
+                    if row is None or seq > row[1]:
+                        row = conn.execute(find, (*key, seq)).fetchone()  # the nearest: ranges do not overlap
+                        if row is None or row[1] < seq or row[2] != self._token:
+                            row = None
+                            continue
+                    hit.setdefault((row[0], row[1]), []).append(seq)
+                for (first, last), acked in hit.items():
+                    conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ?", (*key, first))
+                    cuts = [first - 1, *acked, last + 1]
+                    conn.executemany(
+                        "INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
+                        [(*key, a + 1, b - 1, self._token) for a, b in itertools.pairwise(cuts) if a + 1 < b],
+                    )
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         self._check_open()
         with self._backend._tx(ConsumeError) as conn:  # one transaction: all targets or none
             cursors: dict[int, int] = {}
             for channel, after in targets.items():
-                if channel not in self._ids:
+                if (chan := self._ids.get(channel)) is None:
                     raise SeekError(f"channel {channel!r} is not consumed by this consumer")
-                chan, first, nxt = SQLiteBackend._channel(conn, channel)
-                after = after or b""
+                row = conn.execute("SELECT first, next FROM channels WHERE id = ?", (chan,)).fetchone()
+                if row is None:  # deleted (a channel re-created under its name is another one)
+                    raise ChannelNotFoundError(channel)
+                first, nxt = row
                 if after and len(after) != _ID_LEN:
                     raise SeekError(f"not a sqlite message id: {after.hex()!r} on {channel!r}")
                 seq = int.from_bytes(after, "big") if after else first - 1
-                cursor = seq if channel in inclusive else seq + 1
-                if after and seq >= nxt:
-                    raise SeekError(f"message id {after.hex()} is past the end of {channel!r} ({nxt} messages)")
+                cursor = seq if after and channel in inclusive else seq + 1
+                if seq >= nxt:
+                    raise SeekError(f"message id {seq:016x} is past the end of {channel!r} ({nxt} messages)")
                 if cursor < first:
-                    raise SeekError(f"the messages after {after.hex()} on {channel!r} were trimmed (retention)")
+                    raise SeekError(f"seek to {seq:016x} on {channel!r}: messages it needs were trimmed (retention)")
                 cursors[chan] = cursor
             for chan, cursor in cursors.items():
                 conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (chan, self.subscription, cursor))
                 conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
-        for channel in targets:
-            self._held.forget(channel)
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if self._token in self._backend._members:  # else already handed back (by the backend's close)
+            self._backend._release([self._token], ConsumeError)  # if this fails, stays open: close again
         self._closed = True
-        self._backend._consumers.discard(self)
-        with self._backend._tx(ConsumeError) as conn:
-            conn.execute("UPDATE pending SET member = NULL WHERE member = ?", (self._token,))
-            conn.execute("DELETE FROM members WHERE token = ?", (self._token,))

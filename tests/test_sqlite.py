@@ -4,6 +4,7 @@ other connections, and members whose process died."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sqlite3
@@ -11,15 +12,24 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, load_backend
-from msgstream.errors import ConsumeError, InvalidURLError, ProduceError, SeekError
+from msgstream.errors import (
+    ChannelNotFoundError,
+    ConsumeError,
+    InvalidArgumentError,
+    InvalidURLError,
+    ProduceError,
+    SeekError,
+)
 
 
 def _backend(path: Path, query: str = "") -> Any:
@@ -237,5 +247,194 @@ def test_a_killed_members_messages_go_to_another_member(tmp_path: Path, joins: s
         got = sorted(int(m.payload) for m in _consume(other, 20))
         assert got == [*range(10), *range(20, 30)]
         assert other.receive(10, 0.5) == []
+    finally:
+        backend.close()
+
+
+def test_an_ack_after_another_members_seek_loses_nothing(tmp_path: Path) -> None:
+    """A seek drops every member's ranges on the channel; an ack by another member afterwards deletes
+    only the rows of what it acknowledged, so the rest goes back when it closes."""
+    backend = _backend(tmp_path / "a.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
+        seeker = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(5, 1)) == 5 and len(holder.receive(5, 1)) == 5  # holds 0..4, 5..9
+        seeker.seek({"c": None})  # back to the start: those ranges are dropped
+        got = holder.receive(20, 1)
+        assert [int(m.payload) for m in got] == list(range(20))
+        holder.ack(got[:10])
+        holder.close()  # 10..19 go back
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert sorted(int(m.payload) for m in _consume(other, 20)) == list(range(10, 30))
+    finally:
+        backend.close()
+
+
+def test_a_close_that_failed_on_a_lock_can_be_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    backend = _backend(path, "busy_timeout=0.2")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 3, 5)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(3, 1)) == 3
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ConsumeError) as err:
+                holder.close()
+            assert err.value.retriable
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+        holder.close()  # now hands the 3 back
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(_consume(other, 3)) == 3
+    finally:
+        backend.close()
+
+
+def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "g.db")
+    backend.create_channel("c", b"")
+    backend.create_producer("c").send([b"x"] * 3, 5)
+    leaked = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    assert len(leaked.receive(3, 1)) == 3
+    del leaked
+    gc.collect()
+    backend.close()
+    backend = _backend(tmp_path / "g.db")
+    try:  # same (live) process: only the close can have handed them back
+        assert len(_consume(backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST), 3)) == 3
+    finally:
+        backend.close()
+
+
+def test_a_member_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """A member in another PID namespace on the host (a container sharing the file) has a pid that means
+    another process here: it is left alone, not reaped while alive."""
+    url = f"sqlite:///{tmp_path}/n.db"
+    backend = load_backend(url)
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
+        argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+        try:
+            child = subprocess.Popen([*argv, sys.executable, "-c", _HOLDER, url], stdin=PIPE, stdout=PIPE)
+        except FileNotFoundError:
+            pytest.skip("no unshare(1)")
+        assert child.stdin is not None and child.stdout is not None
+        line = child.stdout.readline()
+        if not line:
+            child.wait(10)
+            pytest.skip("cannot make a PID namespace here")
+        assert int(line) == 30
+        try:
+            other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+            assert other.receive(30, 1.5) == []  # the holder (pid 1 in its namespace) is alive
+        finally:
+            child.stdin.close()
+            child.wait(10)
+    finally:
+        backend.close()
+
+
+def test_without_proc_members_are_made_and_never_reaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("msgstream.sqlite._process_stamp", lambda pid: None)  # as on macOS: no /proc
+    backend = _backend(tmp_path / "p.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 3, 5)
+        holder = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(3, 1)) == 3
+        other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        assert other.receive(3, 0.3) == []  # the holder's process is not known dead
+        holder.close()
+        assert len(_consume(other, 3)) == 3
+    finally:
+        backend.close()
+
+
+def test_a_call_waits_for_another_thread_at_most_its_own_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    backend = _backend(path)
+    try:
+        backend.create_channel("c", b"")
+        producer = backend.create_producer("c")
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.LATEST)
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        receiving = threading.Thread(target=consumer.receive, args=(1, 3))  # waits for the write lock
+        try:
+            receiving.start()
+            time.sleep(0.2)
+            start = time.monotonic()
+            with pytest.raises(ProduceError) as err:
+                producer.send([b"y"], 0.2)
+            assert err.value.retriable and time.monotonic() - start < 1
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+            receiving.join()
+    finally:
+        backend.close()
+
+
+def test_a_full_disk_is_an_error_for_receive_whatever_the_files_name(tmp_path: Path) -> None:
+    """Only a lock held past the deadline counts as nothing having arrived, told by SQLite's error code:
+    not by the word "lock" in the error text, which holds the file's path."""
+    backend = _backend(tmp_path / "blockstore.db")
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"x"] * 2000, 5)
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+        with pytest.raises(ConsumeError) as err:
+            for _ in range(2000):  # each holds one more range: sooner or later one needs a new page
+                pages = backend._conn.execute("PRAGMA page_count").fetchone()[0]
+                backend._conn.execute(f"PRAGMA max_page_count = {pages}")
+                assert len(consumer.receive(1, 0.2)) == 1
+        assert err.value.retriable and "full" in str(err.value)
+    finally:
+        backend._conn.execute("PRAGMA max_page_count = 1000000")
+        backend.close()
+
+
+def test_seek_inclusive_to_the_start_and_on_a_re_created_channel(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    backend = _backend(path)
+    try:
+        backend.create_channel("c", b"")
+        backend.create_producer("c").send([b"0", b"1"], 5)
+        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.LATEST)
+        consumer.seek({"c": None}, inclusive={"c"})  # None is the start, inclusive or not
+        assert [m.payload for m in _consume(consumer, 2)] == [b"0", b"1"]
+        consumer.seek({"c": (1).to_bytes(8, "big")}, inclusive={"c"})
+        assert [m.payload for m in _consume(consumer, 1)] == [b"1"]
+        backend.delete_channel("c")
+        backend.create_channel("c", b"")  # a new channel of the same name, not this consumer's
+        with pytest.raises(ChannelNotFoundError):
+            consumer.seek({"c": None})
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT COUNT(*) FROM subscriptions").fetchone()[0] == 0
+    finally:
+        backend.close()
+
+
+def test_a_consumer_needs_a_channel(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "e.db")
+    try:
+        with pytest.raises(InvalidArgumentError):
+            backend.create_consumer("s", [], SubscriptionPosition.LATEST)
+    finally:
+        backend.close()
+
+
+def test_a_huge_busy_timeout_still_waits(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "h.db", "busy_timeout=1000000000000")
+    try:
+        backend.create_channel("c", b"")
+        assert backend._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2**31 - 1  # not 0: no wait
     finally:
         backend.close()
