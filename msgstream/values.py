@@ -96,7 +96,8 @@ class ChannelLag(msgspec.Struct, frozen=True, array_like=True):
     ``messages``: the messages on the channel after the last one the stream returned (before it returned
     any: after the subscription's acknowledged position); ``None`` where the broker cannot count them.
     ``seconds``: the physical time between the newest message's ``end_ts`` and the ``end_ts`` of the last
-    message returned (before any: of the oldest message not acknowledged); 0.0 when nothing is behind,
+    message returned (before any: of the last one acknowledged, else of the oldest not acknowledged); 0.0
+    when nothing is behind,
     ``None`` where the messages cannot be read back. docs/operations.md has the rules per backend.
     """
 
