@@ -40,6 +40,7 @@ from .repack import RepackFunc
 from .stream import MsgStream
 from .timestamp import Ticker
 from .timetick import TimeTickStream
+from .values import ChannelLag
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ logging.getLogger("msgstream").addHandler(logging.NullHandler())
 __all__ = [
     "URL",
     "Backend",
+    "ChannelLag",
     "ChannelDescription",
     "ChannelDescriptions",
     "Client",

@@ -32,7 +32,7 @@ import re
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from .errors import (
@@ -43,6 +43,7 @@ from .errors import (
     MsgStreamError,
     ProduceError,
     StreamClosedError,
+    UnsupportedOperationError,
 )
 from .values import RawMessage, SubscriptionPosition
 
@@ -430,6 +431,54 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def latest_message_id(self, channel: str) -> bytes | None:
         """The id of the channel's newest message, ``None`` if it has none."""
+
+    # -- operations: health, subscriptions, lag. Not abstract, so that a plugin written before them
+    # still loads; each default raises UnsupportedOperationError naming the backend. --------------
+    def ping(self, timeout: float) -> None:
+        """Return once the broker answered a request, within ``timeout`` seconds; otherwise raise
+        ``BrokerUnavailableError`` (``retriable``) no later than ``timeout`` seconds after the call."""
+        self._unsupported("ping")
+
+    def list_channels(self) -> list[str]:
+        """The names of the channels created through msgstream on this broker and not deleted, in any
+        order. ``BrokerUnavailableError`` if the broker cannot be asked."""
+        self._unsupported("list_channels")
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        """The subscriptions the broker keeps state for on ``channel`` (msgstream's internal ones left
+        out), in any order; ``ChannelNotFoundError`` for an unknown channel."""
+        self._unsupported("list_subscriptions")
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """Remove ``subscription``'s state (position, unacknowledged deliveries) on each of ``channels``,
+        which the core has checked exist: joining it again starts at the initial position. Dropping a
+        subscription the broker does not know on a channel does nothing. ``SubscriptionInUseError`` when
+        it has live members (open consumers) on one of them; then nothing is dropped where the broker
+        checks all channels first (docs/backends.md says where it does not)."""
+        self._unsupported("drop_subscription")
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        """The payload of the message ``msg_id`` on ``channel``, or ``None`` if it is no longer stored
+        (trimmed). Does not change any subscription."""
+        self._unsupported("read_message")
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        """How many messages the channel holds after ``msg_id`` (after none: all it holds); ``None``
+        where the broker cannot count them."""
+        self._unsupported("count_after")
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        """``(count, since)``: how many of the channel's messages ``subscription`` has not acknowledged
+        (delivered to a member and not acknowledged, or not delivered yet), and the id lag is measured
+        from: the message right before the oldest unacknowledged one (the acknowledged position), or,
+        when that one is the first message the channel stores, the oldest unacknowledged message itself.
+        ``since`` is ``None`` when nothing is unacknowledged or it cannot be told; ``count`` is ``None``
+        where the broker cannot count. A subscription the broker does not know on the channel counts as
+        one that would start at the channel's first stored message."""
+        self._unsupported("unacknowledged")
+
+    def _unsupported(self, operation: str) -> NoReturn:
+        raise UnsupportedOperationError(f"the {type(self).__name__} backend does not implement {operation}()")
 
     def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
         """Close the connection. Idempotent."""

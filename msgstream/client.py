@@ -14,7 +14,7 @@ import msgspec
 
 from .backend import URL, Backend, load_backend
 from .errors import InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
-from .stream import MsgStream
+from .stream import MsgStream, check_timeout
 from .timetick import TimeTickStream
 
 __all__ = [
@@ -133,6 +133,43 @@ class Client:
             self.backend.channel_metadata(c)
         for c in ids:
             self.backend.delete_channel(c)
+
+    # -- operations ---------------------------------------------------------------------------
+    def ping(self, timeout: float = 5.0) -> None:
+        """Return ``None`` once the broker answered; raise ``BrokerUnavailableError`` within ``timeout``
+        seconds when it does not (docs/operations.md, "Health")."""
+        self._check_open()
+        self.backend.ping(check_timeout(timeout, "timeout"))
+
+    def list_channels(self) -> list[str]:
+        """The channels created through msgstream on this broker (by any client) and not destroyed,
+        sorted."""
+        self._check_open()
+        return sorted(self.backend.list_channels())
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        """The subscriptions the broker keeps a position for on ``channel``, sorted;
+        ``ChannelNotFoundError`` for an unknown channel."""
+        self._check_open()
+        if not isinstance(channel, str):
+            raise InvalidArgumentError(f"channel must be a str, got {type(channel).__name__}")
+        self.backend.channel_metadata(channel)
+        return sorted(self.backend.list_subscriptions(channel))
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """Remove ``subscription``'s position and unacknowledged deliveries on ``channels``: joining it
+        again starts afresh, at the position the new consumer asks for. Every channel is checked first
+        (``ChannelNotFoundError``, nothing dropped). A subscription with live members (open consumers)
+        is not dropped: ``SubscriptionInUseError``; close them first. Dropping a subscription a channel
+        does not have does nothing."""
+        self._check_open()
+        if not isinstance(subscription, str) or not subscription:
+            raise InvalidArgumentError(f"subscription must be a non-empty str, got {subscription!r}")
+        ids = _channel_list(channels)
+        for c in ids:
+            self.backend.channel_metadata(c)
+        if ids:
+            self.backend.drop_subscription(subscription, ids)
 
     def msg_stream(self, **options: Any) -> MsgStream:
         """A new :class:`~msgstream.MsgStream` on this client's backend (options: see MsgStream)."""

@@ -15,6 +15,8 @@ The tree (a builtin is mixed in where it helps callers who already catch it)::
      ├── UnmarshalError             (ValueError)  bytes are not a valid frame
      │    └── UnknownMsgTypeError                 valid frame, unregistered MsgType
      ├── SeekError                                a position cannot be resumed from
+     ├── SubscriptionInUseError                   a subscription with live members cannot be dropped
+     ├── UnsupportedOperationError                the backend cannot do this operation
      ├── StreamStateError                         call out of order (e.g. consume without consumers)
      │    └── StreamClosedError                   the stream was closed
      └── TimeTickError                            time-tick invariant broken or buffer limit hit
@@ -45,9 +47,11 @@ __all__ = [
     "SeekError",
     "StreamClosedError",
     "StreamStateError",
+    "SubscriptionInUseError",
     "TimeTickError",
     "UnknownMsgTypeError",
     "UnmarshalError",
+    "UnsupportedOperationError",
 ]
 
 
@@ -146,6 +150,17 @@ class UnknownMsgTypeError(UnmarshalError):
 
 class SeekError(MsgStreamError):
     """A seek target is not valid (unknown channel, message id not on the channel, bad position)."""
+
+
+class SubscriptionInUseError(MsgStreamError):
+    """A subscription still has live members (open consumers): close them before dropping it."""
+
+    retriable = True
+
+
+class UnsupportedOperationError(MsgStreamError):
+    """The backend cannot do this operation (a broker gap, or a plugin written before the operation
+    existed); the text names the backend and the operation."""
 
 
 class StreamStateError(MsgStreamError):

@@ -26,6 +26,7 @@ from .errors import (
     ProduceError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
 )
 
 __all__ = ["MemoryBackend"]
@@ -38,12 +39,13 @@ def _msg_id(offset: int) -> bytes:
 
 
 class _Subscription:
-    __slots__ = ("cursor", "pending", "redeliver")
+    __slots__ = ("cursor", "members", "pending", "redeliver")
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor  # next never-delivered offset
         self.pending: dict[int, int] = {}  # offset -> consumer token
         self.redeliver: list[int] = []  # offsets to deliver again, ascending
+        self.members: set[int] = set()  # tokens of the open consumers
 
 
 class _Channel:
@@ -115,12 +117,58 @@ class MemoryBackend(Backend):
                 if subscription not in ch.subs:
                     start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
                     ch.subs[subscription] = _Subscription(start)
-        return _MemoryConsumer(self._broker, subscription, channels)
+            consumer = _MemoryConsumer(self._broker, subscription, channels)
+            for name in channels:
+                self._broker.channels[name].subs[subscription].members.add(consumer.token)
+        return consumer
 
     def latest_message_id(self, channel: str) -> bytes | None:
         with self._broker.lock:
             n = len(self._broker.channel(channel).log)
         return _msg_id(n - 1) if n else None
+
+    def ping(self, timeout: float) -> None:
+        """The broker is this process: it always answers."""
+
+    def list_channels(self) -> list[str]:
+        with self._broker.lock:
+            return list(self._broker.channels)
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        with self._broker.lock:
+            return list(self._broker.channel(channel).subs)
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        with self._broker.lock:
+            subs = [self._broker.channel(name).subs for name in channels]
+            for name, by_name in zip(channels, subs, strict=True):
+                sub = by_name.get(subscription)
+                if sub is not None and sub.members:
+                    raise SubscriptionInUseError(
+                        f"subscription {subscription!r} has {len(sub.members)} open consumer(s) on {name!r}"
+                    )
+            for by_name in subs:
+                by_name.pop(subscription, None)
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        offset = int.from_bytes(msg_id, "big")
+        with self._broker.lock:
+            log = self._broker.channel(channel).log
+            return log[offset] if len(msg_id) == _ID_LEN and offset < len(log) else None
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        with self._broker.lock:
+            n = len(self._broker.channel(channel).log)
+        return n if msg_id is None else max(0, n - int.from_bytes(msg_id, "big") - 1)
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        with self._broker.lock:
+            ch = self._broker.channel(channel)
+            sub = ch.subs.get(subscription) or _Subscription(0)
+            held = [*sub.pending, *sub.redeliver]
+            count = len(held) + len(ch.log) - sub.cursor
+            oldest = min(held) if held else sub.cursor
+        return count, (_msg_id(max(0, oldest - 1)) if count else None)
 
 
 class _MemoryProducer(Producer):
@@ -149,7 +197,7 @@ class _MemoryConsumer(Consumer):
     def __init__(self, broker: _Broker, subscription: str, channels: Sequence[str]) -> None:
         super().__init__(subscription, channels)
         self._broker = broker
-        self._token = next(_TOKENS)
+        self.token = next(_TOKENS)
         self._next_channel = 0
         self._closed = False
 
@@ -179,6 +227,7 @@ class _MemoryConsumer(Consumer):
             sub = ch.subs.get(self.subscription)
             if sub is None:  # channel recreated under the same name: a new subscription
                 sub = ch.subs[self.subscription] = _Subscription(0)
+                sub.members.add(self.token)
             room = max_messages - len(out)
             if room <= 0:
                 break
@@ -189,7 +238,7 @@ class _MemoryConsumer(Consumer):
                 end = min(len(ch.log), sub.cursor + room)
                 offsets.extend(range(sub.cursor, end))
                 sub.cursor = end
-            token = self._token
+            token = self.token
             log = ch.log
             for off in offsets:
                 sub.pending[off] = token
@@ -225,6 +274,7 @@ class _MemoryConsumer(Consumer):
             for channel, cursor in cursors.items():
                 ch = self._broker.channels[channel]
                 sub = ch.subs.setdefault(self.subscription, _Subscription(cursor))
+                sub.members.add(self.token)
                 sub.cursor = cursor
                 sub.pending.clear()
                 sub.redeliver.clear()
@@ -240,7 +290,8 @@ class _MemoryConsumer(Consumer):
                 sub = ch.subs.get(self.subscription) if ch is not None else None
                 if sub is None:
                     continue
-                mine = [off for off, tok in sub.pending.items() if tok == self._token]
+                sub.members.discard(self.token)
+                mine = [off for off, tok in sub.pending.items() if tok == self.token]
                 for off in mine:
                     del sub.pending[off]
                 sub.redeliver = sorted(sub.redeliver + mine)

@@ -49,6 +49,7 @@ from .errors import (
     ProduceError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
 )
 
 __all__ = ["SQLiteBackend"]
@@ -71,6 +72,8 @@ CREATE TABLE IF NOT EXISTS pending (chan INTEGER, sub TEXT, first INTEGER, last 
 CREATE INDEX IF NOT EXISTS pending_by_member ON pending (member);
 CREATE TABLE IF NOT EXISTS members (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT NOT NULL,
     ns TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS joined (chan INTEGER, sub TEXT, token TEXT, PRIMARY KEY (chan, sub, token)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS joined_by_token ON joined (token);
 """
 _FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
     UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
@@ -233,7 +236,7 @@ class SQLiteBackend(Backend):
     def delete_channel(self, name: str) -> None:
         with self._tx(BrokerUnavailableError) as conn:
             chan = self._channel(conn, name)[0]
-            for table in ("messages", "subscriptions", "pending"):
+            for table in ("messages", "subscriptions", "pending", "joined"):
                 conn.execute(f"DELETE FROM {table} WHERE chan = ?", (chan,))
             conn.execute("DELETE FROM channels WHERE id = ?", (chan,))
 
@@ -254,6 +257,7 @@ class SQLiteBackend(Backend):
                 ids[name] = chan
                 start = first if initial is SubscriptionPosition.EARLIEST else nxt
                 conn.execute("INSERT OR IGNORE INTO subscriptions VALUES (?, ?, ?)", (chan, subscription, start))
+                conn.execute("INSERT OR IGNORE INTO joined VALUES (?, ?, ?)", (chan, subscription, token))
             member = (token, os.getpid(), _process_stamp(os.getpid()) or "", _pid_namespace())
             conn.execute("INSERT INTO members VALUES (?, ?, ?, ?)", member)
         self._members.add(token)
@@ -263,6 +267,74 @@ class SQLiteBackend(Backend):
         with self._tx(BrokerUnavailableError, write=False) as conn:
             nxt = self._channel(conn, channel)[2]
         return _msg_id(nxt - 1) if nxt else None
+
+    def ping(self, timeout: float) -> None:
+        """The file must still be at its path and answer a read within ``timeout``."""
+        path = self.url.path[1:]
+        if not os.path.exists(path):
+            raise BrokerUnavailableError(f"{self.url.redacted()}: the file is gone from {path!r}")
+        if not self._lock.acquire(timeout=timeout):
+            raise BrokerUnavailableError(f"{self.url.redacted()}: busy for {timeout}s")
+        self._lock.release()
+        with self._tx(BrokerUnavailableError, write=False, wait=timeout) as conn:
+            conn.execute("SELECT count(*) FROM channels").fetchone()
+
+    def list_channels(self) -> list[str]:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            return [str(row[0]) for row in conn.execute("SELECT name FROM channels")]
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            chan = self._channel(conn, channel)[0]
+            return [str(row[0]) for row in conn.execute("SELECT sub FROM subscriptions WHERE chan = ?", (chan,))]
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        self._reap(BrokerUnavailableError)  # members whose process died do not hold it
+        with self._tx(BrokerUnavailableError) as conn:
+            chans = [self._channel(conn, name)[0] for name in channels]
+            for name, chan in zip(channels, chans, strict=True):
+                live = conn.execute(
+                    "SELECT count(*) FROM joined WHERE chan = ? AND sub = ?", (chan, subscription)
+                ).fetchone()[0]
+                if live:
+                    raise SubscriptionInUseError(
+                        f"subscription {subscription!r} has {live} open consumer(s) on {name!r}"
+                    )
+            for chan in chans:
+                for table in ("subscriptions", "pending"):
+                    conn.execute(f"DELETE FROM {table} WHERE chan = ? AND sub = ?", (chan, subscription))
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            chan = self._channel(conn, channel)[0]
+            row = conn.execute(
+                "SELECT payload FROM messages WHERE chan = ? AND seq = ?", (chan, int.from_bytes(msg_id, "big"))
+            ).fetchone()
+        return None if row is None or len(msg_id) != _ID_LEN else bytes(row[0])
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            _, first, nxt = self._channel(conn, channel)
+        after = first if msg_id is None else max(first, int.from_bytes(msg_id, "big") + 1)
+        return max(0, nxt - after)
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        with self._tx(BrokerUnavailableError, write=False) as conn:
+            chan, first, nxt = self._channel(conn, channel)
+            row = conn.execute(
+                "SELECT cursor FROM subscriptions WHERE chan = ? AND sub = ?", (chan, subscription)
+            ).fetchone()
+            cursor = max(first, row[0]) if row else first
+            ranges = conn.execute(
+                "SELECT first, last FROM pending WHERE chan = ? AND sub = ?", (chan, subscription)
+            ).fetchall()
+        held = [(max(a, first), min(b, nxt - 1)) for a, b in ranges]
+        held = [(a, b) for a, b in held if a <= b]
+        count = max(0, nxt - cursor) + sum(b - a + 1 for a, b in held)
+        if not count:
+            return 0, None
+        oldest = min([a for a, _ in held] + ([cursor] if cursor < nxt else []))
+        return count, _msg_id(oldest - 1 if oldest > first else oldest)
 
     def _reap(self, error: ErrorClass, wait: float | None = None) -> None:
         """Hand back the ranges of members whose process died; only members of this PID namespace whose
@@ -279,6 +351,7 @@ class SQLiteBackend(Backend):
         with self._tx(error, wait=wait) as conn:
             conn.executemany("UPDATE pending SET member = NULL WHERE member = ?", rows)
             conn.executemany("DELETE FROM members WHERE token = ?", rows)
+            conn.executemany("DELETE FROM joined WHERE token = ?", rows)
         self._members.difference_update(tokens)
 
     def _trim(self, conn: Connection, chan: int, first: int, nxt: int) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
@@ -18,12 +18,14 @@ from .errors import (
     StreamClosedError,
     StreamStateError,
     UnmarshalError,
+    UnsupportedOperationError,
 )
-from .frames import FramePack
+from .frames import FramePack, frame_timestamps
 from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record, with_properties
 from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
+from .values import ChannelLag
 
 __all__ = ["Hooks", "MsgStream", "set_hooks"]
 
@@ -93,6 +95,7 @@ class MsgStream:
         self._unacked: list[RawMessage] = []
         self._reported: list[RawMessage] = []  # bad frames reported, acknowledged by the next call
         self._backlog: list[RawMessage] = []
+        self._last: dict[str, bytes] = {}  # channel -> id of the last message returned (for lag)
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -351,6 +354,7 @@ class MsgStream:
             return None
         if self.auto_ack:
             self._unacked.extend(raws)
+        self._note_returned(raws)
         return FramePack(raws, self._dispatcher)
 
     def _decode(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
@@ -369,6 +373,7 @@ class MsgStream:
                     break
                 self._backlog = raws[1:]
                 self._reported.append(raw)  # acknowledged by the next call, retried until it is
+                self._last[raw.channel] = raw.msg_id
                 exc.with_position(Position(raw.channel, raw.msg_id, 0))
                 if self._on_error is None:
                     raise
@@ -378,7 +383,17 @@ class MsgStream:
             msgs.append(msg)
         if track:
             self._unacked.extend(raws)
+        self._note_returned(raws)
         return msgs
+
+    def _note_returned(self, raws: list[RawMessage]) -> None:
+        """Remember, per channel, the last of ``raws`` (what :meth:`lag` counts from)."""
+        if self._consumer is not None and len(self._consumer.channels) == 1:
+            self._last[raws[-1].channel] = raws[-1].msg_id
+            return
+        last = self._last
+        for raw in raws:
+            last[raw.channel] = raw.msg_id
 
     def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``): typed messages from
@@ -423,6 +438,19 @@ class MsgStream:
         else:  # a plugin written before inclusive seeks still serves every other seek
             consumer.seek(targets)
         self._backlog = [r for r in self._backlog if r.channel not in targets]
+        for channel in targets:  # counted from the subscription's new place from now on
+            self._last.pop(channel, None)
+
+    def lag(self, *, after: Mapping[str, bytes] | None = None) -> list[ChannelLag]:
+        """How far this stream is behind on each consumed channel, in channel order: messages on the
+        channel after the last one this stream returned (before it returned any on that channel, after
+        the subscription's acknowledged position), and the time between the newest message's ``end_ts``
+        and that message's. ``None`` where the backend cannot tell (docs/operations.md). ``after``
+        (``{channel: msg_id}``) counts from those messages instead of the last returned, for decorators
+        that return packs of their own, such as :class:`~msgstream.TimeTickStream`."""
+        consumer = self._require_consumer()
+        last = self._last if after is None else after
+        return channel_lags(self._backend, consumer.subscription, consumer.channels, last)
 
     def get_latest_positions(self) -> list[Position]:
         """The newest message of each consumed channel (else each produced channel); an empty
@@ -543,6 +571,53 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
         else:
             append(header + buf if own else frame)
     return frames
+
+
+_T = TypeVar("_T")
+_LOGICAL_BITS = 18  # msgstream.timestamp.LOGICAL_BITS: a hybrid timestamp is physical_ms << 18 | logical
+
+
+def _unless_unsupported(call: Callable[[], _T], default: _T) -> _T:
+    try:
+        return call()
+    except UnsupportedOperationError:  # a plugin written before lag: it cannot tell
+        return default
+
+
+def _end_ms(backend: Backend, channel: str, msg_id: bytes) -> int | None:
+    payload = _unless_unsupported(lambda: backend.read_message(channel, msg_id), None)
+    if payload is None:
+        return None
+    try:
+        return frame_timestamps(payload)[1] >> _LOGICAL_BITS
+    except UnmarshalError:  # not a msgstream frame: no time to read
+        return None
+
+
+def channel_lags(
+    backend: Backend, subscription: str, channels: Sequence[str], last: Mapping[str, bytes]
+) -> list[ChannelLag]:
+    """:meth:`MsgStream.lag` for ``channels``, where ``last`` maps a channel to the id of the last message
+    returned on it."""
+    out: list[ChannelLag] = []
+    for channel in channels:
+        ref = last.get(channel)
+        if ref is not None:
+            count = _unless_unsupported(lambda: backend.count_after(channel, ref), None)  # noqa: B023
+        else:
+            unknown: tuple[int | None, bytes | None] = (None, None)
+            count, ref = _unless_unsupported(lambda: backend.unacknowledged(subscription, channel), unknown)  # noqa: B023
+        newest = backend.latest_message_id(channel)
+        seconds: float | None
+        if count == 0 or newest is None or newest == ref:
+            seconds = 0.0
+        elif ref is None:
+            seconds = None
+        else:
+            newest_ms, ref_ms = _end_ms(backend, channel, newest), _end_ms(backend, channel, ref)
+            seconds = None if newest_ms is None or ref_ms is None else max(0, newest_ms - ref_ms) / 1000
+        out.append(ChannelLag(channel, count, seconds))
+    return out
 
 
 def check_timeout(value: float, name: str) -> float:

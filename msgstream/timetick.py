@@ -35,7 +35,7 @@ from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
 from .stream import MsgStream, check_timeout, seek_targets
-from .values import SubscriptionPosition
+from .values import ChannelLag, SubscriptionPosition
 
 __all__ = ["TimeTickStream"]
 
@@ -310,6 +310,12 @@ class TimeTickStream:
             ch.last_tick = p.timestamp
             ch.skip_upto = p.timestamp
         self._last_tick = min(p.timestamp for p in positions) if positions else self._last_tick
+
+    def lag(self) -> list[ChannelLag]:
+        """As :meth:`MsgStream.lag`, counted from the last message each channel's packs covered (a
+        message buffered here, waiting for its tick, is still behind)."""
+        self._require_consumer()
+        return self._stream.lag(after={ch.name: ch.position.msg_id for ch in self._order if ch.position.msg_id})
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self, *, acknowledge: bool = True) -> None:

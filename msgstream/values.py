@@ -1,5 +1,6 @@
 """The value types every layer shares: :class:`Position` (where a message sits on its channel),
-:class:`RawMessage` (a message as a backend delivers it) and :class:`SubscriptionPosition`. This module
+:class:`RawMessage` (a message as a backend delivers it), :class:`SubscriptionPosition` and
+:class:`ChannelLag`. This module
 imports nothing of msgstream but its errors."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import msgspec
 
 from .errors import UnmarshalError
 
-__all__ = ["Position", "RawMessage", "SubscriptionPosition"]
+__all__ = ["ChannelLag", "Position", "RawMessage", "SubscriptionPosition"]
 
 _POSITION_MAGIC = b"MSP\x01"
 
@@ -87,3 +88,19 @@ class RawMessage(msgspec.Struct, frozen=True, gc=False):
 
     def __len__(self) -> int:
         return 3
+
+
+class ChannelLag(msgspec.Struct, frozen=True, array_like=True):
+    """How far a consumer is behind on one channel: ``ChannelLag(channel, messages, seconds)``.
+
+    ``messages``: the messages on the channel after the last one the stream returned (before it returned
+    any: after the subscription's acknowledged position); ``None`` where the broker cannot count them.
+    ``seconds``: the physical time between the newest message's ``end_ts`` and the ``end_ts`` of the last
+    message returned (before any: of the last one acknowledged, else of the oldest not acknowledged); 0.0
+    when nothing is behind,
+    ``None`` where the messages cannot be read back. docs/operations.md has the rules per backend.
+    """
+
+    channel: str
+    messages: int | None
+    seconds: float | None

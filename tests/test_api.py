@@ -10,7 +10,7 @@ import pickle
 import subprocess
 import sys
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import pytest
@@ -40,6 +40,7 @@ CONTRACT = {
     "Position",
     "UnmarshalDispatcher",
     "TimeTickStream",
+    "ChannelLag",
     "repack",
     "errors",
 }
@@ -53,6 +54,9 @@ ERRORS = {
     "UnknownMsgTypeError",
     "StreamClosedError",
     "TimeTickError",
+    "BrokerUnavailableError",
+    "SubscriptionInUseError",
+    "UnsupportedOperationError",
 }
 
 
@@ -454,3 +458,56 @@ def test_the_library_never_prints_its_log_records() -> None:
     code = "import logging, msgstream; logging.getLogger('msgstream.kafka').warning('a warning')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+
+
+def test_operations_of_the_client_and_streams() -> None:
+    client = ms.Client
+    assert list(inspect.signature(client.ping).parameters) == ["self", "timeout"]
+    assert inspect.signature(client.ping).parameters["timeout"].default == 5.0
+    assert list(inspect.signature(client.list_subscriptions).parameters) == ["self", "channel"]
+    assert list(inspect.signature(client.drop_subscription).parameters) == ["self", "subscription", "channels"]
+    assert callable(client.list_channels) and callable(ms.MsgStream.lag) and callable(ms.TimeTickStream.lag)
+    lag = ms.ChannelLag("ch", 3, 1.5)
+    assert (lag.channel, lag.messages, lag.seconds) == ("ch", 3, 1.5)
+    assert ms.ChannelLag(channel="ch", messages=None, seconds=None) == ms.ChannelLag("ch", None, None)
+    with pytest.raises(AttributeError):
+        lag.messages = 4  # type: ignore[misc]
+
+
+class _OldPlugin(ms.Backend):
+    """A plugin written before the operations: only the abstract methods."""
+
+    def create_channel(self, name: str, metadata: bytes) -> None:
+        raise NotImplementedError
+
+    def channel_metadata(self, name: str) -> bytes:
+        return b""
+
+    def delete_channel(self, name: str) -> None:
+        raise NotImplementedError
+
+    def create_producer(self, channel: str) -> ms.Producer:
+        raise NotImplementedError
+
+    def create_consumer(self, subscription: str, channels: Any, initial: ms.SubscriptionPosition) -> ms.Consumer:
+        inner = ms.connect("memory://old-plugin").backend
+        inner.create_channel(channels[0], b"")
+        return inner.create_consumer(subscription, channels, initial)
+
+    def latest_message_id(self, channel: str) -> bytes | None:
+        return None
+
+
+def test_plugin_without_the_operations_raises_a_typed_error() -> None:
+    client = ms.Client(_OldPlugin(URL("old://"), {}))
+    for call in (
+        client.ping,
+        client.list_channels,
+        lambda: client.list_subscriptions("ch"),
+        lambda: client.drop_subscription("s", ["ch"]),
+    ):
+        with pytest.raises(errors.UnsupportedOperationError, match="_OldPlugin backend does not implement"):
+            call()
+    stream = client.msg_stream()
+    stream.create_consumers("s", [f"ch-{uuid.uuid4().hex[:8]}"])
+    assert [(lag.messages, lag.seconds) for lag in stream.lag()] == [(None, 0.0)]  # cannot count; nothing newer

@@ -23,6 +23,7 @@ import pytest
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, load_backend
 from msgstream.errors import (
+    BrokerUnavailableError,
     ChannelNotFoundError,
     ConsumeError,
     InvalidArgumentError,
@@ -438,3 +439,31 @@ def test_a_huge_busy_timeout_still_waits(tmp_path: Path) -> None:
         assert backend._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2**31 - 1  # not 0: no wait
     finally:
         backend.close()
+
+
+def test_ping_fails_when_the_file_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "gone.db"
+    with ms.connect(f"sqlite:///{path}") as client:
+        client.ping(timeout=1.0)
+        for name in os.listdir(tmp_path):  # the file with its WAL and shared-memory files
+            os.remove(tmp_path / name)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match="gone"):
+            client.ping(timeout=1.0)
+        assert time.monotonic() - started < 1.0
+
+
+def test_drop_subscription_ignores_members_whose_process_died(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'dead.db'}"
+    with ms.connect(url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t")))
+        member = textwrap.dedent(f"""
+            import os, msgstream as ms
+            inp = ms.connect({url!r}).msg_stream()
+            inp.create_consumers("held", {chans!r})
+            os._exit(0)  # dies without closing: its membership stays in the file
+        """)
+        subprocess.run([sys.executable, "-c", member], check=True, timeout=60)
+        assert "held" in client.list_subscriptions(chans[0])
+        client.drop_subscription("held", chans)
+        assert client.list_subscriptions(chans[0]) == []

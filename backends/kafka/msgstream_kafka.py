@@ -62,6 +62,8 @@ from msgstream.errors import (
     ProduceError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
+    UnsupportedOperationError,
 )
 
 __all__ = ["KafkaBackend"]
@@ -395,6 +397,90 @@ class KafkaBackend(Backend):
         self.check_channel(channel)
         offset = self.latest_offset(channel)
         return None if offset is None else _pack_offset(offset)
+
+    # -- operations -----------------------------------------------------------------------------
+    def ping(self, timeout: float) -> None:
+        """A metadata request (``list_topics``) that some broker must answer within ``timeout``."""
+        with self.errors("ping", BrokerUnavailableError):
+            try:
+                metadata = self.admin.list_topics(timeout=timeout)
+            finally:
+                self.admin.poll(0)
+        if not metadata.brokers:
+            raise BrokerUnavailableError(f"no broker answered at {self.url.redacted()}")
+
+    def list_channels(self) -> list[str]:
+        self.refresh_registry()
+        return [name for name, metadata in self._registry.items() if metadata is not None]
+
+    def _group_offsets(self, group: str, topics: Sequence[str] | None = None) -> dict[str, int]:
+        """The committed offset of ``group`` on each topic (of ``topics``, else every one it has)."""
+        parts = None if topics is None else [ck.TopicPartition(t, 0) for t in topics]
+        request = [ck.ConsumerGroupTopicPartitions(group, parts)]
+        with self.errors(f"committed offsets of {group!r}", BrokerUnavailableError):
+            result = self.admin.list_consumer_group_offsets(request, request_timeout=self.timeout)[group]
+            listed = result.result(timeout=self.timeout)
+        return {tp.topic: tp.offset for tp in listed.topic_partitions or [] if tp.offset >= 0 and tp.error is None}
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        """Consumer groups with an offset committed on the channel's topic (a group that joined and has
+        acknowledged nothing is not listed yet)."""
+        self.check_channel(channel)
+        with self.errors("list consumer groups", BrokerUnavailableError):
+            listing = self.admin.list_consumer_groups(request_timeout=self.timeout).result(timeout=self.timeout)
+        groups = [g.group_id for g in listing.valid if not g.group_id.startswith("msgstream-reader-")]
+        return [g for g in groups if channel in self._group_offsets(g, [channel])]
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """``delete_consumer_groups``: Kafka keeps one group per subscription, for all its channels, so
+        every channel the group has an offset on must be among ``channels``."""
+        others = sorted(t for t in self._group_offsets(subscription) if t not in channels and self.exists(t))
+        if others:
+            raise UnsupportedOperationError(
+                f"Kafka drops the consumer group {subscription!r} as a whole; it also holds {others}: pass"
+                " those channels too"
+            )
+        with self.errors(f"delete consumer group {subscription!r}", BrokerUnavailableError):
+            future = self.admin.delete_consumer_groups([subscription], request_timeout=self.timeout)[subscription]
+            try:
+                future.result(timeout=self.timeout)
+            except ck.KafkaException as exc:
+                code = exc.args[0].code() if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+                if code == ck.KafkaError.NON_EMPTY_GROUP:
+                    raise SubscriptionInUseError(f"consumer group {subscription!r} has live members") from None
+                if code != ck.KafkaError.GROUP_ID_NOT_FOUND:
+                    raise
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        offset = _offset(msg_id)
+        with self._lock, self.errors(f"read {channel!r}", BrokerUnavailableError, channel):
+            self._reader.assign([ck.TopicPartition(channel, 0, offset)])
+            deadline = time.monotonic() + self.timeout
+            try:
+                while time.monotonic() < deadline:
+                    for m in _take(self._reader, 1, min(0.5, self.timeout)):
+                        err = m.error()
+                        if err is None:
+                            return bytes(m.value()) if m.offset() == offset else None
+                        if err.code() == ck.KafkaError._PARTITION_EOF:
+                            return None
+                        raise ck.KafkaException(err)
+            finally:
+                self._reader.unassign()
+        raise BrokerUnavailableError(f"reading {channel!r} at offset {offset} took over {self.timeout}s")
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        low, high = self.watermarks(channel)
+        return high - low if msg_id is None else max(0, high - max(low, _offset(msg_id) + 1))
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        """The high watermark less the group's committed offset (the partition's start without one)."""
+        low, high = self.watermarks(channel)
+        committed = max(low, self._group_offsets(subscription, [channel]).get(channel, low))
+        count = max(0, high - committed)
+        if not count:
+            return 0, None
+        return count, _pack_offset(committed - 1 if committed > low else committed)
 
     def close(self) -> None:
         if self._closed:

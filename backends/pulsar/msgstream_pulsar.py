@@ -47,6 +47,7 @@ import contextlib
 import functools
 import http.client
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -84,6 +85,8 @@ from msgstream.errors import (
     ProduceError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
+    UnsupportedOperationError,
 )
 
 __all__ = ["PulsarBackend"]
@@ -250,8 +253,8 @@ class _Admin:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
-    def request(self, method: str, path: str, ok: Sequence[int]) -> None:
-        """One call; raises BrokerUnavailableError unless the status is in ``ok``."""
+    def request(self, method: str, path: str, ok: Sequence[int]) -> bytes:
+        """One call; its response body. Raises BrokerUnavailableError unless the status is in ``ok``."""
         with self._lock:
             for attempt in (1, 2):  # a kept connection the server closed meanwhile: reconnect once
                 if self._conn is None:
@@ -259,7 +262,8 @@ class _Admin:
                 try:
                     self._conn.request(method, self._prefix + path, headers=self._headers)
                     response = self._conn.getresponse()
-                    body = response.read()[:200]
+                    data = response.read()
+                    body = data[:200]
                 except (OSError, http.client.HTTPException) as exc:
                     self._conn.close()
                     self._conn = None
@@ -272,7 +276,12 @@ class _Admin:
                     )
                     refused.retriable = response.status >= 500  # a 4xx will not cure itself
                     raise refused
-                return
+                return data
+        raise AssertionError("unreachable")
+
+    def json(self, path: str) -> Any:
+        """GET ``path`` and decode its JSON body."""
+        return json.loads(self.request("GET", path, ok=(200,)))
 
     def close(self) -> None:
         with self._lock:
@@ -528,6 +537,147 @@ class PulsarBackend(Backend):
     @staticmethod
     def _has(reader: Any) -> bool:
         return bool(reader.has_message_available())
+
+    # -- operations -----------------------------------------------------------------------------
+    def ping(self, timeout: float) -> None:
+        """A topic lookup of the registry topic, waited for at most ``timeout`` seconds (the client's own
+        timeout is ``operation_timeout``, so the call runs in a thread that is left to finish)."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def lookup() -> None:
+            try:
+                self.client.get_topic_partitions(self.registry_topic)
+            except BaseException as exc:  # handed to the caller's thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=lookup, name="msgstream-pulsar-ping", daemon=True).start()
+        if not done.wait(timeout):
+            raise BrokerUnavailableError(f"ping: no answer within {timeout}s [{self.url.redacted()}]")
+        if failure:
+            raise self.error(BrokerUnavailableError, f"ping: {type(failure[0]).__name__}: {failure[0]}", True)
+
+    def list_channels(self) -> list[str]:
+        self.refresh_registry()
+        return [name for name, live in self._registry.items() if live is not None]
+
+    def _need_admin(self, operation: str) -> _Admin:
+        if self.admin is None:
+            raise UnsupportedOperationError(
+                f"the pulsar backend needs admin_url for {operation}() (the client protocol has no call for it)"
+            )
+        return self.admin
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        """The topic's subscriptions, from the admin REST API (``admin_url``)."""
+        admin = self._need_admin("list_subscriptions")
+        names = admin.json(self._admin_path(self.live(channel).topic) + "/subscriptions")
+        return [str(n) for n in names if not str(n).startswith("__msgstream_probe_")]
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """With ``admin_url``: the topics' stats are checked for connected consumers first, then each
+        subscription is deleted. Without it: a consumer joins the subscription and unsubscribes, which the
+        broker refuses while another consumer is connected (channels before that one stay dropped)."""
+        topics = [self.live(channel).topic for channel in channels]
+        if self.admin is not None:
+            for channel, topic in zip(channels, topics, strict=True):
+                stats = self.admin.json(self._admin_path(topic) + "/stats")
+                sub = stats.get("subscriptions", {}).get(subscription)
+                if sub and sub.get("consumers"):
+                    raise SubscriptionInUseError(
+                        f"subscription {subscription!r} has {len(sub['consumers'])} consumer(s) on {channel!r}"
+                    )
+            for topic in topics:
+                path = f"{self._admin_path(topic)}/subscription/{quote(subscription, safe='')}"
+                try:
+                    self.admin.request("DELETE", path, ok=(204, 404))
+                except BrokerUnavailableError as exc:
+                    if "HTTP 412" in str(exc):  # a consumer connected meanwhile
+                        raise SubscriptionInUseError(f"subscription {subscription!r}: {exc}") from None
+                    raise
+            return
+        for channel, topic in zip(channels, topics, strict=True):
+            with self.errors(f"drop subscription {subscription!r}", BrokerUnavailableError, channel):
+                member = self.client.subscribe(topic, subscription, consumer_type=self.consumer_type)
+                try:
+                    member.unsubscribe()
+                except pulsar.PulsarException as exc:
+                    raise SubscriptionInUseError(
+                        f"subscription {subscription!r} on {channel!r} has other consumers: {exc}"
+                    ) from None
+                finally:
+                    member.close()
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        target = _parse_id(msg_id, channel)
+        topic = self.live(channel).topic
+        read = contextlib.closing(self._read(topic, target))
+        with self.errors(f"read {channel!r}", BrokerUnavailableError, channel), read as messages:
+            first = next(messages, None)
+        if first is None or _key(first.message_id()) != _key(target):
+            return None
+        return bytes(first.data())
+
+    def _entries_after(self, topic: str, ledger: int, entry: int, newest: Any) -> int | None:
+        """Entries after ``ledger:entry`` up to ``newest``: within one ledger entry ids are contiguous;
+        across ledgers the admin API's internal stats give each ledger's entry count."""
+        if ledger == newest.ledger_id():
+            return max(0, int(newest.entry_id()) - entry)
+        if self.admin is None or ledger > newest.ledger_id():
+            return None
+        stats = self.admin.json(self._admin_path(topic) + "/internalStats")
+        count = int(newest.entry_id()) + 1
+        for item in stats.get("ledgers", []):
+            lid = int(item["ledgerId"])
+            if lid == ledger:
+                count += max(0, int(item["entries"]) - entry - 1)
+            elif ledger < lid < newest.ledger_id():
+                count += int(item["entries"])
+        return count
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        """Exact with batching off (one message per entry); ``None`` with batching on, and across ledgers
+        without ``admin_url``."""
+        if self.producer_conf["batching_enabled"]:
+            return None
+        topic = self.live(channel).topic
+        newest = self.last_id(topic)
+        if newest is None:
+            return 0
+        if msg_id is None:
+            if self.admin is None:
+                return None
+            return int(self.admin.json(self._admin_path(topic) + "/internalStats").get("numberOfEntries", 0))
+        after = _parse_id(msg_id, channel)
+        return self._entries_after(topic, after.ledger_id(), after.entry_id(), newest)
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        """The subscription's ``msgBacklog`` and its cursor's mark-delete position, from the admin REST
+        API; ``(None, None)`` without ``admin_url``."""
+        if self.admin is None:
+            return None, None
+        topic = self.live(channel).topic
+        path = self._admin_path(topic)
+        sub = self.admin.json(path + "/stats").get("subscriptions", {}).get(subscription)
+        if sub is None:  # would start at the first message
+            count = self.count_after(channel, None)
+            first = self.read_one(topic, pulsar.MessageId.earliest) if count else None
+            return count, None if first is None else bytes(first.serialize())
+        count = int(sub.get("msgBacklog", 0))
+        if not count:
+            return 0, None
+        cursor = self.admin.json(path + "/internalStats").get("cursors", {}).get(subscription, {})
+        ledger, _, entry = str(cursor.get("markDeletePosition", "")).partition(":")
+        if not ledger.lstrip("-").isdigit() or not entry.lstrip("-").isdigit():
+            return count, None
+        mark = pulsar.MessageId(-1, int(ledger), int(entry), -1)
+        found = self.read_one(topic, mark) if int(entry) >= 0 else None
+        if found is not None and _key(found) == _key(mark):
+            return count, bytes(found.serialize())
+        first = self.read_one(topic, pulsar.MessageId(-1, int(ledger), int(entry) + 1, -1))
+        return count, None if first is None else bytes(first.serialize())
 
     def close(self) -> None:
         if self._closed:

@@ -60,6 +60,7 @@ from msgstream.errors import (
     ProduceError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
 )
 
 __all__ = ["RedisBackend"]
@@ -120,17 +121,20 @@ class RedisBackend(Backend):
                 **{k: opts[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs") if k in opts},
             }
         self._registry = self.prefix + "channels"
+        self._connection: dict[str, Any] = {  # kept for ping's short-lived connection
+            "host": url.host or "localhost",
+            "port": url.port or 6379,
+            "db": int(db_text),
+            "username": url.username,
+            "password": url.password or opts.get("password"),
+            "client_name": "msgstream",
+            **ssl,
+        }
         self._redis = redis.Redis(
-            host=url.host or "localhost",
-            port=url.port or 6379,
-            db=int(db_text),
-            username=url.username,
-            password=url.password or opts.get("password"),
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=_number(opts, "connect_timeout", 5.0, url) or 5.0,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
-            client_name="msgstream",
-            **ssl,
+            **self._connection,
         )
         for command in _RAW_COMMANDS:  # raw replies: no per-entry dicts on the hot path
             self._redis.set_response_callback(command, lambda response, **_: response)
@@ -210,6 +214,113 @@ class RedisBackend(Backend):
         if not exists:
             raise ChannelNotFoundError(channel)
         return bytes(newest[0][0]) if newest else None
+
+    # -- operations -----------------------------------------------------------------------------
+    def ping(self, timeout: float) -> None:
+        """PING on a connection of its own whose connect and read timeouts are ``timeout``, no retry."""
+        probe = redis.Redis(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(ExponentialBackoff(), 0),
+            **self._connection,
+        )
+        try:
+            with self.errors("ping", BrokerUnavailableError):
+                probe.ping()
+        finally:
+            probe.close()
+
+    def list_channels(self) -> list[str]:
+        with self.errors("list channels", BrokerUnavailableError):
+            names = self._redis.hkeys(self._registry)
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+    def _groups(self, channel: str) -> list[dict[str, Any]]:
+        self.check_channel(channel)
+        with self.errors("XINFO GROUPS", channel=channel):
+            groups = self._redis.xinfo_groups(self.key(channel))
+        for group in groups:
+            name = group["name"]
+            group["name"] = name.decode() if isinstance(name, bytes) else str(name)
+        return [g for g in groups if g["name"] != "__msgstream_init"]
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        return [g["name"] for g in self._groups(channel)]
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """XGROUP DESTROY on each channel, once no channel has a live member: one that is not the
+        placeholder of released entries and interacted within ``claim_idle`` seconds (a member idle for
+        longer counts as dead, as XAUTOCLAIM treats it)."""
+        for channel in channels:
+            self.check_channel(channel)
+            with self.errors("XINFO CONSUMERS", channel=channel):
+                try:
+                    members = self._redis.xinfo_consumers(self.key(channel), subscription)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    continue
+            live = [
+                m
+                for m in members
+                if m["name"] not in (_RELEASED, _RELEASED.encode()) and m["idle"] < self.claim_idle * 1000
+            ]
+            if live:
+                raise SubscriptionInUseError(
+                    f"subscription {subscription!r} has {len(live)} live member(s) on {channel!r}"
+                )
+        for channel in channels:
+            with self.errors("XGROUP DESTROY", channel=channel):
+                self._redis.xgroup_destroy(self.key(channel), subscription)
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        if not _ENTRY_ID.fullmatch(msg_id):
+            return None
+        with self.errors("read message", channel=channel):
+            entries = self.command("XRANGE", self.key(channel), msg_id, msg_id)
+        return _payload(entries[0][1]) if entries else None
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        """XLEN for the whole stream; else XRANGE pages of ids after ``msg_id``, counted (O(count))."""
+        key = self.key(channel)
+        with self.errors("count messages", channel=channel):
+            if msg_id is None:
+                return int(self._redis.xlen(key))
+            count, start = 0, b"(" + msg_id
+            while True:
+                page = self.command("XRANGE", key, start, "+", "COUNT", 1000)
+                count += len(page)
+                if len(page) < 1000:
+                    return count
+                start = b"(" + page[-1][0]
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        """XINFO GROUPS: the group's pending entries plus its ``lag`` (counted after its last delivered
+        entry where Redis does not know it); the oldest pending entry, else the next undelivered one."""
+        group = next((g for g in self._groups(channel) if g["name"] == subscription), None)
+        key = self.key(channel)
+        with self.errors("unacknowledged", channel=channel):
+            if group is None:
+                count, after = int(self._redis.xlen(key)), b"0-0"
+                pending = 0
+            else:
+                after = bytes(group["last-delivered-id"])
+                pending = int(group["pending"])
+                lag = group.get("lag")
+                undelivered = int(lag) if lag is not None else self.count_after(channel, after)
+                count = pending + (undelivered or 0)
+            if not count:
+                return 0, None
+            oldest: bytes | None = None
+            if pending:
+                oldest = bytes(self.command("XPENDING", key, subscription)[1])
+            else:
+                first = self.command("XRANGE", key, b"(" + after, "+", "COUNT", 1)
+                oldest = bytes(first[0][0]) if first else None
+            if oldest is None:
+                return count, None
+            before = self.command("XREVRANGE", key, b"(" + oldest, "-", "COUNT", 1)
+        return count, bytes(before[0][0]) if before else oldest
 
     def close(self) -> None:
         if self._closed:

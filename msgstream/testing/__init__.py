@@ -39,6 +39,7 @@ from msgstream.errors import (
     RepackError,
     SeekError,
     StreamClosedError,
+    SubscriptionInUseError,
     TimeTickError,
     UnknownMsgTypeError,
     UnmarshalError,
@@ -989,3 +990,127 @@ class ConformanceSuite:
         out.broadcast(_tick(5))
         pack = tt.consume(timeout=self.timeout)
         assert pack is not None and pack.msgs == [_data(0, 0, ts=2), flush]
+
+    # -- operations: health, subscriptions, lag -------------------------------------------------
+    @staticmethod
+    def _timed(i: int, hash_value: int = 0, base_ms: int = 1_700_000_000_000) -> ms.InsertMsg:
+        """Row ``i`` whose end_ts is ``i`` seconds after ``base_ms`` (a hybrid timestamp)."""
+        ts = ms.timestamp.compose(base_ms + 1000 * i)
+        return ms.InsertMsg(begin_ts=ts, end_ts=ts, hash_values=[hash_value], row_ids=[i], row_data=[b"r"])
+
+    def _lag_becomes(self, stream: Any, want: list[ms.ChannelLag]) -> None:
+        """Wait (bounded) until ``stream.lag()`` equals ``want``: some brokers apply acknowledgements
+        asynchronously."""
+        deadline = time.monotonic() + self.timeout
+        while (got := stream.lag()) != want:
+            assert time.monotonic() < deadline, f"lag is {got}, expected {want}"
+            time.sleep(0.05)
+
+    def test_ping_answers(self, client: ms.Client) -> None:
+        client.ping(timeout=5.0)  # returns (None) once the broker answered, raises otherwise
+        with pytest.raises(InvalidArgumentError):
+            client.ping(timeout=-1)
+
+    def test_list_channels_shows_created_and_not_destroyed(self, client: ms.Client, url: str) -> None:
+        chans = self.channels(client, 3)
+        assert set(chans) <= set(client.list_channels())
+        client.destroy_channels(chans[2:])
+        with ms.connect(url) as other:  # another client of the same broker sees the same list
+            listed = set(other.list_channels())
+        assert set(chans[:2]) <= listed and chans[2] not in listed
+
+    def test_list_and_drop_subscriptions(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        sub, other = self.sub(), self.sub()
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i) for i in range(10)]))
+        for name in (sub, other):
+            with client.msg_stream() as inp:
+                inp.create_consumers(name, chans)
+                consume_n(inp, 10, self.timeout)  # acknowledged on close
+        for ch in chans:
+            assert {sub, other} <= set(client.list_subscriptions(ch))
+        client.drop_subscription(sub, chans)
+        for ch in chans:
+            listed = client.list_subscriptions(ch)
+            assert sub not in listed and other in listed
+        again = self.consumer(streams, chans, sub=sub)  # starts afresh: everything again
+        assert sorted(m.row_ids[0] for m in consume_n(again, 10, self.timeout) if isinstance(m, ms.InsertMsg)) == list(
+            range(10)
+        )
+        client.drop_subscription(self.sub(), chans)  # one the channels never had: nothing happens
+        with pytest.raises(ChannelNotFoundError):
+            client.list_subscriptions(f"missing-{uuid.uuid4().hex[:8]}")
+        with pytest.raises(ChannelNotFoundError):
+            client.drop_subscription(other, [chans[0], f"missing-{uuid.uuid4().hex[:8]}"])
+        assert other in client.list_subscriptions(chans[0])  # checked first: nothing dropped
+
+    def test_drop_subscription_with_live_member_is_refused(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(4)]))
+        inp = self.consumer(streams, chans, sub=sub)
+        got = consume_packs(inp, 1, self.timeout)
+        with pytest.raises(SubscriptionInUseError):
+            client.drop_subscription(sub, chans)
+        rest = consume_n(inp, 4 - sum(map(len, got)), self.timeout)  # the member goes on undisturbed
+        assert len(rest) == 4 - sum(map(len, got))
+        inp.close()
+        client.drop_subscription(sub, chans)
+        assert sub not in client.list_subscriptions(chans[0])
+
+    def test_lag_counts_after_the_last_returned_message(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 2)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([self._timed(i, 0) for i in range(10)] + [self._timed(i, 1) for i in range(4)]))
+        inp = streams(receive_batch=3)
+        inp.create_consumers(self.sub(), chans)
+        # nothing returned or acknowledged yet: everything counts, from the first message
+        assert inp.lag() == [ms.ChannelLag(chans[0], 10, 9.0), ms.ChannelLag(chans[1], 4, 3.0)]
+        last: dict[str, int] = {}
+        while chans[0] not in last:
+            for m in consume_packs(inp, 1, self.timeout)[0]:
+                assert isinstance(m, ms.InsertMsg) and m.position is not None
+                last[m.position.channel] = m.row_ids[0]
+        want = [
+            ms.ChannelLag(ch, total - 1 - last[ch], float(total - 1 - last[ch]))
+            if ch in last
+            else ms.ChannelLag(ch, total, float(total - 1))
+            for ch, total in zip(chans, (10, 4), strict=True)
+        ]
+        assert last[chans[0]] < 9 and inp.lag() == want
+        consume_n(inp, 14 - sum(r + 1 for r in last.values()), self.timeout)
+        assert inp.lag() == [ms.ChannelLag(chans[0], 0, 0.0), ms.ChannelLag(chans[1], 0, 0.0)]
+        out.produce(ms.MsgPack.of([self._timed(12, 0)]))
+        assert inp.lag()[0] == ms.ChannelLag(chans[0], 1, 3.0)
+
+    def test_lag_is_right_across_a_consumer_restart(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([self._timed(i) for i in range(10)]))
+        with client.msg_stream(receive_batch=4) as first:
+            first.create_consumers(sub, chans)
+            got = [m for pack in consume_packs(first, 4, self.timeout) for m in pack]
+            before = first.lag()
+            assert before == [ms.ChannelLag(chans[0], 10 - len(got), float(10 - len(got)))]
+        # a new member of the subscription, nothing returned yet: counted from the acknowledged position
+        second = self.consumer(streams, chans, sub=sub)
+        self._lag_becomes(second, before)
+        rest = consume_n(second, 10 - len(got), self.timeout)
+        assert [m.row_ids[0] for m in got + rest if isinstance(m, ms.InsertMsg)] == list(range(10))
+        assert second.lag() == [ms.ChannelLag(chans[0], 0, 0.0)]
+
+    def test_tt_lag_counts_what_packs_did_not_cover(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        tt = self.consumer(streams, chans, tt=True)
+        out = self.producer(streams, chans)
+        tick = ms.timestamp.compose(1_700_000_000_000 + 1500)
+        out.produce(ms.MsgPack.of([self._timed(0), self._timed(1)]))
+        out.broadcast(ms.MsgPack(tick, tick, [ms.TimeTickMsg(begin_ts=tick, end_ts=tick)]))
+        out.produce(ms.MsgPack.of([self._timed(2), self._timed(4)]))
+        pack = tt.consume(timeout=self.timeout)
+        assert pack is not None and [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)] == [0, 1]
+        # the pack covered rows 0, 1 and the tick; rows 2 and 4 wait for the next tick
+        self._lag_becomes(tt, [ms.ChannelLag(chans[0], 2, 4.0 - 1.5)])

@@ -285,6 +285,27 @@ class FaultyBackend(Backend):
     def latest_message_id(self, channel: str) -> bytes | None:
         return self.inner.latest_message_id(channel)
 
+    def ping(self, timeout: float) -> None:
+        self.inner.ping(timeout)
+
+    def list_channels(self) -> list[str]:
+        return self.inner.list_channels()
+
+    def list_subscriptions(self, channel: str) -> list[str]:
+        return self.inner.list_subscriptions(channel)
+
+    def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        self.inner.drop_subscription(subscription, channels)
+
+    def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
+        return self.inner.read_message(channel, msg_id)
+
+    def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
+        return self.inner.count_after(channel, msg_id)
+
+    def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
+        return self.inner.unacknowledged(subscription, channel)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -14,7 +14,7 @@ from msgstream_kafka import _BatchLimits
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
-from msgstream.errors import ChannelNotFoundError, ProduceError
+from msgstream.errors import BrokerUnavailableError, ChannelNotFoundError, ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 from scripts.broker import start_kafka
 
@@ -301,3 +301,17 @@ def test_a_send_to_a_channel_destroyed_elsewhere_does_not_hold_up_the_other_chan
             start = time.monotonic()
             to_live.produce(ms.MsgPack.of([row(2)]))
             assert time.monotonic() - start < 2, "a live channel's send waited for the destroyed one's messages"
+
+
+def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
+    broker = start_kafka(tmp_path / "dead")
+    try:
+        with ms.connect(broker.url) as client:
+            client.ping(timeout=5.0)
+            broker.kill()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError) as err:
+                client.ping(timeout=2.0)
+            assert time.monotonic() - started < 3.0 and err.value.retriable
+    finally:
+        broker.stop()

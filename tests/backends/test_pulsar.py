@@ -21,6 +21,8 @@ from msgstream.errors import (
     ChannelNotFoundError,
     MsgStreamError,
     ProduceError,
+    SubscriptionInUseError,
+    UnsupportedOperationError,
 )
 from msgstream.testing import ConformanceSuite, consume_n
 from scripts.broker import free_port, start_pulsar
@@ -33,9 +35,59 @@ def test_registered() -> None:
 
 
 class TestPulsarConformance(ConformanceSuite):
+    """With ``admin_url``, the configuration docs/backends.md recommends: listing subscriptions and the
+    subscription's backlog need the admin REST API (test_operations_without_admin_url covers the rest)."""
+
     @pytest.fixture
-    def url(self, pulsar_url: str) -> str:
-        return pulsar_url
+    def url(self, pulsar_url: str, pulsar_admin_url: str) -> str:
+        return f"{pulsar_url}?admin_url={pulsar_admin_url}"
+
+
+def test_operations_without_admin_url(pulsar_url: str) -> None:
+    """Without ``admin_url``: ping, channel listing, dropping and counting after a returned message work;
+    listing subscriptions raises UnsupportedOperationError and the backlog before any message is unknown."""
+    with ms.connect(pulsar_url) as client:
+        client.ping(timeout=5.0)
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+        assert chans[0] in client.list_channels()
+        with pytest.raises(UnsupportedOperationError, match="admin_url"):
+            client.list_subscriptions(chans[0])
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([row(i) for i in range(5)]))
+        sub = f"ops-{uuid.uuid4().hex[:6]}"
+        inp = client.msg_stream(receive_batch=2)
+        inp.create_consumers(sub, chans)
+        assert [(lag.messages, lag.seconds) for lag in inp.lag()] == [(None, None)]
+        got: list[ms.TsMsg] = []
+        deadline = time.monotonic() + 30
+        while not got:
+            assert time.monotonic() < deadline
+            pack = inp.consume(timeout=1.0)
+            got = pack.msgs if pack else []
+        assert inp.lag()[0].messages == 5 - len(got)
+        with pytest.raises(SubscriptionInUseError):
+            client.drop_subscription(sub, chans)
+        inp.close()
+        client.drop_subscription(sub, chans)
+        again = client.msg_stream()
+        again.create_consumers(sub, chans)
+        assert len(consume_n(again, 5, 30)) == 5  # dropped: it started afresh
+        again.close()
+
+
+def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
+    broker = start_pulsar(tmp_path / "dead")
+    try:
+        with ms.connect(broker.url, operation_timeout=30) as client:
+            client.ping(timeout=10.0)
+            broker.kill()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError) as err:
+                client.ping(timeout=2.0)
+            assert time.monotonic() - started < 3.0 and err.value.retriable
+    finally:
+        broker.stop()
 
 
 def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:

@@ -231,3 +231,17 @@ def test_entries_of_a_lost_reply_come_even_after_newer_ones_arrived(redis_url: s
                 assert len(got) == len(set(got)) and not set(got) & {0, 1, 2, 3}, f"delivered twice: {got}"
             inp.ack(held)
             inp.close()
+
+
+def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
+    broker = start_redis(tmp_path / "dead")
+    try:
+        with ms.connect(f"redis://127.0.0.1:{broker.port}/0") as client:
+            client.ping(timeout=2.0)
+            broker.kill()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError) as err:
+                client.ping(timeout=1.0)
+            assert time.monotonic() - started < 2.0 and err.value.retriable
+    finally:
+        broker.stop()
