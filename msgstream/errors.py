@@ -15,6 +15,7 @@ The tree (a builtin is mixed in where it helps callers who already catch it)::
      ├── UnmarshalError             (ValueError)  bytes are not a valid frame
      │    └── UnknownMsgTypeError                 valid frame, unregistered MsgType
      ├── SeekError                                a position cannot be resumed from
+ ├── OperationTimeoutError      (TimeoutError) msgstream.aio: a call outlived its bound (retriable)
      ├── StreamStateError                         call out of order (e.g. consume without consumers)
      │    └── StreamClosedError                   the stream was closed
      └── TimeTickError                            time-tick invariant broken or buffer limit hit
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidURLError",
     "MsgStreamError",
+    "OperationTimeoutError",
     "ProduceError",
     "RepackError",
     "SeekError",
@@ -146,6 +148,13 @@ class UnknownMsgTypeError(UnmarshalError):
 
 class SeekError(MsgStreamError):
     """A seek target is not valid (unknown channel, message id not on the channel, bad position)."""
+
+
+class OperationTimeoutError(MsgStreamError, TimeoutError):
+    """A ``msgstream.aio`` call did not finish within its bound (its own timeout plus ``call_timeout``);
+    the blocking call goes on in the stream's worker thread."""
+
+    retriable = True
 
 
 class StreamStateError(MsgStreamError):
