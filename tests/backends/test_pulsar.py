@@ -25,6 +25,7 @@ from msgstream.errors import (
 from msgstream.testing import ConformanceSuite, consume_n
 from scripts.broker import free_port, start_pulsar
 
+from ..aio_sync import AsyncConformanceSuite
 from .common import owner, refused_send, restart_loses_and_repeats_nothing, row
 
 
@@ -33,6 +34,14 @@ def test_registered() -> None:
 
 
 class TestPulsarConformance(ConformanceSuite):
+    @pytest.fixture
+    def url(self, pulsar_url: str) -> str:
+        return pulsar_url
+
+
+class TestPulsarConformanceAio(AsyncConformanceSuite):
+    """The same suite through msgstream.aio."""
+
     @pytest.fixture
     def url(self, pulsar_url: str) -> str:
         return pulsar_url
