@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgstream as ms
 from benchmarks.bench_core import environment, print_environment
@@ -35,6 +35,7 @@ from benchmarks.brokers import given_url, server
 from benchmarks.report import Row, progress, size_text, target_text, workload
 from msgstream import aio
 
+T = TypeVar("T")
 ROW_SIZES = (100, 1024)
 PACK_SIZE = 1000
 CHUNK = 4  # packs per turn in the produce comparison
@@ -56,7 +57,7 @@ class LagProbe:
             await asyncio.sleep(self.interval)
             self.lags.append(time.perf_counter() - t0 - self.interval)
 
-    async def measure(self, work: Awaitable[float]) -> float:
+    async def measure(self, work: Awaitable[T]) -> T:
         probe = asyncio.create_task(self._probe())
         try:
             return await work
@@ -274,7 +275,7 @@ def _rows(section: str, row_bytes: int, size: float, rates: dict[str, list[float
     return [sync, asynchronous]
 
 
-def table(results: dict[str, list[Row]], lags: dict[str, dict[str, float]]) -> str:
+def table(results: dict[str, list[Row]], lags: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| Backend | Operation | Measurement | Row data | msgs/s | async/sync | Target | Spread |",
         "|---|---|---|---:|---:|---:|---|---:|",
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     env = environment()
     print_environment(env, f"median of {repeats} runs of ~{seconds:g} s per side and figure")
     results: dict[str, list[Row]] = {}
-    lags: dict[str, dict[str, float]] = {}
+    lags: dict[str, dict[str, Any]] = {}
     servers: dict[str, str] = {}
     for name in chosen:
         if name == "memory":
