@@ -18,7 +18,7 @@ import pytest
 
 import msgstream as ms
 from msgstream import aio
-from msgstream.errors import BackendNotFoundError, InvalidURLError, StreamClosedError
+from msgstream.errors import BackendNotFoundError, InvalidURLError, OperationTimeoutError, StreamClosedError
 
 COROUTINES = {
     "create_channels",
@@ -280,5 +280,24 @@ def test_calls_after_close_raise_and_close_is_idempotent() -> None:
                 await call
         with pytest.raises(StreamClosedError):
             client.msg_stream()
+
+    asyncio.run(main())
+
+
+def test_a_call_past_its_bound_raises_and_its_outcome_is_kept() -> None:
+    async def main() -> None:
+        async with aio.connect(_url(), call_timeout=0.3) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i) for i in range(3)]))
+                gate = _GatedDispatcher()
+                await inp.create_consumers("bounded", chans, dispatcher=gate)
+                start = time.monotonic()
+                with pytest.raises(OperationTimeoutError) as err:
+                    await inp.consume(timeout=0.2)  # the worker is held: 0.2 s + call_timeout 0.3 s
+                assert err.value.retriable and 0.4 < time.monotonic() - start < 3
+                gate.release.set()
+                assert _rows(await inp.consume(timeout=5)) == [0, 1, 2]
 
     asyncio.run(main())
