@@ -104,7 +104,11 @@ class _Worker:
         """``fn()`` on the thread. A caller cancelled before the call started drops it; once started it
         runs to its end (a broker call cannot be interrupted) and its outcome is discarded."""
         fut = self.submit(fn)
-        done, _ = await asyncio.wait((fut,), timeout=bound)
+        try:
+            done, _ = await asyncio.wait((fut,), timeout=bound)
+        except asyncio.CancelledError:
+            fut.cancel()  # drops a call still queued; a running one goes on
+            raise
         if not done:
             fut.add_done_callback(_retrieve)
             raise OperationTimeoutError(f"{what} did not finish within {bound:g}s; it goes on in the background")

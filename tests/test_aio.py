@@ -301,3 +301,34 @@ def test_a_call_past_its_bound_raises_and_its_outcome_is_kept() -> None:
                 assert _rows(await inp.consume(timeout=5)) == [0, 1, 2]
 
     asyncio.run(main())
+
+
+def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            entered, release = threading.Event(), threading.Event()
+
+            def held(msgs: list[ms.TsMsg], keys: list[list[int]]) -> dict[int, ms.MsgPack]:
+                entered.set()
+                assert release.wait(10)
+                return ms.repack.default(msgs, keys)
+
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await inp.create_consumers("produced", chans)
+                out.set_repack_func(held)
+                running = asyncio.create_task(out.produce(ms.MsgPack.of([_row(1)])))
+                await _wait_until(entered.is_set, "the first produce started")
+                queued = asyncio.create_task(out.produce(ms.MsgPack.of([_row(2)])))
+                await asyncio.sleep(0.05)  # the second produce waits behind the first
+                running.cancel()
+                queued.cancel()
+                release.set()
+                for task in (running, queued):
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                assert _rows(await inp.consume(timeout=5)) == [1]  # the running one completed
+                assert await inp.consume(timeout=0.3) is None  # the queued one never ran
+
+    asyncio.run(main())
