@@ -147,8 +147,9 @@ async def _lag_round(client: aio.AsyncClient, channel: str, pack: ms.MsgPack, se
     t0 = time.perf_counter()
     async with client.msg_stream() as out, client.msg_stream(receive_batch=PACK_SIZE) as inp:
         await out.create_producers([channel])
+        await out.produce(pack)  # the topic has data before a consumer joins (as in the consume rounds)
+        sent = len(pack.msgs)
         await inp.create_consumers(f"lag-{uuid.uuid4().hex[:8]}", [channel])
-        sent = 0
 
         async def produce() -> None:
             nonlocal sent
@@ -157,9 +158,14 @@ async def _lag_round(client: aio.AsyncClient, channel: str, pack: ms.MsgPack, se
                 sent += len(pack.msgs)
 
         producer = asyncio.create_task(produce())
-        got = 0
-        while not producer.done() or got < sent:
-            got += len(p.msgs) if (p := await inp.consume(timeout=1.0)) else 0
+        try:
+            got = 0
+            while not producer.done() or got < sent:
+                got += len(p.msgs) if (p := await inp.consume(timeout=1.0)) else 0
+        finally:
+            if not producer.done():
+                producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
         await producer
     return time.perf_counter() - t0
 
