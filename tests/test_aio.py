@@ -324,10 +324,11 @@ def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes
                 await asyncio.sleep(0.05)  # the second produce waits behind the first
                 running.cancel()
                 queued.cancel()
-                release.set()
-                for task in (running, queued):
+                for task in (running, queued):  # both callers return at once, the worker still held
                     with pytest.raises(asyncio.CancelledError):
                         await task
+                await asyncio.sleep(0.01)  # the cancellation reaches the executor's queue
+                release.set()
                 assert _rows(await inp.consume(timeout=5)) == [1]  # the running one completed
                 assert await inp.consume(timeout=0.3) is None  # the queued one never ran
 
