@@ -333,3 +333,34 @@ def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes
                 assert await inp.consume(timeout=0.3) is None  # the queued one never ran
 
     asyncio.run(main())
+
+
+def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i, i) for i in range(6)]))  # even rows: channel 0
+            gate = _GatedDispatcher()
+            inp = client.msg_stream()
+            await inp.create_consumers("seek-kept", chans, dispatcher=gate)
+            task = asyncio.create_task(inp.consume(timeout=5))
+            await _wait_until(gate.entered.is_set, "the worker received the messages")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.release.set()
+            await inp.seek([ms.Position(chans[0], b"", 0)])  # channel 0 from its start; channel 1 untouched
+            again: list[int] = []
+            while sorted(again) != [0, 2, 4]:
+                pack = await inp.consume(timeout=5)
+                assert pack is not None, f"channel 0 not replayed: {again}"
+                again += _rows(pack)
+            await inp.close()
+            async with client.msg_stream() as nxt:  # channel 1's rows were never handed over: not acknowledged
+                await nxt.create_consumers("seek-kept", chans)
+                pack = await nxt.consume(timeout=5)
+                assert sorted(_rows(pack)) == [1, 3, 5]
+
+    asyncio.run(main())
