@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "throughput vs size and channels, time-tick vs plain, every backend",
     ),
     "peer": ("benchmarks.bench_peer", "msgstream against FastStream on the same Redis and Kafka brokers"),
+    "aio": ("benchmarks.bench_aio", "msgstream.aio against the sync API, produce and consume, every backend; loop lag"),
     "all": ("benchmarks.bench_all", "everything above in one run: docs/benchmark-report.md and its plot"),
 }
 
@@ -78,6 +79,14 @@ def _sqlite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", type=Path, help="the database file (default: a new one in a temporary directory)")
 
 
+def _aio_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backends",
+        default="memory,redis,kafka,pulsar",
+        help="comma-separated backends (default: all four; brokers from $MSGSTREAM_*_URL, else started)",
+    )
+
+
 def _all_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the report and plot go (default: docs/)")
 
@@ -91,6 +100,7 @@ OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "pulsar": _pulsar_options,
     "latency": _latency_options,
     "sqlite": _sqlite_options,
+    "aio": _aio_options,
 }
 
 

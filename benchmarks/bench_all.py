@@ -4,7 +4,8 @@ Runs, in this order, each starting the brokers it needs through ``scripts/broker
 suites' ``MSGSTREAM_*_URL``): ``core`` (codec, memory backend, time-tick), ``redis``, ``kafka`` (Apache
 Kafka), ``pulsar`` (Apache Pulsar, the default unbatched layout; ``python -m benchmarks pulsar`` adds the
 batched one), ``latency`` (msgstream beside the raw clients), ``scaling`` (message size, channels,
-time-tick vs plain on every backend) and ``peer`` (FastStream on Redis and Kafka). It writes
+time-tick vs plain on every backend), ``peer`` (FastStream on Redis and Kafka) and ``aio`` (msgstream.aio
+against the sync API on every backend). It writes
 ``<out>/benchmark-report.md`` (every suite's tables and environment, with the command and the time each
 took), ``<out>/benchmark-throughput-vs-size.png``, the raw numbers as ``<out>/benchmark-report.json``,
 and the summary block of ``<out>/performance.md`` (between its markers). ``--seconds`` / ``--repeats``
@@ -34,6 +35,7 @@ SUITES: list[tuple[str, dict[str, Any]]] = [
     ("latency", {"rate": 500.0, "seconds": 1.0}),
     ("scaling", {}),
     ("peer", {}),
+    ("aio", {}),
 ]
 
 

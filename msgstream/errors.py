@@ -17,6 +17,7 @@ The tree (a builtin is mixed in where it helps callers who already catch it)::
      ├── SeekError                                a position cannot be resumed from
      ├── SubscriptionInUseError                   a subscription with live members cannot be dropped
      ├── UnsupportedOperationError                the backend cannot do this operation
+     ├── OperationTimeoutError      (TimeoutError) msgstream.aio: a call outlived its bound (retriable)
      ├── StreamStateError                         call out of order (e.g. consume without consumers)
      │    └── StreamClosedError                   the stream was closed
      └── TimeTickError                            time-tick invariant broken or buffer limit hit
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidURLError",
     "MsgStreamError",
+    "OperationTimeoutError",
     "ProduceError",
     "RepackError",
     "SeekError",
@@ -154,6 +156,13 @@ class SeekError(MsgStreamError):
 
 class SubscriptionInUseError(MsgStreamError):
     """A subscription still has live members (open consumers): close them before dropping it."""
+
+    retriable = True
+
+
+class OperationTimeoutError(MsgStreamError, TimeoutError):
+    """A ``msgstream.aio`` call did not finish within its bound (its own timeout plus ``call_timeout``);
+    the blocking call goes on in the stream's worker thread."""
 
     retriable = True
 

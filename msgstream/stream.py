@@ -503,8 +503,13 @@ class MsgStream:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
-            self._unacked = []
+            self._drop_in_hand()
         self.close()
+
+    def _drop_in_hand(self) -> None:
+        """Leave the pack last returned (or received and not handed over: msgstream.aio after a cancelled
+        consume) unacknowledged, so the subscription delivers it again."""
+        self._unacked = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

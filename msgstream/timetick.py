@@ -337,8 +337,13 @@ class TimeTickStream:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
-            self._done = []
+            self._drop_in_hand()
         self.close()
+
+    def _drop_in_hand(self) -> None:
+        """Leave what the pack last returned covered (or the pack received and not handed over:
+        msgstream.aio after a cancelled consume) unacknowledged, so the subscription delivers it again."""
+        self._done = []
 
     def __repr__(self) -> str:
         return f"TimeTickStream({self._stream!r}, last_tick={self._last_tick}, buffered={self._buffered})"

@@ -9,6 +9,8 @@ import pytest
 
 from msgstream.testing import ConformanceSuite
 
+from .aio_sync import AsyncConformanceSuite
+
 
 class TestMemoryConformance(ConformanceSuite):
     quiet_period = 0.2
@@ -16,6 +18,16 @@ class TestMemoryConformance(ConformanceSuite):
     @pytest.fixture
     def url(self) -> str:
         return f"memory://conformance-{uuid.uuid4().hex[:8]}"
+
+
+class TestMemoryConformanceAio(AsyncConformanceSuite):
+    """The same suite through msgstream.aio."""
+
+    quiet_period = 0.2
+
+    @pytest.fixture
+    def url(self) -> str:
+        return f"memory://conformance-aio-{uuid.uuid4().hex[:8]}"
 
 
 def test_close_from_another_thread_loses_nothing() -> None:

@@ -18,6 +18,7 @@ from msgstream.errors import BrokerUnavailableError, ChannelNotFoundError, Produ
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 from scripts.broker import start_kafka
 
+from ..aio_sync import AsyncConformanceSuite
 from .common import refused_send, restart_loses_and_repeats_nothing, row
 
 
@@ -26,6 +27,14 @@ def test_registered() -> None:
 
 
 class TestKafkaConformance(ConformanceSuite):
+    @pytest.fixture
+    def url(self, kafka_url: str) -> str:
+        return kafka_url
+
+
+class TestKafkaConformanceAio(AsyncConformanceSuite):
+    """The same suite through msgstream.aio."""
+
     @pytest.fixture
     def url(self, kafka_url: str) -> str:
         return kafka_url

@@ -27,6 +27,7 @@ from msgstream.errors import (
 from msgstream.testing import ConformanceSuite, consume_n
 from scripts.broker import free_port, start_pulsar
 
+from ..aio_sync import AsyncConformanceSuite
 from .common import owner, refused_send, restart_loses_and_repeats_nothing, row
 
 
@@ -88,6 +89,14 @@ def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
             assert time.monotonic() - started < 3.0 and err.value.retriable
     finally:
         broker.stop()
+
+
+class TestPulsarConformanceAio(AsyncConformanceSuite):
+    """The same suite through msgstream.aio."""
+
+    @pytest.fixture
+    def url(self, pulsar_url: str) -> str:
+        return pulsar_url
 
 
 def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:

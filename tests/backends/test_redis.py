@@ -19,6 +19,7 @@ from msgstream.errors import BrokerUnavailableError, InvalidURLError, MsgStreamE
 from msgstream.testing import ConformanceSuite, consume_n
 from scripts.broker import free_port, start_redis
 
+from ..aio_sync import AsyncConformanceSuite
 from .common import consume_rows, kill_consumer_holding, owner, restart_loses_and_repeats_nothing, row
 
 
@@ -27,6 +28,14 @@ def test_registered_under_both_schemes() -> None:
 
 
 class TestRedisConformance(ConformanceSuite):
+    @pytest.fixture
+    def url(self, redis_url: str) -> str:
+        return redis_url
+
+
+class TestRedisConformanceAio(AsyncConformanceSuite):
+    """The same suite through msgstream.aio."""
+
     @pytest.fixture
     def url(self, redis_url: str) -> str:
         return redis_url

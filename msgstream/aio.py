@@ -1,0 +1,590 @@
+"""``msgstream.aio``: the API for asyncio programs, name for name the sync one.
+
+    import msgstream.aio as aio
+    async with aio.connect("redis://127.0.0.1:6379/0") as client:
+        ids = await client.create_channels(req)
+        async with client.msg_stream() as out, client.tt_msg_stream() as tt:
+            await out.create_producers(ids); out.start()
+            await tt.create_consumers("query-node-1", ids)
+            await out.produce(pack); await out.broadcast(ticks)
+            async for pack in tt: ...
+
+The methods that talk to the broker are coroutines; plain setters and properties stay plain.
+
+How it works (docs/architecture.md, "asyncio"): an async stream wraps a sync :class:`~msgstream.MsgStream`
+or :class:`~msgstream.TimeTickStream` and runs its calls on two worker threads of its own, one for
+the consuming side (create_consumers, consume, receive, consume_frames, ack, seek, close) and one for
+the producing side (create_producers, produce, broadcast, get_latest_positions), as the sync stream
+allows one thread of each. Each call is one hop to its thread, per pack, never per message; the event
+loop never waits on the broker.
+
+Cancellation loses nothing: when a task awaiting ``consume()`` (or ``receive``, ``consume_frames``) is
+cancelled, the call goes on in the worker and its outcome, a pack or an error, is kept; the next call of
+the same kind returns it before anything new is read. A kept pack was never handed to the caller, so it
+is never acknowledged: ``seek`` and ``close`` leave it to the subscription to deliver again.
+
+Every await is bounded: by the call's own timeout (``consume(timeout)``, the stream's
+``produce_timeout`` per channel) plus ``call_timeout`` (default 60 s) for the hop and the calls that have
+no timeout of their own; past it, ``OperationTimeoutError`` (the call goes on in its worker; a consume's
+outcome is still kept for the next one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, Protocol, TypeVar
+
+from .backend import URL, Backend, RawMessage, load_backend
+from .client import ChannelDescriptions, Client, CreateChannelRequest
+from .codec import UnmarshalDispatcher
+from .errors import (
+    InvalidArgumentError,
+    MsgStreamError,
+    OperationTimeoutError,
+    StreamClosedError,
+    StreamStateError,
+    UnmarshalError,
+)
+from .frames import FramePack
+from .messages import TimeTickMsg, TsMsg
+from .pack import MsgPack, Position
+from .repack import RepackFunc
+from .stream import MsgStream
+from .timestamp import HybridClock
+from .timetick import TimeTickStream
+from .values import SubscriptionPosition
+
+__all__ = ["AsyncClient", "AsyncMsgStream", "AsyncTimeTickStream", "Ticker", "connect"]
+
+log = logging.getLogger("msgstream.aio")
+
+T = TypeVar("T")
+S = TypeVar("S", MsgStream, TimeTickStream)
+A = TypeVar("A", bound="_AsyncStream[Any]")
+DEFAULT_CALL_TIMEOUT = 60.0
+#: how long ``async for`` waits in one consume before it looks whether the stream was closed
+ITER_TIMEOUT = 1.0
+
+
+def _check_bound(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise InvalidArgumentError(f"call_timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _own_timeout(value: object) -> float:
+    """A consume timeout for the await's bound; a bad one is refused by the sync call itself."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        return 0.0
+    return float(value)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a discarded outcome as seen (asyncio would log an error never retrieved)."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("discarded outcome of a call nobody awaited any more: %r", fut.exception())
+
+
+class _Worker:
+    """One thread of its own running blocking calls in order: one hop per call."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def call(self, fn: Callable[[], T], bound: float, what: str) -> T:
+        """``fn()`` on the thread. A caller cancelled before the call started drops it; once started it
+        runs to its end (a broker call cannot be interrupted) and its outcome is discarded."""
+        fut = self.submit(fn)
+        try:
+            done, _ = await asyncio.wait((fut,), timeout=bound)
+        except asyncio.CancelledError:
+            fut.cancel()  # drops a call still queued; a running one goes on
+            raise
+        if not done:
+            fut.add_done_callback(_retrieve)
+            raise OperationTimeoutError(f"{what} did not finish within {bound:g}s; it goes on in the background")
+        return fut.result()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+class _Started:
+    """What ``start()`` returns: nothing to wait for, but ``await s.start()`` works as well."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+class _AsyncStream(Generic[S]):
+    """What AsyncMsgStream and AsyncTimeTickStream share."""
+
+    def __init__(self, stream: S, *, produce_timeout: float, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self._stream: S = stream
+        self._produce_timeout = produce_timeout
+        self._bound = _check_bound(call_timeout)
+        self._consume_worker: _Worker | None = None
+        self._produce_worker: _Worker | None = None
+        self._lock: asyncio.Lock | None = None  # one consume-side call awaited at a time
+        # the outcome of a consume-side call whose caller was cancelled: (method, future)
+        self._kept: tuple[str, asyncio.Future[Any]] | None = None
+
+    # -- workers --------------------------------------------------------------------------------
+    @property
+    def _consuming(self) -> _Worker:
+        self._check_open()
+        if self._consume_worker is None:
+            self._consume_worker = _Worker("msgstream-aio-consume")
+        return self._consume_worker
+
+    @property
+    def _producing(self) -> _Worker:
+        self._check_open()
+        if self._produce_worker is None:
+            self._produce_worker = _Worker("msgstream-aio-produce")
+        return self._produce_worker
+
+    def _consume_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _check_open(self) -> None:
+        if self._stream.closed:
+            raise StreamClosedError("stream is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    # -- set-up ---------------------------------------------------------------------------------
+    async def create_producers(self, channels: Sequence[str]) -> None:
+        """Add a producer per channel; the channel order fixes the indexes repack routes to."""
+        await self._producing.call(lambda: self._stream.create_producers(channels), self._bound, "create_producers")
+
+    async def create_consumers(
+        self,
+        subscription: str,
+        channels: Sequence[str],
+        dispatcher: UnmarshalDispatcher | None = None,
+        position: SubscriptionPosition = SubscriptionPosition.EARLIEST,
+    ) -> None:
+        """Join ``subscription`` on ``channels`` (see :meth:`msgstream.MsgStream.create_consumers`)."""
+        await self._consuming.call(
+            lambda: self._stream.create_consumers(subscription, channels, dispatcher, position),
+            self._bound,
+            "create_consumers",
+        )
+
+    def set_repack_func(self, repack: RepackFunc) -> None:
+        """Route produced messages with ``repack`` (see :mod:`msgstream.repack`)."""
+        self._stream.set_repack_func(repack)
+
+    def start(self) -> Awaitable[None]:
+        """Checks that the stream has producers or a consumer; plain, and awaitable as well."""
+        self._stream.start()
+        return _Started()
+
+    # -- producing ------------------------------------------------------------------------------
+    def _produce_bound(self) -> float:
+        return self._produce_timeout * max(1, len(self._inner().producer_channels)) + self._bound
+
+    def _inner(self) -> MsgStream:
+        stream = self._stream
+        return stream.inner if isinstance(stream, TimeTickStream) else stream
+
+    async def produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        """Route and send ``pack``; returns ``{channel: [message ids]}`` once the broker accepted every
+        message (see :meth:`msgstream.MsgStream.produce`). A cancelled produce that had started runs to
+        its end in the worker."""
+        return await self._producing.call(lambda: self._stream.produce(pack), self._produce_bound(), "produce")
+
+    async def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
+        """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
+        return await self._producing.call(lambda: self._stream.broadcast(pack), self._produce_bound(), "broadcast")
+
+    async def get_latest_positions(self) -> list[Position]:
+        """The newest message of each consumed channel (else each produced channel)."""
+        return await self._producing.call(self._stream.get_latest_positions, self._bound, "get_latest_positions")
+
+    # -- consuming ------------------------------------------------------------------------------
+    async def _take(self, kind: str, fn: Callable[[], T], timeout: float) -> T:
+        """Run a consume-side call, or take the kept outcome of one whose caller was cancelled."""
+        async with self._consume_lock():
+            kept = self._kept
+            if kept is None:
+                fut: asyncio.Future[T] = self._consuming.submit(fn)
+                self._kept = (kind, fut)
+            elif kept[0] != kind:
+                raise StreamStateError(
+                    f"a cancelled {kept[0]}() left its outcome to the next {kept[0]}(): call that before {kind}()"
+                )
+            else:
+                self._check_open()
+                fut = kept[1]
+            bound = timeout + self._bound
+            # asyncio.wait neither cancels fut when this task is cancelled nor raises fut's error:
+            # on cancellation (even one arriving once fut is done) the outcome stays kept
+            done, _ = await asyncio.wait((fut,), timeout=bound)
+            if not done:
+                raise OperationTimeoutError(f"{kind} did not finish within {bound:g}s; its outcome is kept")
+            self._kept = None
+            return fut.result()
+
+    async def consume(self, timeout: float = 1.0) -> MsgPack | None:
+        """The next pack, or ``None`` if nothing arrived in ``timeout`` seconds (see the sync
+        ``consume``). If the awaiting task is cancelled, what the call receives is returned by the next
+        ``consume``."""
+        return await self._take("consume", lambda: self._stream.consume(timeout), _own_timeout(timeout))
+
+    async def seek(self, positions: Sequence[Position]) -> None:
+        """Resume each position's channel right after it. A pack kept from a cancelled consume is
+        dropped unacknowledged (the seek decides what comes next)."""
+        self._check_open()
+        async with self._consume_lock():
+            drop = await self._settle_kept()
+            worker = self._consuming
+
+            def seek() -> None:
+                if drop:
+                    self._stream._drop_in_hand()
+                self._stream.seek(positions)
+
+            await worker.call(seek, self._bound, "seek")
+
+    async def _settle_kept(self) -> bool:
+        """Wait for a kept outcome and discard it; True if it was a pack (received, never handed over)."""
+        kept = self._kept
+        if kept is None:
+            return False
+        fut = kept[1]
+        done, _ = await asyncio.wait((fut,), timeout=self._bound + ITER_TIMEOUT)
+        if not done:
+            raise OperationTimeoutError(f"a kept {kept[0]}() did not finish within {self._bound:g}s")
+        self._kept = None
+        if fut.cancelled():
+            return False
+        if fut.exception() is not None:
+            return isinstance(fut.exception(), UnmarshalError)  # a report never seen: not acknowledged
+        return fut.result() is not None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def close(self, *, acknowledge: bool = True) -> None:
+        """Acknowledge what was handed over, close producers and consumer. Idempotent. Waits for a
+        consume in flight; a pack kept from a cancelled consume is not acknowledged. If the
+        acknowledgement fails, nothing is closed and the error is raised (see the sync ``close``)."""
+        await self._close(acknowledge, drop_in_hand=False)
+
+    async def _close(self, acknowledge: bool, drop_in_hand: bool) -> None:
+        if self._stream.closed:
+            self._shutdown()
+            return
+        async with self._consume_lock():
+            drop = await self._settle_kept() or drop_in_hand
+            if self._produce_worker is not None:  # let a produce in flight finish before its producer closes
+                await self._produce_worker.call(lambda: None, self._produce_bound(), "close")
+            stream = self._stream
+
+            def close() -> None:
+                if drop:
+                    stream._drop_in_hand()
+                stream.close(acknowledge=acknowledge)
+
+            try:
+                await self._consuming.call(close, self._bound, "close")
+            finally:
+                if stream.closed:
+                    self._shutdown()
+
+    def _shutdown(self) -> None:
+        for worker in (self._consume_worker, self._produce_worker):
+            if worker is not None:
+                worker.shutdown()
+
+    async def __aenter__(self: A) -> A:
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        # as the sync ``with``: a block that exits on an exception leaves the pack in hand unacknowledged
+        await self._close(True, drop_in_hand=exc_type is not None)
+
+    def __aiter__(self) -> AsyncIterator[MsgPack]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[MsgPack]:
+        while not self._stream.closed:
+            try:
+                pack = await self.consume(ITER_TIMEOUT)
+            except StreamClosedError:
+                return
+            if pack is not None:
+                yield pack
+
+
+class AsyncMsgStream(_AsyncStream[MsgStream]):
+    """:class:`~msgstream.MsgStream` for asyncio (see the module doc); an async context manager, and
+    ``async for pack in stream`` yields packs until the stream is closed."""
+
+    def __init__(self, stream: MsgStream, *, produce_timeout: float = 30.0, call_timeout: float = 60.0) -> None:
+        if not isinstance(stream, MsgStream):
+            raise InvalidArgumentError(f"AsyncMsgStream wraps a MsgStream, got {type(stream).__name__}")
+        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
+
+    @property
+    def sync(self) -> MsgStream:
+        """The wrapped sync stream (its calls block: not for use on the event loop)."""
+        return self._stream
+
+    @property
+    def producer_channels(self) -> list[str]:
+        return self._stream.producer_channels
+
+    @property
+    def consumer_channels(self) -> list[str]:
+        return self._stream.consumer_channels
+
+    @property
+    def subscription(self) -> str | None:
+        return self._stream.subscription
+
+    @property
+    def auto_ack(self) -> bool:
+        return self._stream.auto_ack
+
+    @auto_ack.setter
+    def auto_ack(self, value: bool) -> None:
+        self._stream.auto_ack = value
+
+    async def receive(self, timeout: float = 1.0) -> list[TsMsg] | None:
+        """The next decoded messages, none acknowledged until :meth:`ack` (see the sync ``receive``);
+        kept for the next ``receive`` if the awaiting task is cancelled."""
+        return await self._take("receive", lambda: self._stream.receive(timeout), _own_timeout(timeout))
+
+    async def consume_frames(self, timeout: float = 1.0) -> FramePack | None:
+        """As :meth:`consume`, the messages left encoded (see the sync ``consume_frames``)."""
+        return await self._take("consume_frames", lambda: self._stream.consume_frames(timeout), _own_timeout(timeout))
+
+    async def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
+        """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
+        await self._consuming.call(lambda: self._stream.ack(msgs), self._bound, "ack")
+
+    def __repr__(self) -> str:
+        return f"AsyncMsgStream({self._stream!r})"
+
+
+class AsyncTimeTickStream(_AsyncStream[TimeTickStream]):
+    """:class:`~msgstream.TimeTickStream` for asyncio: each ``await consume()`` returns one tick's pack."""
+
+    def __init__(self, stream: TimeTickStream, *, produce_timeout: float = 30.0, call_timeout: float = 60.0) -> None:
+        if not isinstance(stream, TimeTickStream):
+            raise InvalidArgumentError(f"AsyncTimeTickStream wraps a TimeTickStream, got {type(stream).__name__}")
+        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
+
+    @property
+    def sync(self) -> TimeTickStream:
+        """The wrapped sync stream (its calls block: not for use on the event loop)."""
+        return self._stream
+
+    @property
+    def inner(self) -> MsgStream:
+        """The sync MsgStream under the time-tick logic (as ``TimeTickStream.inner``)."""
+        return self._stream.inner
+
+    def lagging_channels(self) -> list[str]:
+        """Channels with no pending tick while some other channel has one (what holds packs back)."""
+        return self._stream.lagging_channels()
+
+    def __repr__(self) -> str:
+        return f"AsyncTimeTickStream({self._stream!r})"
+
+
+class AsyncClient:
+    """:class:`~msgstream.Client` for asyncio: ``async with aio.connect(url) as client`` (or
+    ``client = await aio.connect(url)``) opens the backend in a worker thread; channel calls are
+    coroutines; ``msg_stream()`` and ``tt_msg_stream()`` return async streams. Closing the client closes
+    the streams opened from it that are still open, then the backend."""
+
+    def __init__(self, url: str | URL, options: dict[str, Any] | None = None, *, call_timeout: float = 60.0) -> None:
+        self._url = url if isinstance(url, URL) else URL(url)  # a malformed URL raises here
+        self._options = dict(options or {})
+        self._bound = _check_bound(call_timeout)
+        self._client: Client | None = None
+        self._worker = _Worker("msgstream-aio-client")
+        self._streams: weakref.WeakSet[_AsyncStream[Any]] = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def from_client(cls, client: Client, *, call_timeout: float = 60.0) -> AsyncClient:
+        """An AsyncClient over a sync client you opened yourself (it is closed with this one)."""
+        made = cls(client.backend.url, call_timeout=call_timeout)
+        made._client = client
+        return made
+
+    async def open(self) -> AsyncClient:
+        """Load and open the backend (in a worker thread). ``async with`` and ``await`` call it."""
+        if self._closed:
+            raise StreamClosedError("client is closed")
+        if self._client is None:
+            self._client = await self._worker.call(
+                lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
+            )
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncClient]:
+        return self.open().__await__()
+
+    @property
+    def sync(self) -> Client:
+        """The wrapped sync client (its calls block: not for use on the event loop)."""
+        return self._opened()
+
+    @property
+    def backend(self) -> Backend:
+        return self._opened().backend
+
+    @property
+    def url(self) -> str:
+        """The backend URL with credentials masked."""
+        return self._url.redacted()
+
+    def _opened(self) -> Client:
+        if self._closed:
+            raise StreamClosedError("client is closed")
+        if self._client is None:
+            raise StreamStateError("client not open yet: use `async with aio.connect(url)` or `await aio.connect(url)`")
+        return self._client
+
+    async def _call(self, fn: Callable[[Client], T], what: str) -> T:
+        await self.open()
+        client = self._opened()
+        return await self._worker.call(lambda: fn(client), self._bound, what)
+
+    async def create_channels(self, request: CreateChannelRequest) -> list[str]:
+        """Create ``request.num_channels`` channels owned by ``request.owner``; returns their names."""
+        return await self._call(lambda c: c.create_channels(request), "create_channels")
+
+    async def describe_channels(self, channel_ids: Sequence[str]) -> ChannelDescriptions:
+        """Owner of each channel, in order; ``ChannelNotFoundError`` names the first unknown one."""
+        return await self._call(lambda c: c.describe_channels(channel_ids), "describe_channels")
+
+    async def destroy_channels(self, channel_ids: Sequence[str]) -> None:
+        """Delete the channels with their messages, subscriptions and owner records (all or none)."""
+        await self._call(lambda c: c.destroy_channels(channel_ids), "destroy_channels")
+
+    def msg_stream(self, **options: Any) -> AsyncMsgStream:
+        """A new :class:`AsyncMsgStream` (options: see :class:`~msgstream.MsgStream`)."""
+        stream = AsyncMsgStream(
+            self._opened().msg_stream(**options),
+            produce_timeout=options.get("produce_timeout", 30.0),
+            call_timeout=self._bound,
+        )
+        self._streams.add(stream)
+        return stream
+
+    def tt_msg_stream(self, **options: Any) -> AsyncTimeTickStream:
+        """A new :class:`AsyncTimeTickStream` (options: see :meth:`msgstream.Client.tt_msg_stream`)."""
+        stream = AsyncTimeTickStream(
+            self._opened().tt_msg_stream(**options),
+            produce_timeout=options.get("produce_timeout", 30.0),
+            call_timeout=self._bound,
+        )
+        self._streams.add(stream)
+        return stream
+
+    async def close(self) -> None:
+        """Close the streams opened from this client that are still open (one whose acknowledgement
+        fails is closed without it, and the failure logged), then the backend. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for stream in list(self._streams):
+                try:
+                    await stream.close()
+                except MsgStreamError as exc:
+                    log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
+                    with contextlib.suppress(MsgStreamError):
+                        await stream.close(acknowledge=False)
+            if self._client is not None:
+                await self._worker.call(self._client.close, self._bound, "close")
+        finally:
+            self._worker.shutdown()
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.url!r})"
+
+
+def connect(url: str = "memory://", *, call_timeout: float = 60.0, **options: Any) -> AsyncClient:
+    """An :class:`AsyncClient` on the backend registered for the URL's scheme; ``async with`` or
+    ``await`` opens it. ``options`` go to the backend, as with :func:`msgstream.connect`;
+    ``call_timeout`` bounds each call beyond its own timeout. A malformed URL raises
+    ``InvalidURLError`` here, an unknown scheme ``BackendNotFoundError`` when opened."""
+    return AsyncClient(url, options, call_timeout=call_timeout)
+
+
+class _AsyncBroadcaster(Protocol):
+    async def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]: ...
+
+
+class Ticker:
+    """:class:`msgstream.Ticker` for asyncio: broadcasts a ``TimeTickMsg`` into every producer channel.
+
+    ``await tick(ts)`` sends one now; ``start(interval)`` sends one every ``interval`` seconds from a
+    task until ``await stop()``; a failed broadcast ends the task and is raised by ``stop()`` (and kept in
+    ``error``)."""
+
+    def __init__(self, stream: _AsyncBroadcaster, *, clock: HybridClock | None = None, source_id: int = 0) -> None:
+        self._stream = stream
+        self.clock = clock or HybridClock()
+        self._source_id = source_id
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def tick(self, ts: int | None = None) -> int:
+        ts = self.clock.next() if ts is None else ts
+        tick = TimeTickMsg(begin_ts=ts, end_ts=ts, source_id=self._source_id)
+        await self._stream.broadcast(MsgPack(ts, ts, [tick]))
+        return ts
+
+    def start(self, interval: float) -> None:
+        if not interval > 0:
+            raise InvalidArgumentError(f"interval must be positive, got {interval!r}")
+        if self._task is not None:
+            raise InvalidArgumentError("ticker already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(interval), name="msgstream-ticker")
+
+    async def _run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.tick()
+            except MsgStreamError as exc:
+                self.error = exc
+                return
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout)
+        if self.error is not None:
+            raise self.error

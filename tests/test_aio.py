@@ -1,0 +1,366 @@
+"""msgstream.aio on its own terms: the names mirror the sync API, ``async for``, cancellation that loses
+nothing, and an event loop that keeps running while a consume waits. (The whole ConformanceSuite also
+runs through msgstream.aio: tests/aio_sync.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import msgstream as ms
+from msgstream import aio
+from msgstream.errors import BackendNotFoundError, InvalidURLError, OperationTimeoutError, StreamClosedError
+
+COROUTINES = {
+    "create_channels",
+    "describe_channels",
+    "destroy_channels",
+    "close",
+    "create_producers",
+    "create_consumers",
+    "produce",
+    "broadcast",
+    "consume",
+    "receive",
+    "consume_frames",
+    "ack",
+    "seek",
+    "get_latest_positions",
+    "tick",
+    "stop",
+}
+
+
+def _public(cls: type, instance: object | None = None) -> set[str]:
+    names = {n for n in dir(cls) if not n.startswith("_")}
+    return names | {n for n in vars(instance) if not n.startswith("_")} if instance is not None else names
+
+
+def _row(i: int, channel_hash: int = 0) -> ms.InsertMsg:
+    return ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[channel_hash], row_ids=[i], timestamps=[i + 1])
+
+
+def _rows(pack: ms.MsgPack | None) -> list[int]:
+    return [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)] if pack is not None else []
+
+
+def _owner() -> ms.OwnerDescription:
+    return ms.OwnerDescription(role="aio", address="127.0.0.1:1", description_text="test")
+
+
+def _url() -> str:
+    return f"memory://aio-{uuid.uuid4().hex[:8]}"
+
+
+async def _wait_until(condition: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        await asyncio.sleep(0.002)
+
+
+def test_every_public_name_of_the_sync_api_is_mirrored() -> None:
+    with ms.connect(_url()) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        pairs: list[tuple[set[str], type]] = [
+            (_public(ms.Client, client), aio.AsyncClient),
+            (_public(ms.MsgStream, client.msg_stream()), aio.AsyncMsgStream),
+            (_public(ms.TimeTickStream, client.tt_msg_stream()), aio.AsyncTimeTickStream),
+            (_public(ms.Ticker, ms.Ticker(client.msg_stream())), aio.Ticker),
+        ]
+        del chans
+    for names, async_cls in pairs:
+        missing = names - set(dir(async_cls)) - {"clock", "error"}  # Ticker's instance attributes
+        assert not missing, f"{async_cls.__name__} lacks {sorted(missing)}"
+        for name in names:
+            member = getattr(async_cls, name, None)
+            if name in COROUTINES:
+                assert inspect.iscoroutinefunction(member), f"{async_cls.__name__}.{name} is not a coroutine"
+            elif callable(member) and not isinstance(member, property):
+                assert not inspect.iscoroutinefunction(member), f"{async_cls.__name__}.{name} should stay plain"
+    assert set(aio.__all__) == {"AsyncClient", "AsyncMsgStream", "AsyncTimeTickStream", "Ticker", "connect"}
+
+
+def test_connect_errors_are_typed() -> None:
+    with pytest.raises(InvalidURLError):
+        aio.connect("not a url")
+
+    async def unknown() -> None:
+        async with aio.connect("nosuchbroker://x"):
+            pass
+
+    with pytest.raises(BackendNotFoundError):
+        asyncio.run(unknown())
+
+
+def test_round_trip_and_async_for_until_closed() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+            assert len((await client.describe_channels(chans)).descriptions) == 2
+            async with client.msg_stream() as out, client.tt_msg_stream() as tt:
+                await out.create_producers(chans)
+                await out.start()
+                await tt.create_consumers("aio", chans)
+                tt.start()
+                got: list[int] = []
+                ends: list[int] = []
+
+                async def reader() -> None:
+                    async for pack in tt:
+                        got.extend(_rows(pack))
+                        ends.append(pack.end_ts)
+
+                task = asyncio.create_task(reader())
+                ticker = aio.Ticker(out)
+                for k in range(5):  # rows k*20 .. k*20+19 have timestamps k*20+1 .. k*20+20
+                    await out.produce(ms.MsgPack.of([_row(i, i) for i in range(k * 20, k * 20 + 20)]))
+                    await ticker.tick(k * 20 + 20)
+                await _wait_until(lambda: len(ends) == 5 or task.done(), "five tick packs")
+                assert got == list(range(100)) and ends == [20, 40, 60, 80, 100]
+                latest = await tt.get_latest_positions()
+                assert [p.channel for p in latest] == chans and all(p.msg_id for p in latest)
+                await tt.close()
+                await asyncio.wait_for(task, 5)  # the loop ends once the stream is closed
+                with pytest.raises(StreamClosedError):
+                    await tt.consume(0.1)
+            await client.destroy_channels(chans)
+
+    asyncio.run(main())
+
+
+class _GatedDispatcher(ms.UnmarshalDispatcher):
+    """Holds the worker inside consume once the broker delivered (to cancel at that exact moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def unmarshal(self, data: bytes) -> ms.TsMsg:
+        self.entered.set()
+        assert self.release.wait(10), "never released"
+        return super().unmarshal(data)
+
+
+@pytest.mark.parametrize("tt", [False, True])
+def test_pack_of_a_cancelled_consume_is_returned_next_and_never_acknowledged_by_close(tt: bool) -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i) for i in range(5)]))
+                if tt:
+                    await aio.Ticker(out).tick(100)
+            for then in ("consume", "close"):
+                gate = _GatedDispatcher()
+                inp = client.tt_msg_stream() if tt else client.msg_stream()
+                await inp.create_consumers("cancelled", chans, dispatcher=gate)
+                task = asyncio.create_task(inp.consume(timeout=5))
+                await _wait_until(gate.entered.is_set, "the worker received the messages")
+                task.cancel()  # the broker has delivered, the pack is still being made
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                gate.release.set()
+                if then == "consume":  # the next consume returns the kept pack first
+                    pack = await inp.consume(timeout=5)
+                    assert _rows(pack) == [0, 1, 2, 3, 4]
+                    await inp.close(acknowledge=False)  # handed over but not handled: delivered again
+                else:  # closing with the kept pack: it was never handed over, so never acknowledged
+                    await inp.close()
+            async with client.msg_stream() as again:
+                await again.create_consumers("cancelled", chans)
+                pack = await again.consume(timeout=5)
+                assert sorted(_rows(pack)) == [0, 1, 2, 3, 4]
+
+    asyncio.run(main())
+
+
+async def cancelled_consumes_lose_and_repeat_nothing(
+    url: str, n_msgs: int = 3000, n_cancels: int = 400, **options: Any
+) -> tuple[int, int]:
+    """Produce ``n_msgs`` rows in small packs while one task consumes with random timeouts and another
+    cancels its consumes at random moments; every row arrives exactly once. Returns (cancels that hit
+    a consume in flight, packs received)."""
+    rng = random.Random(20)
+    async with aio.connect(url, **options) as client:
+        chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=3))
+        sub = f"cancel-{uuid.uuid4().hex[:6]}"
+        async with client.msg_stream() as out, client.msg_stream(receive_batch=rng.choice([7, 50])) as inp:
+            await out.create_producers(chans)
+            await inp.create_consumers(sub, chans)
+
+            async def produce() -> None:
+                for k in range(0, n_msgs, 10):
+                    await out.produce(ms.MsgPack.of([_row(i, i) for i in range(k, min(k + 10, n_msgs))]))
+                    await asyncio.sleep(rng.random() * 0.002)
+
+            producer = asyncio.create_task(produce())
+            received: Counter[int] = Counter()
+            cancels = packs = 0
+            deadline = time.monotonic() + 120
+            while sum(received.values()) < n_msgs:
+                assert time.monotonic() < deadline, f"received {sum(received.values())} of {n_msgs}"
+                task = asyncio.create_task(inp.consume(timeout=rng.random() * 0.05))
+                if cancels < n_cancels:  # at once (the call is queued or just started), or a little later
+                    await asyncio.sleep(0 if rng.random() < 0.5 else rng.random() * 0.003)
+                    if not task.done():
+                        task.cancel()
+                        cancels += 1
+                try:
+                    pack = await task
+                except asyncio.CancelledError:
+                    continue
+                packs += pack is not None
+                received.update(_rows(pack))
+            await producer
+            assert await inp.consume(timeout=0.3) is None, "a row came twice"
+        assert received == Counter(range(n_msgs)), "rows lost or repeated"
+        async with client.msg_stream() as after:  # nothing left unacknowledged on the subscription
+            await after.create_consumers(sub, chans)
+            assert await after.consume(timeout=0.3) is None
+        await client.destroy_channels(chans)
+    return cancels, packs
+
+
+def test_cancelled_consumes_lose_and_repeat_nothing() -> None:
+    cancels, packs = asyncio.run(cancelled_consumes_lose_and_repeat_nothing(_url()))
+    assert cancels == 400 and packs > 0
+
+
+def test_the_loop_runs_while_a_consume_waits() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as inp:
+                await inp.create_consumers("idle", chans)
+                ticks: list[float] = []
+
+                async def ticker() -> None:
+                    while True:
+                        ticks.append(time.monotonic())
+                        await asyncio.sleep(0.01)
+
+                beat = asyncio.create_task(ticker())
+                start = time.monotonic()
+                assert await inp.consume(timeout=1.0) is None
+                waited = time.monotonic() - start
+                beat.cancel()
+                assert waited >= 0.9
+                during = [t for t in ticks if start <= t <= start + waited]
+                assert len(during) >= 20, f"the loop ran {len(during)} times in {waited:.2f}s"
+                gaps = [b - a for a, b in itertools.pairwise(during)]
+                assert max(gaps) < 0.5, f"the loop stalled for {max(gaps):.3f}s"
+
+    asyncio.run(main())
+
+
+def test_calls_after_close_raise_and_close_is_idempotent() -> None:
+    async def main() -> None:
+        client = await aio.connect(_url())
+        chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        s = client.msg_stream()
+        await s.create_producers(chans)
+        await s.create_consumers("x", chans)
+        await client.close()  # closes the streams opened from it
+        assert s.closed
+        await s.close()
+        for call in (s.produce(ms.MsgPack.of([_row(0)])), s.consume(0.1), s.seek([]), s.get_latest_positions()):
+            with pytest.raises(StreamClosedError):
+                await call
+        with pytest.raises(StreamClosedError):
+            client.msg_stream()
+
+    asyncio.run(main())
+
+
+def test_a_call_past_its_bound_raises_and_its_outcome_is_kept() -> None:
+    async def main() -> None:
+        async with aio.connect(_url(), call_timeout=0.3) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i) for i in range(3)]))
+                gate = _GatedDispatcher()
+                await inp.create_consumers("bounded", chans, dispatcher=gate)
+                start = time.monotonic()
+                with pytest.raises(OperationTimeoutError) as err:
+                    await inp.consume(timeout=0.2)  # the worker is held: 0.2 s + call_timeout 0.3 s
+                assert err.value.retriable and 0.4 < time.monotonic() - start < 3
+                gate.release.set()
+                assert _rows(await inp.consume(timeout=5)) == [0, 1, 2]
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            entered, release = threading.Event(), threading.Event()
+
+            def held(msgs: list[ms.TsMsg], keys: list[list[int]]) -> dict[int, ms.MsgPack]:
+                entered.set()
+                assert release.wait(10)
+                return ms.repack.default(msgs, keys)
+
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await inp.create_consumers("produced", chans)
+                out.set_repack_func(held)
+                running = asyncio.create_task(out.produce(ms.MsgPack.of([_row(1)])))
+                await _wait_until(entered.is_set, "the first produce started")
+                queued = asyncio.create_task(out.produce(ms.MsgPack.of([_row(2)])))
+                await asyncio.sleep(0.05)  # the second produce waits behind the first
+                running.cancel()
+                queued.cancel()
+                for task in (running, queued):  # both callers return at once, the worker still held
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                await asyncio.sleep(0.01)  # the cancellation reaches the executor's queue
+                release.set()
+                assert _rows(await inp.consume(timeout=5)) == [1]  # the running one completed
+                assert await inp.consume(timeout=0.3) is None  # the queued one never ran
+
+    asyncio.run(main())
+
+
+def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i, i) for i in range(6)]))  # even rows: channel 0
+            gate = _GatedDispatcher()
+            inp = client.msg_stream()
+            await inp.create_consumers("seek-kept", chans, dispatcher=gate)
+            task = asyncio.create_task(inp.consume(timeout=5))
+            await _wait_until(gate.entered.is_set, "the worker received the messages")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.release.set()
+            await inp.seek([ms.Position(chans[0], b"", 0)])  # channel 0 from its start; channel 1 untouched
+            again: list[int] = []
+            while sorted(again) != [0, 2, 4]:
+                pack = await inp.consume(timeout=5)
+                assert pack is not None, f"channel 0 not replayed: {again}"
+                again += _rows(pack)
+            await inp.close()
+            async with client.msg_stream() as nxt:  # channel 1's rows were never handed over: not acknowledged
+                await nxt.create_consumers("seek-kept", chans)
+                pack = await nxt.consume(timeout=5)
+                assert sorted(_rows(pack)) == [1, 3, 5]
+
+    asyncio.run(main())
