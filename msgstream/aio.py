@@ -58,7 +58,7 @@ from .repack import RepackFunc
 from .stream import MsgStream
 from .timestamp import HybridClock
 from .timetick import TimeTickStream
-from .values import SubscriptionPosition
+from .values import ChannelLag, SubscriptionPosition
 
 __all__ = ["AsyncClient", "AsyncMsgStream", "AsyncTimeTickStream", "Ticker", "connect"]
 
@@ -218,6 +218,11 @@ class _AsyncStream(Generic[S]):
     async def get_latest_positions(self) -> list[Position]:
         """The newest message of each consumed channel (else each produced channel)."""
         return await self._producing.call(self._stream.get_latest_positions, self._bound, "get_latest_positions")
+
+    async def lag(self) -> list[ChannelLag]:
+        """Per consumed channel, the messages after the last one returned and their age in seconds
+        (see ``MsgStream.lag``); on the producing worker, so a waiting consume does not hold it up."""
+        return await self._producing.call(self._stream.lag, self._bound, "lag")
 
     # -- consuming ------------------------------------------------------------------------------
     async def _take(self, kind: str, fn: Callable[[], T], timeout: float) -> T:
@@ -406,6 +411,11 @@ class AsyncTimeTickStream(_AsyncStream[TimeTickStream]):
         """Channels with no pending tick while some other channel has one (what holds packs back)."""
         return self._stream.lagging_channels()
 
+    @property
+    def buffered(self) -> int:
+        """Messages held across channels waiting for a tick."""
+        return self._stream.buffered
+
     def __repr__(self) -> str:
         return f"AsyncTimeTickStream({self._stream!r})"
 
@@ -482,6 +492,22 @@ class AsyncClient:
     async def destroy_channels(self, channel_ids: Sequence[str]) -> None:
         """Delete the channels with their messages, subscriptions and owner records (all or none)."""
         await self._call(lambda c: c.destroy_channels(channel_ids), "destroy_channels")
+
+    async def ping(self, timeout: float = 5.0) -> None:
+        """Return once the broker answers; ``BrokerUnavailableError`` within ``timeout`` otherwise."""
+        await self._call(lambda c: c.ping(timeout), "ping")
+
+    async def list_channels(self) -> list[str]:
+        """The channels created through msgstream on this broker."""
+        return await self._call(lambda c: c.list_channels(), "list_channels")
+
+    async def list_subscriptions(self, channel: str) -> list[str]:
+        """The subscriptions on ``channel``."""
+        return await self._call(lambda c: c.list_subscriptions(channel), "list_subscriptions")
+
+    async def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
+        """Remove the subscription's state on ``channels``: joining it again starts afresh."""
+        await self._call(lambda c: c.drop_subscription(subscription, channels), "drop_subscription")
 
     def msg_stream(self, **options: Any) -> AsyncMsgStream:
         """A new :class:`AsyncMsgStream` (options: see :class:`~msgstream.MsgStream`)."""

@@ -37,6 +37,11 @@ COROUTINES = {
     "get_latest_positions",
     "tick",
     "stop",
+    "ping",
+    "list_channels",
+    "list_subscriptions",
+    "drop_subscription",
+    "lag",
 }
 
 
