@@ -156,29 +156,29 @@ def test_frames_and_timetick_streams_are_linked_too(
     assert _total(reader, "messaging.client.consumed.messages") == 4  # 2 as frames, 2 through the tick stream
 
 
-def test_lag_gauge_reads_stream_lag_when_there_is_one(
+def test_lag_gauges_report_a_consumers_real_lag(
     otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
 ) -> None:
     _, reader = otel
-
-    class Row:
-        def __init__(self, channel: str, messages: int | None, seconds: float | None) -> None:
-            self.channel, self.messages, self.seconds = channel, messages, seconds
-
-    class Lagging:
-        closed = False
-        subscription = "s"
-
-        def lag(self) -> list[Row]:
-            return [Row("a", 3, 0.5), Row("b", None, None)]
-
-    source = Lagging()
-    MsgStreamInstrumentor().observe(source)
-    assert [
-        (p.value, dict(p.attributes)["messaging.destination.name"])
-        for p in _metric(reader, "msgstream.consumer.lag.messages")
-    ] == [(3, "a")]
-    assert [p.value for p in _metric(reader, "msgstream.consumer.lag.seconds")] == [0.5]
+    chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=1))
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        out.create_producers(chans)
+        inp.create_consumers("lagging", chans)
+        out.produce(
+            ms.MsgPack.of([ms.InsertMsg(begin_ts=i + 1, end_ts=i + 1, hash_values=[0], row_ids=[i]) for i in range(4)])
+        )
+        pack = inp.consume(timeout=5)
+        assert pack is not None and len(pack.msgs) == 4
+        out.produce(
+            ms.MsgPack.of([ms.InsertMsg(begin_ts=9, end_ts=9 + i, hash_values=[0], row_ids=[i]) for i in range(3)])
+        )
+        MsgStreamInstrumentor().observe(inp)
+        lagged = [
+            (p.value, dict(p.attributes)["messaging.destination.name"])
+            for p in _metric(reader, "msgstream.consumer.lag.messages")
+        ]
+        assert lagged == [(3, chans[0])]
+        assert inp.lag() == [ms.ChannelLag(chans[0], 3, pytest.approx(0.0, abs=1.0))]
 
 
 def test_uninstrument_stops_everything(client: ms.Client) -> None:
