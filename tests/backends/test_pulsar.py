@@ -92,11 +92,11 @@ def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
 
 
 class TestPulsarConformanceAio(AsyncConformanceSuite):
-    """The same suite through msgstream.aio."""
+    """The same suite through msgstream.aio, with ``admin_url`` as above."""
 
     @pytest.fixture
-    def url(self, pulsar_url: str) -> str:
-        return pulsar_url
+    def url(self, pulsar_url: str, pulsar_admin_url: str) -> str:
+        return f"{pulsar_url}?admin_url={pulsar_admin_url}"
 
 
 def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
