@@ -252,30 +252,34 @@ class MsgStreamInstrumentor:
         tracer = trace.get_tracer("msgstream", __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter("msgstream", __version__, meter_provider=meter_provider)
         hooks = _Hooks(tracer, meter)
-        meter.create_observable_gauge(
-            "msgstream.consumer.lag.messages",
-            [hooks.lag],
-            unit="{message}",
-            description="Messages on a channel after the last one the stream returned (stream.lag()).",
+        gauges = (
+            (
+                "msgstream.consumer.lag.messages",
+                hooks.lag,
+                "{message}",
+                "Messages on a channel after the last one the stream returned (stream.lag()).",
+            ),
+            (
+                "msgstream.consumer.lag.seconds",
+                hooks.lag_seconds,
+                "s",
+                "Time between the newest message on a channel and the last one returned (stream.lag()).",
+            ),
+            (
+                "msgstream.timetick.buffered.messages",
+                hooks.buffered,
+                "{message}",
+                "Messages a time-tick stream holds waiting for a tick.",
+            ),
+            (
+                "msgstream.timetick.lagging.channels",
+                hooks.lagging,
+                "{channel}",
+                "Channels a time-tick stream waits on for a tick.",
+            ),
         )
-        meter.create_observable_gauge(
-            "msgstream.consumer.lag.seconds",
-            [hooks.lag_seconds],
-            unit="s",
-            description="Time between the newest message on a channel and the last one returned (stream.lag()).",
-        )
-        meter.create_observable_gauge(
-            "msgstream.timetick.buffered.messages",
-            [hooks.buffered],
-            unit="{message}",
-            description="Messages a time-tick stream holds waiting for a tick.",
-        )
-        meter.create_observable_gauge(
-            "msgstream.timetick.lagging.channels",
-            [hooks.lagging],
-            unit="{channel}",
-            description="Channels a time-tick stream waits on for a tick.",
-        )
+        for name, callback, unit, description in gauges:
+            meter.create_observable_gauge(name, [callback], unit=unit, description=description)
         with _LOCK:
             if MsgStreamInstrumentor._active is not None:
                 hooks.streams.update(MsgStreamInstrumentor._active.streams)

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 import msgstream as ms
-from msgstream.errors import MsgStreamError, ProduceError
+from msgstream.errors import BrokerUnavailableError, MsgStreamError, ProduceError
+from scripts.broker import Broker
 
 
 def owner() -> ms.OwnerDescription:
@@ -129,3 +130,18 @@ def kill_consumer_holding(url: str, sub: str, chans: list[str], at_least: int) -
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def ping_of_a_dead_broker_fails_in_time(broker: Broker, url: str, live: float, dead: float, **options: Any) -> None:
+    """``client.ping`` answers while ``broker`` runs, then raises a retriable ``BrokerUnavailableError``
+    within ``dead`` seconds (plus one for the call's own overhead) once it was SIGKILLed; stops it."""
+    try:
+        with ms.connect(url, **options) as client:
+            client.ping(timeout=live)
+            broker.kill()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError) as err:
+                client.ping(timeout=dead)
+            assert time.monotonic() - started < dead + 1.0 and err.value.retriable
+    finally:
+        broker.stop()
