@@ -324,6 +324,15 @@ class Unacked(Generic[H]):
         held.update(zip(msg_ids, handles, strict=True) if handles is not None else dict.fromkeys(msg_ids))
         self._order[channel].extend(msg_ids)
 
+    def add(self, channel: str, msg_id: bytes, handle: H | None = None) -> None:
+        """:meth:`deliver` for one message."""
+        held = self._handles.get(channel)
+        if held is None:
+            held = self._handles[channel] = {}
+            self._order[channel] = deque()
+        held[msg_id] = handle
+        self._order[channel].append(msg_id)
+
     def holds(self, channel: str, msg_id: bytes) -> bool:
         return msg_id in self._handles.get(channel, ())
 

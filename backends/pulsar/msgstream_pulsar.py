@@ -876,7 +876,7 @@ class _PulsarConsumer(Consumer):
                 raw = msg_id.serialize()
                 if pending.holds(channel, raw):  # delivered twice, and the caller still holds it
                     continue
-            pending.deliver(channel, [raw], [msg_id])
+            pending.add(channel, raw, msg_id)
             out.append(RawMessage(channel, raw, message.data()))
         return out
 

@@ -465,7 +465,7 @@ class _RedisConsumer(Consumer):
                         gone = []
                         for entry_id, found in zip(lost, pipe.execute(), strict=True):
                             if found:
-                                self._held.deliver(channel, [entry_id])
+                                self._held.add(channel, entry_id)
                                 out.append(RawMessage(channel, entry_id, _payload(found[0][1])))
                             else:  # trimmed meanwhile: nothing to deliver, nothing to keep pending
                                 gone.append(entry_id)
@@ -553,7 +553,7 @@ class _RedisConsumer(Consumer):
                 for entry_id, fields in entries:
                     if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
                         out.append(RawMessage(channel, entry_id, _payload(fields)))
-                        self._held.deliver(channel, [entry_id])
+                        self._held.add(channel, entry_id)
                 if len(pending) < 1000:
                     break
                 start = b"(" + pending[-1][0]
