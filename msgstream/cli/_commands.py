@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from ..client import Client, CreateChannelRequest, OwnerDescription
 from ..codec import UnmarshalDispatcher
-from ..errors import InvalidArgumentError, MsgStreamError, UnmarshalError
+from ..errors import ChannelNotFoundError, InvalidArgumentError, MsgStreamError, UnmarshalError
 from ..messages import TsMsg
 from ..pack import MsgPack
 from ..stream import channel_lags
@@ -28,8 +28,18 @@ _PRODUCE_BATCH = 500  # most lines produced in one call
 
 
 def channels(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
-    names = client.list_channels()
-    owners = [d.owner for d in client.describe_channels(names).descriptions] if names else []
+    """Channels destroyed while listing are left out; one without a readable owner record shows
+    ``?`` as its role."""
+    names: list[str] = []
+    owners: list[OwnerDescription] = []
+    for name in client.list_channels():
+        try:
+            owners.append(client.describe_channels([name]).descriptions[0].owner)
+        except ChannelNotFoundError:
+            continue
+        except UnmarshalError:
+            owners.append(OwnerDescription(role="?"))
+        names.append(name)
     _channel_rows(names, owners, args.json, out)
     return 0
 
@@ -126,7 +136,8 @@ def tail(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
 
 def produce(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     """Read tail --json lines from stdin and produce them: a message goes to the channel its
-    ``channel`` key names when that is one of the given channels, else to ``hash_values[0] % N``."""
+    ``channel`` key names when that is one of the given channels, else to ``hash_values[0] % N`` (the
+    first channel for one without hash values)."""
     client.describe_channels(args.channel)
     if args.dispatcher:
         load_dispatcher(args.dispatcher)  # defines the user types
@@ -229,11 +240,8 @@ def _batches(
                     yield batch, InvalidArgumentError(f"stdin line {number}: {exc}")
                     return
                 target = index.get(record.get("channel"))
-                if target is None:
-                    if not msg.hash_values:
-                        yield batch, InvalidArgumentError(f"stdin line {number}: no hash_values to route by")
-                        return
-                    target = msg.hash_values[0] % n
+                if target is None:  # by hash, as the default repack does; without hash values, the first
+                    target = msg.hash_values[0] % n if msg.hash_values else 0
                 batch.append((target, msg))
             if len(batch) >= _PRODUCE_BATCH:
                 break
