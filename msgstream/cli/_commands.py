@@ -63,7 +63,7 @@ def describe(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
 def destroy(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     client.destroy_channels(args.channel)
     if not args.json:
-        out.write(f"destroyed {len(args.channel)} channel{'s' if len(args.channel) != 1 else ''}\n")
+        out.write(f"destroyed {_plural(len(args.channel), 'channel')}\n")
     return 0
 
 
@@ -79,7 +79,7 @@ def subscriptions(client: Client, args: argparse.Namespace, out: IO[str]) -> int
 def drop_subscription(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     client.drop_subscription(args.subscription, args.channel)
     if not args.json:
-        out.write(f"dropped subscription {args.subscription} on {len(args.channel)} channels\n")
+        out.write(f"dropped subscription {args.subscription} on {_plural(len(args.channel), 'channel')}\n")
     return 0
 
 
@@ -155,7 +155,7 @@ def produce(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
             if error is not None:
                 raise error
     if not args.json:
-        out.write(f"produced {sent} messages\n")
+        out.write(f"produced {_plural(sent, 'message')}\n")
     return 0
 
 
@@ -175,6 +175,10 @@ def load_dispatcher(spec: str) -> UnmarshalDispatcher:
     if not isinstance(obj, UnmarshalDispatcher):
         raise InvalidArgumentError(f"--dispatcher {spec} is a {type(obj).__name__}, not an UnmarshalDispatcher")
     return obj
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _channel_rows(names: list[str], owners: list[OwnerDescription], as_json: bool, out: IO[str]) -> None:
