@@ -22,9 +22,14 @@ from scripts.broker import free_port, start_redis
 BACKENDS = ["sqlite", "redis", "kafka", "pulsar"]
 
 
-def run(*args: str, url: str | None = None, stdin: str = "", status: int = 0) -> subprocess.CompletedProcess[str]:
-    """``msgstream ARGS --url URL``; checks the exit status, and that a failure says one line."""
+def run(
+    *args: str, url: str | None = None, stdin: str = "", status: int = 0, path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``msgstream ARGS --url URL``; checks the exit status, and that a failure says one line.
+    ``path``: a directory put on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "MSGSTREAM_URL"}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
     argv = [sys.executable, "-m", "msgstream.cli", *args, *(["--url", url] if url else [])]
     done = subprocess.run(argv, check=False, input=stdin, capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == status, (argv, done.stdout, done.stderr)
@@ -205,6 +210,39 @@ def test_tail_follows_until_interrupted(sqlite_url: str) -> None:
             proc.send_signal(sig)
             assert proc.wait(timeout=30) == 0
         assert run("subscriptions", chan, url=sqlite_url).stdout == ""
+
+
+USER_TYPE = """
+import msgstream as ms
+
+class FlushMsg(ms.TsMsg, kw_only=True):
+    msg_type = 2000
+    segment_ids: list[int] = []
+    blob: bytes = b""
+
+dispatcher = ms.UnmarshalDispatcher()
+dispatcher.add_msg_template(2000, FlushMsg)
+"""
+
+
+def test_user_types_through_dispatcher(sqlite_url: str, tmp_path: Path) -> None:
+    """--dispatcher module:object makes tail decode a user type and produce encode it; without it,
+    tail skips the message with a warning and produce refuses the line."""
+    (tmp_path / "usertypes.py").write_text(USER_TYPE)
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    flush = {"msg_type": 2000, "begin_ts": 4, "end_ts": 4, "hash_values": [1], "properties": {"p": "q"},
+             "body": {"segment_ids": [7, 8], "blob": base64.b64encode(b"\x00\x01").decode()}}  # fmt: skip
+    tick = json.dumps(messages(chan)[4])
+    failed = run("produce", chan, url=sqlite_url, stdin=json.dumps(flush) + "\n", status=2)
+    assert "line 1" in failed.stderr and "2000" in failed.stderr
+    run("produce", chan, "--dispatcher", "usertypes:dispatcher", url=sqlite_url, stdin=f"{json.dumps(flush)}\n{tick}\n",
+        path=tmp_path)  # fmt: skip
+    args = ("tail", chan, "--from", "earliest", "--json", "--count")
+    (got,) = lines(run(*args, "1", "--dispatcher", "usertypes:dispatcher", url=sqlite_url, path=tmp_path).stdout)
+    assert got["type"] == "FlushMsg" and comparable([got]) == comparable([{**flush, "type": "FlushMsg"}])
+    skipped = run(*args, "1", url=sqlite_url)
+    assert lines(skipped.stdout)[0]["type"] == "TimeTickMsg"
+    assert skipped.stderr.startswith("msgstream: warning: skipped a message: unknown MsgType 2000")
 
 
 def test_demo_runs_the_pipeline(capsys) -> None:  # type: ignore[no-untyped-def]
