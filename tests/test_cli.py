@@ -1,9 +1,248 @@
+"""The ``msgstream`` console script, run as a subprocess against every backend (docs/cli.md)."""
+
 from __future__ import annotations
 
+import base64
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
+import msgspec
+import pytest
+
+import msgstream as ms
 from msgstream.cli import main
+from scripts.broker import free_port, start_redis
+
+BACKENDS = ["sqlite", "redis", "kafka", "pulsar"]
+
+
+def run(
+    *args: str, url: str | None = None, stdin: str = "", status: int = 0, path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``msgstream ARGS --url URL``; checks the exit status, and that a failure says one line.
+    ``path``: a directory put on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "MSGSTREAM_URL"}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-m", "msgstream.cli", *args, *(["--url", url] if url else [])]
+    done = subprocess.run(argv, check=False, input=stdin, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode == status, (argv, done.stdout, done.stderr)
+    if status:
+        assert done.stderr.startswith("msgstream: error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+    return done
+
+
+def lines(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request: pytest.FixtureRequest) -> str:
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    if request.param == "pulsar":  # list_subscriptions needs the admin REST API
+        return f"{request.getfixturevalue('pulsar_url')}?admin_url={request.getfixturevalue('pulsar_admin_url')}"
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+def messages(channel: str) -> list[dict[str, Any]]:
+    """Six messages as tail --json prints them (channel and msg_id are ignored by produce)."""
+    insert = ms.InsertMsg(
+        begin_ts=1, end_ts=2, hash_values=[7, 8], row_ids=[1, 2], timestamps=[1, 2], row_data=[b"\x00\xffa", b""]
+    )
+    stats = ms.SegStatisticsMsg(begin_ts=3, end_ts=3, hash_values=[1], seg_stats=[ms.SegmentStats(segment_id=9)])
+    msgs: list[ms.TsMsg] = [
+        insert,
+        ms.DeleteMsg(begin_ts=2, end_ts=2, hash_values=[3], primary_keys=[5, "k"], properties={"tenant": "t1"}),
+        stats,
+        ms.SearchMsg(begin_ts=4, end_ts=4, hash_values=[0], placeholder_group=b"\x01\x02", dsl="a > 1"),
+        ms.TimeTickMsg(begin_ts=5, end_ts=5, source_id=3, properties={"a": "b", "c": ""}),
+        ms.InsertMsg(begin_ts=6, end_ts=6, hash_values=[2], row_ids=[3], row_data=[b"z"]),
+    ]
+    out = []
+    for m in msgs:
+        fields = _builtins(m)
+        out.append(
+            {
+                "channel": channel,
+                "msg_id": "",
+                "msg_type": int(m.msg_type),
+                "type": type(m).__name__,
+                "begin_ts": m.begin_ts,
+                "end_ts": m.end_ts,
+                "hash_values": m.hash_values,
+                "properties": m.properties,
+                "body": {k: v for k, v in fields.items() if k not in ("begin_ts", "end_ts", "hash_values")},
+            }
+        )
+    return out
+
+
+def _builtins(m: ms.TsMsg) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(msgspec.structs.asdict(m))
+    return out
+
+
+def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in ("channel", "msg_id")} for r in records]
+
+
+def test_every_subcommand(url: str) -> None:
+    """create, channels, describe, produce, tail (throwaway and kept subscriptions), the tail | produce
+    copy, lag after partial consumption, subscriptions, drop-subscription, positions, bench, destroy,
+    and an unknown channel and a bad input line as errors."""
+    made = run("create", "--channels", "2", "--role", "proxy", "--address", "10.0.0.7:19530", "--description", "dml",
+               url=url)  # fmt: skip
+    a, b = made.stdout.split()
+    assert a.startswith("proxy-") and b.startswith("proxy-")
+    listed = lines(run("channels", "--json", url=url).stdout)
+    mine = {"role": "proxy", "address": "10.0.0.7:19530", "description": "dml"}
+    assert {"channel": a, **mine} in listed and {"channel": b, **mine} in listed
+    table = run("describe", a, b, url=url).stdout.splitlines()
+    assert table[0].split() == ["CHANNEL", "ROLE", "ADDRESS", "DESCRIPTION"]
+    assert table[1].split() == [a, "proxy", "10.0.0.7:19530", "dml"] and len(table) == 3
+
+    sent = messages(a)
+    stdin = "".join(json.dumps(r) + "\n" for r in sent)
+    assert run("produce", a, url=url, stdin=stdin).stdout == "produced 6 messages\n"
+    got = lines(run("tail", a, "--from", "earliest", "--count", "6", "--json", url=url).stdout)
+    assert comparable(got) == comparable(sent)
+    assert {r["channel"] for r in got} == {a} and len({r["msg_id"] for r in got}) == 6
+    assert all(bytes.fromhex(r["msg_id"]) for r in got)
+
+    # copy: tail --json | produce, properties and hash values included; channel a is not a target, so by hash
+    run("produce", b, url=url, stdin=run("tail", a, "--from", "earliest", "--count", "6", "--json", url=url).stdout)
+    copied = lines(run("tail", b, "--from", "earliest", "--count", "6", "--json", url=url).stdout)
+    assert comparable(copied) == comparable(sent) and {r["channel"] for r in copied} == {b}
+
+    # a kept subscription that read 2 of 6: lag counts the 4 after them; the throwaway ones are gone
+    human = run("tail", a, "--from", "earliest", "--count", "2", "--subscription", "ops", url=url).stdout
+    assert [line.split()[:3] for line in human.splitlines()] == [
+        [a, got[0]["msg_id"], "InsertMsg"],
+        [a, got[1]["msg_id"], "DeleteMsg"],
+    ]
+    assert '{"tenant":"t1"}' in human.splitlines()[1]
+    assert lines(run("lag", "--subscription", "ops", a, "--json", url=url).stdout)[0] == {
+        "channel": a,
+        "messages": 4,
+        "seconds": 0.0,  # end_ts 2 and 6 are the same millisecond
+    }
+    assert run("lag", "--subscription", "ops", a, url=url).stdout.splitlines()[1].split()[:2] == [a, "4"]
+    assert run("subscriptions", a, url=url).stdout.split() == ["ops"]
+    resumed = lines(run("tail", a, "--count", "1", "--subscription", "ops", "--json", url=url).stdout)
+    assert resumed[0]["msg_id"] == got[2]["msg_id"]
+    run("drop-subscription", "--subscription", "ops", a, url=url)
+    assert run("subscriptions", a, "--json", url=url).stdout == ""
+
+    (pos,) = lines(run("positions", a, "--json", url=url).stdout)
+    assert pos["channel"] == a and pos["msg_id"] == got[-1]["msg_id"]
+    checkpoint = ms.Position.from_bytes(base64.b64decode(pos["checkpoint"]))
+    assert checkpoint == ms.Position(a, bytes.fromhex(pos["msg_id"]), 0)
+
+    report = json.loads(run("bench", "--messages", "300", "--size", "64", "--channels", "2", "--json", url=url).stdout)
+    assert report["messages"] == 300 and report["produce_msgs_per_s"] > 0 and report["consume_msgs_per_s"] > 0
+    assert 0 < report["latency_p50_ms"] <= report["latency_p99_ms"]
+
+    failed = run("describe", a, "no-such-channel", url=url, status=1)
+    assert "ChannelNotFoundError" in failed.stderr and "no-such-channel" in failed.stderr
+    bad = stdin.splitlines()[0] + "\n{not json\n"
+    failed = run("produce", b, url=url, stdin=bad, status=2)
+    assert "line 2" in failed.stderr
+
+    assert run("destroy", a, b, url=url).stdout == "destroyed 2 channels\n"
+    left = {r["channel"] for r in lines(run("channels", "--json", url=url).stdout)}
+    assert not left & {a, b} and not any(c.startswith("bench-") for c in left)
+
+
+@pytest.mark.parametrize("backend", ["redis", "kafka", "pulsar"])
+def test_unreachable_broker(backend: str) -> None:
+    port = free_port()  # nothing listens here
+    where = f"{backend}://:pw-Secret9@127.0.0.1:{port}" if backend == "redis" else f"{backend}://127.0.0.1:{port}"
+    start = time.monotonic()
+    failed = run("channels", "--timeout", "2", url=where, status=1)
+    assert "BrokerUnavailableError" in failed.stderr and "pw-Secret9" not in failed.stderr + failed.stdout
+    assert time.monotonic() - start < 30
+
+
+def test_wrong_password_is_masked(tmp_path: Path) -> None:
+    broker = start_redis(tmp_path / "auth", password="right-one")
+    try:
+        failed = run("channels", url=f"redis://:Wr0ngPassw0rd@127.0.0.1:{broker.port}/0", status=1)
+        assert "BrokerUnavailableError" in failed.stderr and "Wr0ngPassw0rd" not in failed.stderr + failed.stdout
+        ok = run("bench", "--messages", "50", url=f"redis://:right-one@127.0.0.1:{broker.port}/0")
+        assert "right-one" not in ok.stdout + ok.stderr and "redis://:***@" in ok.stdout
+    finally:
+        broker.stop()
+
+
+def test_usage_errors() -> None:
+    failed = run("channels", url="nosuch://:pw123@h/", status=2)
+    assert "BackendNotFoundError" in failed.stderr and "pw123" not in failed.stderr
+    assert "MSGSTREAM_URL" in run("channels", status=2).stderr
+
+
+def test_tail_follows_until_interrupted(sqlite_url: str) -> None:
+    """Without --count, tail prints what arrives until SIGINT or SIGTERM, exits 0 and drops its
+    throwaway subscription; --from latest skips what was there; MSGSTREAM_URL is the default URL."""
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    one = json.dumps(messages(chan)[5])
+    run("produce", chan, url=sqlite_url, stdin=one + "\n")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        env = {**os.environ, "MSGSTREAM_URL": sqlite_url}
+        with subprocess.Popen(
+            [sys.executable, "-m", "msgstream.cli", "tail", chan, "--json"], stdout=subprocess.PIPE, text=True, env=env
+        ) as proc:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            while not run("subscriptions", chan, url=sqlite_url).stdout:  # tail has joined
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+            run("produce", chan, url=sqlite_url, stdin=one.replace('"row_ids": [3]', '"row_ids": [4]') + "\n")
+            record = json.loads(proc.stdout.readline())  # blocks until it arrived; the test timeout bounds it
+            assert record["body"]["row_ids"] == [4]
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == 0
+        assert run("subscriptions", chan, url=sqlite_url).stdout == ""
+
+
+USER_TYPE = """
+import msgstream as ms
+
+class FlushMsg(ms.TsMsg, kw_only=True):
+    msg_type = 2000
+    segment_ids: list[int] = []
+    blob: bytes = b""
+
+dispatcher = ms.UnmarshalDispatcher()
+dispatcher.add_msg_template(2000, FlushMsg)
+"""
+
+
+def test_user_types_through_dispatcher(sqlite_url: str, tmp_path: Path) -> None:
+    """--dispatcher module:object makes tail decode a user type and produce encode it; without it,
+    tail skips the message with a warning and produce refuses the line."""
+    (tmp_path / "usertypes.py").write_text(USER_TYPE)
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    flush = {"msg_type": 2000, "begin_ts": 4, "end_ts": 4, "hash_values": [1], "properties": {"p": "q"},
+             "body": {"segment_ids": [7, 8], "blob": base64.b64encode(b"\x00\x01").decode()}}  # fmt: skip
+    tick = json.dumps(messages(chan)[4])
+    failed = run("produce", chan, url=sqlite_url, stdin=json.dumps(flush) + "\n", status=2)
+    assert "line 1" in failed.stderr and "2000" in failed.stderr
+    run("produce", chan, "--dispatcher", "usertypes:dispatcher", url=sqlite_url, stdin=f"{json.dumps(flush)}\n{tick}\n",
+        path=tmp_path)  # fmt: skip
+    args = ("tail", chan, "--from", "earliest", "--json", "--count")
+    (got,) = lines(run(*args, "1", "--dispatcher", "usertypes:dispatcher", url=sqlite_url, path=tmp_path).stdout)
+    assert got["type"] == "FlushMsg" and comparable([got]) == comparable([{**flush, "type": "FlushMsg"}])
+    skipped = run(*args, "1", url=sqlite_url)
+    assert lines(skipped.stdout)[0]["type"] == "TimeTickMsg"
+    assert skipped.stderr.startswith("msgstream: warning: skipped a message: unknown MsgType 2000")
 
 
 def test_demo_runs_the_pipeline(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -17,9 +256,7 @@ def test_demo_runs_the_pipeline(capsys) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_console_script_version() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "msgstream.cli", "version"], capture_output=True, text=True, timeout=60, check=True
-    )
+    done = run("version")
     assert done.stdout.startswith("msgstream 0.1.0; backends: ") and "memory" in done.stdout
 
 

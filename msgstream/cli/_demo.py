@@ -1,19 +1,15 @@
-"""The ``msgstream`` console script: ``msgstream demo`` and ``msgstream version``."""
+"""``msgstream demo``: a small Milvus-like pipeline on any backend."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
-from collections.abc import Sequence
 
-from . import __version__, connect, repack
-from .backend import installed_schemes
-from .client import CreateChannelRequest, OwnerDescription
-from .errors import MsgStreamError
-from .messages import DeleteMsg, InsertMsg, TsMsg
-from .pack import MsgPack, Position
-from .timestamp import HybridClock, Ticker
+from .. import connect, repack
+from ..client import CreateChannelRequest, OwnerDescription
+from ..messages import DeleteMsg, InsertMsg, TsMsg
+from ..pack import MsgPack, Position
+from ..timestamp import HybridClock, Ticker
 
 
 def demo(url: str, num_channels: int, ticks: int, rows_per_tick: int) -> int:
@@ -93,27 +89,3 @@ def _describe(pack: MsgPack) -> str:
     channels = len({m.position.channel for m in pack.msgs if m.position})
     what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no data"
     return f"tick {pack.end_ts} (after {pack.begin_ts}): {what}; {rows} rows over {channels} channels\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="msgstream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run a small Milvus-like pipeline (default: in-process memory://)")
-    d.add_argument("--url", default="memory://", help="backend URL (default memory://)")
-    d.add_argument("--channels", type=int, default=4)
-    d.add_argument("--ticks", type=int, default=6)
-    d.add_argument("--rows", type=int, default=8, help="rows inserted per tick")
-    sub.add_parser("version", help="print versions and installed backends")
-    args = parser.parse_args(argv)
-    if args.command == "version":
-        print(f"msgstream {__version__}; backends: {', '.join(installed_schemes())}")
-        return 0
-    try:
-        return demo(args.url, args.channels, args.ticks, args.rows)
-    except MsgStreamError as exc:
-        print(f"msgstream: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
