@@ -4,8 +4,9 @@ Runs, in this order, each starting the brokers it needs through ``scripts/broker
 suites' ``MSGSTREAM_*_URL``): ``core`` (codec, memory backend, time-tick), ``redis``, ``kafka`` (Apache
 Kafka), ``pulsar`` (Apache Pulsar, the default unbatched layout; ``python -m benchmarks pulsar`` adds the
 batched one), ``latency`` (msgstream beside the raw clients), ``scaling`` (message size, channels,
-time-tick vs plain on every backend), ``peer`` (FastStream on Redis and Kafka) and ``aio`` (msgstream.aio
-against the sync API on every backend). It writes
+time-tick vs plain on every backend), ``peer`` (FastStream on Redis and Kafka), ``aio`` (msgstream.aio
+against the sync API on every backend), ``sqlite`` (sqlite:/// against raw sqlite3) and ``otel`` (the cost
+of message properties and of the OpenTelemetry instrumentation). It writes
 ``<out>/benchmark-report.md`` (every suite's tables and environment, with the command and the time each
 took), ``<out>/benchmark-throughput-vs-size.png``, the raw numbers as ``<out>/benchmark-report.json``,
 and the summary block of ``<out>/performance.md`` (between its markers). ``--seconds`` / ``--repeats``
@@ -36,6 +37,8 @@ SUITES: list[tuple[str, dict[str, Any]]] = [
     ("scaling", {}),
     ("peer", {}),
     ("aio", {}),
+    ("sqlite", {"path": None}),
+    ("otel", {}),
 ]
 
 
