@@ -57,6 +57,18 @@ _TICK = int(MsgType.TIME_TICK)
 _LOCK = threading.Lock()
 
 
+def _attributes(s: MsgStream, operation: str, channels: list[str]) -> dict[str, Any]:
+    """The messaging semantic-convention attributes every span and measurement of ``operation`` has."""
+    attrs: dict[str, Any] = {
+        "messaging.system": _system(s),
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+    }
+    if len(channels) == 1:
+        attrs["messaging.destination.name"] = channels[0]
+    return attrs
+
+
 def _system(s: MsgStream) -> str:
     url = getattr(s._backend, "url", None)
     scheme = getattr(url, "scheme", None)
@@ -98,13 +110,7 @@ class _Hooks:
         if not data:  # nothing to trace (ticks only), or a bad argument the stream reports itself
             return send(pack)
         channels = s.producer_channels
-        attrs: dict[str, Any] = {
-            "messaging.system": _system(s),
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-        }
-        if len(channels) == 1:
-            attrs["messaging.destination.name"] = channels[0]
+        attrs = _attributes(s, "send", channels)
         span_attrs = {**attrs, "messaging.batch.message_count": len(data) * copies} if len(data) > 1 else attrs
         name = f"send {channels[0]}" if len(channels) == 1 else "send"
         start = time.perf_counter()
@@ -147,13 +153,7 @@ class _Hooks:
         if not count:
             return result
         channels = s.consumer_channels
-        attrs: dict[str, Any] = {
-            "messaging.system": _system(s),
-            "messaging.operation.type": "receive",
-            "messaging.operation.name": "receive",
-        }
-        if len(channels) == 1:
-            attrs["messaging.destination.name"] = channels[0]
+        attrs = _attributes(s, "receive", channels)
         if s.subscription:
             attrs["messaging.destination.subscription.name"] = s.subscription
         links = []
