@@ -147,6 +147,9 @@ class TsMsg(  # noqa: PLW1641 (unhashable, as every mutable Struct)
     """
 
     msg_type: ClassVar[int] = 0
+    #: ``isinstance(m, TimeTickMsg)``, read as an attribute: the time-tick stream asks it of every
+    #: message, and ``isinstance`` against a Struct class (one with a metaclass) is a slow call
+    _is_tick: ClassVar[bool] = False
     if TYPE_CHECKING:  # type checkers see the constructor keyword as a field; it is not one (no body slot)
         properties: dict[str, str] = {}
     _frame_header: ClassVar[bytes] = b""
@@ -406,6 +409,7 @@ class TimeTickMsg(TsMsg, kw_only=True):
     """ "No message with ``end_ts <=`` this tick will follow on this channel." The tick is ``end_ts``."""
 
     msg_type = MsgType.TIME_TICK
+    _is_tick = True
     source_id: int = 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from .codec import UnmarshalDispatcher
 from .errors import InvalidArgumentError, StreamClosedError, StreamStateError, TimeTickError
-from .messages import TimeTickMsg, TsMsg
+from .messages import TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
 from .stream import MsgStream, check_timeout, seek_targets
@@ -56,6 +56,15 @@ class _Channel:
         # whether the log's end_ts never decrease (the usual case): then what a tick covers is a prefix
         self.in_order = True
         self.max_ts = 0
+
+
+def _broken_promise(m: TsMsg, ch: _Channel) -> TimeTickError:
+    if m._is_tick:
+        return TimeTickError(f"time tick went backwards on channel {ch.name!r}: {m.end_ts} after {ch.last_tick}")
+    return TimeTickError(
+        f"{type(m).__name__} with end_ts {m.end_ts} on channel {ch.name!r} is at or below the tick"
+        f" {ch.last_tick} already passed there"
+    )
 
 
 class TimeTickStream:
@@ -164,42 +173,33 @@ class TimeTickStream:
         rest of the batch is kept, and the first such error is raised at the end."""
         channels = self._channels
         only = self._order[0] if len(self._order) == 1 else None  # a stream of one channel
-        ack_now: list[TsMsg] = []
+        dropped: list[TsMsg] = []
         error: TimeTickError | None = None
         for m in msgs:
             ch = only or channels[m._raw.channel]
             ts = m.end_ts
-            is_tick = isinstance(m, TimeTickMsg)
             if ch.skip_upto is not None:
                 if ts <= ch.skip_upto:  # replay of what the checkpoint already covers
-                    ack_now.append(m)
+                    dropped.append(m)
                     continue
-                if is_tick:
+                if m._is_tick:
                     ch.skip_upto = None
-            if is_tick:
-                if ts < ch.last_tick:
-                    ack_now.append(m)
-                    error = error or TimeTickError(
-                        f"time tick went backwards on channel {ch.name!r}: {ts} after {ch.last_tick}"
-                    )
-                    continue
-                if ts > ch.last_tick:
+            if ts > ch.last_tick:
+                if m._is_tick:
                     ch.last_tick = ts
                     ch.ticks.append(ts)
-            elif ts <= ch.last_tick:
-                ack_now.append(m)
-                error = error or TimeTickError(
-                    f"{type(m).__name__} with end_ts {ts} on channel {ch.name!r} is at or below the tick"
-                    f" {ch.last_tick} already passed there"
-                )
+            elif ts < ch.last_tick or not m._is_tick:  # a repeated tick is kept, anything else dropped
+                dropped.append(m)
+                error = error or _broken_promise(m, ch)
                 continue
             ch.log.append(m)
             if ts < ch.max_ts:
                 ch.in_order = False
             else:
                 ch.max_ts = ts
-        self._buffered += len(msgs) - len(ack_now)
-        self._done += [m._raw for m in ack_now]  # dropped: acknowledged with the next pack's records
+        self._buffered += len(msgs) - len(dropped)
+        if dropped:  # acknowledged with the next pack's records
+            self._done += [m._raw for m in dropped]
         if error is not None:
             raise error
 
@@ -219,33 +219,28 @@ class TimeTickStream:
         ends: list[Position] = []
         for ch in order:
             chlog = ch.log
-            if not ch.in_order:  # data of (prev, tick] may sit behind a later message: scan up to the
-                for m in chlog:  # first tick above ``tick`` (no data <= tick follows a tick > tick)
-                    ts = m.end_ts
-                    if ts > tick:
-                        if isinstance(m, TimeTickMsg):
-                            break
-                    elif ts > prev and not isinstance(m, TimeTickMsg):
-                        data.append(m)
             ticks = ch.ticks
             while ticks and ticks[0] <= tick:
                 ticks.popleft()
             starts.append(ch.position)
-            # the log's prefix at or below ``tick`` is handled now; in order, it is what the pack covers
+            # the log's prefix at or below ``tick`` is handled now; in order, it holds the pack's data
             if ch.in_order:
                 k = bisect_right(chlog, tick, key=_END_TS)
-            else:
-                k = 0
-                for m in chlog:
-                    if m.end_ts > tick:
-                        break
-                    k += 1
-            if k:
                 covered = chlog[:k]
+                data += [m for m in covered if m.end_ts > prev and not m._is_tick]
+            else:  # data of (prev, tick] may sit behind a later message: scan up to the first tick
+                for m in chlog:  # above ``tick`` (no data <= tick follows a tick > tick)
+                    ts = m.end_ts
+                    if ts > tick:
+                        if m._is_tick:
+                            break
+                    elif ts > prev and not m._is_tick:
+                        data.append(m)
+                k = next((i for i, m in enumerate(chlog) if m.end_ts > tick), len(chlog))
+                covered = chlog[:k]
+            if k:
                 del chlog[:k]
                 done += [m._raw for m in covered]
-                if ch.in_order:
-                    data += [m for m in covered if m.end_ts > prev and not isinstance(m, TimeTickMsg)]
                 ch.position = Position(ch.name, covered[-1]._raw.msg_id, tick)
             elif ch.position.timestamp != tick:
                 ch.position = Position(ch.name, ch.position.msg_id, tick)
