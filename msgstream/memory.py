@@ -216,34 +216,42 @@ class _MemoryConsumer(Consumer):
                 self._broker.changed.wait(remaining)
 
     def _take(self, max_messages: int) -> list[RawMessage]:
-        """Collect up to ``max_messages``, visiting channels round-robin from a rotating start."""
+        """Collect up to ``max_messages``, an equal share from each channel first (from a rotating start),
+        then what room is left from the channels that have more."""
         out: list[RawMessage] = []
         n = len(self.channels)
         first = self._next_channel
         self._next_channel = (first + 1) % n
-        for k in range(n):
-            name = self.channels[(first + k) % n]
-            ch = self._broker.channel(name)
-            sub = ch.subs.get(self.subscription)
-            if sub is None:  # channel recreated under the same name: a new subscription
-                sub = ch.subs[self.subscription] = _Subscription(0)
-                sub.members.add(self.token)
-            room = max_messages - len(out)
-            if room <= 0:
+        share = -(-max_messages // n)
+        while len(out) < max_messages:
+            before = len(out)
+            for k in range(n):
+                self._take_from(self.channels[(first + k) % n], min(share, max_messages - len(out)), out)
+            if len(out) == before:
                 break
-            offsets = sub.redeliver[:room]
-            del sub.redeliver[: len(offsets)]
-            room -= len(offsets)
-            if room > 0 and sub.cursor < len(ch.log):
-                end = min(len(ch.log), sub.cursor + room)
-                offsets.extend(range(sub.cursor, end))
-                sub.cursor = end
-            token = self.token
-            log = ch.log
-            for off in offsets:
-                sub.pending[off] = token
-                out.append(RawMessage(name, _msg_id(off), log[off]))
+            share = max_messages
         return out
+
+    def _take_from(self, name: str, room: int, out: list[RawMessage]) -> None:
+        ch = self._broker.channel(name)
+        sub = ch.subs.get(self.subscription)
+        if sub is None:  # channel recreated under the same name: a new subscription
+            sub = ch.subs[self.subscription] = _Subscription(0)
+            sub.members.add(self.token)
+        if room <= 0:
+            return
+        offsets = sub.redeliver[:room]
+        del sub.redeliver[: len(offsets)]
+        room -= len(offsets)
+        if room > 0 and sub.cursor < len(ch.log):
+            end = min(len(ch.log), sub.cursor + room)
+            offsets.extend(range(sub.cursor, end))
+            sub.cursor = end
+        token = self.token
+        log = ch.log
+        for off in offsets:
+            sub.pending[off] = token
+            out.append(RawMessage(name, _msg_id(off), log[off]))
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         with self._broker.lock:

@@ -68,3 +68,21 @@ def _consume_or_error(stream: object) -> object:
 def _is_waiting(stream: object) -> bool:
     """True once a receive is blocked on the broker's condition variable (CPython's Condition)."""
     return bool(stream._consumer._broker.changed._waiters)  # type: ignore[attr-defined]
+
+
+def test_a_batch_takes_a_share_of_every_channel_that_has_messages() -> None:
+    import msgstream as ms
+
+    with ms.connect(f"memory://share-{uuid.uuid4().hex[:8]}") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=3))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            for key, count in enumerate((400, 400, 10)):
+                out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[key], row_ids=[i]) for i in range(count)]))
+        with client.msg_stream(receive_batch=300) as stream:
+            stream.create_consumers("s", chans)
+            pack = stream.consume(timeout=2)
+            assert pack is not None
+            per_channel = {c: sum(1 for m in pack.msgs if m.position.channel == c) for c in chans}  # type: ignore[union-attr]
+            # an equal share of 100 from each, then the room left (90) from a channel that has more
+            assert sorted(per_channel.values()) == [10, 100, 190], per_channel
