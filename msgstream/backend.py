@@ -346,11 +346,16 @@ class Unacked(Generic[H]):
         held = self._handles.get(channel)
         if held is None:
             return None
+        pop = held.pop
         for msg_id in msg_ids:
-            held.pop(msg_id, None)
+            pop(msg_id, None)
         order = self._order[channel]
+        if not held:  # everything delivered is acknowledged
+            last = order[-1] if order else None
+            order.clear()
+            return last
         last = None
-        while order and order[0] not in held:
+        while order[0] not in held:
             last = order.popleft()
         return last
 
