@@ -82,8 +82,8 @@ def _sqlite_options(parser: argparse.ArgumentParser) -> None:
 def _aio_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backends",
-        default="memory,redis,kafka,pulsar",
-        help="comma-separated backends (default: all four; brokers from $MSGSTREAM_*_URL, else started)",
+        default="memory,sqlite,redis,kafka,pulsar",
+        help="comma-separated backends (default: all five; brokers from $MSGSTREAM_*_URL, else started)",
     )
 
 

@@ -1,8 +1,8 @@
 """``python -m benchmarks aio``: msgstream.aio against the sync API, produce and consume, every backend,
 and the event loop's lag meanwhile.
 
-For each backend (memory://, Redis, Apache Kafka, Apache Pulsar; brokers as for the other suites: the
-``MSGSTREAM_*_URL`` ones, else started here) and row size (100 B, 1 KiB), on one channel:
+For each backend (memory://, sqlite:/// in a new file, Redis, Apache Kafka, Apache Pulsar; brokers as for
+the other suites: the ``MSGSTREAM_*_URL`` ones, else started here) and row size (100 B, 1 KiB), on one channel:
 
 - produce: packs of 1000 one-row inserts, the sync ``MsgStream.produce`` and the async ``await
   produce`` taking turns in chunks of a few packs, only the sends timed;
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -42,7 +43,7 @@ PACK_SIZE = 1000
 CHUNK = 4  # packs per turn in the produce comparison
 CONSUME_PACKS = 20  # packs produced for each consume round
 TARGET = 0.8
-BACKENDS = ("memory", "redis", "kafka", "pulsar")
+BACKENDS = ("memory", "sqlite", "redis", "kafka", "pulsar")
 
 
 class LagProbe:
@@ -332,6 +333,11 @@ def run(args: argparse.Namespace) -> int:
             url = f"memory://bench-aio-{uuid.uuid4().hex[:8]}"
             servers[name] = "in-process"
             results[name], lags[name] = bench_backend(url, name, seconds, repeats)
+            continue
+        if name == "sqlite":
+            with tempfile.TemporaryDirectory(prefix="msgstream-bench-aio-") as tmp:
+                servers[name] = "a new file in the temporary directory"
+                results[name], lags[name] = bench_backend(f"sqlite:///{tmp}/broker.db", name, seconds, repeats)
             continue
         with server(name, given_url(name)) as srv:
             servers[name] = srv.description
