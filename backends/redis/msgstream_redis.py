@@ -31,8 +31,8 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -48,6 +48,7 @@ from msgstream.backend import (
     RawMessage,
     SubscriptionPosition,
     Unacked,
+    ids_by_channel,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
@@ -496,13 +497,8 @@ class _RedisConsumer(Consumer):
             remaining = deadline - now
             # wake up for the next claim round too
             block = int(min(remaining, self._max_block, max(0.001, self._next_claim - now)) * 1000)
-            with self._backend.errors("receive"):
-                try:
-                    reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        self._missing_channel()
-                    raise
+            with self._errors("receive"):
+                reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
             out = self._parse(reply)
             if out or remaining <= 0 or block <= 0:
                 if len(out) > max_messages:
@@ -535,21 +531,16 @@ class _RedisConsumer(Consumer):
                 room = max_messages - len(out)
                 if room <= 0:
                     return out
-                with self._backend.errors("claim pending entries"):
-                    try:
-                        pending = self._backend.command(
-                            "XPENDING", key, self.subscription, "IDLE", idle_ms, start, "+", 1000
-                        )
-                        theirs = [p[0] for p in pending if p[1] != me][:room]
-                        entries = (
-                            self._backend.command("XCLAIM", key, self.subscription, self._name, idle_ms, *theirs)
-                            if theirs
-                            else []
-                        )
-                    except redis.ResponseError as exc:
-                        if "NOGROUP" in str(exc):
-                            self._missing_channel()
-                        raise
+                with self._errors("claim pending entries"):
+                    pending = self._backend.command(
+                        "XPENDING", key, self.subscription, "IDLE", idle_ms, start, "+", 1000
+                    )
+                    theirs = [p[0] for p in pending if p[1] != me][:room]
+                    entries = (
+                        self._backend.command("XCLAIM", key, self.subscription, self._name, idle_ms, *theirs)
+                        if theirs
+                        else []
+                    )
                 for entry_id, fields in entries:
                     if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
                         out.append(RawMessage(channel, entry_id, _payload(fields)))
@@ -559,21 +550,24 @@ class _RedisConsumer(Consumer):
                 start = b"(" + pending[-1][0]
         return out
 
-    def _missing_channel(self) -> NoReturn:
-        for channel in self.channels:
-            self._backend.check_channel(channel)
-        raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}")
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """``backend.errors``, where a consumer group that is gone (NOGROUP) raises ``ChannelNotFoundError``
+        naming the deleted channel, else a ``ConsumeError`` saying the group vanished."""
+        with self._backend.errors(what):
+            try:
+                yield
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    for channel in self.channels:
+                        self._backend.check_channel(channel)
+                    raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}") from None
+                raise
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        by_channel: dict[str, list[bytes]] = {}
-        for raw in messages:
-            ids = by_channel.get(raw.channel)
-            if ids is None:
-                by_channel[raw.channel] = [raw.msg_id]
-            else:
-                ids.append(raw.msg_id)
+        by_channel = ids_by_channel(messages)
         with self._backend.errors("ack"):
             if len(by_channel) == 1:
                 ((channel, ids),) = by_channel.items()
@@ -605,11 +599,8 @@ class _RedisConsumer(Consumer):
                 self._held.forget(channel)
                 start = _before(after) if after and channel in inclusive else after
                 self._r.xgroup_setid(key, self.subscription, start or "0")
-                while True:  # forget the group's deliveries on this stream
-                    pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
-                    if not pending:
-                        break
-                    self._r.xack(key, self.subscription, *[p[0] for p in pending])
+                for ids in self._pending(key):  # forget the group's deliveries on this stream
+                    self._r.xack(key, self.subscription, *ids)
         self._buffer = deque(m for m in self._buffer if m.channel not in targets)
 
     def close(self) -> None:
@@ -627,11 +618,12 @@ class _RedisConsumer(Consumer):
 
     def _release(self, key: str) -> None:
         """Hand what this member holds on ``key`` to the next member, then leave the group."""
-        while True:
-            mine = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000, self._name)
-            if not mine:
-                break
-            self._backend.command(
-                "XCLAIM", key, self.subscription, _RELEASED, 0, *[p[0] for p in mine], "IDLE", 2**40, "JUSTID"
-            )
+        for ids in self._pending(key, self._name):
+            self._backend.command("XCLAIM", key, self.subscription, _RELEASED, 0, *ids, "IDLE", 2**40, "JUSTID")
         self._r.xgroup_delconsumer(key, self.subscription, self._name)
+
+    def _pending(self, key: str, *member: str) -> Iterator[list[bytes]]:
+        """The ids pending in the group on ``key`` (``member``'s only, if named), a page at a time, each page
+        read after the caller handled the one before (and took its ids off the list), until none is left."""
+        while pending := self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000, *member):
+            yield [p[0] for p in pending]
