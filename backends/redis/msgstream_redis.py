@@ -27,6 +27,7 @@ Options (URL query or ``connect(**options)``): ``prefix`` (``msgstream:``), ``so
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import time
 import uuid
@@ -455,9 +456,7 @@ class _RedisConsumer(Consumer):
         out: list[RawMessage] = []
         with self._backend.errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
-                start = "-"
-                while len(out) < max_messages:
-                    mine = self._backend.command("XPENDING", key, self.subscription, start, "+", 1000, self._name)
+                for mine in self._pending(key, member=self._name):
                     lost = [p[0] for p in mine if not self._held.holds(channel, p[0])][: max_messages - len(out)]
                     if lost:  # XRANGE of each id, in one round trip: the entries' payloads
                         pipe = self._r.pipeline(transaction=False)
@@ -472,9 +471,8 @@ class _RedisConsumer(Consumer):
                                 gone.append(entry_id)
                         if gone:
                             self._backend.command("XACK", key, self.subscription, *gone)
-                    if len(mine) < 1000:
-                        break
-                    start = b"(" + mine[-1][0]
+                    if len(out) >= max_messages:
+                        return out
         if not out:
             self._recover = False
         return out
@@ -525,29 +523,19 @@ class _RedisConsumer(Consumer):
         idle_ms = int(self._backend.claim_idle * 1000)
         me = self._name.encode()
         out: list[RawMessage] = []
-        for channel, key in zip(self.channels, self._keys, strict=True):
-            start = "-"
-            for _page in range(10):  # bounded scan of the pending list
-                room = max_messages - len(out)
-                if room <= 0:
-                    return out
-                with self._errors("claim pending entries"):
-                    pending = self._backend.command(
-                        "XPENDING", key, self.subscription, "IDLE", idle_ms, start, "+", 1000
-                    )
-                    theirs = [p[0] for p in pending if p[1] != me][:room]
-                    entries = (
-                        self._backend.command("XCLAIM", key, self.subscription, self._name, idle_ms, *theirs)
-                        if theirs
-                        else []
-                    )
-                for entry_id, fields in entries:
-                    if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
-                        out.append(RawMessage(channel, entry_id, _payload(fields)))
-                        self._held.add(channel, entry_id)
-                if len(pending) < 1000:
-                    break
-                start = b"(" + pending[-1][0]
+        with self._errors("claim pending entries"):
+            for channel, key in zip(self.channels, self._keys, strict=True):
+                for pending in itertools.islice(self._pending(key, idle=idle_ms), 10):  # a bounded scan
+                    theirs = [p[0] for p in pending if p[1] != me][: max_messages - len(out)]
+                    if theirs:
+                        for entry_id, fields in self._backend.command(
+                            "XCLAIM", key, self.subscription, self._name, idle_ms, *theirs
+                        ):
+                            if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
+                                out.append(RawMessage(channel, entry_id, _payload(fields)))
+                                self._held.add(channel, entry_id)
+                    if len(out) >= max_messages:
+                        return out
         return out
 
     @contextlib.contextmanager
@@ -599,8 +587,8 @@ class _RedisConsumer(Consumer):
                 self._held.forget(channel)
                 start = _before(after) if after and channel in inclusive else after
                 self._r.xgroup_setid(key, self.subscription, start or "0")
-                for ids in self._pending(key):  # forget the group's deliveries on this stream
-                    self._r.xack(key, self.subscription, *ids)
+                for pending in self._pending(key):  # forget the group's deliveries on this stream
+                    self._r.xack(key, self.subscription, *[p[0] for p in pending])
         self._buffer = deque(m for m in self._buffer if m.channel not in targets)
 
     def close(self) -> None:
@@ -618,12 +606,21 @@ class _RedisConsumer(Consumer):
 
     def _release(self, key: str) -> None:
         """Hand what this member holds on ``key`` to the next member, then leave the group."""
-        for ids in self._pending(key, self._name):
+        for mine in self._pending(key, member=self._name):
+            ids = [p[0] for p in mine]
             self._backend.command("XCLAIM", key, self.subscription, _RELEASED, 0, *ids, "IDLE", 2**40, "JUSTID")
         self._r.xgroup_delconsumer(key, self.subscription, self._name)
 
-    def _pending(self, key: str, *member: str) -> Iterator[list[bytes]]:
-        """The ids pending in the group on ``key`` (``member``'s only, if named), a page at a time, each page
-        read after the caller handled the one before (and took its ids off the list), until none is left."""
-        while pending := self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000, *member):
-            yield [p[0] for p in pending]
+    def _pending(self, key: str, *, member: str | None = None, idle: int | None = None) -> Iterator[list[Any]]:
+        """The group's pending entries on ``key`` (``[id, owner, idle ms, deliveries]``) in id order, a page
+        of up to 1000 at a time, each read after the caller handled the one before: ``member``'s only,
+        or only those idle for ``idle`` ms, where given."""
+        idle_filter = ["IDLE", idle] if idle is not None else []
+        start: bytes | str = "-"
+        while page := self._backend.command(
+            "XPENDING", key, self.subscription, *idle_filter, start, "+", 1000, *([member] if member else [])
+        ):
+            yield page
+            if len(page) < 1000:
+                return
+            start = b"(" + page[-1][0]
