@@ -175,8 +175,7 @@ class URL:
             parts = []
             for item in query.split("&"):
                 key, eq, value = item.partition("=")
-                secret = any(m in unquote(key).lower() for m in _SECRET_MARKERS)
-                parts.append(key + eq + (_MASK if secret and eq else value))
+                parts.append(key + eq + (_MASK if eq and is_secret_option(unquote(key)) else value))
             out += "?" + "&".join(parts)
         return out
 
