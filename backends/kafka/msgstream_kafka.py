@@ -221,8 +221,7 @@ class KafkaBackend(Backend):
         self.admin_conf = {**common, **roles["admin."]}
         with self.errors("connect", BrokerUnavailableError):
             self.admin = AdminClient(self.admin_conf)
-        metadata = self._brokers("connect", self.timeout)
-        with self.errors("connect", BrokerUnavailableError):
+            metadata = self._brokers("connect", self.timeout)
             self._producer = ck.Producer(self.producer_conf)
             self._reader = ck.Consumer(  # reads to the end of a partition (registry, latest offset)
                 {
