@@ -144,15 +144,9 @@ class _NativeLog:
     def __init__(self) -> None:
         self.logger = log.getChild("client")
         level = self.logger.getEffectiveLevel()
-        self.level = (
-            pulsar.LoggerLevel.Debug
-            if level <= logging.DEBUG
-            else pulsar.LoggerLevel.Info
-            if level <= logging.INFO
-            else pulsar.LoggerLevel.Warn
-            if level <= logging.WARNING
-            else pulsar.LoggerLevel.Error
-        )
+        native = pulsar.LoggerLevel
+        limits = ((logging.DEBUG, native.Debug), (logging.INFO, native.Info), (logging.WARNING, native.Warn))
+        self.level = next((value for limit, value in limits if level <= limit), native.Error)
         fd, self.path = tempfile.mkstemp(prefix="msgstream-pulsar-", suffix=".log")
         os.close(fd)
         atexit.register(_remove, self.path)
@@ -433,12 +427,10 @@ class PulsarBackend(Backend):
                 raise ChannelExistsError(f"channel exists: {name!r}")
             nonce = uuid.uuid4().bytes
             self._append(_Entry("C", name, nonce, bytes(metadata)))
-            self.refresh_registry()
-            entry = self._registry.get(name)
-            if entry is None or entry.nonce != nonce:  # another client created it first
+            if not self.still_live(name, nonce, force=True):  # another client created it first
                 raise ChannelExistsError(f"channel exists: {name!r}")
             if self.admin is not None:  # Apache Pulsar: create it now, whatever auto-creation says
-                self.admin.request("PUT", entry.topic, ok=(204, 409))
+                self.admin.request("PUT", self.live(name, force=False).topic, ok=(204, 409))
 
     def channel_metadata(self, name: str) -> bytes:
         return self.live(name).metadata
