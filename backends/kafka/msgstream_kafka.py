@@ -730,7 +730,8 @@ class _KafkaConsumer(Consumer):
             if out and self._guard:
                 out = self._unguarded(out)
             if out:
-                self._deliver(out)
+                for channel, ids in ids_by_channel(out, self._only).items():  # delivered, not yet acknowledged
+                    self._unacked.deliver(channel, ids)
                 return out
             if remaining <= 0:
                 return out
@@ -754,11 +755,6 @@ class _KafkaConsumer(Consumer):
                 del guard[raw.channel]
             kept.append(raw)
         return kept
-
-    def _deliver(self, out: list[RawMessage]) -> None:
-        """Note ``out`` as delivered and not yet acknowledged, per channel, in order."""
-        for channel, ids in ids_by_channel(out, self._only).items():
-            self._unacked.deliver(channel, ids)
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         """Commit, per channel, the offset after the longest delivered prefix now acknowledged."""
