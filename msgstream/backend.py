@@ -175,8 +175,7 @@ class URL:
             parts = []
             for item in query.split("&"):
                 key, eq, value = item.partition("=")
-                secret = any(m in unquote(key).lower() for m in _SECRET_MARKERS)
-                parts.append(key + eq + (_MASK if secret and eq else value))
+                parts.append(key + eq + (_MASK if eq and is_secret_option(unquote(key)) else value))
             out += "?" + "&".join(parts)
         return out
 
@@ -315,22 +314,22 @@ class Unacked(Generic[H]):
         self._order: dict[str, deque[bytes]] = {}
         self._handles: dict[str, dict[bytes, H | None]] = {}
 
-    def deliver(self, channel: str, msg_ids: Sequence[bytes], handles: Iterable[H] | None = None) -> None:
-        """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``."""
+    def _held(self, channel: str) -> dict[bytes, H | None]:
         held = self._handles.get(channel)
         if held is None:
             held = self._handles[channel] = {}
             self._order[channel] = deque()
+        return held
+
+    def deliver(self, channel: str, msg_ids: Sequence[bytes], handles: Iterable[H] | None = None) -> None:
+        """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``."""
+        held = self._held(channel)
         held.update(zip(msg_ids, handles, strict=True) if handles is not None else dict.fromkeys(msg_ids))
         self._order[channel].extend(msg_ids)
 
     def add(self, channel: str, msg_id: bytes, handle: H | None = None) -> None:
         """:meth:`deliver` for one message."""
-        held = self._handles.get(channel)
-        if held is None:
-            held = self._handles[channel] = {}
-            self._order[channel] = deque()
-        held[msg_id] = handle
+        self._held(channel)[msg_id] = handle
         self._order[channel].append(msg_id)
 
     def holds(self, channel: str, msg_id: bytes) -> bool:
@@ -363,6 +362,21 @@ class Unacked(Generic[H]):
         """Drop what is held on ``channel`` (a seek moved it, a rebalance took it away)."""
         self._handles.pop(channel, None)
         self._order.pop(channel, None)
+
+
+def ids_by_channel(records: Sequence[RawMessage], only: str | None = None) -> dict[str, list[bytes]]:
+    """The message ids of ``records`` per channel, in order. ``only``: the one channel they all come from
+    (a consumer of one channel), so no per-message look at all; a batch of one channel (the usual case)
+    costs one comparison a message."""
+    if not records:
+        return {}
+    first = only or records[0].channel
+    if only is not None or all([raw.channel == first for raw in records]):
+        return {first: [raw.msg_id for raw in records]}
+    groups: dict[str, list[bytes]] = {}
+    for raw in records:
+        groups.setdefault(raw.channel, []).append(raw.msg_id)
+    return groups
 
 
 class Backend(abc.ABC):

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
 
@@ -78,7 +78,7 @@ CREATE INDEX IF NOT EXISTS joined_by_token ON joined (token);
 _FLOOR = """SELECT MIN(x) FROM (SELECT MIN(cursor) AS x FROM subscriptions WHERE chan = ?1
     UNION ALL SELECT MIN(first) FROM pending WHERE chan = ?1)"""
 
-ErrorClass = Callable[[str], MsgStreamError]  # what a failed sqlite3 call becomes, by operation
+ErrorClass = type[MsgStreamError]  # what a failed sqlite3 call becomes, by operation
 
 
 def _msg_id(seq: int) -> bytes:
@@ -154,7 +154,7 @@ class SQLiteBackend(Backend):
         self._commits = 0  # our own writes: data_version counts only other connections'
         self._members: set[str] = set()  # tokens of our members not yet handed back: closed with the backend
         self._conn: Connection | None = None
-        try:
+        with self.errors("cannot open the file", BrokerUnavailableError):
             conn = sqlite3.connect(path, self._busy, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
@@ -164,47 +164,46 @@ class SQLiteBackend(Backend):
             except sqlite3.Error:
                 conn.close()
                 raise
-        except sqlite3.Error as exc:
-            raise BrokerUnavailableError(f"cannot open {url.redacted()}: {exc}") from exc
         self._conn = conn
 
+    def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
+        """sqlite3's errors, and the wait for another thread's call (a ``TimeoutError``), retriable by
+        their result code."""
+        return (None, _code(exc) in _RETRIABLE) if isinstance(exc, (sqlite3.Error, TimeoutError)) else None
+
     @contextlib.contextmanager
-    def _tx(self, error: ErrorClass, *, write: bool = True, wait: float | None = None) -> Iterator[Connection]:
+    def _tx(
+        self, error: ErrorClass, *, write: bool = True, wait: float | None = None, channel: str | None = None
+    ) -> Iterator[Connection]:
         """The connection, inside a ``BEGIN IMMEDIATE`` transaction if ``write``, waiting at most ``wait``
         seconds (default ``busy_timeout``) for another thread's call and for the write lock; sqlite3
-        errors become ``error(text)``, ``retriable`` when trying again may work; anything raised rolls back."""
+        errors become ``error`` (:meth:`Backend.errors`: the sqlite3 error is its ``__context__``),
+        ``retriable`` when trying again may work; anything raised rolls back."""
         wait = min(self._busy if wait is None else max(wait, 0.0), threading.TIMEOUT_MAX)
-        if not self._lock.acquire(timeout=wait):
-            busy = TimeoutError(f"another thread's call on this connection took over {wait:g} s")
-            raise self._error(error, busy) from busy
-        try:
-            conn = self._conn
-            if conn is None:
-                raise StreamClosedError(f"backend {self.url.redacted()} is closed")
-            if write:
-                if (busy_ms := min(max(1, int(wait * 1000)), 2**31 - 1)) != self._busy_ms:  # a C int
-                    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-                    self._busy_ms = busy_ms
-                conn.execute("BEGIN IMMEDIATE")
-            changes = conn.total_changes
-            yield conn
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-            self._commits += conn.total_changes != changes
-        except BaseException as exc:
-            if conn is not None and conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise self._error(error, exc) from exc
-            raise
-        finally:
-            self._lock.release()
-
-    def _error(self, error: ErrorClass, exc: Exception) -> MsgStreamError:
-        translated = error(f"sqlite {self.url.redacted()}: {exc}")
-        translated.retriable = _code(exc) in _RETRIABLE
-        return translated
+        with self.errors(f"send to {channel!r}" if channel else "sqlite", error, channel):
+            if not self._lock.acquire(timeout=wait):
+                raise TimeoutError(f"another thread's call on this connection took over {wait:g} s")
+            try:
+                conn = self._conn
+                if conn is None:
+                    raise StreamClosedError(f"backend {self.url.redacted()} is closed")
+                if write:
+                    if (busy_ms := min(max(1, int(wait * 1000)), 2**31 - 1)) != self._busy_ms:  # a C int
+                        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                        self._busy_ms = busy_ms
+                    conn.execute("BEGIN IMMEDIATE")
+                changes = conn.total_changes
+                yield conn
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+                self._commits += conn.total_changes != changes
+            except BaseException:
+                if conn is not None and conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._lock.release()
 
     def _version(self, wait: float) -> tuple[int, int]:
         """Changes whenever any connection committed a write to the file."""
@@ -390,14 +389,11 @@ class _SQLiteProducer(Producer):
         self._chan = chan
         self._closed = False
 
-    def _error(self, text: str) -> MsgStreamError:
-        return ProduceError(f"send to {self.channel!r} failed: {text}", channel=self.channel)
-
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
         if self._closed:
             raise StreamClosedError("producer is closed")
         backend, chan, now = self._backend, self._chan, time.time()
-        with backend._tx(self._error, wait=timeout) as conn:
+        with backend._tx(ProduceError, wait=timeout, channel=self.channel) as conn:
             row = conn.execute("SELECT first, next FROM channels WHERE id = ?", (chan,)).fetchone()
             if row is None:
                 raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
@@ -448,7 +444,7 @@ class _SQLiteConsumer(Consumer):
                     if out:
                         return out
             except ConsumeError as exc:
-                if _code(exc.__cause__) not in _BUSY:
+                if _code(exc.__context__) not in _BUSY:
                     raise
                 self._seen = None  # look again
             remaining = deadline - time.monotonic()

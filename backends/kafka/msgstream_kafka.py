@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import confluent_kafka as ck
@@ -49,6 +49,7 @@ from msgstream.backend import (
     RawMessage,
     SubscriptionPosition,
     Unacked,
+    ids_by_channel,
     redact_options,
 )
 from msgstream.errors import (
@@ -119,6 +120,15 @@ _TRANSIENT = (
 )
 
 
+def _error_of(exc: ck.KafkaException) -> ck.KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+
+
+def _code(exc: ck.KafkaException) -> int | None:
+    err = _error_of(exc)
+    return None if err is None else err.code()
+
+
 def _verdict(err: ck.KafkaError | None) -> tuple[type[MsgStreamError] | None, bool]:
     """A librdkafka error's msgstream class (``None``: the caller's) and whether trying again may work."""
     if err is not None and err.code() in _NO_TOPIC:
@@ -174,20 +184,6 @@ def _offset(msg_id: bytes) -> int:
     return int.from_bytes(msg_id, "big", signed=True)
 
 
-def _by_channel(records: Sequence[RawMessage], only: str | None) -> dict[str, list[RawMessage]]:
-    """Non-empty ``records`` per channel, in order. ``only``: the consumer's one channel, so no
-    per-message look at all; a batch of one channel (the usual case) costs one comparison a message."""
-    if only is not None:
-        return {only: list(records)}
-    first = records[0].channel
-    if all([raw.channel == first for raw in records]):
-        return {first: list(records)}
-    groups: dict[str, list[RawMessage]] = {}
-    for raw in records:
-        groups.setdefault(raw.channel, []).append(raw)
-    return groups
-
-
 class KafkaBackend(Backend):
     """See the module docstring."""
 
@@ -225,10 +221,7 @@ class KafkaBackend(Backend):
         self.admin_conf = {**common, **roles["admin."]}
         with self.errors("connect", BrokerUnavailableError):
             self.admin = AdminClient(self.admin_conf)
-            try:
-                metadata = self.admin.list_topics(timeout=self.timeout)
-            finally:
-                self.admin.poll(0)  # librdkafka's log lines reach the logger when its queue is served
+            metadata = self._brokers("connect", self.timeout)
             self._producer = ck.Producer(self.producer_conf)
             self._reader = ck.Consumer(  # reads to the end of a partition (registry, latest offset)
                 {
@@ -239,8 +232,6 @@ class KafkaBackend(Backend):
                     "fetch.error.backoff.ms": 10,
                 }
             )
-        if not metadata.brokers:
-            raise BrokerUnavailableError(f"no broker answered at {url.redacted()}")
         self._lock = threading.RLock()
         self._registry: dict[str, bytes | None] = {}  # channel -> metadata; None = deleted
         self._registry_next = 0
@@ -254,7 +245,7 @@ class KafkaBackend(Backend):
     def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
         if not isinstance(exc, ck.KafkaException):
             return None
-        return _verdict(exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None)
+        return _verdict(_error_of(exc))
 
     def fail(
         self, cls: type[MsgStreamError], text: str, err: ck.KafkaError | None, channel: str | None = None
@@ -263,41 +254,55 @@ class KafkaBackend(Backend):
         kind, retriable = _verdict(err)
         raise self.error(kind or cls, text, retriable, channel) from None
 
+    def _wait(self, future: Any, ignore: Collection[int] = ()) -> Any:
+        """An admin-client call's result, within ``operation_timeout``; an error whose librdkafka code is
+        in ``ignore`` counts as done (``None``)."""
+        try:
+            return future.result(timeout=self.timeout)
+        except ck.KafkaException as exc:
+            if _code(exc) not in ignore:
+                raise
+            return None
+
+    def _brokers(self, what: str, timeout: float) -> Any:
+        """The cluster's metadata (``list_topics``), which some broker must answer within ``timeout``."""
+        with self.errors(what, BrokerUnavailableError):
+            try:
+                metadata = self.admin.list_topics(timeout=timeout)
+            finally:
+                self.admin.poll(0)  # librdkafka's log lines reach the logger when its queue is served
+        if not metadata.brokers:
+            raise BrokerUnavailableError(f"no broker answered at {self.url.redacted()}")
+        return metadata
+
     # -- topics and the registry ----------------------------------------------------------------
     def _create_topic(self, topic: str, config: dict[str, str] | None = None) -> None:
         new = NewTopic(topic, num_partitions=1, replication_factor=self.replication, config=config or {})
         with self.errors(f"create topic {topic!r}", BrokerUnavailableError):
             future = self.admin.create_topics([new], operation_timeout=self.timeout)[topic]
-            try:
-                future.result(timeout=self.timeout)
-            except ck.KafkaException as exc:
-                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
+            self._wait(future, ignore=(ck.KafkaError.TOPIC_ALREADY_EXISTS,))
 
-    def _read_to_end(self, topic: str, start: int, timeout: float | None = None) -> list[Any]:
-        """Every message of ``topic`` from offset ``start`` to the end of its partition, within ``timeout``
-        (default ``operation_timeout``) seconds."""
-        timeout = self.timeout if timeout is None else timeout
-        out: list[Any] = []
-        with self._lock, self.errors(f"read {topic!r}", BrokerUnavailableError):
+    def _read(self, topic: str, start: int, timeout: float, channel: str | None = None) -> Generator[Any, None, None]:
+        """The messages of ``topic`` from offset ``start`` to the end of its partition, read within
+        ``timeout`` seconds by the reader, which is held (with the lock) until this generator is closed."""
+        with self._lock, self.errors(f"read {topic!r}", BrokerUnavailableError, channel):
             self._reader.assign([ck.TopicPartition(topic, 0, start)])
             deadline = time.monotonic() + timeout
             try:
                 while True:
                     if time.monotonic() > deadline:
                         raise BrokerUnavailableError(f"reading {topic!r} took over {timeout}s")
-                    batch = _take(self._reader, 500, min(0.5, timeout))
                     done = False
-                    for m in batch:
+                    for m in _take(self._reader, 500, min(0.5, timeout)):
                         err = m.error()
                         if err is None:
-                            out.append(m)
+                            yield m
                         elif err.code() == ck.KafkaError._PARTITION_EOF:
                             done = True
                         else:
                             raise ck.KafkaException(err)
                     if done:
-                        return out
+                        return
             finally:
                 self._reader.unassign()
 
@@ -312,11 +317,12 @@ class KafkaBackend(Backend):
             raise BrokerUnavailableError(f"the channel registry was busy for {timeout:.1f}s")
         try:
             self._refreshed = time.monotonic()
-            for m in self._read_to_end(self.registry_topic, self._registry_next, timeout):
-                name = (m.key() or b"").decode()
-                value = m.value() or b""
-                self._registry[name] = value[1:] if value[:1] == b"C" else None
-                self._registry_next = m.offset() + 1
+            with contextlib.closing(self._read(self.registry_topic, self._registry_next, timeout)) as records:
+                for m in records:
+                    name = (m.key() or b"").decode()
+                    value = m.value() or b""
+                    self._registry[name] = value[1:] if value[:1] == b"C" else None
+                    self._registry_next = m.offset() + 1
         finally:
             self._lock.release()
 
@@ -369,7 +375,7 @@ class KafkaBackend(Backend):
             with self.errors(f"delete topic {name!r}", BrokerUnavailableError, name):
                 future = self.admin.delete_topics([name], operation_timeout=self.timeout)[name]
                 with contextlib.suppress(ck.KafkaException):  # already gone: the registry says deleted
-                    future.result(timeout=self.timeout)
+                    self._wait(future)
 
     def create_producer(self, channel: str) -> Producer:
         self.check_channel(channel)
@@ -388,26 +394,15 @@ class KafkaBackend(Backend):
             low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
         return int(low), int(high)
 
-    def latest_offset(self, topic: str) -> int | None:
-        """The offset of the newest message, None if there is none."""
-        low, high = self.watermarks(topic)
-        return high - 1 if high > low else None
-
     def latest_message_id(self, channel: str) -> bytes | None:
         self.check_channel(channel)
-        offset = self.latest_offset(channel)
-        return None if offset is None else _pack_offset(offset)
+        low, high = self.watermarks(channel)
+        return _pack_offset(high - 1) if high > low else None
 
     # -- operations -----------------------------------------------------------------------------
     def ping(self, timeout: float) -> None:
         """A metadata request (``list_topics``) that some broker must answer within ``timeout``."""
-        with self.errors("ping", BrokerUnavailableError):
-            try:
-                metadata = self.admin.list_topics(timeout=timeout)
-            finally:
-                self.admin.poll(0)
-        if not metadata.brokers:
-            raise BrokerUnavailableError(f"no broker answered at {self.url.redacted()}")
+        self._brokers("ping", timeout)
 
     def list_channels(self) -> list[str]:
         self.refresh_registry()
@@ -418,8 +413,7 @@ class KafkaBackend(Backend):
         parts = None if topics is None else [ck.TopicPartition(t, 0) for t in topics]
         request = [ck.ConsumerGroupTopicPartitions(group, parts)]
         with self.errors(f"committed offsets of {group!r}", BrokerUnavailableError):
-            result = self.admin.list_consumer_group_offsets(request, request_timeout=self.timeout)[group]
-            listed = result.result(timeout=self.timeout)
+            listed = self._wait(self.admin.list_consumer_group_offsets(request, request_timeout=self.timeout)[group])
         return {tp.topic: tp.offset for tp in listed.topic_partitions or [] if tp.offset >= 0 and tp.error is None}
 
     def list_subscriptions(self, channel: str) -> list[str]:
@@ -427,7 +421,7 @@ class KafkaBackend(Backend):
         acknowledged nothing is not listed yet)."""
         self.check_channel(channel)
         with self.errors("list consumer groups", BrokerUnavailableError):
-            listing = self.admin.list_consumer_groups(request_timeout=self.timeout).result(timeout=self.timeout)
+            listing = self._wait(self.admin.list_consumer_groups(request_timeout=self.timeout))
         groups = [g.group_id for g in listing.valid if not g.group_id.startswith("msgstream-reader-")]
         return [g for g in groups if channel in self._group_offsets(g, [channel])]
 
@@ -443,31 +437,17 @@ class KafkaBackend(Backend):
         with self.errors(f"delete consumer group {subscription!r}", BrokerUnavailableError):
             future = self.admin.delete_consumer_groups([subscription], request_timeout=self.timeout)[subscription]
             try:
-                future.result(timeout=self.timeout)
+                self._wait(future, ignore=(ck.KafkaError.GROUP_ID_NOT_FOUND,))
             except ck.KafkaException as exc:
-                code = exc.args[0].code() if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
-                if code == ck.KafkaError.NON_EMPTY_GROUP:
+                if _code(exc) == ck.KafkaError.NON_EMPTY_GROUP:
                     raise SubscriptionInUseError(f"consumer group {subscription!r} has live members") from None
-                if code != ck.KafkaError.GROUP_ID_NOT_FOUND:
-                    raise
+                raise
 
     def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
         offset = _offset(msg_id)
-        with self._lock, self.errors(f"read {channel!r}", BrokerUnavailableError, channel):
-            self._reader.assign([ck.TopicPartition(channel, 0, offset)])
-            deadline = time.monotonic() + self.timeout
-            try:
-                while time.monotonic() < deadline:
-                    for m in _take(self._reader, 1, min(0.5, self.timeout)):
-                        err = m.error()
-                        if err is None:
-                            return bytes(m.value()) if m.offset() == offset else None
-                        if err.code() == ck.KafkaError._PARTITION_EOF:
-                            return None
-                        raise ck.KafkaException(err)
-            finally:
-                self._reader.unassign()
-        raise BrokerUnavailableError(f"reading {channel!r} at offset {offset} took over {self.timeout}s")
+        with contextlib.closing(self._read(channel, offset, self.timeout, channel)) as messages:
+            first = next(messages, None)
+        return None if first is None or first.offset() != offset else bytes(first.value())
 
     def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
         low, high = self.watermarks(channel)
@@ -581,7 +561,7 @@ class _KafkaProducer(Producer):
                             fail(full)
                         producer.poll(0.05)
                     except ck.KafkaException as exc:  # refused (too large, ...)
-                        err = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+                        err = _error_of(exc)
                         if err is None or err.code() in _NO_TOPIC:
                             raise  # ChannelNotFoundError, or what backend.errors makes of it
                         fail(err)
@@ -750,7 +730,8 @@ class _KafkaConsumer(Consumer):
             if out and self._guard:
                 out = self._unguarded(out)
             if out:
-                self._deliver(out)
+                for channel, ids in ids_by_channel(out, self._only).items():  # delivered, not yet acknowledged
+                    self._unacked.deliver(channel, ids)
                 return out
             if remaining <= 0:
                 return out
@@ -775,11 +756,6 @@ class _KafkaConsumer(Consumer):
             kept.append(raw)
         return kept
 
-    def _deliver(self, out: list[RawMessage]) -> None:
-        """Note ``out`` as delivered and not yet acknowledged, per channel, in order."""
-        for channel, records in _by_channel(out, self._only).items():
-            self._unacked.deliver(channel, [r.msg_id for r in records])
-
     def ack(self, messages: Sequence[RawMessage]) -> None:
         """Commit, per channel, the offset after the longest delivered prefix now acknowledged."""
         if self._closed:
@@ -787,10 +763,10 @@ class _KafkaConsumer(Consumer):
         if not messages:
             return
         touched = []
-        for channel, records in _by_channel(messages, self._only).items():
+        for channel, ids in ids_by_channel(messages, self._only).items():
             if channel not in self._assigned:
                 continue  # revoked meanwhile: committing it could rewind the partition's new owner
-            last = self._unacked.settle(channel, [r.msg_id for r in records])
+            last = self._unacked.settle(channel, ids)
             if last is not None:
                 self._committed[channel] = self._floor[channel] = _offset(last) + 1
                 touched.append(channel)
@@ -810,7 +786,7 @@ class _KafkaConsumer(Consumer):
                 continue
             if len(after) != 8:
                 raise SeekError(f"not a Kafka offset id: {after.hex()!r} on {channel!r}")
-            offset = int.from_bytes(after, "big", signed=True)
+            offset = _offset(after)
             if not low <= offset < high:
                 raise SeekError(f"offset {offset} is not on {channel!r} (offsets {low} to {high - 1})")
             offsets.append(ck.TopicPartition(channel, 0, offset if channel in inclusive else offset + 1))
@@ -838,7 +814,7 @@ class _KafkaConsumer(Consumer):
                 self._c.commit(offsets=offsets, asynchronous=False)
                 return
             except ck.KafkaException as exc:
-                if exc.args[0].code() not in transient or time.monotonic() > deadline:
+                if _code(exc) not in transient or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 

@@ -55,7 +55,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Generator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -73,6 +73,7 @@ from msgstream.backend import (
     RawMessage,
     SubscriptionPosition,
     Unacked,
+    ids_by_channel,
     redact_options,
 )
 from msgstream.errors import (
@@ -100,35 +101,23 @@ _TLS_OPTIONS = {
     "tls_certificate_file_path": str,
     "tls_private_key_file_path": str,
 }
-# results a retry may cure: the broker was unreachable, slow or moving the topic
-_RETRIABLE = {
-    pulsar.Result.Timeout,
-    pulsar.Result.ConnectError,
-    pulsar.Result.NotConnected,
-    pulsar.Result.LookupError,
-    pulsar.Result.ServiceUnitNotReady,
-    pulsar.Result.TooManyLookupRequestException,
-    pulsar.Result.BrokerPersistenceError,
-    pulsar.Result.BrokerMetadataError,
-    pulsar.Result.ProducerQueueIsFull,
-    pulsar.Result.MemoryBufferIsFull,
-}
+# results a retry may cure: the broker was unreachable, slow or moving the topic (pulsar-client names each
+# Result and the exception raised for it alike)
+_RETRIABLE_NAMES = (
+    "Timeout",
+    "ConnectError",
+    "NotConnected",
+    "LookupError",
+    "ServiceUnitNotReady",
+    "TooManyLookupRequestException",
+    "BrokerPersistenceError",
+    "BrokerMetadataError",
+    "ProducerQueueIsFull",
+    "MemoryBufferIsFull",
+)
+_RETRIABLE = {getattr(pulsar.Result, name) for name in _RETRIABLE_NAMES}
 _RETRIABLE_EXC: tuple[type[BaseException], ...] = tuple(
-    getattr(pulsar, name)
-    for name in (
-        "Timeout",
-        "ConnectError",
-        "NotConnected",
-        "LookupError",
-        "ServiceUnitNotReady",
-        "TooManyLookupRequestException",
-        "BrokerPersistenceError",
-        "BrokerMetadataError",
-        "ProducerQueueIsFull",
-        "MemoryBufferIsFull",
-        "ConsumerBusy",
-        "ProducerBusy",
-    )
+    getattr(pulsar, name) for name in (*_RETRIABLE_NAMES, "ConsumerBusy", "ProducerBusy")
 )
 _Key = tuple[int, int, int]  # (ledger, entry, batch index): the order of messages on a topic
 
@@ -155,15 +144,9 @@ class _NativeLog:
     def __init__(self) -> None:
         self.logger = log.getChild("client")
         level = self.logger.getEffectiveLevel()
-        self.level = (
-            pulsar.LoggerLevel.Debug
-            if level <= logging.DEBUG
-            else pulsar.LoggerLevel.Info
-            if level <= logging.INFO
-            else pulsar.LoggerLevel.Warn
-            if level <= logging.WARNING
-            else pulsar.LoggerLevel.Error
-        )
+        native = pulsar.LoggerLevel
+        limits = ((logging.DEBUG, native.Debug), (logging.INFO, native.Info), (logging.WARNING, native.Warn))
+        self.level = next((value for limit, value in limits if level <= limit), native.Error)
         fd, self.path = tempfile.mkstemp(prefix="msgstream-pulsar-", suffix=".log")
         os.close(fd)
         atexit.register(_remove, self.path)
@@ -253,8 +236,10 @@ class _Admin:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
-    def request(self, method: str, path: str, ok: Sequence[int]) -> bytes:
-        """One call; its response body. Raises BrokerUnavailableError unless the status is in ``ok``."""
+    def request(self, method: str, topic: str, tail: str = "", ok: Sequence[int] = (200,)) -> bytes:
+        """One call on a persistent topic's path (``persistent://tenant/namespace/name``) followed by
+        ``tail``; its response body. Raises BrokerUnavailableError unless the status is in ``ok``."""
+        path = "/admin/v2/persistent/" + quote(topic.removeprefix("persistent://")) + tail
         with self._lock:
             for attempt in (1, 2):  # a kept connection the server closed meanwhile: reconnect once
                 if self._conn is None:
@@ -279,9 +264,9 @@ class _Admin:
                 return data
         raise AssertionError("unreachable")
 
-    def json(self, path: str) -> Any:
-        """GET ``path`` and decode its JSON body."""
-        return json.loads(self.request("GET", path, ok=(200,)))
+    def json(self, topic: str, tail: str) -> Any:
+        """GET the topic's path followed by ``tail`` and decode its JSON body."""
+        return json.loads(self.request("GET", topic, tail))
 
     def close(self) -> None:
         with self._lock:
@@ -359,7 +344,8 @@ class PulsarBackend(Backend):
             # one client (one connection pool, one set of threads) for the registry, producers and
             # every consumer
             self.client = pulsar.Client(service, **client_kw)
-            try:
+        try:
+            with self.errors("connect", BrokerUnavailableError):
                 # a durable subscription that never acknowledges keeps the registry's records from
                 # retention (Apache Pulsar deletes what no subscription still needs)
                 self.client.subscribe(self.registry_topic, "__msgstream_registry_keep").close()
@@ -367,10 +353,6 @@ class PulsarBackend(Backend):
                 self._writer = self.client.create_producer(
                     self.registry_topic, send_timeout_millis=int(self.timeout * 1000)
                 )
-            except BaseException:
-                self.client.close()
-                raise
-        try:
             self.refresh_registry()
         except BaseException:
             self.client.close()
@@ -397,8 +379,8 @@ class PulsarBackend(Backend):
             raise BrokerUnavailableError(f"the channel registry was busy for {self.timeout}s")
         with contextlib.ExitStack() as held, self.errors("read the channel registry", BrokerUnavailableError):
             held.callback(self._lock.release)
-            while self._has(self._reader):
-                data = self._reader.read_next(int(self.timeout * 1000)).data()
+            for message in self._messages(self._reader):
+                data = message.data()
                 try:
                     record = msgspec.msgpack.decode(data, type=_Entry)
                 except msgspec.DecodeError:
@@ -445,15 +427,10 @@ class PulsarBackend(Backend):
                 raise ChannelExistsError(f"channel exists: {name!r}")
             nonce = uuid.uuid4().bytes
             self._append(_Entry("C", name, nonce, bytes(metadata)))
-            self.refresh_registry()
-            entry = self._registry.get(name)
-            if entry is None or entry.nonce != nonce:  # another client created it first
+            if not self.still_live(name, nonce, force=True):  # another client created it first
                 raise ChannelExistsError(f"channel exists: {name!r}")
             if self.admin is not None:  # Apache Pulsar: create it now, whatever auto-creation says
-                self.admin.request("PUT", self._admin_path(entry.topic), ok=(204, 409))
-
-    def _admin_path(self, topic: str) -> str:
-        return f"/admin/v2/persistent/{quote(self.tenant)}/{quote(self.namespace)}/{quote(topic.rsplit('/', 1)[1])}"
+                self.admin.request("PUT", self.live(name, force=False).topic, ok=(204, 409))
 
     def channel_metadata(self, name: str) -> bytes:
         return self.live(name).metadata
@@ -467,9 +444,8 @@ class PulsarBackend(Backend):
             # terminated first: its producers in other clients fail at once (TopicTerminated) instead of
             # reconnecting after the delete, which would create the topic again (auto-creation is on as
             # Apache Pulsar ships)
-            path = self._admin_path(entry.topic)
-            self.admin.request("POST", path + "/terminate", ok=(200, 204, 404, 405))
-            self.admin.request("DELETE", path + "?force=true", ok=(204, 404))
+            self.admin.request("POST", entry.topic, "/terminate", ok=(200, 204, 404, 405))
+            self.admin.request("DELETE", entry.topic, "?force=true", ok=(204, 404))
 
     def create_producer(self, channel: str) -> Producer:
         entry = self.live(channel)
@@ -529,14 +505,14 @@ class PulsarBackend(Backend):
         generator is."""
         reader = self.client.create_reader(topic, start, start_message_id_inclusive=True)
         try:
-            while self._has(reader):
-                yield reader.read_next(int(self.timeout * 1000))
+            yield from self._messages(reader)
         finally:
             reader.close()
 
-    @staticmethod
-    def _has(reader: Any) -> bool:
-        return bool(reader.has_message_available())
+    def _messages(self, reader: Any) -> Iterator[Any]:
+        """What ``reader`` holds from where it is to the end of its topic."""
+        while reader.has_message_available():
+            yield reader.read_next(int(self.timeout * 1000))
 
     # -- operations -----------------------------------------------------------------------------
     def ping(self, timeout: float) -> None:
@@ -573,7 +549,7 @@ class PulsarBackend(Backend):
     def list_subscriptions(self, channel: str) -> list[str]:
         """The topic's subscriptions, from the admin REST API (``admin_url``)."""
         admin = self._need_admin("list_subscriptions")
-        names = admin.json(self._admin_path(self.live(channel).topic) + "/subscriptions")
+        names = admin.json(self.live(channel).topic, "/subscriptions")
         return [str(n) for n in names if not str(n).startswith("__msgstream_probe_")]
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
@@ -583,16 +559,15 @@ class PulsarBackend(Backend):
         topics = [self.live(channel).topic for channel in channels]
         if self.admin is not None:
             for channel, topic in zip(channels, topics, strict=True):
-                stats = self.admin.json(self._admin_path(topic) + "/stats")
+                stats = self.admin.json(topic, "/stats")
                 sub = stats.get("subscriptions", {}).get(subscription)
                 if sub and sub.get("consumers"):
                     raise SubscriptionInUseError(
                         f"subscription {subscription!r} has {len(sub['consumers'])} consumer(s) on {channel!r}"
                     )
             for topic in topics:
-                path = f"{self._admin_path(topic)}/subscription/{quote(subscription, safe='')}"
                 try:
-                    self.admin.request("DELETE", path, ok=(204, 404))
+                    self.admin.request("DELETE", topic, f"/subscription/{quote(subscription, safe='')}", ok=(204, 404))
                 except BrokerUnavailableError as exc:
                     if "HTTP 412" in str(exc):  # a consumer connected meanwhile
                         raise SubscriptionInUseError(f"subscription {subscription!r}: {exc}") from None
@@ -627,7 +602,7 @@ class PulsarBackend(Backend):
             return max(0, int(newest.entry_id()) - entry)
         if self.admin is None or ledger > newest.ledger_id():
             return None
-        stats = self.admin.json(self._admin_path(topic) + "/internalStats")
+        stats = self.admin.json(topic, "/internalStats")
         count = int(newest.entry_id()) + 1
         for item in stats.get("ledgers", []):
             lid = int(item["ledgerId"])
@@ -649,7 +624,7 @@ class PulsarBackend(Backend):
         if msg_id is None:
             if self.admin is None:
                 return None
-            return int(self.admin.json(self._admin_path(topic) + "/internalStats").get("numberOfEntries", 0))
+            return int(self.admin.json(topic, "/internalStats").get("numberOfEntries", 0))
         after = _parse_id(msg_id, channel)
         return self._entries_after(topic, after.ledger_id(), after.entry_id(), newest)
 
@@ -659,8 +634,7 @@ class PulsarBackend(Backend):
         if self.admin is None:
             return None, None
         topic = self.live(channel).topic
-        path = self._admin_path(topic)
-        sub = self.admin.json(path + "/stats").get("subscriptions", {}).get(subscription)
+        sub = self.admin.json(topic, "/stats").get("subscriptions", {}).get(subscription)
         if sub is None:  # would start at the first message
             count = self.count_after(channel, None)
             first = self.read_one(topic, pulsar.MessageId.earliest) if count else None
@@ -668,7 +642,7 @@ class PulsarBackend(Backend):
         count = int(sub.get("msgBacklog", 0))
         if not count:
             return 0, None
-        cursor = self.admin.json(path + "/internalStats").get("cursors", {}).get(subscription, {})
+        cursor = self.admin.json(topic, "/internalStats").get("cursors", {}).get(subscription, {})
         ledger, _, entry = str(cursor.get("markDeletePosition", "")).partition(":")
         if not ledger.lstrip("-").isdigit() or not entry.lstrip("-").isdigit():
             return count, None
@@ -871,11 +845,9 @@ class _PulsarConsumer(Consumer):
                     # seek from the member that consumes, docs/backends.md.)
                     continue
                 last[channel] = msg_id
-                raw = msg_id.serialize()
-            else:
-                raw = msg_id.serialize()
-                if pending.holds(channel, raw):  # delivered twice, and the caller still holds it
-                    continue
+            raw = msg_id.serialize()
+            if not ordered and pending.holds(channel, raw):  # delivered twice, and the caller still holds it
+                continue
             pending.add(channel, raw, msg_id)
             out.append(RawMessage(channel, raw, message.data()))
         return out
@@ -887,10 +859,12 @@ class _PulsarConsumer(Consumer):
         with self._backend.errors("ack"):
             for record in messages:
                 msg_id = pending.handle(record.channel, record.msg_id)
-                if msg_id is None:  # forgotten by a seek, or acked already
-                    continue
-                acknowledge(msg_id)  # first: if it fails, the message stays pending for a retry
-                pending.settle(record.channel, [record.msg_id])
+                if msg_id is not None:  # else forgotten by a seek, or acked already
+                    acknowledge(msg_id)
+        # only once acknowledged: a failed ack keeps them all pending, and its retry acknowledges again
+        # what the broker took already (Pulsar ignores a repeated acknowledgement)
+        for channel, ids in ids_by_channel(messages).items():
+            pending.settle(channel, ids)
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:

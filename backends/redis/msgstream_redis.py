@@ -27,12 +27,13 @@ Options (URL query or ``connect(**options)``): ``prefix`` (``msgstream:``), ``so
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -48,6 +49,7 @@ from msgstream.backend import (
     RawMessage,
     SubscriptionPosition,
     Unacked,
+    ids_by_channel,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
@@ -454,9 +456,7 @@ class _RedisConsumer(Consumer):
         out: list[RawMessage] = []
         with self._backend.errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
-                start = "-"
-                while len(out) < max_messages:
-                    mine = self._backend.command("XPENDING", key, self.subscription, start, "+", 1000, self._name)
+                for mine in self._pending(key, member=self._name):
                     lost = [p[0] for p in mine if not self._held.holds(channel, p[0])][: max_messages - len(out)]
                     if lost:  # XRANGE of each id, in one round trip: the entries' payloads
                         pipe = self._r.pipeline(transaction=False)
@@ -471,9 +471,8 @@ class _RedisConsumer(Consumer):
                                 gone.append(entry_id)
                         if gone:
                             self._backend.command("XACK", key, self.subscription, *gone)
-                    if len(mine) < 1000:
-                        break
-                    start = b"(" + mine[-1][0]
+                    if len(out) >= max_messages:
+                        return out
         if not out:
             self._recover = False
         return out
@@ -496,13 +495,8 @@ class _RedisConsumer(Consumer):
             remaining = deadline - now
             # wake up for the next claim round too
             block = int(min(remaining, self._max_block, max(0.001, self._next_claim - now)) * 1000)
-            with self._backend.errors("receive"):
-                try:
-                    reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        self._missing_channel()
-                    raise
+            with self._errors("receive"):
+                reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
             out = self._parse(reply)
             if out or remaining <= 0 or block <= 0:
                 if len(out) > max_messages:
@@ -529,51 +523,39 @@ class _RedisConsumer(Consumer):
         idle_ms = int(self._backend.claim_idle * 1000)
         me = self._name.encode()
         out: list[RawMessage] = []
-        for channel, key in zip(self.channels, self._keys, strict=True):
-            start = "-"
-            for _page in range(10):  # bounded scan of the pending list
-                room = max_messages - len(out)
-                if room <= 0:
-                    return out
-                with self._backend.errors("claim pending entries"):
-                    try:
-                        pending = self._backend.command(
-                            "XPENDING", key, self.subscription, "IDLE", idle_ms, start, "+", 1000
-                        )
-                        theirs = [p[0] for p in pending if p[1] != me][:room]
-                        entries = (
-                            self._backend.command("XCLAIM", key, self.subscription, self._name, idle_ms, *theirs)
-                            if theirs
-                            else []
-                        )
-                    except redis.ResponseError as exc:
-                        if "NOGROUP" in str(exc):
-                            self._missing_channel()
-                        raise
-                for entry_id, fields in entries:
-                    if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
-                        out.append(RawMessage(channel, entry_id, _payload(fields)))
-                        self._held.add(channel, entry_id)
-                if len(pending) < 1000:
-                    break
-                start = b"(" + pending[-1][0]
+        with self._errors("claim pending entries"):
+            for channel, key in zip(self.channels, self._keys, strict=True):
+                for pending in itertools.islice(self._pending(key, idle=idle_ms), 10):  # a bounded scan
+                    theirs = [p[0] for p in pending if p[1] != me][: max_messages - len(out)]
+                    if theirs:
+                        for entry_id, fields in self._backend.command(
+                            "XCLAIM", key, self.subscription, self._name, idle_ms, *theirs
+                        ):
+                            if fields:  # deleted (trimmed) entries come back empty: nothing to deliver
+                                out.append(RawMessage(channel, entry_id, _payload(fields)))
+                                self._held.add(channel, entry_id)
+                    if len(out) >= max_messages:
+                        return out
         return out
 
-    def _missing_channel(self) -> NoReturn:
-        for channel in self.channels:
-            self._backend.check_channel(channel)
-        raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}")
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """``backend.errors``, where a consumer group that is gone (NOGROUP) raises ``ChannelNotFoundError``
+        naming the deleted channel, else a ``ConsumeError`` saying the group vanished."""
+        with self._backend.errors(what):
+            try:
+                yield
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    for channel in self.channels:
+                        self._backend.check_channel(channel)
+                    raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}") from None
+                raise
 
     def ack(self, messages: Sequence[RawMessage]) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        by_channel: dict[str, list[bytes]] = {}
-        for raw in messages:
-            ids = by_channel.get(raw.channel)
-            if ids is None:
-                by_channel[raw.channel] = [raw.msg_id]
-            else:
-                ids.append(raw.msg_id)
+        by_channel = ids_by_channel(messages)
         with self._backend.errors("ack"):
             if len(by_channel) == 1:
                 ((channel, ids),) = by_channel.items()
@@ -605,10 +587,7 @@ class _RedisConsumer(Consumer):
                 self._held.forget(channel)
                 start = _before(after) if after and channel in inclusive else after
                 self._r.xgroup_setid(key, self.subscription, start or "0")
-                while True:  # forget the group's deliveries on this stream
-                    pending = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000)
-                    if not pending:
-                        break
+                for pending in self._pending(key):  # forget the group's deliveries on this stream
                     self._r.xack(key, self.subscription, *[p[0] for p in pending])
         self._buffer = deque(m for m in self._buffer if m.channel not in targets)
 
@@ -627,11 +606,21 @@ class _RedisConsumer(Consumer):
 
     def _release(self, key: str) -> None:
         """Hand what this member holds on ``key`` to the next member, then leave the group."""
-        while True:
-            mine = self._backend.command("XPENDING", key, self.subscription, "-", "+", 1000, self._name)
-            if not mine:
-                break
-            self._backend.command(
-                "XCLAIM", key, self.subscription, _RELEASED, 0, *[p[0] for p in mine], "IDLE", 2**40, "JUSTID"
-            )
+        for mine in self._pending(key, member=self._name):
+            ids = [p[0] for p in mine]
+            self._backend.command("XCLAIM", key, self.subscription, _RELEASED, 0, *ids, "IDLE", 2**40, "JUSTID")
         self._r.xgroup_delconsumer(key, self.subscription, self._name)
+
+    def _pending(self, key: str, *, member: str | None = None, idle: int | None = None) -> Iterator[list[Any]]:
+        """The group's pending entries on ``key`` (``[id, owner, idle ms, deliveries]``) in id order, a page
+        of up to 1000 at a time, each read after the caller handled the one before: ``member``'s only,
+        or only those idle for ``idle`` ms, where given."""
+        idle_filter = ["IDLE", idle] if idle is not None else []
+        start: bytes | str = "-"
+        while page := self._backend.command(
+            "XPENDING", key, self.subscription, *idle_filter, start, "+", 1000, *([member] if member else [])
+        ):
+            yield page
+            if len(page) < 1000:
+                return
+            start = b"(" + page[-1][0]
