@@ -272,9 +272,6 @@ class SQLiteBackend(Backend):
         path = self.url.path[1:]
         if not os.path.exists(path):
             raise BrokerUnavailableError(f"{self.url.redacted()}: the file is gone from {path!r}")
-        if not self._lock.acquire(timeout=timeout):
-            raise BrokerUnavailableError(f"{self.url.redacted()}: busy for {timeout}s")
-        self._lock.release()
         with self._tx(BrokerUnavailableError, write=False, wait=timeout) as conn:
             conn.execute("SELECT count(*) FROM channels").fetchone()
 

@@ -453,6 +453,23 @@ def test_ping_fails_when_the_file_is_gone(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.0
 
 
+def test_ping_behind_a_busy_connection_fails_within_its_timeout(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "busy.db")
+    try:
+        backend.ping(1.0)
+        assert backend._lock.acquire(timeout=1)  # another thread's call holds the connection
+        try:
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailableError):
+                backend.ping(0.3)
+            assert time.monotonic() - started < 0.55
+        finally:
+            backend._lock.release()
+        backend.ping(1.0)
+    finally:
+        backend.close()
+
+
 def test_drop_subscription_ignores_members_whose_process_died(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'dead.db'}"
     with ms.connect(url) as client:
