@@ -600,7 +600,7 @@ class _KafkaProducer(Producer):
         if failures:
             err = failures[0][1]
             reason = err.str()
-            retriable = err.retriable() or err.code() == ck.KafkaError._MSG_TIMED_OUT
+            retriable = _verdict(err)[1]  # as every other librdkafka error is judged
         accepted: list[bytes] = []
         for offset in confirmed:
             if offset is None or offset < 0:  # a report without an offset: nothing to name it by

@@ -10,7 +10,7 @@ from typing import Any
 
 import confluent_kafka as ck
 import pytest
-from msgstream_kafka import _BatchLimits
+from msgstream_kafka import _BatchLimits, _KafkaProducer
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
@@ -24,6 +24,20 @@ from .common import ping_of_a_dead_broker_fails_in_time, refused_send, restart_l
 
 def test_registered() -> None:
     assert "kafka" in installed_schemes()
+
+
+@pytest.mark.parametrize(
+    ("code", "retriable"),
+    [(ck.KafkaError._TRANSPORT, True), (ck.KafkaError._MSG_TIMED_OUT, True), (ck.KafkaError.INVALID_MSG_SIZE, False)],
+)
+def test_a_failed_delivery_is_retriable_as_any_error_with_its_code(code: int, retriable: bool) -> None:
+    err = ck.KafkaError(code)  # not flagged retriable by librdkafka: the code decides
+    producer = _KafkaProducer.__new__(_KafkaProducer)
+    producer.channel = "c"
+    with pytest.raises(ProduceError) as info:
+        producer._fail_unconfirmed(2, [5], [(1, err)], 1.0)
+    assert info.value.retriable is retriable
+    assert info.value.sent == {"c": [(5).to_bytes(8, "big")]}
 
 
 class TestKafkaConformance(ConformanceSuite):
