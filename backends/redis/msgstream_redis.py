@@ -421,7 +421,8 @@ class _RedisConsumer(Consumer):
         self._keys = [backend.key(c) for c in channels]
         self._key_of = dict(zip(channels, self._keys, strict=True))
         self._channel_of = {k.encode(): c for k, c in zip(self._keys, channels, strict=True)}
-        self._buffer: deque[RawMessage] = deque()  # delivered by Redis beyond what a receive returns
+        # delivered by Redis beyond what a receive returns (COUNT applies per stream), per channel
+        self._buffer: dict[str, deque[RawMessage]] = {c: deque() for c in channels}
         self._next_claim = 0.0
         self._max_block = max(0.05, backend.socket_timeout / 2)
         self._closed = False
@@ -437,8 +438,8 @@ class _RedisConsumer(Consumer):
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        if self._buffer:
-            return [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
+        if any(self._buffer.values()):
+            return self._share(max_messages, [])
         try:
             if self._recover:
                 recovered = self._recover_lost_replies(max_messages)
@@ -499,10 +500,20 @@ class _RedisConsumer(Consumer):
                 reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
             out = self._parse(reply)
             if out or remaining <= 0 or block <= 0:
-                if len(out) > max_messages:
-                    self._buffer.extend(out[max_messages:])
-                    del out[max_messages:]
-                return out
+                return out if len(out) <= max_messages else self._share(max_messages, out)
+
+    def _share(self, max_messages: int, fresh: list[RawMessage]) -> list[RawMessage]:
+        """Up to ``max_messages`` of what is buffered and ``fresh``: an equal share of every channel that
+        has some first, then the room left; the rest stays buffered, per channel in order. (A reply
+        holds up to COUNT entries of each stream: one stream's must not fill every batch.)"""
+        for raw in fresh:
+            self._buffer[raw.channel].append(raw)
+        queues = [q for q in self._buffer.values() if q]
+        out: list[RawMessage] = []
+        for take in (-(-max_messages // len(queues)), max_messages):
+            for q in queues:
+                out += [q.popleft() for _ in range(min(take, len(q), max_messages - len(out)))]
+        return out
 
     def _parse(self, reply: Any) -> list[RawMessage]:
         if not reply:
@@ -589,7 +600,8 @@ class _RedisConsumer(Consumer):
                 self._r.xgroup_setid(key, self.subscription, start or "0")
                 for pending in self._pending(key):  # forget the group's deliveries on this stream
                     self._r.xack(key, self.subscription, *[p[0] for p in pending])
-        self._buffer = deque(m for m in self._buffer if m.channel not in targets)
+        for channel in targets:
+            self._buffer[channel].clear()
 
     def close(self) -> None:
         if self._closed:

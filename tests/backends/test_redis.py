@@ -131,6 +131,28 @@ def test_maxlen_trims_and_seek_to_a_trimmed_entry_fails(redis_url: str) -> None:
         inp.close()
 
 
+def test_a_batch_takes_a_share_of_every_stream_and_keeps_each_in_order(redis_url: str) -> None:
+    with ms.connect(redis_url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=3))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            sent = {
+                c: out.produce(ms.MsgPack.of([row(k) for _ in range(n)]))[c]
+                for k, (c, n) in enumerate(zip(chans, (400, 400, 10), strict=True))
+            }
+        with client.msg_stream(receive_batch=300) as inp:
+            inp.create_consumers("s", chans)
+            first = consume_n(inp, 300, 10)[:300]
+            per_channel = [sum(1 for m in first if m.position and m.position.channel == c) for c in chans]
+            # an equal share of 100 from each stream, then the room left (90) from one that has more
+            assert sorted(per_channel) == [10, 100, 190], per_channel
+            rest = consume_n(inp, 810 - 300, 10)
+            got = {
+                c: [m.position.msg_id for m in first + rest if m.position and m.position.channel == c] for c in chans
+            }
+            assert got == sent
+
+
 @pytest.mark.parametrize("options", [{"socket_timeout": "soon"}, {"maxlen": "-1"}])
 def test_bad_options_are_invalid_url_errors(redis_url: str, options: dict[str, str]) -> None:
     with pytest.raises(InvalidURLError):
