@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn, Protocol, TypeVar
+from operator import index
+from typing import Any, Protocol, TypeVar
 
 from .backend import Backend, Consumer, Producer, RawMessage, SubscriptionPosition
 from .codec import UnmarshalDispatcher
@@ -176,10 +177,8 @@ class MsgStream:
         n = len(self._producers)
         if not msgs:
             return {}
-        if self._repack is default_repack:
-            return self._send(self._route_default(msgs, n))
-        try:
-            hash_keys = [[h % n for h in m.hash_values] for m in msgs]
+        try:  # operator.index: an int, not a float that happens to divide
+            hash_keys = [[index(h) % n for h in m.hash_values] for m in msgs]
         except TypeError:
             raise InvalidArgumentError("hash_values must be a list of int on every message") from None
         try:
@@ -199,27 +198,6 @@ class MsgStream:
                 raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
             batches.append((self._producers[key], self._marshal(sub.msgs)))
         return self._send(batches)
-
-    def _route_default(self, msgs: list[TsMsg], n: int) -> list[tuple[Producer, list[bytes]]]:
-        """What :func:`msgstream.repack.default` does, without building every message's hash-key list:
-        message ``i`` to channel ``hash_values[0] % n``."""
-        try:
-            keys = [m.hash_values[0] % n for m in msgs]
-        except (IndexError, TypeError):
-            _raise_bad_route(msgs, n)
-        if keys.count(keys[0]) == len(keys):  # one channel (always so with one producer)
-            buckets = {keys[0]: msgs}
-        else:
-            buckets = {}
-            for key, m in zip(keys, msgs, strict=True):
-                bucket = buckets.get(key)
-                if bucket is None:
-                    buckets[key] = [m]
-                else:
-                    bucket.append(m)
-        if not all(type(key) is int for key in buckets):  # a float hash value
-            raise InvalidArgumentError("hash_values must be a list of int on every message")
-        return [(self._producers[key], self._marshal(buckets[key])) for key in sorted(buckets)]
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
@@ -525,22 +503,6 @@ def _names(channels: Sequence[str], what: str) -> list[str]:
     if len(set(channels)) != len(channels):
         raise InvalidArgumentError(f"{what} lists a channel twice: {list(channels)}")
     return list(channels)
-
-
-def _raise_bad_route(msgs: Sequence[TsMsg], n: int) -> NoReturn:
-    """The precise error for a pack whose default routing failed: the first message without a list of
-    int ``hash_values``."""
-    for i, m in enumerate(msgs):
-        hash_values = m.hash_values
-        if not isinstance(hash_values, list):
-            break
-        if not hash_values:
-            raise RepackError(f"message {i} ({type(m).__name__}) has no hash_values to route by")
-        try:
-            hash_values[0] % n
-        except TypeError:
-            break
-    raise InvalidArgumentError("hash_values must be a list of int on every message")
 
 
 def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
