@@ -282,9 +282,12 @@ class KafkaBackend(Backend):
             future = self.admin.create_topics([new], operation_timeout=self.timeout)[topic]
             self._wait(future, ignore=(ck.KafkaError.TOPIC_ALREADY_EXISTS,))
 
-    def _read(self, topic: str, start: int, timeout: float, channel: str | None = None) -> Generator[Any, None, None]:
+    def _read(
+        self, topic: str, start: int, timeout: float, channel: str | None = None, batch: int = 500
+    ) -> Generator[Any, None, None]:
         """The messages of ``topic`` from offset ``start`` to the end of its partition, read within
-        ``timeout`` seconds by the reader, which is held (with the lock) until this generator is closed."""
+        ``timeout`` seconds by the reader (``batch`` at a time), which is held (with the lock) until this
+        generator is closed."""
         with self._lock, self.errors(f"read {topic!r}", BrokerUnavailableError, channel):
             self._reader.assign([ck.TopicPartition(topic, 0, start)])
             deadline = time.monotonic() + timeout
@@ -293,7 +296,7 @@ class KafkaBackend(Backend):
                     if time.monotonic() > deadline:
                         raise BrokerUnavailableError(f"reading {topic!r} took over {timeout}s")
                     done = False
-                    for m in _take(self._reader, 500, min(0.5, timeout)):
+                    for m in _take(self._reader, batch, min(0.5, timeout)):
                         err = m.error()
                         if err is None:
                             yield m
@@ -445,7 +448,7 @@ class KafkaBackend(Backend):
 
     def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
         offset = _offset(msg_id)
-        with contextlib.closing(self._read(channel, offset, self.timeout, channel)) as messages:
+        with contextlib.closing(self._read(channel, offset, self.timeout, channel, batch=1)) as messages:
             first = next(messages, None)
         return None if first is None or first.offset() != offset else bytes(first.value())
 
