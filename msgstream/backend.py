@@ -275,7 +275,8 @@ class Consumer(abc.ABC):
     @abc.abstractmethod
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         """Block until at least one message is available or ``timeout`` seconds passed; return up to
-        ``max_messages`` (``[]`` on timeout). Raises ``ConsumeError`` (``ChannelNotFoundError`` for a
+        ``max_messages`` (``[]`` on timeout), a share of each channel that has some rather than one
+        channel's only, where the broker allows it. Raises ``ConsumeError`` (``ChannelNotFoundError`` for a
         deleted channel) rather than hanging on a broken connection."""
 
     @abc.abstractmethod
