@@ -15,8 +15,9 @@ How it works (docs/architecture.md, "asyncio"): an async stream wraps a sync :cl
 or :class:`~msgstream.TimeTickStream` and runs its calls on two worker threads of its own, one for
 the consuming side (create_consumers, consume, receive, consume_frames, ack, seek, close) and one for
 the producing side (create_producers, produce, broadcast, get_latest_positions), as the sync stream
-allows one thread of each. Each call is one hop to its thread, per pack, never per message; the event
-loop never waits on the broker.
+allows one thread of each. Each call is one hop to its thread, per pack, never per message, in a copy of
+the caller's context; the event loop never waits on the broker. A backend whose broker is this process
+(``Features.nonblocking_send``, e.g. memory://) is sent to on the loop itself: its send never waits.
 
 Cancellation loses nothing: when a task awaiting ``consume()`` (or ``receive``, ``consume_frames``) is
 cancelled, the call goes on in the worker and its outcome, a pack or an error, is kept; the next call of
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import weakref
@@ -70,6 +72,7 @@ A = TypeVar("A", bound="_AsyncStream[Any]")
 DEFAULT_CALL_TIMEOUT = 60.0
 #: how long ``async for`` waits in one consume before it looks whether the stream was closed
 ITER_TIMEOUT = 1.0
+Sent = dict[str, list[bytes]]  # what produce and broadcast return: {channel: [message ids]}
 
 
 def _check_bound(value: float) -> float:
@@ -98,7 +101,9 @@ class _Worker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """``fn()`` on the thread, in a copy of the caller's context (as ``asyncio.to_thread``), so what
+        it does is seen as the calling task's work, e.g. by OpenTelemetry's current span."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn)
 
     async def call(self, fn: Callable[[], T], bound: float, what: str) -> T:
         """``fn()`` on the thread. A caller cancelled before the call started drops it; once started it
@@ -140,6 +145,7 @@ class _AsyncStream(Generic[S]):
         self._lock: asyncio.Lock | None = None  # one consume-side call awaited at a time
         # the outcome of a consume-side call whose caller was cancelled: (method, future)
         self._kept: tuple[str, asyncio.Future[Any]] | None = None
+        self._inline_send = self._inner().backend.features.nonblocking_send
 
     # -- workers --------------------------------------------------------------------------------
     @property
@@ -209,11 +215,17 @@ class _AsyncStream(Generic[S]):
         """Route and send ``pack``; returns ``{channel: [message ids]}`` once the broker accepted every
         message (see :meth:`msgstream.MsgStream.produce`). A cancelled produce that had started runs to
         its end in the worker."""
-        return await self._producing.call(lambda: self._stream.produce(pack), self._produce_bound(), "produce")
+        return await self._send(self._stream.produce, pack, "produce")
 
     async def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Send every message of ``pack`` to every producer channel (e.g. time ticks)."""
-        return await self._producing.call(lambda: self._stream.broadcast(pack), self._produce_bound(), "broadcast")
+        return await self._send(self._stream.broadcast, pack, "broadcast")
+
+    async def _send(self, send: Callable[[MsgPack], Sent], pack: MsgPack, what: str) -> Sent:
+        if self._inline_send:  # a broker in this process (``Features.nonblocking_send``): no hop
+            await asyncio.sleep(0)  # let the other tasks run between two sends (a cancel here sends nothing)
+            return send(pack)
+        return await self._producing.call(lambda: send(pack), self._produce_bound(), what)
 
     async def get_latest_positions(self) -> list[Position]:
         """The newest message of each consumed channel (else each produced channel)."""
@@ -351,6 +363,11 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
     def sync(self) -> MsgStream:
         """The wrapped sync stream (its calls block: not for use on the event loop)."""
         return self._stream
+
+    @property
+    def backend(self) -> Backend:
+        """The backend this stream talks to (its calls block: not for use on the event loop)."""
+        return self._stream.backend
 
     @property
     def producer_channels(self) -> list[str]:

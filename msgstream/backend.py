@@ -105,6 +105,10 @@ class Features:
     #: reconnect (the broker drops producer resends; used by the fault suite). Without it, a row can be
     #: consumed twice, as two messages with different ids; the consumer never repeats one message.
     idempotent_produce: bool = True
+    #: ``Producer.send`` never waits on I/O or on another process: the broker lives in this process and
+    #: a send only stores the frames. ``msgstream.aio`` then produces on the event loop itself, as a
+    #: worker thread would buy no concurrency (the work holds the GIL) and would cost a hop per pack.
+    nonblocking_send: bool = False
 
 
 class URL:

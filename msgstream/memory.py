@@ -78,7 +78,7 @@ _TOKENS = itertools.count(1)
 class MemoryBackend(Backend):
     """In-process broker; see the module docstring."""
 
-    features = Features(shared_subscription=True, durable=False, cross_process=False)
+    features = Features(shared_subscription=True, durable=False, cross_process=False, nonblocking_send=True)
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)

@@ -101,6 +101,11 @@ class MsgStream:
 
     # -- set-up -------------------------------------------------------------------------------
     @property
+    def backend(self) -> Backend:
+        """The backend this stream talks to (shared with its client)."""
+        return self._backend
+
+    @property
     def producer_channels(self) -> list[str]:
         return [p.channel for p in self._producers]
 

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -308,9 +309,10 @@ def test_a_call_past_its_bound_raises_and_its_outcome_is_kept() -> None:
     asyncio.run(main())
 
 
-def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes() -> None:
+def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes(tmp_path: Path) -> None:
+    # sqlite:///: a send that waits on the disk runs on the producing worker (memory:// sends on the loop)
     async def main() -> None:
-        async with aio.connect(_url()) as client:
+        async with aio.connect(f"sqlite:///{tmp_path / 'cancel.db'}") as client:
             chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
             entered, release = threading.Event(), threading.Event()
 
@@ -367,5 +369,36 @@ def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
                 await nxt.create_consumers("seek-kept", chans)
                 pack = await nxt.consume(timeout=5)
                 assert sorted(_rows(pack)) == [1, 3, 5]
+
+    asyncio.run(main())
+
+
+def _repack_on(seen: list[int]) -> ms.repack.RepackFunc:
+    def noting(msgs: list[ms.TsMsg], keys: list[list[int]]) -> dict[int, ms.MsgPack]:
+        seen.append(threading.get_ident())
+        return ms.repack.default(msgs, keys)
+
+    return noting
+
+
+@pytest.mark.parametrize(("scheme", "on_loop"), [("memory", True), ("sqlite", False)])
+def test_produce_runs_on_the_loop_only_for_a_broker_in_this_process(tmp_path: Path, scheme: str, on_loop: bool) -> None:
+    # Features.nonblocking_send: memory:// stores the frames and returns, so the loop sends itself;
+    # sqlite:/// waits on the disk, so its sends go to the producing worker
+    url = _url() if scheme == "memory" else f"sqlite:///{tmp_path / 'where.db'}"
+
+    async def main() -> None:
+        async with aio.connect(url) as client:
+            assert client.backend.features.nonblocking_send is on_loop
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            seen: list[int] = []
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await inp.create_consumers("where", chans)
+                out.set_repack_func(_repack_on(seen))
+                await out.produce(ms.MsgPack.of([_row(1)]))
+                await out.broadcast(ms.MsgPack.of([_row(2)]))
+                assert seen == [threading.get_ident()] if on_loop else seen and threading.get_ident() not in seen
+                assert _rows(await inp.consume(timeout=5)) == [1, 2]
 
     asyncio.run(main())

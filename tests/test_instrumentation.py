@@ -3,6 +3,7 @@ nothing once uninstrumented. Runs on memory:// and sqlite:///."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import msgstream as ms
+from msgstream import aio
 from msgstream import stream as stream_module
 from msgstream.instrumentation import MsgStreamInstrumentor
 
@@ -207,3 +209,38 @@ def test_the_core_imports_no_opentelemetry() -> None:
     code += "print([m for m in sys.modules if 'opentelemetry' in m])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("scheme", ["memory", "sqlite"])
+def test_aio_spans_are_children_of_the_calling_tasks_span(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], tmp_path: Path, scheme: str
+) -> None:
+    # the call runs on a worker thread (sqlite:///) or on the loop (memory://): either way in the task's context
+    spans, _ = otel
+    tracer = TracerProvider().get_tracer("caller")
+    url = "memory://otel-aio" if scheme == "memory" else f"sqlite:///{tmp_path / 'otel-aio.db'}"
+
+    async def main() -> None:
+        async with aio.connect(url) as client:
+            [chan] = await client.create_channels(
+                ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=1)
+            )
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers([chan])
+                await inp.create_consumers("otel-aio", [chan])
+                with tracer.start_as_current_span("handler") as handler:
+                    await out.produce(ms.MsgPack.of([_data(1)]))
+                    assert _rows_of(await inp.consume(timeout=5)) == [1]
+                caller = handler.get_span_context()
+        by_kind = {s.kind: s for s in spans.get_finished_spans()}
+        for kind in (SpanKind.PRODUCER, SpanKind.CONSUMER):
+            span = by_kind[kind]
+            assert span.parent is not None and span.parent.span_id == caller.span_id, kind
+            assert span.context.trace_id == caller.trace_id, kind
+
+    asyncio.run(main())
+
+
+def _rows_of(pack: ms.MsgPack | None) -> list[int]:
+    assert pack is not None
+    return [row for m in pack.msgs if isinstance(m, ms.InsertMsg) for row in m.row_ids]
