@@ -320,6 +320,10 @@ class KafkaBackend(Backend):
             raise BrokerUnavailableError(f"the channel registry was busy for {timeout:.1f}s")
         try:
             self._refreshed = time.monotonic()
+            # the end offset first (one request): reading to the end, even with nothing new, is a fetch
+            # round trip and the wait for end-of-partition, about 20 ms, which a consumer paid every second
+            if self.watermarks(self.registry_topic, timeout)[1] <= self._registry_next:
+                return
             with contextlib.closing(self._read(self.registry_topic, self._registry_next, timeout)) as records:
                 for m in records:
                     name = (m.key() or b"").decode()
@@ -391,10 +395,12 @@ class KafkaBackend(Backend):
         self._consumers.add(consumer)
         return consumer
 
-    def watermarks(self, topic: str) -> tuple[int, int]:
-        """The partition's first offset and the offset after its newest message."""
+    def watermarks(self, topic: str, timeout: float | None = None) -> tuple[int, int]:
+        """The partition's first offset and the offset after its newest message (one request, within
+        ``timeout`` seconds, default ``operation_timeout``)."""
+        timeout = self.timeout if timeout is None else timeout
         with self._lock, self.errors(f"offsets of {topic!r}", BrokerUnavailableError, topic):
-            low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
+            low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=timeout)
         return int(low), int(high)
 
     def latest_message_id(self, channel: str) -> bytes | None:

@@ -329,3 +329,29 @@ def test_a_send_to_a_channel_destroyed_elsewhere_does_not_hold_up_the_other_chan
 def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
     broker = start_kafka(tmp_path / "dead")
     ping_of_a_dead_broker_fails_in_time(broker, broker.url, 5.0, 2.0)
+
+
+def test_a_registry_refresh_reads_records_only_when_there_are_new_ones(kafka_url: str, monkeypatch: Any) -> None:
+    """A consumer refreshes the channel registry every ``registry_refresh`` seconds. With nothing new it
+    asks for the registry's end offset (one request) instead of reading to the end of the partition,
+    a fetch round trip and the wait for end-of-partition that stalled every consumer about 20 ms a
+    second; a channel another client created is still seen on the next refresh."""
+    with ms.connect(kafka_url) as a, ms.connect(kafka_url) as b:
+        backend = a.backend
+        reads: list[str] = []
+        read = backend._read
+
+        def counted(topic: str, *args: Any, **kw: Any) -> Any:
+            reads.append(topic)
+            return read(topic, *args, **kw)
+
+        monkeypatch.setattr(backend, "_read", counted)
+        backend.refresh_registry(force=True)  # what is new since the client opened
+        reads.clear()
+        for _ in range(3):
+            backend.refresh_registry(force=True)
+        assert reads == [], "a refresh with no new registry records read the registry"
+        [made] = b.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+        backend.refresh_registry(force=True)
+        assert reads == [backend.registry_topic]
+        assert backend.exists(made, refresh=False)
