@@ -17,7 +17,8 @@ the consuming side (create_consumers, consume, receive, consume_frames, ack, see
 the producing side (create_producers, produce, broadcast, get_latest_positions), as the sync stream
 allows one thread of each. Each call is one hop to its thread, per pack, never per message, in a copy of
 the caller's context; the event loop never waits on the broker. A backend whose broker is this process
-(``Features.nonblocking_send``, e.g. memory://) is sent to on the loop itself: its send never waits.
+(``Features.nonblocking_send``, e.g. memory://) is produced to on the loop itself, repack function
+included, as its send never waits (not while hooks, such as an instrumentation, are installed).
 
 Cancellation loses nothing: when a task awaiting ``consume()`` (or ``receive``, ``consume_frames``) is
 cancelled, the call goes on in the worker and its outcome, a pack or an error, is kept; the next call of
@@ -57,7 +58,7 @@ from .frames import FramePack
 from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
-from .stream import MsgStream
+from .stream import MsgStream, hooks
 from .timestamp import HybridClock
 from .timetick import TimeTickStream
 from .values import ChannelLag, SubscriptionPosition
@@ -214,7 +215,9 @@ class _AsyncStream(Generic[S]):
     async def produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
         """Route and send ``pack``; returns ``{channel: [message ids]}`` once the broker accepted every
         message (see :meth:`msgstream.MsgStream.produce`). A cancelled produce that had started runs to
-        its end in the worker."""
+        its end in the worker; one still queued sends nothing. On a broker in this process
+        (``Features.nonblocking_send``, without hooks installed) the routing, encoding and send run on the
+        loop: the repack function then runs there too."""
         return await self._send(self._stream.produce, pack, "produce")
 
     async def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
@@ -222,7 +225,9 @@ class _AsyncStream(Generic[S]):
         return await self._send(self._stream.broadcast, pack, "broadcast")
 
     async def _send(self, send: Callable[[MsgPack], Sent], pack: MsgPack, what: str) -> Sent:
-        if self._inline_send:  # a broker in this process (``Features.nonblocking_send``): no hop
+        # a broker in this process (``Features.nonblocking_send``) is sent to on the loop, unless hooks are
+        # installed: an instrumentation's span processor may export, i.e. wait on the network
+        if self._inline_send and hooks() is None:
             await asyncio.sleep(0)  # let the other tasks run between two sends (a cancel here sends nothing)
             return send(pack)
         return await self._producing.call(lambda: send(pack), self._produce_bound(), what)

@@ -28,7 +28,7 @@ from .repack import RepackFunc
 from .repack import default as default_repack
 from .values import ChannelLag
 
-__all__ = ["Hooks", "MsgStream", "set_hooks"]
+__all__ = ["Hooks", "MsgStream", "hooks", "set_hooks"]
 
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
 MAX_TIMEOUT = 3600.0
@@ -54,6 +54,11 @@ def set_hooks(hooks: Hooks | None) -> None:
     consume, receive and consume_frames."""
     global _hooks  # noqa: PLW0603 (one module-level switch, read once per pack)
     _hooks = hooks
+
+
+def hooks() -> Hooks | None:
+    """The hooks installed with :func:`set_hooks`, if any."""
+    return _hooks
 
 
 class MsgStream:

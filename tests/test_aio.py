@@ -19,6 +19,7 @@ import pytest
 
 import msgstream as ms
 from msgstream import aio
+from msgstream import stream as stream_module
 from msgstream.errors import BackendNotFoundError, InvalidURLError, OperationTimeoutError, StreamClosedError
 
 COROUTINES = {
@@ -398,7 +399,68 @@ def test_produce_runs_on_the_loop_only_for_a_broker_in_this_process(tmp_path: Pa
                 out.set_repack_func(_repack_on(seen))
                 await out.produce(ms.MsgPack.of([_row(1)]))
                 await out.broadcast(ms.MsgPack.of([_row(2)]))
-                assert seen == [threading.get_ident()] if on_loop else seen and threading.get_ident() not in seen
+                if on_loop:
+                    assert seen == [threading.get_ident()]
+                else:
+                    assert len(seen) == 1 and seen[0] != threading.get_ident()
                 assert _rows(await inp.consume(timeout=5)) == [1, 2]
 
     asyncio.run(main())
+
+
+def test_a_produce_on_the_loop_yields_first_and_a_cancel_there_sends_nothing() -> None:
+    # memory:// is sent to on the loop; the send waits for one turn of the loop, so other tasks run
+    # between two sends, and a produce cancelled at that turn has sent nothing
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out, client.msg_stream() as inp:
+                await out.create_producers(chans)
+                await inp.create_consumers("yielded", chans)
+                task = asyncio.create_task(out.produce(ms.MsgPack.of([_row(1)])))
+                await asyncio.sleep(0)  # the task starts and waits for its turn
+                assert not task.done()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert await inp.consume(timeout=0.2) is None
+                await out.produce(ms.MsgPack.of([_row(2)]))
+                assert _rows(await inp.consume(timeout=5)) == [2]
+
+    asyncio.run(main())
+
+
+class _ThreadOfProduce:
+    """Hooks that note the thread each produce runs on (and change nothing)."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def produce(self, stream: ms.MsgStream, pack: ms.MsgPack, send: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return send(pack)
+
+    def broadcast(self, stream: ms.MsgStream, pack: ms.MsgPack, send: Any) -> Any:
+        return send(pack)
+
+    def consume(self, stream: ms.MsgStream, timeout: float, receive: Any) -> Any:
+        return receive(timeout)
+
+
+def test_with_hooks_installed_even_memory_produce_leaves_the_loop() -> None:
+    # a hook (an instrumentation's span processor) may wait on the network: never on the loop
+    hooks = _ThreadOfProduce()
+
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(1)]))
+        assert len(hooks.threads) == 1 and hooks.threads[0] != threading.get_ident()
+
+    stream_module.set_hooks(hooks)
+    try:
+        asyncio.run(main())
+    finally:
+        stream_module.set_hooks(None)

@@ -215,7 +215,7 @@ def test_the_core_imports_no_opentelemetry() -> None:
 def test_aio_spans_are_children_of_the_calling_tasks_span(
     otel: tuple[InMemorySpanExporter, InMemoryMetricReader], tmp_path: Path, scheme: str
 ) -> None:
-    # the call runs on a worker thread (sqlite:///) or on the loop (memory://): either way in the task's context
+    # instrumented, every produce runs on the producing worker (memory:// too): in the awaiting task's context
     spans, _ = otel
     tracer = TracerProvider().get_tracer("caller")
     url = "memory://otel-aio" if scheme == "memory" else f"sqlite:///{tmp_path / 'otel-aio.db'}"

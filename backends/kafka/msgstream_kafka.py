@@ -319,12 +319,15 @@ class KafkaBackend(Backend):
         if not self._lock.acquire(timeout=timeout):
             raise BrokerUnavailableError(f"the channel registry was busy for {timeout:.1f}s")
         try:
-            self._refreshed = time.monotonic()
+            self._refreshed = start = time.monotonic()
             # the end offset first (one request): reading to the end, even with nothing new, is a fetch
             # round trip and the wait for end-of-partition, about 20 ms, which a consumer paid every second
-            if self.watermarks(self.registry_topic, timeout)[1] <= self._registry_next:
+            with self.errors("read the channel registry", BrokerUnavailableError):
+                _, end = self._reader.get_watermark_offsets(ck.TopicPartition(self.registry_topic, 0), timeout=timeout)
+            if end <= self._registry_next:
                 return
-            with contextlib.closing(self._read(self.registry_topic, self._registry_next, timeout)) as records:
+            left = max(0.05, timeout - (time.monotonic() - start))
+            with contextlib.closing(self._read(self.registry_topic, self._registry_next, left)) as records:
                 for m in records:
                     name = (m.key() or b"").decode()
                     value = m.value() or b""
@@ -395,12 +398,10 @@ class KafkaBackend(Backend):
         self._consumers.add(consumer)
         return consumer
 
-    def watermarks(self, topic: str, timeout: float | None = None) -> tuple[int, int]:
-        """The partition's first offset and the offset after its newest message (one request, within
-        ``timeout`` seconds, default ``operation_timeout``)."""
-        timeout = self.timeout if timeout is None else timeout
+    def watermarks(self, topic: str) -> tuple[int, int]:
+        """The partition's first offset and the offset after its newest message."""
         with self._lock, self.errors(f"offsets of {topic!r}", BrokerUnavailableError, topic):
-            low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=timeout)
+            low, high = self._reader.get_watermark_offsets(ck.TopicPartition(topic, 0), timeout=self.timeout)
         return int(low), int(high)
 
     def latest_message_id(self, channel: str) -> bytes | None:
