@@ -111,6 +111,16 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
 
 _pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
 _NO_TOPIC = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+#: refusals that asking again cannot change (every other failure to read the registry's end offset is
+#: asked again until the timeout: around a broker restart librdkafka reports, for a moment, an unknown
+#: partition or topic, or a broker handle it replaced, for a topic that exists)
+_REFUSED = (
+    ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    ck.KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    ck.KafkaError.SASL_AUTHENTICATION_FAILED,
+    ck.KafkaError._AUTHENTICATION,
+    ck.KafkaError._SSL,
+)
 _TRANSIENT = (
     ck.KafkaError._TRANSPORT,
     ck.KafkaError._ALL_BROKERS_DOWN,
@@ -322,9 +332,7 @@ class KafkaBackend(Backend):
             self._refreshed = start = time.monotonic()
             # the end offset first (one request): reading to the end, even with nothing new, is a fetch
             # round trip and the wait for end-of-partition, about 20 ms, which a consumer paid every second
-            with self.errors("read the channel registry", BrokerUnavailableError):
-                _, end = self._reader.get_watermark_offsets(ck.TopicPartition(self.registry_topic, 0), timeout=timeout)
-            if end <= self._registry_next:
+            if self._registry_end(start + timeout) <= self._registry_next:
                 return
             left = max(0.05, timeout - (time.monotonic() - start))
             with contextlib.closing(self._read(self.registry_topic, self._registry_next, left)) as records:
@@ -335,6 +343,20 @@ class KafkaBackend(Backend):
                     self._registry_next = m.offset() + 1
         finally:
             self._lock.release()
+
+    def _registry_end(self, deadline: float) -> int:
+        """The registry topic's end offset, asked again until ``deadline`` unless refused (``_REFUSED``)."""
+        partition = ck.TopicPartition(self.registry_topic, 0)
+        while True:
+            try:
+                _, end = self._reader.get_watermark_offsets(partition, timeout=max(0.01, deadline - time.monotonic()))
+                return int(end)
+            except ck.KafkaException as exc:
+                refused = _code(exc) in _REFUSED
+                if refused or time.monotonic() >= deadline:
+                    text = f"read the channel registry: {_error_of(exc) or exc}"
+                    raise self.error(BrokerUnavailableError, text, not refused) from None
+            time.sleep(0.05)
 
     def _record(self, name: str, value: bytes) -> None:
         errors: list[ck.KafkaError] = []

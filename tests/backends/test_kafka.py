@@ -14,7 +14,7 @@ from msgstream_kafka import _BatchLimits, _KafkaProducer
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
-from msgstream.errors import ChannelNotFoundError, ProduceError
+from msgstream.errors import BrokerUnavailableError, ChannelNotFoundError, ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 from scripts.broker import start_kafka
 
@@ -355,3 +355,19 @@ def test_a_registry_refresh_reads_records_only_when_there_are_new_ones(kafka_url
         backend.refresh_registry(force=True)
         assert reads == [backend.registry_topic]
         assert backend.exists(made, refresh=False)
+
+
+def test_a_registry_topic_the_broker_does_not_know_is_retriable_broker_unavailability(kafka_url: str) -> None:
+    """Around a restart librdkafka reports for a moment that it does not know the registry's partition
+    (or that it replaced a broker handle): the refresh asks again until its timeout, then reports the
+    broker unavailable (retriable), never a missing channel. Here the registry topic is deleted under the
+    client."""
+    topic = f"registry-{uuid.uuid4().hex[:8]}"
+    with ms.connect(f"{kafka_url}/?registry_topic={topic}") as client:
+        backend = client.backend
+        backend.admin.delete_topics([topic])[topic].result(timeout=30)
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailableError) as caught:
+            backend.refresh_registry(force=True, timeout=2)
+        assert caught.value.retriable, caught.value
+        assert time.monotonic() - start < 10
