@@ -184,7 +184,8 @@ class MsgStream:
 
     def _produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
         msgs = self._check_pack(pack)
-        n = len(self._producers)
+        producers = self._producers  # as they were checked: a close from another thread empties the list
+        n = len(producers)
         if not msgs:
             return {}
         try:  # operator.index: an int, not a float that happens to divide
@@ -206,7 +207,7 @@ class MsgStream:
                 raise RepackError(f"repack routed to channel index {key!r}; this stream has {n} channels (0..{n - 1})")
             if not isinstance(sub, MsgPack):
                 raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
-            batches.append((self._producers[key], self._marshal(sub.msgs)))
+            batches.append((producers[key], self._marshal(sub.msgs)))
         return self._send(batches)
 
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
@@ -217,10 +218,11 @@ class MsgStream:
 
     def _broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
         msgs = self._check_pack(pack)
+        producers = self._producers  # as they were checked (see _produce)
         if not msgs:
             return {}
         payloads = self._marshal(msgs)
-        return self._send([(p, payloads) for p in self._producers])
+        return self._send([(p, payloads) for p in producers])
 
     def _marshal(self, msgs: Sequence[TsMsg]) -> list[bytes]:
         """Frames for ``msgs``; with ``validate`` each is decoded back once, so a message that no consumer

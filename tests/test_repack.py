@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import threading
+from typing import ClassVar
+
 import pytest
 
 import msgstream as ms
@@ -80,3 +83,51 @@ def test_repack_exceptions_become_repack_errors() -> None:
                 out.produce(ms.MsgPack.of([_ins([1], [0])]))
             with pytest.raises(ms.errors.InvalidArgumentError):
                 out.set_repack_func("default")  # type: ignore[arg-type]
+
+
+def test_a_stream_closed_by_another_thread_during_a_produce_fails_it_with_a_typed_error() -> None:
+    # the repack runs between the stream's checks and the sends: a close from another thread lands there
+    with ms.connect("memory://repack-close") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=2))
+        out = client.msg_stream()
+        out.create_producers(chans)
+
+        def closing(msgs: list[ms.TsMsg], keys: list[list[int]]) -> dict[int, ms.MsgPack]:
+            closer = threading.Thread(target=out.close)
+            closer.start()
+            closer.join(timeout=10)
+            assert not closer.is_alive()
+            return ms.repack.default(msgs, keys)
+
+        out.set_repack_func(closing)
+        with pytest.raises(ms.errors.MsgStreamError):  # not an IndexError from the emptied producer list
+            out.produce(ms.MsgPack.of([_ins([1], [1])]))
+
+
+class _ClosingOnMarshal(ms.TsMsg, kw_only=True):
+    """A user type whose framing lets another thread close ``stream`` first."""
+
+    msg_type = 7301
+    stream: ClassVar[ms.MsgStream | None] = None
+
+    def marshal(self) -> bytes:
+        stream = type(self).stream
+        if stream is not None:
+            closer = threading.Thread(target=stream.close)
+            closer.start()
+            closer.join(timeout=10)
+            assert not closer.is_alive()
+        return super().marshal()
+
+
+def test_a_broadcast_whose_stream_is_closed_meanwhile_fails_and_never_reports_nothing_sent() -> None:
+    with ms.connect("memory://broadcast-close") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=2))
+        out = client.msg_stream()
+        out.create_producers(chans)
+        _ClosingOnMarshal.stream = out
+        try:
+            with pytest.raises(ms.errors.MsgStreamError):  # not {} for a broadcast that sent nothing
+                out.broadcast(ms.MsgPack.of([_ClosingOnMarshal(begin_ts=1, end_ts=1)]))
+        finally:
+            _ClosingOnMarshal.stream = None
