@@ -29,7 +29,6 @@ import abc
 import contextlib
 import dataclasses
 import re
-from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
@@ -307,66 +306,72 @@ H = TypeVar("H")
 
 class Unacked(Generic[H]):
     """What a consumer delivered and has not seen acknowledged: per channel, message ids in delivery
-    order, each with a handle (what the broker needs to acknowledge it: a native message id; ``None``
-    when the id is enough). Backends keep this bookkeeping here rather than each their own.
+    order, each with an optional handle (what the broker needs to acknowledge it: a native message id).
+    Backends keep this bookkeeping here rather than each their own.
 
     Acknowledgements come in any order. :meth:`settle` forgets the ids it is given and returns the
     newest id of the delivered prefix that is now wholly acknowledged (what an offset-committing broker
     commits); an id not held (never delivered, acknowledged already, forgotten by a seek) is ignored.
+    The usual acknowledgement, the oldest ids in delivery order, costs one list comparison.
     """
 
     def __init__(self) -> None:
-        self._order: dict[str, deque[bytes]] = {}
-        self._handles: dict[str, dict[bytes, H | None]] = {}
-
-    def _held(self, channel: str) -> dict[bytes, H | None]:
-        held = self._handles.get(channel)
-        if held is None:
-            held = self._handles[channel] = {}
-            self._order[channel] = deque()
-        return held
+        self._order: dict[str, list[bytes]] = {}  # delivered and not settled, oldest first
+        self._early: dict[str, set[bytes]] = {}  # acknowledged, waiting for an older one
+        self._handles: dict[str, dict[bytes, H]] = {}  # of the messages delivered with one
 
     def deliver(self, channel: str, msg_ids: Sequence[bytes], handles: Iterable[H] | None = None) -> None:
         """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``."""
-        held = self._held(channel)
-        held.update(zip(msg_ids, handles, strict=True) if handles is not None else dict.fromkeys(msg_ids))
-        self._order[channel].extend(msg_ids)
+        self._order.setdefault(channel, []).extend(msg_ids)
+        if handles is not None:
+            self._handles.setdefault(channel, {}).update(zip(msg_ids, handles, strict=True))
 
     def add(self, channel: str, msg_id: bytes, handle: H | None = None) -> None:
         """:meth:`deliver` for one message."""
-        self._held(channel)[msg_id] = handle
-        self._order[channel].append(msg_id)
+        self.deliver(channel, [msg_id], None if handle is None else [handle])
 
-    def holds(self, channel: str, msg_id: bytes) -> bool:
-        return msg_id in self._handles.get(channel, ())
+    def held(self, channel: str) -> set[bytes]:
+        """The ids delivered on ``channel`` and not acknowledged."""
+        return set(self._order.get(channel, ())) - self._early.get(channel, set())
 
     def handle(self, channel: str, msg_id: bytes) -> H | None:
-        """The handle of a held message (``None`` if it has none or is not held)."""
+        """The handle of a held message (``None`` if it has none or is not held: for messages delivered
+        with handles, whether it is held)."""
         return self._handles.get(channel, {}).get(msg_id)
 
     def settle(self, channel: str, msg_ids: Iterable[bytes]) -> bytes | None:
         """Forget ``msg_ids`` as acknowledged; the newest id of the acknowledged delivered prefix if
         this made it longer, else ``None``."""
-        held = self._handles.get(channel)
-        if held is None:
+        order = self._order.get(channel)
+        if not order:
             return None
-        pop = held.pop
-        for msg_id in msg_ids:
-            pop(msg_id, None)
-        order = self._order[channel]
-        if not held:  # everything delivered is acknowledged
-            last = order[-1] if order else None
-            order.clear()
-            return last
-        last = None
-        while order[0] not in held:
-            last = order.popleft()
-        return last
+        ids = list(msg_ids)
+        handles = self._handles.get(channel)
+        if handles:
+            for msg_id in ids:
+                handles.pop(msg_id, None)
+        early = self._early.setdefault(channel, set())
+        n = len(ids)
+        if not (n and not early and order[:n] == ids):  # else: the oldest, in order
+            delivered = set(order)
+            early.update([i for i in ids if i in delivered])
+            n = 0
+            for msg_id in order:
+                if msg_id not in early:
+                    break
+                n += 1
+            if not n:
+                return None
+            ids = order[:n]
+            early.difference_update(ids)
+        del order[:n]
+        return ids[-1]
 
     def forget(self, channel: str) -> None:
         """Drop what is held on ``channel`` (a seek moved it, a rebalance took it away)."""
-        self._handles.pop(channel, None)
         self._order.pop(channel, None)
+        self._early.pop(channel, None)
+        self._handles.pop(channel, None)
 
 
 def ids_by_channel(records: Sequence[RawMessage], only: str | None = None) -> dict[str, list[bytes]]:

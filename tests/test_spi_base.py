@@ -14,13 +14,27 @@ from msgstream.errors import ChannelNotFoundError, ConsumeError, MsgStreamError,
 def test_unacked_prefix_grows_only_when_the_oldest_are_acknowledged() -> None:
     held: Unacked[str] = Unacked()
     held.deliver("a", [b"1", b"2", b"3", b"4"], ["h1", "h2", "h3", "h4"])
-    assert held.holds("a", b"3") and held.handle("a", b"3") == "h3"
+    assert held.held("a") == {b"1", b"2", b"3", b"4"} and held.handle("a", b"3") == "h3"
     assert held.settle("a", [b"3", b"2"]) is None  # out of order: message 1 is still held
-    assert not held.holds("a", b"3") and held.holds("a", b"1")
+    assert held.held("a") == {b"1", b"4"} and held.handle("a", b"3") is None
     assert held.settle("a", [b"1"]) == b"3"  # 1, 2, 3 acknowledged: the prefix ends at 3
+    assert held.handle("a", b"3") is None and held.handle("a", b"4") == "h4"
     assert held.settle("a", [b"9", b"1"]) is None  # never delivered or acknowledged already: ignored
     assert held.settle("a", [b"4"]) == b"4"
     assert held.settle("b", [b"1"]) is None and held.handle("b", b"1") is None
+
+
+def test_unacked_in_order_acknowledgements() -> None:
+    held: Unacked[None] = Unacked()
+    held.deliver("a", [b"1", b"2", b"3"])
+    held.deliver("a", [b"4", b"5"])
+    assert held.settle("a", [b"1", b"2", b"3"]) == b"3"  # the oldest batch, in order
+    assert held.settle("a", [b"4"]) == b"4" and held.held("a") == {b"5"}
+    assert held.settle("a", []) is None and held.held("a") == {b"5"}
+    held.deliver("a", [b"6", b"7"])
+    assert held.settle("a", [b"7"]) is None  # early: it waits for 5 and 6
+    assert held.settle("a", [b"5", b"6"]) == b"7"  # in order, but 7 was acknowledged before: it counts
+    assert held.held("a") == set() and held.settle("a", [b"7"]) is None
 
 
 def test_unacked_forget_drops_one_channel() -> None:
@@ -28,7 +42,7 @@ def test_unacked_forget_drops_one_channel() -> None:
     held.deliver("a", [b"1", b"2"])
     held.deliver("b", [b"1"])
     held.forget("a")
-    assert not held.holds("a", b"1") and held.holds("b", b"1")
+    assert held.held("a") == set() and held.held("b") == {b"1"}
     assert held.settle("a", [b"1"]) is None
     held.deliver("a", [b"5"])  # delivered again after a seek
     assert held.settle("a", [b"5"]) == b"5"

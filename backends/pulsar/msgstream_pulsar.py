@@ -846,7 +846,7 @@ class _PulsarConsumer(Consumer):
                     continue
                 last[channel] = msg_id
             raw = msg_id.serialize()
-            if not ordered and pending.holds(channel, raw):  # delivered twice, and the caller still holds it
+            if not ordered and pending.handle(channel, raw) is not None:  # delivered twice, the caller holds it
                 continue
             pending.add(channel, raw, msg_id)
             out.append(RawMessage(channel, raw, message.data()))

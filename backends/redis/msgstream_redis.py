@@ -457,8 +457,9 @@ class _RedisConsumer(Consumer):
         out: list[RawMessage] = []
         with self._backend.errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
+                held = self._held.held(channel)
                 for mine in self._pending(key, member=self._name):
-                    lost = [p[0] for p in mine if not self._held.holds(channel, p[0])][: max_messages - len(out)]
+                    lost = [p[0] for p in mine if p[0] not in held][: max_messages - len(out)]
                     if lost:  # XRANGE of each id, in one round trip: the entries' payloads
                         pipe = self._r.pipeline(transaction=False)
                         for entry_id in lost:
