@@ -276,31 +276,27 @@ class _AsyncStream(Generic[S]):
         dropped unacknowledged (the seek decides what comes next)."""
         self._check_open()
         async with self._consume_lock():
-            drop = await self._settle_kept()
-            worker = self._consuming
+            await self._settle_kept()
+            await self._consuming.call(lambda: self._stream.seek(positions), self._bound, "seek")
 
-            def seek() -> None:
-                if drop:
-                    self._stream._drop_in_hand()
-                self._stream.seek(positions)
-
-            await worker.call(seek, self._bound, "seek")
-
-    async def _settle_kept(self) -> bool:
-        """Wait for a kept outcome and discard it; True if it was a pack (received, never handed over)."""
+    async def _settle_kept(self) -> None:
+        """Wait for a kept outcome and discard it: a pack (received, never handed over) or a report of a
+        bad frame is left unacknowledged, at once, so a later call cancelled before it ran cannot
+        acknowledge it. (The consume-side calls that touch what is in hand run under the consume lock,
+        which the caller holds.)"""
         kept = self._kept
         if kept is None:
-            return False
+            return
         fut = kept[1]
         done, _ = await asyncio.wait((fut,), timeout=self._bound + ITER_TIMEOUT)
         if not done:
             raise OperationTimeoutError(f"a kept {kept[0]}() did not finish within {self._bound:g}s")
         self._kept = None
         if fut.cancelled():
-            return False
-        if fut.exception() is not None:
-            return isinstance(fut.exception(), UnmarshalError)  # a report never seen: not acknowledged
-        return fut.result() is not None
+            return
+        error = fut.exception()
+        if (error is None and fut.result() is not None) or isinstance(error, UnmarshalError):
+            self._stream._drop_in_hand()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self, *, acknowledge: bool = True) -> None:
@@ -314,18 +310,14 @@ class _AsyncStream(Generic[S]):
             self._shutdown()
             return
         async with self._consume_lock():
-            drop = await self._settle_kept() or drop_in_hand
+            await self._settle_kept()
+            if drop_in_hand:
+                self._stream._drop_in_hand()
             if self._produce_worker is not None:  # let a produce in flight finish before its producer closes
                 await self._produce_worker.call(lambda: None, self._produce_bound(), "close")
             stream = self._stream
-
-            def close() -> None:
-                if drop:
-                    stream._drop_in_hand()
-                stream.close(acknowledge=acknowledge)
-
             try:
-                await self._consuming.call(close, self._bound, "close")
+                await self._consuming.call(lambda: stream.close(acknowledge=acknowledge), self._bound, "close")
             finally:
                 if stream.closed:
                     self._shutdown()

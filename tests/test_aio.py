@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +371,58 @@ def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
                 await nxt.create_consumers("seek-kept", chans)
                 pack = await nxt.consume(timeout=5)
                 assert sorted(_rows(pack)) == [1, 3, 5]
+
+    asyncio.run(main())
+
+
+class _HeldAck(Sequence[ms.TsMsg]):
+    """An empty list of messages to ``ack`` whose iteration holds the consume worker until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getitem__(self, index: Any) -> Any:
+        raise IndexError(index)
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self) -> Iterator[ms.TsMsg]:
+        self.entered.set()
+        assert self.release.wait(10), "never released"
+        return iter(())
+
+
+@pytest.mark.parametrize("call", ["seek", "close"])
+def test_a_kept_pack_stays_unacknowledged_when_the_call_dropping_it_is_cancelled_while_queued(call: str) -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(i) for i in range(3)]))
+            gate = _GatedDispatcher()
+            inp = client.msg_stream()
+            await inp.create_consumers("kept", chans, dispatcher=gate)
+            task = asyncio.create_task(inp.consume(timeout=5))
+            await _wait_until(gate.entered.is_set, "the worker received the messages")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.release.set()  # the pack is kept, never handed over
+            held = _HeldAck()
+            ack = asyncio.create_task(inp.ack(held))
+            await _wait_until(held.entered.is_set, "the ack holds the consume worker")
+            dropping = inp.seek([ms.Position(chans[0], b"", 0)]) if call == "seek" else inp.close()
+            with pytest.raises(asyncio.TimeoutError):  # cancelled while queued behind the ack
+                await asyncio.wait_for(dropping, 0.2)
+            held.release.set()
+            await ack
+            await inp.close()
+            async with client.msg_stream() as nxt:  # the kept rows were never handed over: not acknowledged
+                await nxt.create_consumers("kept", chans)
+                assert _rows(await nxt.consume(timeout=5)) == [0, 1, 2]
 
     asyncio.run(main())
 
