@@ -426,9 +426,9 @@ class _SQLiteConsumer(Consumer):
         """Look at the file whenever it changed, sleeping ``poll_interval`` between two checks of its
         version (``PRAGMA data_version``, a read of shared memory); a lock held past the deadline
         counts as nothing having arrived."""
-        self._check_open()
         deadline = time.monotonic() + timeout
         while True:
+            self._check_open()  # closed from another thread meanwhile: nothing more is taken
             remaining = deadline - time.monotonic()
             try:
                 if time.monotonic() >= self._next_reap:
@@ -457,6 +457,8 @@ class _SQLiteConsumer(Consumer):
         self._next_channel = (first_channel + 1) % n
         read = "SELECT seq, payload FROM messages WHERE chan = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?"
         with self._backend._tx(ConsumeError, wait=wait) as conn:
+            if conn.execute("SELECT 1 FROM members WHERE token = ?", (me,)).fetchone() is None:
+                raise StreamClosedError("consumer is closed")  # by another thread: it holds nothing any more
             for k in range(n):
                 name = self.channels[(first_channel + k) % n]
                 chan = self._ids[name]
@@ -542,6 +544,6 @@ class _SQLiteConsumer(Consumer):
                 conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
 
     def close(self) -> None:
+        self._closed = True  # first: a receive in another thread takes nothing from now on
         if self._token in self._backend._members:  # else already handed back (by the backend's close)
-            self._backend._release([self._token], ConsumeError)  # if this fails, stays open: close again
-        self._closed = True
+            self._backend._release([self._token], ConsumeError)  # if this fails, close again to retry

@@ -30,6 +30,7 @@ from msgstream.errors import (
     InvalidURLError,
     ProduceError,
     SeekError,
+    StreamClosedError,
 )
 
 
@@ -295,6 +296,37 @@ def test_a_close_that_failed_on_a_lock_can_be_made_again(tmp_path: Path) -> None
         assert len(_consume(other, 3)) == 3
     finally:
         backend.close()
+
+
+def test_a_stream_closed_while_another_thread_waits_in_consume_takes_nothing(tmp_path: Path) -> None:
+    with ms.connect(f"sqlite:///{tmp_path / 'race.db'}") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=1))
+        blocked = client.msg_stream()
+        blocked.create_consumers("s", chans)
+        outcome: list[object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(blocked.consume(timeout=5))
+            except Exception as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while blocked._consumer is None or blocked._consumer._seen is None:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the consume never looked at the file"
+            time.sleep(0.005)
+        blocked.close()
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], row_ids=[1])]))
+        waiter.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], StreamClosedError), outcome
+        with client.msg_stream() as nxt:  # the message went to no closed member: the next one gets it
+            nxt.create_consumers("s", chans)
+            pack = nxt.consume(timeout=5)
+            assert pack is not None and pack.msgs[0].row_ids == [1]  # type: ignore[attr-defined]
 
 
 def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close(tmp_path: Path) -> None:
