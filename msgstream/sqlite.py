@@ -497,7 +497,8 @@ class _SQLiteConsumer(Consumer):
         self._check_open()
         by_channel: dict[str, set[int]] = {}
         for m in messages:
-            by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
+            if len(m.msg_id) == _ID_LEN and m.msg_id[0] < 0x80:  # else not an id of this backend: not held
+                by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
         find = "SELECT first, last, member FROM pending WHERE chan = ? AND sub = ? AND first <= ? ORDER BY first DESC"
         with self._backend._tx(ConsumeError) as conn:
             for name, seqs in by_channel.items():

@@ -615,6 +615,11 @@ def seek_targets(positions: Sequence[Position], channels: Sequence[str]) -> dict
     known = set(channels)
     targets: dict[str, bytes | None] = {}
     for pos in positions:
+        if not isinstance(pos.channel, str) or not isinstance(pos.msg_id, bytes):
+            raise InvalidArgumentError(
+                f"a Position holds a str channel and a bytes msg_id, got {type(pos.channel).__name__}"
+                f" and {type(pos.msg_id).__name__}"
+            )
         if pos.channel not in known:
             raise SeekError(f"position for channel {pos.channel!r}, which this stream does not consume")
         if pos.channel in targets:

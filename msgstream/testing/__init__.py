@@ -20,6 +20,7 @@ arrives" checks wait ``quiet_period`` (default 0.5 s). See docs/plugins.md.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -732,6 +733,20 @@ class ConformanceSuite:
             inp.seek([ms.Position(chans[0], b"\xff" * 8, 0)])
         with pytest.raises(InvalidArgumentError):
             inp.seek(ms.Position(chans[0], b"", 0))
+        for bad_id in ("00000000", 0):  # a Struct does not check its field types: seek does
+            with pytest.raises(InvalidArgumentError):
+                inp.seek([ms.Position(chans[0], bad_id, 0)])  # type: ignore[arg-type]
+
+    def test_ack_of_records_never_delivered_is_ignored_or_a_typed_error(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(3)]))
+        inp = streams()
+        inp.create_consumers(self.sub(), chans, position=ms.SubscriptionPosition.EARLIEST)
+        for foreign in (b"\xff" * 8, b"\x01" * 9, b""):
+            with contextlib.suppress(ms.errors.MsgStreamError):  # a broker may refuse an id it cannot parse
+                inp.ack([ms.RawMessage(chans[0], foreign, b"")])
+        assert sorted(m.row_ids[0] for m in consume_n(inp, 3)) == [0, 1, 2]  # type: ignore[attr-defined]
 
     # -- errors ---------------------------------------------------------------------------------
     def test_unknown_channels_raise(self, client: ms.Client) -> None:
