@@ -166,6 +166,8 @@ class URL:
     @staticmethod
     def _redact(raw: str) -> str:
         scheme, sep, rest = raw.partition("://")
+        if not sep:  # malformed: the whole text is masked as if it followed a scheme
+            scheme, rest = "", raw
         userinfo, rest = _split_userinfo(rest)
         if userinfo is not None:
             user, colon, _ = userinfo.partition(":")

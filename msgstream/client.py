@@ -98,7 +98,10 @@ class Client:
         n = request.num_channels
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10_000:
             raise InvalidArgumentError(f"num_channels must be an int in 1..10000, got {n!r}")
-        role = re.sub(r"[^a-z0-9_-]+", "-", request.owner.role.lower()).strip("-")[:32] or "channel"
+        owner = request.owner
+        if not all(isinstance(text, str) for text in (owner.role, owner.address, owner.description_text)):
+            raise InvalidArgumentError(f"an OwnerDescription holds three str, got {owner!r}")
+        role = re.sub(r"[^a-z0-9_-]+", "-", owner.role.lower()).strip("-")[:32] or "channel"
         stem = f"{role}-{uuid.uuid4().hex[:12]}"
         record = encode_owner(request.owner)
         names: list[str] = []
@@ -128,7 +131,7 @@ class Client:
         """Delete the channels with their messages, subscriptions and owner records. All ids are
         checked first: if one is unknown, ``ChannelNotFoundError`` and nothing is deleted."""
         self._check_open()
-        ids = _channel_list(channel_ids)
+        ids = _channel_list(channel_ids, unique=True)
         for c in ids:
             self.backend.channel_metadata(c)
         for c in ids:
@@ -165,7 +168,7 @@ class Client:
         self._check_open()
         if not isinstance(subscription, str) or not subscription:
             raise InvalidArgumentError(f"subscription must be a non-empty str, got {subscription!r}")
-        ids = _channel_list(channels)
+        ids = _channel_list(channels, unique=True)
         for c in ids:
             self.backend.channel_metadata(c)
         if ids:
@@ -222,10 +225,17 @@ class Client:
         return f"Client({self.url!r})"
 
 
-def _channel_list(channel_ids: Sequence[str]) -> list[str]:
-    if isinstance(channel_ids, str) or not all(isinstance(c, str) for c in channel_ids):
+def _channel_list(channel_ids: Sequence[str], *, unique: bool = False) -> list[str]:
+    """The ids as a list, checked: a sequence of str, each once where ``unique`` (an operation that
+    changes the broker checks every id before it changes anything)."""
+    if isinstance(channel_ids, (str, bytes)) or not isinstance(channel_ids, Sequence):
+        raise InvalidArgumentError(f"channel ids must be a list of str, got {type(channel_ids).__name__}")
+    ids = list(channel_ids)
+    if not all(isinstance(c, str) for c in ids):
         raise InvalidArgumentError("channel ids must be a list of str")
-    return list(channel_ids)
+    if unique and len(set(ids)) != len(ids):
+        raise InvalidArgumentError(f"a channel is named twice: {ids}")
+    return ids
 
 
 def connect(url: str = "memory://", **options: Any) -> Client:

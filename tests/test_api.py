@@ -400,6 +400,8 @@ def test_url_parts_and_masking() -> None:
         ("pulsar://h:6650/?auth_params=TOKEN123", "TOKEN123"),
         ("kafka://h:9092/?sasl.jaas.config=JAAS123", "JAAS123"),
         ("x://h/?api_key=KEY123", "KEY123"),
+        ("redis:/user:S3CR3T@host", "S3CR3T"),  # malformed: no "://"
+        ("user:S3CR3T@host:1", "S3CR3T"),
     ],
 )
 def test_odd_secrets_are_masked(url: str, secret: str) -> None:
@@ -511,3 +513,23 @@ def test_plugin_without_the_operations_raises_a_typed_error() -> None:
     stream = client.msg_stream()
     stream.create_consumers("s", [f"ch-{uuid.uuid4().hex[:8]}"])
     assert [(lag.messages, lag.seconds) for lag in stream.lag()] == [(None, 0.0)]  # cannot count; nothing newer
+
+
+def test_client_refuses_bad_arguments_with_a_typed_error_and_changes_nothing() -> None:
+    with ms.connect(f"memory://args-{uuid.uuid4().hex[:8]}") as client:
+        for owner in (ms.OwnerDescription(role=None), ms.OwnerDescription(role="r", address=5)):  # type: ignore[arg-type]
+            with pytest.raises(errors.InvalidArgumentError):
+                client.create_channels(ms.CreateChannelRequest(owner=owner))
+        assert client.list_channels() == []
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r")))
+        for bad in (None, 5, "abc", b"abc", [chans[0], 7]):
+            with pytest.raises(errors.InvalidArgumentError):
+                client.describe_channels(bad)  # type: ignore[arg-type]
+            with pytest.raises(errors.InvalidArgumentError):
+                client.destroy_channels(bad)  # type: ignore[arg-type]
+            with pytest.raises(errors.InvalidArgumentError):
+                client.drop_subscription("s", bad)  # type: ignore[arg-type]
+        with pytest.raises(errors.InvalidArgumentError):  # checked before anything is deleted
+            client.destroy_channels([chans[0], chans[0]])
+        assert client.list_channels() == chans
+        assert len(client.describe_channels([chans[0], chans[0]]).descriptions) == 2  # describing twice is fine
