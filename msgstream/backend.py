@@ -323,7 +323,10 @@ class Unacked(Generic[H]):
         self._handles: dict[str, dict[bytes, H]] = {}  # of the messages delivered with one
 
     def deliver(self, channel: str, msg_ids: Sequence[bytes], handles: Iterable[H] | None = None) -> None:
-        """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``."""
+        """Note ``msg_ids`` (with their ``handles``, in the same order) as delivered on ``channel``. An id
+        is delivered once until it is settled or its channel forgotten: a backend whose broker may hand
+        over a message it holds skips it (see :meth:`held`, :meth:`handle`) or forgets the channel first
+        (a seek, a rebalance)."""
         self._order.setdefault(channel, []).extend(msg_ids)
         if handles is not None:
             self._handles.setdefault(channel, {}).update(zip(msg_ids, handles, strict=True))
