@@ -358,18 +358,23 @@ class _RedisProducer(Producer):
         ids: list[bytes] = []
         head = self._head
         pool = self._backend.client.connection_pool
+        deadline = time.monotonic() + timeout
         for start in range(0, len(payloads), _SEND_CHUNK):
             chunk = payloads[start : start + _SEND_CHUNK]
             parts: list[bytes] = []
             for p in chunk:
                 parts += (head, b"$%d\r\n" % len(p), p, b"\r\n")
+            replies: list[Any] = []
             try:
                 with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
                     conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
                     try:
                         conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
-                        replies: list[Any] = []
                         for _ in chunk:  # read every reply, errors included, to know what was accepted
+                            # the wait for a reply's start is the send's timeout; the reply's end, the
+                            # connection's socket_timeout
+                            if not conn.can_read(max(0.0, deadline - time.monotonic())):
+                                raise redis.TimeoutError(f"no reply within the send's {timeout:g} s")
                             try:
                                 replies.append(conn.read_response())
                             except redis.ResponseError as exc:
@@ -379,8 +384,8 @@ class _RedisProducer(Producer):
                         raise
                     finally:
                         pool.release(conn)
-            except ProduceError as exc:  # connection lost: earlier chunks were accepted, this one unknown
-                exc.sent = {self.channel: list(ids)}
+            except ProduceError as exc:  # connection lost or timed out: the replies read are what is known
+                exc.sent = {self.channel: ids + [r for r in replies if isinstance(r, bytes)]}
                 raise
             failed = [r for r in replies if not isinstance(r, bytes)]
             if failed:

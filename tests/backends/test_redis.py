@@ -131,6 +131,26 @@ def test_maxlen_trims_and_seek_to_a_trimmed_entry_fails(redis_url: str) -> None:
         inp.close()
 
 
+def test_a_send_waits_for_replies_at_most_its_timeout(redis_url: str) -> None:
+    """A server that takes writes but answers nothing for a while (CLIENT PAUSE WRITE): the send raises
+    a retriable ProduceError within its timeout, not its connection's socket_timeout (5 s)."""
+    with ms.connect(redis_url) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+        producer = client.backend.create_producer(chans[0])
+        client.backend.client.client_pause(2000, all=False)  # type: ignore[attr-defined]  # writes wait 2 s
+        try:
+            started = time.monotonic()
+            with pytest.raises(ProduceError) as err:
+                producer.send([b"x", b"y"], 0.3)
+            took = time.monotonic() - started
+        finally:
+            client.backend.client.client_unpause()  # type: ignore[attr-defined]
+        assert took < 1.5, f"send(timeout=0.3) took {took:.2f} s"
+        assert err.value.retriable and err.value.sent == {chans[0]: []}
+        assert len(producer.send([b"z"], 5)) == 1  # the connection it dropped is replaced
+        producer.close()
+
+
 def test_a_batch_takes_a_share_of_every_stream_and_keeps_each_in_order(redis_url: str) -> None:
     with ms.connect(redis_url) as client:
         chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=3))
