@@ -388,7 +388,7 @@ class MsgStream:
     def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``): typed messages from
         :meth:`consume`, or the frames of a :meth:`consume_frames` pack."""
-        self._require_consumer()  # a closed or consumer-less stream raises even for an empty list
+        consumer = self._require_consumer()  # a closed or consumer-less stream raises even for an empty list
         if isinstance(msgs, (TsMsg, RawMessage)) or not isinstance(msgs, Sequence):
             raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
         raws: list[RawMessage] = []
@@ -401,8 +401,12 @@ class MsgStream:
                     raws.append(raw)
             else:
                 raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
+        channels = set(consumer.channels)
+        foreign = next((raw.channel for raw in raws if raw.channel not in channels), None)
+        if foreign is not None:  # another stream's message: its id means nothing here (nothing is acknowledged)
+            raise InvalidArgumentError(f"ack of a message from {foreign!r}, a channel this stream does not consume")
         if raws:
-            self._require_consumer().ack(raws)
+            consumer.ack(raws)
 
     def _ack_delivered(self) -> None:
         if self._consumer is None:

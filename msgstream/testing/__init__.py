@@ -737,6 +737,25 @@ class ConformanceSuite:
             with pytest.raises(InvalidArgumentError):
                 inp.seek([ms.Position(chans[0], bad_id, 0)])  # type: ignore[arg-type]
 
+    def test_ack_of_another_channels_message_is_refused_and_acknowledges_nothing(
+        self, client: ms.Client, streams: Any
+    ) -> None:
+        mine, other = self.channels(client, 1), self.channels(client, 1)
+        for chans in (mine, other):
+            self.producer(streams, chans).produce(ms.MsgPack.of([_data(i, 0) for i in range(3)]))
+        sub = self.sub()
+        inp, theirs = streams(auto_ack=False), streams()
+        inp.create_consumers(sub, mine)
+        theirs.create_consumers(self.sub(), other)
+        assert len(consume_n(inp, 3)) == 3
+        foreign = consume_n(theirs, 3)
+        with pytest.raises(InvalidArgumentError):  # same ids, another channel: acknowledging would skip mine
+            inp.ack(foreign[:1])
+        inp.close()
+        again = streams()
+        again.create_consumers(sub, mine)
+        assert sorted(m.row_ids[0] for m in consume_n(again, 3)) == [0, 1, 2]  # type: ignore[attr-defined]
+
     def test_ack_of_records_never_delivered_is_ignored_or_a_typed_error(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 1)
         out = self.producer(streams, chans)
