@@ -41,6 +41,7 @@ from redis.retry import Retry
 
 from msgstream.backend import (
     CHANNEL_NAME,
+    CLOSED,
     URL,
     Backend,
     Consumer,
@@ -332,6 +333,8 @@ class RedisBackend(Backend):
             with contextlib.suppress(MsgStreamError):
                 consumer.close()
         self._redis.close()
+        # redis-py's pool would connect again on the next command: any later use raises instead
+        self._redis = CLOSED
 
     def command(self, *args: Any) -> Any:
         """One raw command (redis-py's ``execute_command`` is untyped)."""

@@ -15,7 +15,14 @@ from packaging.version import Version
 
 import msgstream as ms
 from msgstream.backend import installed_schemes
-from msgstream.errors import BrokerUnavailableError, InvalidURLError, MsgStreamError, ProduceError, SeekError
+from msgstream.errors import (
+    BrokerUnavailableError,
+    InvalidURLError,
+    MsgStreamError,
+    ProduceError,
+    SeekError,
+    StreamClosedError,
+)
 from msgstream.testing import ConformanceSuite, consume_n
 from scripts.broker import free_port, start_redis
 
@@ -149,6 +156,20 @@ def test_a_send_waits_for_replies_at_most_its_timeout(redis_url: str) -> None:
         assert err.value.retriable and err.value.sent == {chans[0]: []}
         assert len(producer.send([b"z"], 5)) == 1  # the connection it dropped is replaced
         producer.close()
+
+
+def test_a_closed_backend_refuses_instead_of_connecting_again(redis_url: str) -> None:
+    client = ms.connect(redis_url)
+    chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+    backend = client.backend
+    producer = backend.create_producer(chans[0])
+    with ms.connect(redis_url) as other:
+        client.close()
+        for call in (lambda: producer.send([b"x"], 1), lambda: backend.latest_message_id(chans[0])):
+            with pytest.raises(StreamClosedError):
+                call()
+        assert other.backend.latest_message_id(chans[0]) is None  # the send above stored nothing
+        other.destroy_channels(chans)
 
 
 def test_a_batch_takes_a_share_of_every_stream_and_keeps_each_in_order(redis_url: str) -> None:
