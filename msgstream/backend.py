@@ -169,20 +169,21 @@ class URL:
         if not sep:  # malformed: the whole text is masked as if it followed a scheme
             scheme, rest = "", raw
         userinfo, rest = _split_userinfo(rest)
+        more = ""  # options after an @ that may sit in an option's value
         if userinfo is not None:
             user, colon, _ = userinfo.partition(":")
             rest = (user + ":" + _MASK if colon else userinfo) + "@" + rest
         elif "@" in rest:  # ambiguous: an unescaped password, or an @ in an option; mask, never leak
-            rest = _MASK + rest[rest.rfind("@") :]
+            at = rest.rfind("@")
+            tail = rest[at:]
+            if "?" in rest[:at]:  # the options after that value are still masked by name
+                tail, _, more = tail.partition("&")
+            rest = _MASK + tail
         head, q, query = rest.partition("?")
         out = scheme + sep + head
         if q:
-            parts = []
-            for item in query.split("&"):
-                key, eq, value = item.partition("=")
-                parts.append(key + eq + (_MASK if eq and is_secret_option(unquote(key)) else value))
-            out += "?" + "&".join(parts)
-        return out
+            out += "?" + _masked_query(query)
+        return out + ("&" + _masked_query(more) if more else "")
 
     def __str__(self) -> str:
         return self.redacted()
@@ -243,7 +244,25 @@ def is_secret_option(name: str) -> bool:
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``options`` fit for a log line or an error text."""
-    return {k: (_MASK if is_secret_option(k) else v) for k, v in options.items()}
+    return {k: _masked(k, v) for k, v in options.items()}
+
+
+def _masked_query(query: str) -> str:
+    parts = []
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        parts.append(key + eq + (_masked(unquote(key), unquote(value)) if eq else value))
+    return "&".join(parts)
+
+
+def _masked(name: str, value: Any) -> Any:
+    """An option's value fit for a text: masked for a secret option, a URL's password masked (an
+    ``admin_url=http://user:password@host``)."""
+    if is_secret_option(name):
+        return _MASK
+    if isinstance(value, str) and "@" in value:
+        return URL._redact(value)
+    return value
 
 
 class Producer(abc.ABC):

@@ -17,7 +17,7 @@ import pytest
 
 import msgstream as ms
 from msgstream import errors
-from msgstream.backend import URL, installed_schemes, load_backend
+from msgstream.backend import URL, installed_schemes, load_backend, redact_options
 
 CONTRACT = {
     "connect",
@@ -402,6 +402,8 @@ def test_url_parts_and_masking() -> None:
         ("x://h/?api_key=KEY123", "KEY123"),
         ("redis:/user:S3CR3T@host", "S3CR3T"),  # malformed: no "://"
         ("user:S3CR3T@host:1", "S3CR3T"),
+        ("pulsar://h:6650/?admin_url=http://admin:ADM1N@h:8080", "ADM1N"),  # a URL in an option
+        ("pulsar://h:6650/?admin_url=http://a:b@h:8080&token=T0KEN", "T0KEN"),  # an option after it
     ],
 )
 def test_odd_secrets_are_masked(url: str, secret: str) -> None:
@@ -414,6 +416,11 @@ def test_odd_secrets_are_masked(url: str, secret: str) -> None:
         ms.connect(url)
     except errors.MsgStreamError as exc:
         assert secret not in str(exc)
+
+
+def test_options_in_texts_mask_urls_with_a_password() -> None:
+    masked = redact_options({"admin_url": "http://admin:ADM1N@h:8080", "token": "T0KEN", "n": 1})
+    assert masked == {"admin_url": "http://admin:***@h:8080", "token": "***", "n": 1}
 
 
 def test_at_sign_in_an_option_is_not_userinfo() -> None:
