@@ -344,6 +344,21 @@ def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes
     asyncio.run(main())
 
 
+async def _stream_keeping_a_pack(client: aio.AsyncClient, subscription: str, chans: list[str]) -> aio.AsyncMsgStream:
+    """A stream of ``subscription`` whose consume was cancelled once the worker had received the
+    messages: the pack is kept, never handed over."""
+    gate = _GatedDispatcher()
+    inp = client.msg_stream()
+    await inp.create_consumers(subscription, chans, dispatcher=gate)
+    task = asyncio.create_task(inp.consume(timeout=5))
+    await _wait_until(gate.entered.is_set, "the worker received the messages")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.release.set()
+    return inp
+
+
 def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
     async def main() -> None:
         async with aio.connect(_url()) as client:
@@ -351,15 +366,7 @@ def test_seek_drops_the_pack_of_a_cancelled_consume_unacknowledged() -> None:
             async with client.msg_stream() as out:
                 await out.create_producers(chans)
                 await out.produce(ms.MsgPack.of([_row(i, i) for i in range(6)]))  # even rows: channel 0
-            gate = _GatedDispatcher()
-            inp = client.msg_stream()
-            await inp.create_consumers("seek-kept", chans, dispatcher=gate)
-            task = asyncio.create_task(inp.consume(timeout=5))
-            await _wait_until(gate.entered.is_set, "the worker received the messages")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            gate.release.set()
+            inp = await _stream_keeping_a_pack(client, "seek-kept", chans)
             await inp.seek([ms.Position(chans[0], b"", 0)])  # channel 0 from its start; channel 1 untouched
             again: list[int] = []
             while sorted(again) != [0, 2, 4]:
@@ -402,15 +409,7 @@ def test_a_kept_pack_stays_unacknowledged_when_the_call_dropping_it_is_cancelled
             async with client.msg_stream() as out:
                 await out.create_producers(chans)
                 await out.produce(ms.MsgPack.of([_row(i) for i in range(3)]))
-            gate = _GatedDispatcher()
-            inp = client.msg_stream()
-            await inp.create_consumers("kept", chans, dispatcher=gate)
-            task = asyncio.create_task(inp.consume(timeout=5))
-            await _wait_until(gate.entered.is_set, "the worker received the messages")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            gate.release.set()  # the pack is kept, never handed over
+            inp = await _stream_keeping_a_pack(client, "kept", chans)
             held = _HeldAck()
             ack = asyncio.create_task(inp.ack(held))
             await _wait_until(held.entered.is_set, "the ack holds the consume worker")
