@@ -667,6 +667,7 @@ class _KafkaConsumer(Consumer):
         self._unacked: Unacked[None] = Unacked()
         self._only = channels[0] if len(channels) == 1 else None
         self._committed: dict[str, int] = {}  # commits still to make: channel -> next offset
+        self._sent: dict[str, int] = {}  # channel -> the offset of the newest commit made (a seek's too)
         # channel -> the offset after the newest this member acknowledged; kept across rebalances. A
         # partition assigned again starts from the group's committed offset, which lags it when an
         # asynchronous commit was lost (a broker restart): what lies below it was acknowledged here
@@ -704,12 +705,13 @@ class _KafkaConsumer(Consumer):
                 self._guard[tp.topic] = self._floor[tp.topic]
 
     def _on_commit(self, err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
-        """A failed commit of the newest acknowledged offset is made again with the next ack or on
-        revoke, not forgotten. (An older offset's failure is moot: a newer commit was sent after it.)"""
+        """A failed commit of the newest offset committed is made again with the next ack or on revoke,
+        not forgotten. (An older offset's failure is moot: a newer commit, or a seek's, was made after it;
+        making it again would undo that.)"""
         if err is None and not any(tp.error is not None for tp in partitions):
             return
         for tp in partitions:
-            if tp.topic in self._assigned and tp.offset >= 0 and tp.offset >= self._floor.get(tp.topic, -1):
+            if tp.topic in self._assigned and tp.offset >= 0 and tp.offset == self._sent.get(tp.topic):
                 self._committed.setdefault(tp.topic, tp.offset)
 
     def _on_revoke(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
@@ -722,6 +724,7 @@ class _KafkaConsumer(Consumer):
         offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
         for tp in offsets:
             del self._committed[tp.topic]
+            self._sent[tp.topic] = tp.offset
         if offsets:
             try:
                 if asynchronous:
@@ -825,6 +828,7 @@ class _KafkaConsumer(Consumer):
         with backend.errors("seek", SeekError):
             self._commit_retrying(offsets)
             for tp in offsets:
+                self._sent[tp.topic] = tp.offset
                 self._unacked.forget(tp.topic)
                 self._committed.pop(tp.topic, None)
                 self._floor.pop(tp.topic, None)

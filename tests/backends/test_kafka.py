@@ -181,6 +181,30 @@ def test_a_failed_commit_is_made_again(kafka_url: str) -> None:
             expect_quiet(second, 3.0)
 
 
+def test_a_failed_commit_reported_after_a_seek_does_not_undo_the_seek(kafka_url: str) -> None:
+    """The failure of an asynchronous commit made before a seek, reported once the seek committed its own
+    offset (librdkafka reports in a later poll), is not made again: the subscription keeps the seek's."""
+    with ms.connect(kafka_url) as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers([ch])
+            out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+        first = client.msg_stream(auto_ack=False)
+        first.create_consumers("rewound", [ch])
+        got = consume_n(first, 10, 30)
+        member = first._consumer
+        real = member._c  # type: ignore[union-attr]
+        member._c = losing = _LosingCommits(member, real, report=False)  # type: ignore[union-attr]
+        first.ack(got)  # the commit of offset 10 is lost on the way
+        member._c = real  # type: ignore[union-attr]
+        first.seek([ms.Position(ch, b"", 0)])  # replay from the start: commits offset 0
+        member._on_commit(ck.KafkaError(ck.KafkaError._TRANSPORT), losing.lost[0])  # type: ignore[union-attr]
+        first.close()
+        with client.msg_stream() as second:
+            second.create_consumers("rewound", [ch])
+            assert sorted(_rows(consume_n(second, 10, 30))) == list(range(10))
+
+
 def test_a_member_drops_what_it_acknowledged_when_a_lost_commit_rewinds_it(kafka_url: str) -> None:
     """A commit the broker lost (a restart) leaves the group's offset behind what this member
     acknowledged: after the next rebalance the member starts from that old offset, and drops what it
