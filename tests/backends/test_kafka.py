@@ -158,23 +158,30 @@ def _rows(packs: list[ms.TsMsg]) -> list[int]:
     return [m.row_ids[0] for m in packs if isinstance(m, ms.InsertMsg)]
 
 
+def _ten_acked_with_the_commit_lost(client: ms.Client, group: str, *, report: bool) -> tuple[str, Any, Any, Any]:
+    """A channel of 10 rows that a member of ``group`` consumed and acknowledged, its commit lost on the
+    way (``report``: reported through the commit callback at once): (channel, stream, member, losing)."""
+    [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+    with client.msg_stream() as out:
+        out.create_producers([ch])
+        out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+    first = client.msg_stream(auto_ack=False)
+    first.create_consumers(group, [ch])
+    got = consume_n(first, 10, 30)
+    member = first._consumer
+    real = member._c  # type: ignore[union-attr]
+    member._c = losing = _LosingCommits(member, real, report=report)  # type: ignore[union-attr]
+    first.ack(got)
+    member._c = real  # type: ignore[union-attr]
+    assert [tp.offset for tp in losing.lost[0]] == [10]
+    return ch, first, member, losing
+
+
 def test_a_failed_commit_is_made_again(kafka_url: str) -> None:
     """An asynchronous commit that fails is sent again (here: on close), so the next member does not
     get acknowledged messages again."""
     with ms.connect(kafka_url) as client:
-        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-        with client.msg_stream() as out:
-            out.create_producers([ch])
-            out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
-        first = client.msg_stream(auto_ack=False)
-        first.create_consumers("retried", [ch])
-        got = consume_n(first, 10, 30)
-        member = first._consumer
-        real = member._c  # type: ignore[union-attr]
-        member._c = losing = _LosingCommits(member, real, report=True)  # type: ignore[union-attr]
-        first.ack(got)
-        member._c = real  # type: ignore[union-attr]
-        assert [tp.offset for tp in losing.lost[0]] == [10]
+        ch, first, _, _ = _ten_acked_with_the_commit_lost(client, "retried", report=True)
         first.close()
         with client.msg_stream() as second:
             second.create_consumers("retried", [ch])
@@ -185,20 +192,9 @@ def test_a_failed_commit_reported_after_a_seek_does_not_undo_the_seek(kafka_url:
     """The failure of an asynchronous commit made before a seek, reported once the seek committed its own
     offset (librdkafka reports in a later poll), is not made again: the subscription keeps the seek's."""
     with ms.connect(kafka_url) as client:
-        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-        with client.msg_stream() as out:
-            out.create_producers([ch])
-            out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
-        first = client.msg_stream(auto_ack=False)
-        first.create_consumers("rewound", [ch])
-        got = consume_n(first, 10, 30)
-        member = first._consumer
-        real = member._c  # type: ignore[union-attr]
-        member._c = losing = _LosingCommits(member, real, report=False)  # type: ignore[union-attr]
-        first.ack(got)  # the commit of offset 10 is lost on the way
-        member._c = real  # type: ignore[union-attr]
+        ch, first, member, losing = _ten_acked_with_the_commit_lost(client, "rewound", report=False)
         first.seek([ms.Position(ch, b"", 0)])  # replay from the start: commits offset 0
-        member._on_commit(ck.KafkaError(ck.KafkaError._TRANSPORT), losing.lost[0])  # type: ignore[union-attr]
+        member._on_commit(ck.KafkaError(ck.KafkaError._TRANSPORT), losing.lost[0])  # the late report
         first.close()
         with client.msg_stream() as second:
             second.create_consumers("rewound", [ch])
