@@ -248,10 +248,13 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _masked_query(query: str) -> str:
+    """A URL's query with the values :func:`_masked` masks replaced; the others as written."""
     parts = []
     for item in query.split("&"):
         key, eq, value = item.partition("=")
-        parts.append(key + eq + (_masked(unquote(key), unquote(value)) if eq else value))
+        if eq and (shown := _masked(unquote(key), unquote(value))) != unquote(value):
+            value = shown
+        parts.append(key + eq + value)
     return "&".join(parts)
 
 

@@ -419,6 +419,8 @@ def test_odd_secrets_are_masked(url: str, secret: str) -> None:
 
 
 def test_options_in_texts_mask_urls_with_a_password() -> None:
+    shown = "redis://h:1/0?path=a%2Fb&name=x%26y&admin_url=http%3A%2F%2Fu%3AADM1N%40h"
+    assert str(URL(shown)) == "redis://h:1/0?path=a%2Fb&name=x%26y&admin_url=http://u:***@h"  # the rest as written
     masked = redact_options({"admin_url": "http://admin:ADM1N@h:8080", "token": "T0KEN", "n": 1})
     assert masked == {"admin_url": "http://admin:***@h:8080", "token": "***", "n": 1}
 
