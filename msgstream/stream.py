@@ -391,20 +391,22 @@ class MsgStream:
         consumer = self._require_consumer()  # a closed or consumer-less stream raises even for an empty list
         if isinstance(msgs, (TsMsg, RawMessage)) or not isinstance(msgs, Sequence):
             raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
+        channels = set(consumer.channels)
         raws: list[RawMessage] = []
         for m in msgs:
             if isinstance(m, RawMessage):
-                raws.append(m)
+                raw: RawMessage | None = m
             elif isinstance(m, TsMsg):
                 raw = getattr(m, "_raw", None)
-                if raw is not None:
-                    raws.append(raw)
             else:
                 raise InvalidArgumentError("ack takes a list of consumed TsMsg or of frames (RawMessage)")
-        channels = set(consumer.channels)
-        foreign = next((raw.channel for raw in raws if raw.channel not in channels), None)
-        if foreign is not None:  # another stream's message: its id means nothing here (nothing is acknowledged)
-            raise InvalidArgumentError(f"ack of a message from {foreign!r}, a channel this stream does not consume")
+            if raw is None:  # never consumed: nothing to acknowledge
+                continue
+            if raw.channel not in channels:  # another stream's message: its id means nothing here
+                raise InvalidArgumentError(
+                    f"ack of a message from {raw.channel!r}, a channel this stream does not consume"
+                )
+            raws.append(raw)
         if raws:
             consumer.ack(raws)
 
