@@ -95,7 +95,7 @@ ROUND_BYTES = 32 * 2**20  # most frame bytes a produce side writes to one topic
 # within them measures per-message cost, not that tuning.
 CONSUME_ROUND_BYTES = 56 * 2**20
 CONSUME_ROUND_MSGS = 90_000
-CONSUME_ROUNDS = 2  # consume rounds of each side per run
+CONSUME_ROUNDS = 6  # consume rounds of each side per run
 WARMUP_SECONDS = 0.1  # produce: timed seconds of the untimed warm-up run
 WARMUP_MSGS = 5 * PACK_SIZE  # consume: messages of the untimed warm-up round of each side
 JOIN_TIMEOUT = 30.0  # the first batch of a consume round (group join included) takes at most this
