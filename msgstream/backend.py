@@ -64,7 +64,9 @@ __all__ = [
 ENTRY_POINT_GROUP = "msgstream.backends"
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _SECRET_MARKERS = ("password", "passwd", "secret", "token", "credential", "auth", "jaas", "key")
-_HOSTLIST = re.compile(r"[A-Za-z0-9.\-\[\]:,%]*")
+#: what a host list may hold: RFC 3986 reg-names (unreserved, percent-encoded, sub-delims), IPv6
+#: literals, ports and the commas between hosts
+_HOSTLIST = re.compile(r"[A-Za-z0-9._~%!$&'()*+;=\-\[\]:,]*")
 _MASK = "***"
 
 
@@ -233,7 +235,7 @@ def _split_host(part: str, url: URL) -> tuple[str, int | None]:
     if not port_text:
         return host, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise InvalidURLError(f"bad port {port_text!r} in URL {url.redacted()!r}")
+        raise InvalidURLError(f"bad port in URL {url.redacted()!r}")  # not the port's text: it may hold a password
     return host, int(port_text)
 
 

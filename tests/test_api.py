@@ -404,6 +404,9 @@ def test_url_parts_and_masking() -> None:
         ("user:S3CR3T@host:1", "S3CR3T"),
         ("pulsar://h:6650/?admin_url=http://admin:ADM1N@h:8080", "ADM1N"),  # a URL in an option
         ("pulsar://h:6650/?admin_url=http://a:b@h:8080&token=T0KEN", "T0KEN"),  # an option after it
+        ("redis://app:S3CR3T@my_redis:6379/0", "S3CR3T"),  # a host name with an underscore
+        ("kafka://app:S3CR3T@kafka_1:9092", "S3CR3T"),
+        ("memory://u:S3CR3T@ho st", "S3CR3T"),  # a host name no URL allows
     ],
 )
 def test_odd_secrets_are_masked(url: str, secret: str) -> None:
@@ -423,6 +426,11 @@ def test_options_in_texts_mask_urls_with_a_password() -> None:
     assert str(URL(shown)) == "redis://h:1/0?path=a%2Fb&name=x%26y&admin_url=http://u:***@h"  # the rest as written
     masked = redact_options({"admin_url": "http://admin:ADM1N@h:8080", "token": "T0KEN", "n": 1})
     assert masked == {"admin_url": "http://admin:***@h:8080", "token": "***", "n": 1}
+
+
+def test_host_names_with_underscores_take_credentials() -> None:
+    u = URL("redis://app:S3CR3T@my_redis:6379/0")
+    assert u.hosts == [("my_redis", 6379)] and u.password == "S3CR3T"
 
 
 def test_at_sign_in_an_option_is_not_userinfo() -> None:
