@@ -436,8 +436,8 @@ class _SQLiteConsumer(Consumer):
                     self._backend._reap(ConsumeError, max(remaining, 0.001))
                 version = self._backend._version(max(remaining, 0.001))
                 if version != self._seen:
-                    self._seen = version
                     out = self._take(max_messages, max(remaining, 0.001))
+                    self._seen = version  # only once taken: a take that raised is tried again
                     if out:
                         return out
             except ConsumeError as exc:

@@ -602,6 +602,8 @@ class ConformanceSuite:
                 deadline = time.monotonic() + self.timeout
                 while time.monotonic() < deadline:
                     inp.consume(timeout=0.5)
+            with pytest.raises(ChannelNotFoundError):  # and again: the consumer does not fall silent
+                inp.consume(timeout=0.5)
             out.close()
             inp.close()
         with self.connect(url) as third, pytest.raises(ChannelNotFoundError):
