@@ -6,7 +6,8 @@ Nothing survives the process. Message ids are 8-byte big-endian offsets into the
 
 Subscriptions work like Redis consumer groups: per channel a cursor shared by the members, a pending
 list of delivered-but-unacknowledged offsets per member, and offsets returned by a closed member
-redelivered first to the next member that asks.
+redelivered first to the next member that asks. A member acknowledges only what it holds; closing the
+backend closes the consumers it opened that are still open.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class MemoryBackend(Backend):
         name = url.host or ""
         with _BROKERS_LOCK:
             self._broker = _BROKERS.setdefault(name, _Broker())
+        self._consumers: dict[int, _MemoryConsumer] = {}  # open ones, by token: close() closes them
 
     def create_channel(self, name: str, metadata: bytes) -> None:
         if not CHANNEL_NAME.fullmatch(name):
@@ -117,10 +119,16 @@ class MemoryBackend(Backend):
                 if subscription not in ch.subs:
                     start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
                     ch.subs[subscription] = _Subscription(start)
-            consumer = _MemoryConsumer(self._broker, subscription, channels)
+            consumer = _MemoryConsumer(self._broker, subscription, channels, self._consumers)
             for name in channels:
                 self._broker.channels[name].subs[subscription].members.add(consumer.token)
         return consumer
+
+    def close(self) -> None:
+        """Close the consumers still open, as a broker connection that goes away leaves its groups: what
+        they held goes to the other members (a stream dropped without ``close()`` holds it till then)."""
+        for consumer in list(self._consumers.values()):
+            consumer.close()
 
     def latest_message_id(self, channel: str) -> bytes | None:
         with self._broker.lock:
@@ -194,10 +202,14 @@ class _MemoryProducer(Producer):
 
 
 class _MemoryConsumer(Consumer):
-    def __init__(self, broker: _Broker, subscription: str, channels: Sequence[str]) -> None:
+    def __init__(
+        self, broker: _Broker, subscription: str, channels: Sequence[str], registry: dict[int, _MemoryConsumer]
+    ) -> None:
         super().__init__(subscription, channels)
         self._broker = broker
         self.token = next(_TOKENS)
+        self._registry = registry
+        registry[self.token] = self
         self._next_channel = 0
         self._closed = False
 
@@ -258,8 +270,9 @@ class _MemoryConsumer(Consumer):
             for msg in messages:
                 ch = self._broker.channels.get(msg.channel)
                 sub = ch.subs.get(self.subscription) if ch is not None else None
-                if sub is not None:
-                    sub.pending.pop(int.from_bytes(msg.msg_id, "big"), None)
+                offset = int.from_bytes(msg.msg_id, "big")
+                if sub is not None and sub.pending.get(offset) == self.token:  # not another member's hold
+                    del sub.pending[offset]
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
@@ -292,6 +305,7 @@ class _MemoryConsumer(Consumer):
         if self._closed:
             return
         self._closed = True
+        self._registry.pop(self.token, None)
         with self._broker.changed:
             for name in self.channels:
                 ch = self._broker.channels.get(name)

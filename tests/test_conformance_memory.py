@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 
 import pytest
 
+from msgstream.backend import URL, SubscriptionPosition
+from msgstream.memory import MemoryBackend
 from msgstream.testing import ConformanceSuite
 
 from .aio_sync import AsyncConformanceSuite
@@ -86,3 +89,38 @@ def test_a_batch_takes_a_share_of_every_channel_that_has_messages() -> None:
             per_channel = {c: sum(1 for m in pack.msgs if m.position.channel == c) for c in chans}  # type: ignore[union-attr]
             # an equal share of 100 from each, then the room left (90) from a channel that has more
             assert sorted(per_channel.values()) == [10, 100, 190], per_channel
+
+
+def _backend() -> MemoryBackend:
+    return MemoryBackend(URL(f"memory://spi-{uuid.uuid4().hex[:8]}"), {})
+
+
+def test_an_ack_of_what_a_seek_handed_to_another_member_keeps_that_members_hold() -> None:
+    """Y acknowledges what it held before X's seek, which X now holds again: X's hold stays, so when X
+    closes without acknowledging, the messages go to the next member (as on sqlite:///)."""
+    backend = _backend()
+    backend.create_channel("c", b"")
+    backend.create_producer("c").send([b"%d" % i for i in range(5)], 5)
+    x = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    y = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    before_seek = y.receive(5, 1)
+    assert len(before_seek) == 5
+    x.seek({"c": None})
+    assert len(x.receive(5, 1)) == 5
+    y.ack(before_seek)
+    x.close()
+    z = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    assert [int(m.payload) for m in z.receive(5, 1)] == [0, 1, 2, 3, 4]
+
+
+def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close() -> None:
+    backend = _backend()
+    backend.create_channel("c", b"")
+    backend.create_producer("c").send([b"x"] * 3, 5)
+    leaked = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
+    assert len(leaked.receive(3, 1)) == 3
+    del leaked
+    gc.collect()
+    backend.close()
+    again = MemoryBackend(backend.url, {})  # the same in-process broker
+    assert len(again.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST).receive(3, 1)) == 3
