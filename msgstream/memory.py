@@ -114,8 +114,7 @@ class MemoryBackend(Backend):
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
         with self._broker.lock:
-            for name in channels:
-                ch = self._broker.channel(name)
+            for ch in [self._broker.channel(name) for name in channels]:  # every channel exists, or nothing changes
                 if subscription not in ch.subs:
                     start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
                     ch.subs[subscription] = _Subscription(start)

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from msgstream.backend import URL, SubscriptionPosition
+from msgstream.errors import ChannelNotFoundError
 from msgstream.memory import MemoryBackend
 from msgstream.testing import ConformanceSuite
 
@@ -124,3 +125,11 @@ def test_a_consumer_collected_without_close_is_handed_back_by_the_backends_close
     backend.close()
     again = MemoryBackend(backend.url, {})  # the same in-process broker
     assert len(again.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST).receive(3, 1)) == 3
+
+
+def test_a_join_refused_for_a_missing_channel_subscribes_to_none() -> None:
+    backend = _backend()
+    backend.create_channel("a", b"")
+    with pytest.raises(ChannelNotFoundError):
+        backend.create_consumer("s", ["a", "missing"], SubscriptionPosition.LATEST)
+    assert backend.list_subscriptions("a") == []

@@ -196,8 +196,9 @@ class RedisBackend(Backend):
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
         start = "0" if initial is SubscriptionPosition.EARLIEST else "$"
-        for channel in channels:
+        for channel in channels:  # every channel exists, or no group is made
             self.check_channel(channel)
+        for channel in channels:
             with self.errors("create consumer group"):
                 try:
                     self._redis.xgroup_create(self.key(channel), subscription, id=start, mkstream=True)

@@ -611,6 +611,14 @@ class ConformanceSuite:
         with pytest.raises(ChannelNotFoundError):
             client.describe_channels(chans)
 
+    def test_a_join_refused_for_a_missing_channel_subscribes_to_none(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        stream = streams()
+        with pytest.raises(ChannelNotFoundError):
+            stream.create_consumers(sub, [*chans, "no-such-channel-" + uuid.uuid4().hex[:8]])
+        assert sub not in client.list_subscriptions(chans[0])
+
     def test_latest_subscription_starts_after_existing_messages(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 2)
         out = self.producer(streams, chans)
