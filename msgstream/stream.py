@@ -626,6 +626,11 @@ def seek_targets(positions: Sequence[Position], channels: Sequence[str]) -> dict
                 f"a Position holds a str channel and a bytes msg_id, got {type(pos.channel).__name__}"
                 f" and {type(pos.msg_id).__name__}"
             )
+        ts = pos.timestamp
+        if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0 or not isinstance(pos.inclusive, bool):
+            raise InvalidArgumentError(
+                f"a Position's timestamp is an int >= 0 and inclusive a bool, got {pos.timestamp!r}, {pos.inclusive!r}"
+            )
         if pos.channel not in known:
             raise SeekError(f"position for channel {pos.channel!r}, which this stream does not consume")
         if pos.channel in targets:

@@ -746,6 +746,15 @@ class ConformanceSuite:
         for bad_id in ("00000000", 0):  # a Struct does not check its field types: seek does
             with pytest.raises(InvalidArgumentError):
                 inp.seek([ms.Position(chans[0], bad_id, 0)])  # type: ignore[arg-type]
+        for bad_ts in (None, "5", -1, True):
+            with pytest.raises(InvalidArgumentError):
+                inp.seek([ms.Position(chans[0], b"", bad_ts)])  # type: ignore[arg-type]
+        tt = streams(tt=True)  # a time-tick stream keeps the timestamp: a bad one failed its next consume
+        tt.create_consumers(self.sub(), chans)
+        with pytest.raises(InvalidArgumentError):
+            tt.seek([ms.Position(chans[0], b"", None)])  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            tt.seek([ms.Position(chans[0], b"", 0, inclusive=1)])  # type: ignore[arg-type]
 
     def test_ack_of_another_channels_message_is_refused_and_acknowledges_nothing(
         self, client: ms.Client, streams: Any
