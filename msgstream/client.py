@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -177,6 +178,7 @@ class Client:
     def msg_stream(self, **options: Any) -> MsgStream:
         """A new :class:`~msgstream.MsgStream` on this client's backend (options: see MsgStream)."""
         self._check_open()
+        _check_options(options, _STREAM_OPTIONS)
         stream = MsgStream(self.backend, **options)
         self._streams.add(stream)
         return stream
@@ -184,10 +186,10 @@ class Client:
     def tt_msg_stream(self, **options: Any) -> TimeTickStream:
         """A :class:`~msgstream.TimeTickStream` over a new MsgStream; options go to the TimeTickStream
         (``max_buffered``, ``lag_warning_after``) or else to the MsgStream."""
-        tt_keys = {"max_buffered", "lag_warning_after"}
-        tt_opts = {k: v for k, v in options.items() if k in tt_keys}
-        stream_opts = {k: v for k, v in options.items() if k not in tt_keys}
+        tt_opts = {k: v for k, v in options.items() if k in _TT_OPTIONS}
+        stream_opts = {k: v for k, v in options.items() if k not in _TT_OPTIONS}
         self._check_open()
+        _check_options(stream_opts, _STREAM_OPTIONS)
         # the time-tick stream is what this client closes (acknowledging what its packs covered first)
         stream = TimeTickStream(MsgStream(self.backend, **stream_opts), **tt_opts)
         self._streams.add(stream)
@@ -246,3 +248,13 @@ def connect(url: str = "memory://", **options: Any) -> Client:
     scheme.
     """
     return Client(load_backend(URL(url), options))
+
+
+_STREAM_OPTIONS = frozenset(inspect.signature(MsgStream).parameters) - {"backend"}
+_TT_OPTIONS = frozenset(inspect.signature(TimeTickStream).parameters) - {"stream"}
+
+
+def _check_options(options: Mapping[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidArgumentError(f"unknown stream options {unknown}")

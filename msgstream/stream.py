@@ -445,6 +445,10 @@ class MsgStream:
         (``{channel: msg_id}``) counts from those messages instead of the last returned, for decorators
         that return packs of their own, such as :class:`~msgstream.TimeTickStream`."""
         consumer = self._require_consumer()
+        if after is not None and (
+            not isinstance(after, Mapping) or not all(isinstance(v, bytes) for v in after.values())
+        ):
+            raise InvalidArgumentError(f"after maps channels to msg_id bytes, got {after!r}")
         last = self._last if after is None else after
         return channel_lags(self._backend, consumer.subscription, consumer.channels, last)
 
@@ -516,7 +520,12 @@ class MsgStream:
 
 
 def _names(channels: Sequence[str], what: str) -> list[str]:
-    if isinstance(channels, str) or not channels or not all(isinstance(c, str) and c for c in channels):
+    if (
+        not isinstance(channels, Sequence)
+        or isinstance(channels, str)
+        or not channels
+        or not all(isinstance(c, str) and c for c in channels)
+    ):
         raise InvalidArgumentError(f"{what} must be a non-empty list of channel names, got {channels!r}")
     if len(set(channels)) != len(channels):
         raise InvalidArgumentError(f"{what} lists a channel twice: {list(channels)}")

@@ -550,3 +550,24 @@ def test_client_refuses_bad_arguments_with_a_typed_error_and_changes_nothing() -
             client.destroy_channels([chans[0], chans[0]])
         assert client.list_channels() == chans
         assert len(client.describe_channels([chans[0], chans[0]]).descriptions) == 2  # describing twice is fine
+
+
+def test_bad_channel_lists_options_and_lag_references_are_typed_errors() -> None:
+    with ms.connect(f"memory://bad-{uuid.uuid4().hex[:8]}") as client:
+        [chan] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=1))
+        for bad in (1, 1.5, None, True):
+            with pytest.raises(errors.InvalidArgumentError):
+                client.msg_stream().create_producers(bad)  # type: ignore[arg-type]
+            with pytest.raises(errors.InvalidArgumentError):
+                client.msg_stream().create_consumers("s", bad)  # type: ignore[arg-type]
+        with pytest.raises(errors.InvalidArgumentError, match="bogus"):
+            client.msg_stream(bogus=1)
+        with pytest.raises(errors.InvalidArgumentError, match="bogus"):
+            client.tt_msg_stream(bogus=1)
+        assert client.tt_msg_stream(max_buffered=10, receive_batch=5) is not None
+        stream = client.msg_stream()
+        stream.create_consumers("s", [chan])
+        for after in ("x", [ms.Position(chan, b"", 0)], {chan: "00"}):
+            with pytest.raises(errors.InvalidArgumentError):
+                stream.lag(after=after)  # type: ignore[arg-type]
+        assert stream.lag(after={chan: b""})[0].channel == chan
