@@ -95,6 +95,12 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         log.debug("discarded outcome of a call nobody awaited any more: %r", fut.exception())
 
 
+def _mark_seen(fut: asyncio.Future[Any]) -> None:
+    """Mark an outcome as seen, so that asyncio does not report an error nobody came back for."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _Worker:
     """One thread of its own running blocking calls in order: one hop per call."""
 
@@ -248,6 +254,7 @@ class _AsyncStream(Generic[S]):
             kept = self._kept
             if kept is None:
                 fut: asyncio.Future[T] = self._consuming.submit(fn)
+                fut.add_done_callback(_mark_seen)  # a kept error goes to the next call, if one comes
                 self._kept = (kind, fut)
             elif kept[0] != kind:
                 raise StreamStateError(

@@ -311,6 +311,31 @@ def test_a_call_past_its_bound_raises_and_its_outcome_is_kept() -> None:
     asyncio.run(main())
 
 
+def test_a_kept_error_nobody_takes_is_not_reported_by_asyncio() -> None:
+    """A cancelled consume fails in the worker and the stream is then dropped: asyncio must not report
+    an exception never retrieved (it prints a traceback on stderr)."""
+    import gc
+
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            inp = client.msg_stream()
+            await inp.create_consumers("dropped", chans)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(inp.consume(timeout=0.5), 0.05)  # kept for the next consume
+            await client.destroy_channels(chans)  # the kept consume now fails
+            await _wait_until(lambda: inp._kept is not None and inp._kept[1].done(), "the kept consume to fail")
+            del inp
+            gc.collect()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert reported == []
+
+
 def test_a_cancelled_produce_still_queued_is_dropped_and_a_running_one_completes(tmp_path: Path) -> None:
     # sqlite:///: a send that waits on the disk runs on the producing worker (memory:// sends on the loop)
     async def main() -> None:
