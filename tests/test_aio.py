@@ -327,8 +327,10 @@ def test_a_kept_error_nobody_takes_is_not_reported_by_asyncio() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(inp.consume(timeout=0.5), 0.05)  # kept for the next consume
             await client.destroy_channels(chans)  # the kept consume now fails
-            await _wait_until(lambda: inp._kept is not None and inp._kept[1].done(), "the kept consume to fail")
-            del inp
+            kept = inp._kept
+            assert kept is not None
+            await _wait_until(kept[1].done, "the kept consume to fail")
+            del inp, kept
             gc.collect()
             await asyncio.sleep(0)
 
