@@ -674,6 +674,11 @@ class _KafkaConsumer(Consumer):
         # already and is dropped, not delivered twice (`_guard` holds the channels still to check).
         self._floor: dict[str, int] = {}
         self._guard: dict[str, int] = {}
+        # channel -> the offset after the newest delivered here, while this member holds the channel. The
+        # eager rebalance of any join revokes every partition and assigns them again, each from the
+        # committed offset: a channel that comes back is guarded from there, so what this member holds
+        # unacknowledged (a time-tick stream waiting for a tick) is not delivered to it a second time.
+        self._delivered: dict[str, int] = {}
         self._assigned: set[str] = set()
         self._closed = False
         with backend.errors("create consumer", BrokerUnavailableError):
@@ -698,11 +703,15 @@ class _KafkaConsumer(Consumer):
 
     # -- rebalance callbacks (run inside consume) -----------------------------------------------
     def _on_assign(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        back = {tp.topic for tp in partitions}
+        for topic in [t for t in self.channels if t not in back]:  # another member's now, and what it held
+            self._delivered.pop(topic, None)
+            self._unacked.forget(topic)
         for tp in partitions:
             self._assigned.add(tp.topic)
-            self._unacked.forget(tp.topic)
-            if tp.topic in self._floor:
-                self._guard[tp.topic] = self._floor[tp.topic]
+            start = self._delivered.get(tp.topic, self._floor.get(tp.topic))
+            if start is not None:
+                self._guard[tp.topic] = start
 
     def _on_commit(self, err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
         """A failed commit of the newest offset committed is made again with the next ack or on revoke,
@@ -716,9 +725,8 @@ class _KafkaConsumer(Consumer):
 
     def _on_revoke(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
         self._commit([tp.topic for tp in partitions], asynchronous=False)
-        for tp in partitions:
+        for tp in partitions:  # what this member holds stays tracked until the assignment shows who has it
             self._assigned.discard(tp.topic)
-            self._unacked.forget(tp.topic)
 
     def _commit(self, topics: Sequence[str], asynchronous: bool) -> None:
         offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
@@ -767,6 +775,7 @@ class _KafkaConsumer(Consumer):
             if out:
                 for channel, ids in ids_by_channel(out, self._only).items():  # delivered, not yet acknowledged
                     self._unacked.deliver(channel, ids)
+                    self._delivered[channel] = _offset(ids[-1]) + 1
                 return out
             if remaining <= 0:
                 return out
@@ -799,11 +808,12 @@ class _KafkaConsumer(Consumer):
             return
         touched = []
         for channel, ids in ids_by_channel(messages, self._only).items():
-            if channel not in self._assigned:
-                continue  # revoked meanwhile: committing it could rewind the partition's new owner
             last = self._unacked.settle(channel, ids)
-            if last is not None:
-                self._committed[channel] = self._floor[channel] = _offset(last) + 1
+            if last is None:
+                continue
+            self._floor[channel] = _offset(last) + 1
+            if channel in self._assigned:  # not in a rebalance: a commit then could rewind a new owner
+                self._committed[channel] = self._floor[channel]
                 touched.append(channel)
         self._commit(touched, asynchronous=True)
 
@@ -833,6 +843,7 @@ class _KafkaConsumer(Consumer):
                 self._committed.pop(tp.topic, None)
                 self._floor.pop(tp.topic, None)
                 self._guard.pop(tp.topic, None)
+                self._delivered.pop(tp.topic, None)
                 if tp.topic in self._assigned:
                     self._c.seek(tp)
 

@@ -532,6 +532,33 @@ class ConformanceSuite:
             assert mine == [m for m in got if m.position and m.position.channel == ch and m in mine]
         expect_quiet(second, self.quiet_period)
 
+    def test_a_member_joining_on_another_channel_does_not_hand_held_messages_back(
+        self, client: ms.Client, streams: Any
+    ) -> None:
+        """A member holds messages unacknowledged (a time-tick stream waiting for their tick does) while
+        another member of the subscription joins on another channel. The holder keeps its channel and
+        must not receive what it holds a second time (on Kafka the join rebalances the group, and every
+        partition restarts from the committed offset); acknowledged afterwards, they are not handed over."""
+        mine, other = self.channels(client, 2)
+        sub = self.sub()
+        out = self.producer(streams, [mine, other])
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(3)]))
+        holder = streams(auto_ack=False)
+        holder.create_consumers(sub, [mine])
+        held = consume_n(holder, 3, self.timeout)
+        joiner = self.consumer(streams, [other], sub=sub)
+        out.produce(ms.MsgPack.of([_data(9, 1)]))  # on other: the joiner has it once it took part
+        deadline = time.monotonic() + self.timeout
+        while (pack := joiner.consume(timeout=0.2)) is None:
+            assert time.monotonic() < deadline, "the joining member received nothing"
+            again = holder.consume(timeout=0.2)  # the holder takes part in the rebalance
+            assert again is None, f"held messages delivered again: {again.msgs}"
+        assert [m.row_ids for m in pack.msgs if isinstance(m, ms.InsertMsg)] == [[9]]
+        expect_quiet(holder, self.quiet_period)
+        holder.ack(held)
+        holder.close()
+        expect_quiet(self.consumer(streams, [mine], sub=sub), self.quiet_period)
+
     def test_acks_out_of_order_keep_every_unacknowledged_message(self, client: ms.Client, streams: Any) -> None:
         """Acks in any order, twice, or ahead of older messages: whatever is not acknowledged reaches the
         next member, and an acknowledged prefix does not. (A broker that commits offsets, Kafka, may
