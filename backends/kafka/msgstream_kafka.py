@@ -680,6 +680,7 @@ class _KafkaConsumer(Consumer):
         # unacknowledged (a time-tick stream waiting for a tick) is not delivered to it a second time.
         self._delivered: dict[str, int] = {}
         self._assigned: set[str] = set()
+        self._error: tuple[ck.KafkaError, str] | None = None  # one that came after records, for the next receive
         self._closed = False
         with backend.errors("create consumer", BrokerUnavailableError):
             self._c = ck.Consumer(conf)
@@ -747,6 +748,9 @@ class _KafkaConsumer(Consumer):
         if self._closed:
             raise StreamClosedError("consumer is closed")
         backend = self._backend
+        if self._error is not None:
+            (err, topic), self._error = self._error, None
+            backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
         for channel in self.channels:
             backend.check_channel(channel, refresh=False, timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -768,8 +772,8 @@ class _KafkaConsumer(Consumer):
                 for m in batch
                 if m.error() is None
             ]
-            if len(out) != len(batch):
-                self._raise_errors(batch)  # end-of-partition events are skipped; any other error raises
+            if len(out) != len(batch):  # end-of-partition events are skipped; any other error raises,
+                self._raise_errors(batch, after=bool(out))  # after the good records beside it are returned
             if out and self._guard:
                 out = self._unguarded(out)
             if out:
@@ -780,11 +784,15 @@ class _KafkaConsumer(Consumer):
             if remaining <= 0:
                 return out
 
-    def _raise_errors(self, batch: list[Any]) -> None:
-        """Raise the first error in ``batch`` that is not an end-of-partition event."""
+    def _raise_errors(self, batch: list[Any], after: bool) -> None:
+        """Raise the first error in ``batch`` that is not an end-of-partition event; with ``after``, on
+        the next receive (librdkafka has handed over the batch's records: they are returned first)."""
         for m in batch:
             err = m.error()
             if err is not None and err.code() != ck.KafkaError._PARTITION_EOF:
+                if after:
+                    self._error = (err, m.topic())
+                    return
                 self._backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
 
     def _unguarded(self, out: list[RawMessage]) -> list[RawMessage]:

@@ -154,6 +154,62 @@ class _LosingCommits:
         return getattr(self._real, name)
 
 
+class _ErrorAfterRecords:
+    """A librdkafka consumer whose next batch with records ends with an error event (a connection reset
+    reported beside what was fetched before it)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real, self.injected = real, False
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        batch: list[Any] = self._real.consume(n, timeout)
+        if batch and not self.injected:
+            self.injected = True
+            return [*batch, _ErrorEvent(batch[0].topic())]
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _ErrorEvent:
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+
+    def error(self) -> ck.KafkaError:
+        return ck.KafkaError(ck.KafkaError._TRANSPORT, "injected: connection reset", retriable=True)
+
+    def topic(self) -> str:
+        return self._topic
+
+
+def test_records_fetched_beside_an_error_are_returned_before_it_is_raised(kafka_url: str) -> None:
+    with ms.connect(kafka_url) as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers([ch])
+            out.produce(ms.MsgPack.of([row(i) for i in range(100)]))
+        got: list[int] = []
+        errors: list[ms.errors.ConsumeError] = []
+        with client.msg_stream(receive_batch=10) as inp:
+            inp.create_consumers("beside-an-error", [ch])
+            got += _rows(consume_n(inp, 10, 30))
+            member = inp._consumer
+            member._c = wrapped = _ErrorAfterRecords(member._c)  # type: ignore[union-attr]
+            deadline = time.monotonic() + 30
+            while len(got) < 100:
+                assert time.monotonic() < deadline, f"received {len(got)} of 100"
+                try:
+                    pack = inp.consume(timeout=0.5)
+                except ms.errors.ConsumeError as exc:  # retriable: go on, as documented
+                    errors.append(exc)
+                    continue
+                got += _rows(pack.msgs) if pack else []
+            member._c = wrapped._real  # type: ignore[union-attr]
+        assert wrapped.injected and len(errors) == 1 and errors[0].retriable
+        assert got == list(range(100))
+
+
 def _rows(packs: list[ms.TsMsg]) -> list[int]:
     return [m.row_ids[0] for m in packs if isinstance(m, ms.InsertMsg)]
 
