@@ -516,3 +516,21 @@ def test_drop_subscription_ignores_members_whose_process_died(tmp_path: Path) ->
         assert "held" in client.list_subscriptions(chans[0])
         client.drop_subscription("held", chans)
         assert client.list_subscriptions(chans[0]) == []
+
+
+def test_lag_counts_past_a_trimmed_reference_and_gives_no_seconds(tmp_path: Path) -> None:
+    """docs/operations.md: after retention trimmed the last returned message, ``messages`` counts what is
+    left to consume (the trimmed messages will never be delivered) and ``seconds`` is ``None`` (the
+    reference's time is gone with it)."""
+    owner = ms.OwnerDescription(role="r")
+    with ms.connect(f"sqlite:///{tmp_path / 'lag.db'}?max_messages=2&retention=force") as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=1))
+        with client.msg_stream() as out, client.msg_stream(receive_batch=1) as inp:
+            out.create_producers([ch])
+            out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], end_ts=ms.timestamp.compose(1000, 0))]))
+            inp.create_consumers("s", [ch])
+            assert inp.consume(timeout=5) is not None
+            assert inp.lag() == [ms.ChannelLag(ch, 0, 0.0)]
+            for t in range(2000, 7000, 1000):
+                out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], end_ts=ms.timestamp.compose(t, 0))]))
+            assert inp.lag() == [ms.ChannelLag(ch, 2, None)]  # 5 sent, 2 kept
