@@ -78,6 +78,11 @@ redis.call('XGROUP', 'CREATE', KEYS[2], '__msgstream_init', '$', 'MKSTREAM')
 redis.call('XGROUP', 'DESTROY', KEYS[2], '__msgstream_init')
 return 1
 """
+_DELETE = """
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return removed
+"""
 
 
 def _resp(*args: bytes) -> bytes:
@@ -141,7 +146,6 @@ class RedisBackend(Backend):
         )
         for command in _RAW_COMMANDS:  # raw replies: no per-entry dicts on the hot path
             self._redis.set_response_callback(command, lambda response, **_: response)
-        self._create_script = self._redis.register_script(_CREATE)
         self._consumers: set[_RedisConsumer] = set()
         self._closed = False
         with self.errors("connect", BrokerUnavailableError):
@@ -171,8 +175,14 @@ class RedisBackend(Backend):
         if not CHANNEL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid channel name {name!r}")
         with self.errors("create channel", BrokerUnavailableError):
-            if not self._create_script(keys=[self._registry, self.key(name)], args=[name, metadata]):
-                raise ChannelExistsError(f"channel exists: {name!r}")
+            try:
+                made = self._once("EVAL", _CREATE, 2, self._registry, self.key(name), name, metadata)
+            except (redis.ConnectionError, redis.TimeoutError):  # it may have run: the registry tells
+                if self._redis.hget(self._registry, name) != metadata:
+                    raise
+                made = 1  # names are unique (the client draws them): the same metadata is this call's
+        if not made:
+            raise ChannelExistsError(f"channel exists: {name!r}")
 
     def channel_metadata(self, name: str) -> bytes:
         with self.errors("describe channel", BrokerUnavailableError):
@@ -183,10 +193,12 @@ class RedisBackend(Backend):
 
     def delete_channel(self, name: str) -> None:
         with self.errors("delete channel", BrokerUnavailableError):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hdel(self._registry, name)
-            pipe.delete(self.key(name))
-            removed, _ = pipe.execute()
+            try:
+                removed = self._once("EVAL", _DELETE, 2, self._registry, self.key(name), name)
+            except (redis.ConnectionError, redis.TimeoutError):  # it may have run: the registry tells
+                if self._redis.hexists(self._registry, name):
+                    raise
+                removed = 1
         if not removed:
             raise ChannelNotFoundError(name)
 
@@ -340,6 +352,20 @@ class RedisBackend(Backend):
     def command(self, *args: Any) -> Any:
         """One raw command (redis-py's ``execute_command`` is untyped)."""
         return self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    def _once(self, *args: Any) -> Any:
+        """One command sent once. redis-py sends a command again when the connection breaks before its
+        reply: a create or delete that had run would then find its own work done and fail."""
+        pool = self._redis.connection_pool
+        conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
+        try:
+            conn.send_command(*args)  # type: ignore[no-untyped-call]
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # its reply may be unread
+            raise
+        finally:
+            pool.release(conn)
 
     @property
     def client(self) -> redis.Redis:

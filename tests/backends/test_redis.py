@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -261,6 +262,42 @@ def test_entries_whose_reply_was_lost_in_a_broken_connection_are_delivered(tmp_p
             inp.close()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("operation", ["create", "delete"])
+def test_a_create_or_delete_whose_reply_is_lost_reports_its_own_success(
+    redis_url: str, operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after Redis ran the command, before its reply arrived (fault injected on
+    the real broker: the reply is read, then the connection dropped). The call succeeds: sent again, the
+    command would find its own work done and report ChannelExistsError or ChannelNotFoundError."""
+    with ms.connect(redis_url) as client:
+        backend = client.backend
+        name = f"lost-reply-{uuid.uuid4().hex[:8]}"
+        backend.create_channel(name + "-warm", b"")  # anything a first call sets up (a script) is done
+        backend.delete_channel(name + "-warm")
+        if operation == "delete":
+            backend.create_channel(name, b"meta")
+        real = redis.connection.Connection.read_response
+        lost: list[Any] = []
+
+        def read_then_drop(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if lost:
+                return real(self, *args, **kwargs)
+            lost.append(real(self, *args, **kwargs))
+            self.disconnect()
+            raise redis.ConnectionError("injected: the connection broke before the reply arrived")
+
+        monkeypatch.setattr(redis.connection.Connection, "read_response", read_then_drop)
+        if operation == "create":
+            backend.create_channel(name, b"meta")
+        else:
+            backend.delete_channel(name)
+        monkeypatch.undo()
+        assert lost, "no reply was lost"
+        assert (name in backend.list_channels()) == (operation == "create")
+        if operation == "create":
+            backend.delete_channel(name)
 
 
 def test_declared_redis_py_has_the_calls_the_backend_makes() -> None:
