@@ -323,8 +323,14 @@ class Consumer(abc.ABC):
         not on its channel raises ``SeekError`` and changes nothing — never a silent move to the start or
         the end."""
 
+    def flush(self) -> None:  # noqa: B027  (optional hook: nothing to do for a synchronous ack)
+        """Make the acknowledgements made so far durable on the broker within the backend's operation
+        timeout, or raise a retriable ``ConsumeError`` and keep them for the next call. ``MsgStream``
+        calls it before an acknowledging close; a backend whose ``ack`` is synchronous has nothing to do."""
+
     def close(self) -> None:  # noqa: B027  (optional hook: nothing to release by default)
-        """Leave the subscription (it keeps its place for the next member). Idempotent."""
+        """Leave the subscription (it keeps its place for the next member); what is not acknowledged, or
+        acknowledged and not yet flushed, is delivered again. Idempotent."""
 
 
 H = TypeVar("H")

@@ -471,6 +471,8 @@ class MsgStream:
             return
         if acknowledge:
             self._ack_delivered()
+            if self._consumer is not None:
+                self._consumer.flush()
         errors: list[BaseException] = []
         self._closed = True
         closeables: list[Producer | Consumer] = [*self._producers, *([self._consumer] if self._consumer else [])]

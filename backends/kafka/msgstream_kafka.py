@@ -375,6 +375,10 @@ class KafkaBackend(Backend):
         self.refresh_registry(force=refresh, timeout=timeout)
         return self._registry.get(name) is not None
 
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is a live channel by the registry as last read (no broker call)."""
+        return self._registry.get(name) is not None
+
     def check_channel(self, name: str, refresh: bool = True, timeout: float | None = None) -> None:
         if not self.exists(name, refresh, timeout):
             raise ChannelNotFoundError(name)
@@ -725,23 +729,37 @@ class _KafkaConsumer(Consumer):
                 self._committed.setdefault(tp.topic, tp.offset)
 
     def _on_revoke(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
-        self._commit([tp.topic for tp in partitions], asynchronous=False)
+        pending = {
+            tp.topic: self._committed[tp.topic]
+            for tp in partitions
+            if tp.topic in self._committed and self._backend.known(tp.topic)  # a deleted one has no offsets
+        }
+        if pending:
+            try:
+                self._commit_now(pending)
+            except ck.KafkaException as exc:  # the next owner starts before them: delivered again
+                log.warning("commit of %s on revoke failed: %s", sorted(pending), exc)
+        self._on_lost(_c, partitions)
+
+    def _on_lost(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        """Partitions lost with the group session (the coordinator unreachable): another member may own
+        them already, so nothing is committed for them."""
         for tp in partitions:  # what this member holds stays tracked until the assignment shows who has it
             self._assigned.discard(tp.topic)
 
-    def _commit(self, topics: Sequence[str], asynchronous: bool) -> None:
+    def _commit(self, topics: Sequence[str]) -> None:
+        """Commit, asynchronously, what acknowledgements left to commit on ``topics``."""
         offsets = [ck.TopicPartition(t, 0, self._committed[t]) for t in topics if t in self._committed]
         for tp in offsets:
             del self._committed[tp.topic]
             self._sent[tp.topic] = tp.offset
         if offsets:
             try:
-                if asynchronous:
-                    self._c.commit(offsets=offsets, asynchronous=True)
-                else:
-                    self._c.commit(offsets=offsets, asynchronous=False)
-            except ck.KafkaException as exc:
+                self._c.commit(offsets=offsets, asynchronous=True)
+            except ck.KafkaException as exc:  # not queued: made again with the next ack, or by flush
                 log.warning("commit of %s failed: %s", [tp.topic for tp in offsets], exc)
+                for tp in offsets:
+                    self._committed.setdefault(tp.topic, tp.offset)
 
     # -- Consumer -------------------------------------------------------------------------------
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
@@ -757,7 +775,7 @@ class _KafkaConsumer(Consumer):
         if not self._subscribed:
             with backend.errors("subscribe"):
                 self._c.subscribe(
-                    list(self.channels), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+                    list(self.channels), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
                 )
             self._subscribed = True
         while True:
@@ -823,7 +841,7 @@ class _KafkaConsumer(Consumer):
             if channel in self._assigned:  # not in a rebalance: a commit then could rewind a new owner
                 self._committed[channel] = self._floor[channel]
                 touched.append(channel)
-        self._commit(touched, asynchronous=True)
+        self._commit(touched)
 
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
@@ -844,7 +862,7 @@ class _KafkaConsumer(Consumer):
                 raise SeekError(f"offset {offset} is not on {channel!r} (offsets {low} to {high - 1})")
             offsets.append(ck.TopicPartition(channel, 0, offset if channel in inclusive else offset + 1))
         with backend.errors("seek", SeekError):
-            self._commit_retrying(offsets)
+            self._commit_now({tp.topic: tp.offset for tp in offsets})
             for tp in offsets:
                 self._sent[tp.topic] = tp.offset
                 self._unacked.forget(tp.topic)
@@ -854,6 +872,32 @@ class _KafkaConsumer(Consumer):
                 self._delivered.pop(tp.topic, None)
                 if tp.topic in self._assigned:
                     self._c.seek(tp)
+
+    def flush(self) -> None:
+        """Commit synchronously, per channel this member holds, the offset after the newest message it
+        acknowledged (asynchronous commits may have failed unreported)."""
+        if self._closed:
+            raise StreamClosedError("consumer is closed")
+        backend = self._backend
+        offsets = {
+            ch: self._floor[ch]
+            for ch in self.channels
+            if ch in self._assigned and ch in self._floor and backend.known(ch)  # a deleted one has no offsets
+        }
+        if offsets:
+            with backend.errors("commit acknowledgements", ConsumeError):
+                self._commit_now(offsets)
+
+    def _commit_now(self, offsets: Mapping[str, int]) -> None:
+        """A synchronous commit within the backend's timeout, tried again while the group is between
+        generations (a rebalance). librdkafka's own waits for an unreachable coordinator up to
+        session.timeout.ms (45 s), so the coordinator is asked first, by a call that takes a timeout."""
+        self._c.committed([ck.TopicPartition(t, 0) for t in offsets], timeout=self._backend.timeout)
+        self._commit_retrying([ck.TopicPartition(t, 0, o) for t, o in offsets.items()])
+        for topic, offset in offsets.items():
+            self._sent[topic] = offset
+            if self._committed.get(topic, offset) <= offset:
+                self._committed.pop(topic, None)
 
     def _commit_retrying(self, offsets: list[ck.TopicPartition]) -> None:
         """A synchronous commit, tried again while the group is between generations (a rebalance)."""
@@ -878,7 +922,6 @@ class _KafkaConsumer(Consumer):
             return
         self._closed = True
         self._backend._consumers.discard(self)
-        with self._backend.errors("close consumer"):
-            self._commit(list(self._committed), asynchronous=False)
+        with self._backend.errors("close consumer"):  # with the broker down: up to session.timeout.ms
             self._c.close()
         self._c = CLOSED

@@ -170,6 +170,9 @@ class FaultyConsumer(Consumer):
             raise InjectedSeekError(f"injected fault: seek of {sorted(targets)} failed before anything moved")
         self.inner.seek(targets, inclusive)
 
+    def flush(self) -> None:
+        self.inner.flush()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -3,6 +3,7 @@ scripts/broker.py; MSGSTREAM_KAFKA_URL for your own), plus Kafka-specific tests.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from msgstream_kafka import _BatchLimits, _KafkaProducer
 
 import msgstream as ms
 from msgstream.backend import SubscriptionPosition, installed_schemes
-from msgstream.errors import BrokerUnavailableError, ChannelNotFoundError, ProduceError
+from msgstream.errors import BrokerUnavailableError, ChannelNotFoundError, ConsumeError, ProduceError
 from msgstream.testing import ConformanceSuite, consume_n, expect_quiet
 from scripts.broker import start_kafka
 
@@ -131,6 +132,40 @@ def test_restart_loses_and_repeats_nothing(tmp_path: Path) -> None:
     try:
         with ms.connect(f"{broker.url}/?operation_timeout=5") as client:
             restart_loses_and_repeats_nothing(client, broker.restart, retries=20)
+    finally:
+        broker.stop()
+
+
+def test_a_close_whose_commit_cannot_be_made_raises_in_time_and_closes_nothing(tmp_path: Path) -> None:
+    """Kafka acknowledges by asynchronous commits, so close() makes the last one synchronously. With the
+    broker down it raises a retriable ConsumeError within the backend's timeout (librdkafka's own commit
+    waits out session.timeout.ms, 45 s) and closes nothing; once the broker is back, close() commits, and
+    the next member gets none of the acknowledged messages again."""
+    broker = start_kafka(tmp_path / "close")
+    try:
+        with ms.connect(f"{broker.url}/?operation_timeout=3") as client:
+            [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+            with client.msg_stream() as out:
+                out.create_producers([ch])
+                out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+            inp = client.msg_stream()
+            inp.create_consumers("closing", [ch])
+            assert _rows(consume_n(inp, 10, 30)) == list(range(10))
+            broker.kill()
+            started = time.monotonic()
+            with pytest.raises(ConsumeError) as err:
+                inp.close()
+            assert time.monotonic() - started < 15, "close outlived the backend's timeout"
+            assert err.value.retriable and not inp.closed
+            broker.start()
+            deadline = time.monotonic() + 60
+            while not inp.closed:
+                assert time.monotonic() < deadline, "close never succeeded with the broker back"
+                with contextlib.suppress(ConsumeError):
+                    inp.close()
+            with client.msg_stream() as again:
+                again.create_consumers("closing", [ch])
+                expect_quiet(again, 3.0)
     finally:
         broker.stop()
 
