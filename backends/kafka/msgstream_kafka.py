@@ -12,7 +12,8 @@ Mapping (docs/backends.md has the long form):
   batch is flushed with the timeout; any failure raises ``ProduceError`` with the offsets that were
   accepted, and a refused message stops the pack there.
 * subscription -> consumer group; receive = ``consume(num_messages, timeout)``; ack -> the contiguous
-  acknowledged prefix of each partition is committed (asynchronously; synchronously on revoke and close).
+  acknowledged prefix of each partition is committed (asynchronously; synchronously on revoke, and by
+  the flush of an acknowledging close).
 * LATEST for a new group -> its committed offset is set to the end when the consumer is made (the group
   joins on the first receive; what is produced meanwhile belongs to it); seek -> the offset is checked
   against the partition, committed, and the assigned partition is moved.
@@ -709,9 +710,7 @@ class _KafkaConsumer(Consumer):
     # -- rebalance callbacks (run inside consume) -----------------------------------------------
     def _on_assign(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
         back = {tp.topic for tp in partitions}
-        for topic in [t for t in self.channels if t not in back]:  # another member's now, and what it held
-            self._delivered.pop(topic, None)
-            self._unacked.forget(topic)
+        self._drop([t for t in self.channels if t not in back])  # another member's now
         for tp in partitions:
             self._assigned.add(tp.topic)
             start = self._delivered.get(tp.topic, self._floor.get(tp.topic))
@@ -736,16 +735,26 @@ class _KafkaConsumer(Consumer):
         }
         if pending:
             try:
-                self._commit_now(pending)
+                self._commit_now(pending, forward_only=True)
             except ck.KafkaException as exc:  # the next owner starts before them: delivered again
                 log.warning("commit of %s on revoke failed: %s", sorted(pending), exc)
-        self._on_lost(_c, partitions)
-
-    def _on_lost(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
-        """Partitions lost with the group session (the coordinator unreachable): another member may own
-        them already, so nothing is committed for them."""
         for tp in partitions:  # what this member holds stays tracked until the assignment shows who has it
             self._assigned.discard(tp.topic)
+
+    def _on_lost(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        """Partitions lost with the group session (the coordinator unreachable): other members may have
+        owned them meanwhile, so nothing is committed for them and nothing held on them is kept."""
+        for tp in partitions:
+            self._assigned.discard(tp.topic)
+        self._drop([tp.topic for tp in partitions])
+
+    def _drop(self, topics: Sequence[str]) -> None:
+        """Forget what this member knew of ``topics``, which another member may own now: what it held
+        there, its acknowledged offsets (committed later, they could rewind the new owner) and guards."""
+        for topic in topics:
+            self._unacked.forget(topic)
+            for known in (self._delivered, self._floor, self._committed, self._guard):
+                known.pop(topic, None)
 
     def _commit(self, topics: Sequence[str]) -> None:
         """Commit, asynchronously, what acknowledgements left to commit on ``topics``."""
@@ -794,6 +803,9 @@ class _KafkaConsumer(Consumer):
                 self._raise_errors(batch, after=bool(out))  # after the good records beside it are returned
             if out and self._guard:
                 out = self._unguarded(out)
+            if self._error is not None and not out:  # nothing left to return before it
+                (err, topic), self._error = self._error, None
+                backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
             if out:
                 for channel, ids in ids_by_channel(out, self._only).items():  # delivered, not yet acknowledged
                     self._unacked.deliver(channel, ids)
@@ -876,9 +888,15 @@ class _KafkaConsumer(Consumer):
     def flush(self) -> None:
         """Commit synchronously, per channel this member holds, the offset after the newest message it
         acknowledged (asynchronous commits may have failed unreported)."""
-        if self._closed:
-            raise StreamClosedError("consumer is closed")
+        if self._closed:  # closed already (with its backend): nothing left to make durable here
+            return
         backend = self._backend
+        try:  # a channel destroyed meanwhile has no offsets to commit
+            backend.refresh_registry(force=True, timeout=backend.timeout)
+        except MsgStreamError as exc:
+            err = ConsumeError(f"commit acknowledgements: {exc}")
+            err.retriable = exc.retriable
+            raise err from exc
         offsets = {
             ch: self._floor[ch]
             for ch in self.channels
@@ -886,28 +904,34 @@ class _KafkaConsumer(Consumer):
         }
         if offsets:
             with backend.errors("commit acknowledgements", ConsumeError):
-                self._commit_now(offsets)
+                self._commit_now(offsets, forward_only=True)
 
-    def _commit_now(self, offsets: Mapping[str, int]) -> None:
-        """A synchronous commit within the backend's timeout, tried again while the group is between
-        generations (a rebalance). librdkafka's own waits for an unreachable coordinator up to
-        session.timeout.ms (45 s), so the coordinator is asked first, by a call that takes a timeout."""
-        self._c.committed([ck.TopicPartition(t, 0) for t in offsets], timeout=self._backend.timeout)
-        self._commit_retrying([ck.TopicPartition(t, 0, o) for t, o in offsets.items()])
+    def _commit_now(self, offsets: Mapping[str, int], forward_only: bool = False) -> None:
+        """A synchronous commit within about the backend's timeout, tried again while the group is
+        between generations (a rebalance); ``forward_only``: not where the group's offset is further on
+        already. librdkafka's own commit waits for an unreachable coordinator up to session.timeout.ms
+        (45 s), so the coordinator is asked first, by a call that takes a timeout."""
+        deadline = time.monotonic() + self._backend.timeout
+        group = self._c.committed([ck.TopicPartition(t, 0) for t in offsets], timeout=self._backend.timeout)
+        if forward_only:
+            ahead = {tp.topic for tp in group if tp.offset >= offsets[tp.topic]}
+            offsets = {t: o for t, o in offsets.items() if t not in ahead}
+            if not offsets:
+                return
+        self._commit_retrying([ck.TopicPartition(t, 0, o) for t, o in offsets.items()], deadline)
         for topic, offset in offsets.items():
             self._sent[topic] = offset
             if self._committed.get(topic, offset) <= offset:
                 self._committed.pop(topic, None)
 
-    def _commit_retrying(self, offsets: list[ck.TopicPartition]) -> None:
-        """A synchronous commit, tried again while the group is between generations (a rebalance)."""
+    def _commit_retrying(self, offsets: list[ck.TopicPartition], deadline: float) -> None:
+        """A synchronous commit, tried again until ``deadline`` while the group is between generations."""
         transient = (
             ck.KafkaError.REBALANCE_IN_PROGRESS,
             ck.KafkaError.UNKNOWN_MEMBER_ID,
             ck.KafkaError.ILLEGAL_GENERATION,
             ck.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
         )
-        deadline = time.monotonic() + self._backend.timeout
         while True:
             try:
                 self._c.commit(offsets=offsets, asynchronous=False)
@@ -922,6 +946,7 @@ class _KafkaConsumer(Consumer):
             return
         self._closed = True
         self._backend._consumers.discard(self)
+        self._committed.clear()  # what flush did not make durable is delivered again: no commit on revoke
         with self._backend.errors("close consumer"):  # with the broker down: up to session.timeout.ms
             self._c.close()
         self._c = CLOSED

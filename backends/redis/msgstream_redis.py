@@ -177,7 +177,7 @@ class RedisBackend(Backend):
         with self.errors("create channel", BrokerUnavailableError):
             try:
                 made = self._once("EVAL", _CREATE, 2, self._registry, self.key(name), name, metadata)
-            except (redis.ConnectionError, redis.TimeoutError):  # it may have run: the registry tells
+            except redis.ConnectionError:  # the reply lost with the connection, after it ran or before
                 if self._redis.hget(self._registry, name) != metadata:
                     raise
                 made = 1  # names are unique (the client draws them): the same metadata is this call's
@@ -195,7 +195,7 @@ class RedisBackend(Backend):
         with self.errors("delete channel", BrokerUnavailableError):
             try:
                 removed = self._once("EVAL", _DELETE, 2, self._registry, self.key(name), name)
-            except (redis.ConnectionError, redis.TimeoutError):  # it may have run: the registry tells
+            except redis.ConnectionError:  # the reply lost with the connection, after it ran or before
                 if self._redis.hexists(self._registry, name):
                     raise
                 removed = 1
@@ -353,13 +353,17 @@ class RedisBackend(Backend):
         """One raw command (redis-py's ``execute_command`` is untyped)."""
         return self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
-    def _once(self, *args: Any) -> Any:
+    def _once(self, *args: Any, reply_within: float | None = None) -> Any:
         """One command sent once. redis-py sends a command again when the connection breaks before its
-        reply: a create or delete that had run would then find its own work done and fail."""
+        reply: a create or delete that had run would then find its own work done and fail, and an
+        XREADGROUP that had run would leave the entries it assigned behind newer ones. ``reply_within``:
+        seconds to wait for the reply to start (else ``redis.TimeoutError``, the connection dropped)."""
         pool = self._redis.connection_pool
         conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
         try:
             conn.send_command(*args)  # type: ignore[no-untyped-call]
+            if reply_within is not None and not conn.can_read(reply_within):
+                raise redis.TimeoutError(f"no reply within {reply_within:g} s")
             return conn.read_response()
         except BaseException:
             conn.disconnect()  # type: ignore[no-untyped-call]  # its reply may be unread
@@ -532,8 +536,13 @@ class _RedisConsumer(Consumer):
             remaining = deadline - now
             # wake up for the next claim round too
             block = int(min(remaining, self._max_block, max(0.001, self._next_claim - now)) * 1000)
-            with self._errors("receive"):
-                reply = self._backend.command(*args, *(["BLOCK", block] if block > 0 else []), *streams)
+            with self._errors("receive"):  # sent once: a lost reply raises, and the next receive recovers it
+                reply = self._backend._once(
+                    *args,
+                    *(["BLOCK", block] if block > 0 else []),
+                    *streams,
+                    reply_within=block / 1000 + min(1.0, self._backend.socket_timeout),
+                )
             out = self._parse(reply)
             if out or remaining <= 0 or block <= 0:
                 return out if len(out) <= max_messages else self._share(max_messages, out)

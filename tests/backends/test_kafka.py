@@ -170,6 +170,26 @@ def test_a_close_whose_commit_cannot_be_made_raises_in_time_and_closes_nothing(t
         broker.stop()
 
 
+def test_a_flush_never_moves_the_group_back(kafka_url: str) -> None:
+    """The offset a member remembers as acknowledged can trail the group's (another member owned the
+    channel meanwhile and committed further): the flush of its close commits only forward."""
+    with ms.connect(kafka_url) as client:
+        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers([ch])
+            out.produce(ms.MsgPack.of([row(i) for i in range(20)]))
+        inp = client.msg_stream()
+        inp.create_consumers("forward", [ch])
+        assert _rows(consume_n(inp, 20, 30)) == list(range(20))
+        inp.consume(timeout=0.5)  # acknowledges 0..19: the group is at 20
+        inp._consumer._floor[ch] = 5  # type: ignore[union-attr]  # what a member that was away remembers
+        inp.close()
+        assert client.backend._group_offsets("forward", [ch]) == {ch: 20}  # type: ignore[attr-defined]
+        with client.msg_stream() as again:
+            again.create_consumers("forward", [ch])
+            expect_quiet(again, 2.0)
+
+
 class _LosingCommits:
     """A librdkafka consumer whose commits are lost on the way to the broker, as in a broker restart:
     ``report=True`` reports each failure through the backend's commit callback, as librdkafka does for
