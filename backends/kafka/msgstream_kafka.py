@@ -775,9 +775,7 @@ class _KafkaConsumer(Consumer):
         if self._closed:
             raise StreamClosedError("consumer is closed")
         backend = self._backend
-        if self._error is not None:
-            (err, topic), self._error = self._error, None
-            backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
+        self._raise_deferred()
         for channel in self.channels:
             backend.check_channel(channel, refresh=False, timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -803,16 +801,19 @@ class _KafkaConsumer(Consumer):
                 self._raise_errors(batch, after=bool(out))  # after the good records beside it are returned
             if out and self._guard:
                 out = self._unguarded(out)
-            if self._error is not None and not out:  # nothing left to return before it
-                (err, topic), self._error = self._error, None
-                backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
             if out:
                 for channel, ids in ids_by_channel(out, self._only).items():  # delivered, not yet acknowledged
                     self._unacked.deliver(channel, ids)
                     self._delivered[channel] = _offset(ids[-1]) + 1
                 return out
+            self._raise_deferred()  # an error deferred by _raise_errors, now nothing is left to return first
             if remaining <= 0:
                 return out
+
+    def _raise_deferred(self) -> None:
+        if self._error is not None:
+            (err, topic), self._error = self._error, None
+            self._backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
 
     def _raise_errors(self, batch: list[Any], after: bool) -> None:
         """Raise the first error in ``batch`` that is not an end-of-partition event; with ``after``, on
@@ -875,13 +876,8 @@ class _KafkaConsumer(Consumer):
             offsets.append(ck.TopicPartition(channel, 0, offset if channel in inclusive else offset + 1))
         with backend.errors("seek", SeekError):
             self._commit_now({tp.topic: tp.offset for tp in offsets})
+            self._drop([tp.topic for tp in offsets])  # what was held or acknowledged there is moot now
             for tp in offsets:
-                self._sent[tp.topic] = tp.offset
-                self._unacked.forget(tp.topic)
-                self._committed.pop(tp.topic, None)
-                self._floor.pop(tp.topic, None)
-                self._guard.pop(tp.topic, None)
-                self._delivered.pop(tp.topic, None)
                 if tp.topic in self._assigned:
                     self._c.seek(tp)
 
