@@ -59,7 +59,7 @@ from .messages import TimeTickMsg, TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
 from .stream import MsgStream, hooks
-from .timestamp import HybridClock
+from .timestamp import HybridClock, check_interval
 from .timetick import TimeTickStream
 from .values import ChannelLag, SubscriptionPosition
 
@@ -317,6 +317,9 @@ class _AsyncStream(Generic[S]):
             self._shutdown()
             return
         async with self._consume_lock():
+            if self._stream.closed:  # by a close that held the lock first
+                self._shutdown()
+                return
             await self._settle_kept()
             if drop_in_hand:
                 self._stream._drop_in_hand()
@@ -455,6 +458,10 @@ class AsyncClient:
         self._worker = _Worker("msgstream-aio-client")
         self._streams: weakref.WeakSet[_AsyncStream[Any]] = weakref.WeakSet()
         self._closed = False
+        # one open and one close for all callers, each run to its end by a task of its own: a caller
+        # cancelled while it waits leaves no backend opened for nobody, and none left open
+        self._opening: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     @classmethod
     def from_client(cls, client: Client, *, call_timeout: float = 60.0) -> AsyncClient:
@@ -468,10 +475,16 @@ class AsyncClient:
         if self._closed:
             raise StreamClosedError("client is closed")
         if self._client is None:
-            self._client = await self._worker.call(
-                lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
-            )
+            if self._opening is None or self._opening.done():  # none yet, or one that failed: try again
+                self._opening = asyncio.get_running_loop().create_task(self._open())
+                self._opening.add_done_callback(_retrieve)
+            await asyncio.shield(self._opening)
         return self
+
+    async def _open(self) -> None:
+        self._client = await self._worker.call(
+            lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
+        )
 
     def __await__(self) -> Generator[Any, None, AsyncClient]:
         return self.open().__await__()
@@ -552,11 +565,21 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the streams opened from this client that are still open (one whose acknowledgement
-        fails is closed without it, and the failure logged), then the backend. Idempotent."""
-        if self._closed:
+        fails is closed without it, and the failure logged), then the backend. Idempotent; once begun,
+        the close runs to its end even if the caller is cancelled."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+            self._closing.add_done_callback(_retrieve)
+        elif self._closing.done():
             return
-        self._closed = True
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         try:
+            if self._opening is not None:  # an open in flight: what it opens is closed here
+                with contextlib.suppress(Exception):
+                    await self._opening
             for stream in list(self._streams):
                 try:
                     await stream.close()
@@ -612,8 +635,7 @@ class Ticker:
         return ts
 
     def start(self, interval: float) -> None:
-        if not interval > 0:
-            raise InvalidArgumentError(f"interval must be positive, got {interval!r}")
+        check_interval(interval)
         if self._task is not None:
             raise InvalidArgumentError("ticker already started")
         self._task = asyncio.get_running_loop().create_task(self._run(interval), name="msgstream-ticker")
@@ -631,7 +653,8 @@ class Ticker:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout)
+            done, _ = await asyncio.wait((task,), timeout=timeout)  # a cancel of the caller propagates
+            if not done:
+                raise OperationTimeoutError(f"the ticker's task did not end within {timeout:g}s")
         if self.error is not None:
             raise self.error

@@ -6,6 +6,7 @@ bits, an 18-bit counter that orders events within one millisecond in the low bit
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,12 @@ class _Broadcaster(Protocol):
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]: ...
 
 
+def check_interval(interval: object) -> None:
+    """Refuse a ticker interval that is not a finite positive number of seconds."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
+        raise InvalidArgumentError(f"interval must be a positive number of seconds, got {interval!r}")
+
+
 class Ticker:
     """Broadcasts a ``TimeTickMsg`` into every producer channel of ``stream``.
 
@@ -80,8 +87,7 @@ class Ticker:
         return ts
 
     def start(self, interval: float) -> None:
-        if not interval > 0:
-            raise InvalidArgumentError(f"interval must be positive, got {interval!r}")
+        check_interval(interval)
         if self._thread is not None:
             raise InvalidArgumentError("ticker already started")
         self._stop.clear()

@@ -543,3 +543,94 @@ def test_with_hooks_installed_even_memory_produce_leaves_the_loop() -> None:
         asyncio.run(main())
     finally:
         stream_module.set_hooks(None)
+
+
+def test_closes_that_overlap_close_once() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            s = client.msg_stream()
+            await s.create_producers(chans)
+            outcomes = await asyncio.gather(s.close(), s.close(), return_exceptions=True)
+            assert outcomes == [None, None]
+            assert s.closed
+            assert await asyncio.gather(client.close(), client.close()) == [None, None]
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_client_close_still_closes_the_backend_and_what_it_held_is_delivered_again() -> None:
+    async def main() -> None:
+        url = _url()
+        client = await aio.connect(url)
+        chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        async with client.msg_stream() as out:
+            await out.create_producers(chans)
+            await out.produce(ms.MsgPack.of([_row(0)]))
+        inp = client.msg_stream()
+        await inp.create_consumers("sub", chans)
+        assert _rows(ms.MsgPack.of(await inp.receive(5.0) or [])) == [0]  # held, never acknowledged
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)  # inside close, waiting on the stream's close
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await client.close()  # waits for the close begun above
+        assert inp.closed
+        with pytest.raises(StreamClosedError):
+            client.msg_stream()
+        async with aio.connect(url) as other, other.msg_stream() as again:
+            await again.create_consumers("sub", chans)
+            assert _rows(await again.consume(5.0)) == [0]
+
+    asyncio.run(main())
+
+
+def test_concurrent_first_calls_open_one_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[ms.Backend] = []
+    load = aio.load_backend  # type: ignore[attr-defined]
+
+    def counting(url: Any, options: Any) -> ms.Backend:
+        backend: ms.Backend = load(url, options)
+        opened.append(backend)
+        return backend
+
+    monkeypatch.setattr(aio, "load_backend", counting)
+
+    async def main() -> None:
+        client = aio.connect(_url())  # opened by its first call
+        listed = await asyncio.gather(*(client.list_channels() for _ in range(3)))
+        assert listed == [[], [], []]
+        assert len(opened) == 1
+        assert client.backend is opened[0]
+        await client.close()
+
+    asyncio.run(main())
+
+
+def test_ticker_stop_lets_the_callers_cancel_through_and_a_bad_interval_is_refused() -> None:
+    async def main() -> None:
+        async with aio.connect(_url()) as client, client.msg_stream() as out:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            await out.create_producers(chans)
+            for bad in ("1", None, [1], True, 0, float("nan"), float("inf")):
+                with pytest.raises(ms.errors.InvalidArgumentError):
+                    aio.Ticker(out).start(bad)  # type: ignore[arg-type]
+                with pytest.raises(ms.errors.InvalidArgumentError):
+                    ms.Ticker(out.sync).start(bad)  # type: ignore[arg-type]
+            ticker = aio.Ticker(out)
+            ticker.start(0.05)
+            after_stop = []
+
+            async def shut_down() -> None:
+                await ticker.stop()
+                after_stop.append(True)
+
+            task = asyncio.create_task(shut_down())
+            await asyncio.sleep(0)  # inside stop(), waiting for the ticker's task
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert after_stop == []
+
+    asyncio.run(main())
