@@ -72,8 +72,11 @@ class TimeTickStream:
 
     ``max_buffered``: most messages held across channels while waiting for a tick; past it
     ``consume`` raises ``TimeTickError`` naming the channels that have not ticked (instead of growing
-    without bound behind a stalled channel). ``lag_warning_after``: seconds after which a channel that
-    has not ticked while others have is named in a log warning (repeated at that interval).
+    without bound behind a stalled channel). It must exceed the messages of one tick interval across
+    all channels: a stream that reaches it stays at it (the tick it waits for is behind the messages it
+    cannot take), so the remedy is a stream with a larger bound, or a seek. ``lag_warning_after``:
+    seconds after which a channel that has not ticked while others have is named in a log warning
+    (repeated at that interval).
 
     The wrapped stream's acknowledgements are taken over: the messages a returned pack covers are
     acknowledged when the next ``consume``, ``seek`` or ``close`` runs (not when a ``with`` block exits on
@@ -147,10 +150,13 @@ class TimeTickStream:
     def consume(self, timeout: float = 1.0) -> MsgPack | None:
         """The pack of the next complete tick, or ``None`` if none completed within ``timeout``.
         ``timeout=0`` still takes what the broker has ready. Raises ``TimeTickError`` instead of
-        reading on once ``max_buffered`` messages are held (the rest stays on the broker)."""
+        reading on once ``max_buffered`` messages are held (the rest stays on the broker). Messages that
+        keep arriving without completing a tick do not hold it past ``timeout``: they stay buffered for
+        the next call."""
         self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         self._ack_done()
+        received = False
         while True:
             pack = self._emit()
             if pack is not None:
@@ -158,15 +164,17 @@ class TimeTickStream:
             if self._buffered >= self._max_buffered:
                 raise TimeTickError(
                     f"{self._buffered} messages buffered (max_buffered={self._max_buffered}) waiting for a tick"
-                    f" on {[ch.name for ch in self._order if not ch.ticks]}"
+                    f" on {[ch.name for ch in self._order if not ch.ticks]}: those channels stalled, or one tick"
+                    " interval holds more messages than max_buffered"
                 )
-            remaining = max(0.0, deadline - time.monotonic())
-            got = self._stream.receive(remaining)  # no pack: this stream makes its own
-            if got is not None:
-                self._ingest(got)
-            elif remaining <= 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and received:  # timeout=0 still takes one batch
                 self._check_lag()
                 return None
+            received = True
+            got = self._stream.receive(max(0.0, remaining))  # no pack: this stream makes its own
+            if got is not None:
+                self._ingest(got)
 
     def _ingest(self, msgs: list[TsMsg]) -> None:
         """Buffer a batch. A message that breaks a tick invariant is acknowledged and dropped, the

@@ -45,6 +45,24 @@ def test_lagging_channel_is_named_in_a_warning(client: ms.Client, caplog: pytest
         assert tt.lagging_channels() == [chans[2]]
 
 
+def test_a_backlog_without_a_tick_does_not_hold_consume_past_its_timeout(client: ms.Client) -> None:
+    chans = _chans(client, 2)
+    with client.msg_stream() as out, client.tt_msg_stream(receive_batch=10) as tt:
+        out.create_producers(chans[:1])  # the second channel has not ticked yet
+        tt.create_consumers("qn", chans)
+        out.produce(ms.MsgPack.of([_data(i + 1, 0) for i in range(100)]))
+        assert tt.consume(timeout=0) is None
+        assert tt.buffered == 10  # one batch, not the whole backlog
+        for _ in range(9):
+            assert tt.consume(timeout=0) is None
+        assert tt.buffered == 100
+        out.create_producers(chans[1:])
+        out.broadcast(ms.MsgPack(200, 200, [ms.TimeTickMsg(begin_ts=200, end_ts=200)]))
+        pack = tt.consume(timeout=5.0)
+        assert pack is not None
+        assert [m.end_ts for m in pack.msgs] == list(range(1, 101))
+
+
 def test_buffer_limit_raises_instead_of_growing(client: ms.Client) -> None:
     chans = _chans(client, 2)
     with client.msg_stream() as out, client.tt_msg_stream(max_buffered=50, receive_batch=10) as tt:
