@@ -12,14 +12,15 @@ following the OpenTelemetry messaging semantic conventions:
 
 - a PRODUCER span ``send {channel}`` (``send`` for several channels) per ``produce`` / ``broadcast`` of
   data messages, whose W3C trace context (``traceparent``, ``tracestate``) goes into each data message's
-  properties on the wire. The caller's messages get those properties only for the duration of the call
-  (their previous properties are put back before it returns), so a message object is unchanged after it;
+  properties on the wire. The caller's message objects are not changed: the trace context goes on
+  copies of them, which are what is sent;
 - a CONSUMER span ``receive {channel}`` per ``consume`` / ``receive`` / ``consume_frames`` that returned
   data messages, spanning the call, with one span link per distinct producing span found in the
   messages' properties;
 - counters ``messaging.client.sent.messages`` and ``messaging.client.consumed.messages`` (data messages)
   and the histogram ``messaging.client.operation.duration`` (seconds, per traced operation);
-- observable gauges over the streams it saw consume, or that were given to :meth:`observe`:
+- observable gauges over the streams it saw ``consume`` or ``consume_frames`` (not ``receive``, which a
+  time-tick stream calls to make packs of its own), or that were given to :meth:`observe`:
   ``msgstream.consumer.lag.messages`` / ``msgstream.consumer.lag.seconds`` (per channel, from
   ``stream.lag()`` where the stream has it), ``msgstream.timetick.buffered.messages`` and
   ``msgstream.timetick.lagging.channels`` (time-tick streams given to :meth:`observe`).
@@ -39,6 +40,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -84,6 +86,7 @@ class _Hooks:
 
     def __init__(self, tracer: trace.Tracer, meter: metrics.Meter) -> None:
         self._tracer = tracer
+        self.meter = meter
         self._sent = meter.create_counter(
             "messaging.client.sent.messages", unit="{message}", description="Data messages a producer sent."
         )
@@ -107,7 +110,7 @@ class _Hooks:
     def _send(self, s: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]], copies: int) -> Any:
         msgs = getattr(pack, "msgs", None)
         data = [m for m in msgs if isinstance(m, TsMsg) and not isinstance(m, TimeTickMsg)] if msgs else []
-        if not data:  # nothing to trace (ticks only), or a bad argument the stream reports itself
+        if not data or not isinstance(pack, MsgPack):  # nothing to trace (ticks only), or a bad argument
             return send(pack)
         channels = s.producer_channels
         attrs = _attributes(s, "send", channels)
@@ -119,20 +122,19 @@ class _Hooks:
         ) as span:
             carrier: dict[str, str] = {}
             _PROPAGATOR.inject(carrier)
-            saved = [m._props for m in data]
-            for m, props in zip(data, saved, strict=True):
-                m._props = {**props, **carrier} if props else carrier
+            traced: dict[int, TsMsg] = {}  # id of a caller's message -> the copy sent with the context
+            for m in data:
+                copy = msgspec.structs.replace(m)
+                copy._props = {**m._props, **carrier} if m._props else carrier
+                traced[id(m)] = copy
             try:
-                result = send(pack)
+                result = send(msgspec.structs.replace(pack, msgs=[traced.get(id(m), m) for m in pack.msgs]))
             except BaseException as exc:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 span.set_attribute("error.type", _error_type(exc))
                 self._duration.record(time.perf_counter() - start, {**attrs, "error.type": _error_type(exc)})
                 raise
-            finally:
-                for m, props in zip(data, saved, strict=True):
-                    m._props = props
             if len(data) == 1 and isinstance(result, dict):
                 ids = [i for got in result.values() for i in got]
                 if len(ids) == 1:
@@ -143,9 +145,14 @@ class _Hooks:
 
     # -- consuming ------------------------------------------------------------------------------
     def consume(self, s: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any:
+        self.streams.add(s)
+        return self.receive(s, timeout, receive)
+
+    def receive(self, s: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any:
+        """Traced and counted as a consume, but the stream is not one the gauges report: its messages
+        are the decorator's to return (a time-tick stream, whose lag counts from its packs)."""
         started_ns = time.time_ns()
         start = time.perf_counter()
-        self.streams.add(s)
         result = receive(timeout)  # an exception passes through untraced: nothing was consumed
         if not result:
             return result
@@ -241,6 +248,21 @@ def _trace_contexts(result: Any) -> tuple[int, list[dict[str, str]]]:
     return count, list(carriers.values())
 
 
+def _gauge(meter: metrics.Meter, method: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """A gauge callback reading the instrumentation active when it is called, if that one reports to
+    ``meter``. A meter keeps the first instrument of a name (an SDK provider gives one meter per scope),
+    so one instrumented again on the same provider is read through the callbacks of the first."""
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        active = MsgStreamInstrumentor._active
+        if active is None or active.meter is not meter:
+            return []
+        result: Iterable[Observation] = getattr(active, method)(options)
+        return result
+
+    return observe
+
+
 class MsgStreamInstrumentor:
     """Turns msgstream's tracing and metrics on (:meth:`instrument`) and off (:meth:`uninstrument`) for
     every stream in the process. One instrumentation is active at a time; instrumenting again replaces it."""
@@ -255,31 +277,31 @@ class MsgStreamInstrumentor:
         gauges = (
             (
                 "msgstream.consumer.lag.messages",
-                hooks.lag,
+                "lag",
                 "{message}",
                 "Messages on a channel after the last one the stream returned (stream.lag()).",
             ),
             (
                 "msgstream.consumer.lag.seconds",
-                hooks.lag_seconds,
+                "lag_seconds",
                 "s",
                 "Time between the newest message on a channel and the last one returned (stream.lag()).",
             ),
             (
                 "msgstream.timetick.buffered.messages",
-                hooks.buffered,
+                "buffered",
                 "{message}",
                 "Messages a time-tick stream holds waiting for a tick.",
             ),
             (
                 "msgstream.timetick.lagging.channels",
-                hooks.lagging,
+                "lagging",
                 "{channel}",
                 "Channels a time-tick stream waits on for a tick.",
             ),
         )
-        for name, callback, unit, description in gauges:
-            meter.create_observable_gauge(name, [callback], unit=unit, description=description)
+        for name, method, unit, description in gauges:  # the meter keeps the first of a name: see _gauge
+            meter.create_observable_gauge(name, [_gauge(meter, method)], unit=unit, description=description)
         with _LOCK:
             if MsgStreamInstrumentor._active is not None:
                 hooks.streams.update(MsgStreamInstrumentor._active.streams)

@@ -44,6 +44,8 @@ class Hooks(Protocol):
 
     def consume(self, stream: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any: ...
 
+    def receive(self, stream: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any: ...
+
 
 #: set by an instrumentation, ``None`` otherwise: the one branch per pack an un-instrumented stream pays
 _hooks: Hooks | None = None
@@ -302,7 +304,7 @@ class MsgStream:
         the caller passes it to :meth:`ack`. For decorators that make packs of their own, such as
         :class:`~msgstream.TimeTickStream`. Bad frames as in :meth:`consume`."""
         if _hooks is not None:
-            return _hooks.consume(self, timeout, self._receive_unacked)  # type: ignore[no-any-return]
+            return _hooks.receive(self, timeout, self._receive_unacked)  # type: ignore[no-any-return]
         return self._receive_unacked(timeout)
 
     def _receive_unacked(self, timeout: float) -> list[TsMsg] | None:

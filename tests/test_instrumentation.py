@@ -183,6 +183,76 @@ def test_lag_gauges_report_a_consumers_real_lag(
         assert inp.lag() == [ms.ChannelLag(chans[0], 3, pytest.approx(0.0, abs=1.0))]
 
 
+def test_the_callers_messages_are_never_changed_even_while_they_are_sent(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    chans = _channels(client, 1)
+    mine = [_data(1, {"tenant": "t1"}), _data(2)]
+    seen_during_send: list[dict[str, str]] = []
+
+    def repack(msgs: Any, hash_keys: Any) -> dict[int, ms.MsgPack]:
+        seen_during_send.extend(m.properties for m in mine)  # another thread producing them sees these
+        assert all("traceparent" in m.properties for m in msgs)  # what is sent carries the context
+        return ms.repack.default(msgs, hash_keys)
+
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        out.create_producers(chans)
+        out.set_repack_func(repack)
+        inp.create_consumers("s", chans)
+        out.produce(ms.MsgPack.of(mine))
+        got = _consume_all(inp, 2)
+    assert seen_during_send == [{"tenant": "t1"}, {}]
+    assert [m.properties for m in mine] == [{"tenant": "t1"}, {}]
+    assert all("traceparent" in m.properties for m in got)
+    assert got[0].properties["tenant"] == "t1"
+
+
+def test_instrumenting_again_on_the_same_provider_keeps_the_gauges_live(client: ms.Client) -> None:
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader])
+    chans = _channels(client, 1)
+    instrumentor = MsgStreamInstrumentor()
+    try:
+        with client.msg_stream() as out, client.msg_stream() as a, client.msg_stream() as b:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([_data(i + 1) for i in range(3)]))
+            for sub, stream in (("sub-a", a), ("sub-b", b)):
+                instrumentor.instrument(meter_provider=mp)
+                stream.create_consumers(sub, chans)
+                stream.consume(timeout=0)  # joins, and is seen by the gauges
+                lag = {
+                    dict(p.attributes)["messaging.destination.subscription.name"]: p.value
+                    for p in _metric(reader, "msgstream.consumer.lag.messages")
+                }
+                assert sub in lag
+                instrumentor.uninstrument()
+                assert _metric(reader, "msgstream.consumer.lag.messages") == []
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_a_timetick_streams_lag_gauge_counts_what_it_holds(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    _, reader = otel
+    chans = _channels(client, 1)
+    with client.msg_stream() as out, client.tt_msg_stream() as tt:
+        out.create_producers(chans)
+        tt.create_consumers("tt", chans)
+        out.produce(ms.MsgPack.of([_data(i + 1) for i in range(5)]))
+        deadline = time.monotonic() + 10
+        while tt.buffered < 5:  # held, waiting for a tick
+            assert time.monotonic() < deadline, f"{tt.buffered} of 5 buffered"
+            assert tt.consume(timeout=0.1) is None
+        assert [(row.channel, row.messages) for row in tt.lag()] == [(chans[0], 5)]
+        assert _metric(reader, "msgstream.consumer.lag.messages") == []  # not observed: not reported
+        MsgStreamInstrumentor().observe(tt)
+        assert [
+            (dict(p.attributes)["messaging.destination.name"], p.value)
+            for p in _metric(reader, "msgstream.consumer.lag.messages")
+        ] == [(chans[0], 5)]
+
+
 def test_uninstrument_stops_everything(client: ms.Client) -> None:
     spans = InMemorySpanExporter()
     tp = TracerProvider()
