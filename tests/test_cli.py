@@ -264,3 +264,46 @@ def test_bad_url_is_a_clean_error(capsys) -> None:  # type: ignore[no-untyped-de
     assert main(["demo", "--url", "nosuch://:pw123@h/"]) == 2
     err = capsys.readouterr().err
     assert "BackendNotFoundError" in err and "pw123" not in err
+
+
+def test_produce_stops_at_a_bad_line_with_its_number_and_keeps_what_came_before(sqlite_url: str) -> None:
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    good = json.dumps(messages(chan)[5])
+    bad_channel = json.dumps({**messages(chan)[5], "channel": {"a": 1}})
+    failed = run("produce", chan, url=sqlite_url, stdin=f"{good}\n{bad_channel}\n", status=2)
+    assert "stdin line 2" in failed.stderr and "channel must be a string" in failed.stderr
+    # bytes that are not text: the reader thread ends the input with the error, instead of dying and
+    # leaving produce waiting forever
+    env = {k: v for k, v in os.environ.items() if k != "MSGSTREAM_URL"}
+    env["PYTHONIOENCODING"] = "utf-8:strict"
+    done = subprocess.run(
+        [sys.executable, "-m", "msgstream.cli", "produce", chan, "--url", sqlite_url],
+        input=f"{good}\n".encode() + b"\xff\xfe\n",
+        capture_output=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert stderr.startswith("msgstream: error: ") and stderr.count("\n") == 1 and "stdin line 2" in stderr
+    got = lines(run("tail", chan, "--from", "earliest", "--json", "--count", "2", url=sqlite_url).stdout)
+    assert [g["body"]["row_ids"] for g in got] == [[3], [3]]  # the good line of each run
+
+
+@pytest.mark.parametrize("args", [["bench", "--messages", "0"], ["demo", "--rows", "0"], ["demo", "--channels", "0"]])
+def test_counts_that_cannot_run_are_usage_errors(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--url", "memory://"])
+    assert exit_.value.code == 2
+
+
+def test_demo_destroys_its_channels_when_it_fails(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from msgstream.cli import _demo
+
+    def broken(pack: ms.MsgPack) -> str:
+        raise RuntimeError("the query node crashed")
+
+    monkeypatch.setattr(_demo, "_describe", broken)
+    assert main(["demo", "--url", sqlite_url]) == 1
+    assert lines(run("channels", "--json", url=sqlite_url).stdout) == []

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("channels", _commands.channels, "list the channels created through msgstream, with their owners")
     p = add("create", _commands.create, "create channels; prints their ids, one a line")
-    p.add_argument("--channels", type=int, default=1, help="how many (default 1)")
+    p.add_argument("--channels", type=_positive, default=1, help="how many (default 1)")
     p.add_argument("--role", required=True)
     p.add_argument("--address", default="")
     p.add_argument("--description", default="")
@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     channels_arg(p)
     channels_arg(add("positions", _commands.positions, "the latest position of channels (for seek)"))
     p = add("bench", bench, "measure produce/consume rates and latency on temporary channels")
-    p.add_argument("--messages", type=_natural, default=10_000, help="default 10000")
+    p.add_argument("--messages", type=_positive, default=10_000, help="default 10000")
     p.add_argument("--size", type=_natural, default=1024, help="payload bytes per message (default 1024)")
-    p.add_argument("--channels", type=int, default=4, help="default 4")
+    p.add_argument("--channels", type=_positive, default=4, help="default 4")
     d = sub.add_parser("demo", help="run a small Milvus-like pipeline (default: in-process memory://)")
     d.add_argument("--url", default="memory://", help="backend URL (default memory://)")
-    d.add_argument("--channels", type=int, default=4)
-    d.add_argument("--ticks", type=int, default=6)
-    d.add_argument("--rows", type=int, default=8, help="rows inserted per tick")
+    d.add_argument("--channels", type=_positive, default=4)
+    d.add_argument("--ticks", type=_natural, default=6)
+    d.add_argument("--rows", type=_positive, default=8, help="rows inserted per tick")
     sub.add_parser("version", help="print versions and installed backends")
     return parser
 
@@ -139,4 +139,11 @@ def _natural(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value

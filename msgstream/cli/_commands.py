@@ -146,7 +146,8 @@ def produce(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     sent = 0
     with client.msg_stream() as stream:
         stream.create_producers(args.channel)
-        for batch, error in _batches(sys.stdin, types, index, len(args.channel)):
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes, decoded line by line: JSON lines are UTF-8
+        for batch, error in _batches(stdin, types, index, len(args.channel)):
             if batch:
                 targets = [t for t, _ in batch]
                 stream.set_repack_func(functools.partial(_by_target, targets=targets))
@@ -216,17 +217,21 @@ def _by_target(msgs: list[TsMsg], hash_keys: list[list[int]], *, targets: list[i
 
 
 def _batches(
-    source: IO[str], types: dict[int, type[TsMsg]], index: dict[str, int], n: int
+    source: IO[Any], types: dict[int, type[TsMsg]], index: dict[str, int], n: int
 ) -> Iterator[tuple[list[tuple[int, TsMsg]], MsgStreamError | None]]:
     """Batches of ``(channel index, message)`` read from ``source``: whatever lines are ready, at most
     ``_PRODUCE_BATCH``, so a following ``tail`` is copied as it comes. A bad line ends the input with
     an error naming it, after the lines before it."""
-    lines: queue.Queue[str | None] = queue.Queue(maxsize=4 * _PRODUCE_BATCH)
+    lines: queue.Queue[str | bytes | Exception | None] = queue.Queue(maxsize=4 * _PRODUCE_BATCH)
 
     def read() -> None:
-        for line in source:
-            lines.put(line)
-        lines.put(None)
+        try:
+            for line in source:
+                lines.put(line)
+        except Exception as exc:  # a read error (or text that does not decode): the input ends there
+            lines.put(exc)
+        finally:
+            lines.put(None)
 
     threading.Thread(target=read, name="msgstream-produce-stdin", daemon=True).start()
     number = 0
@@ -236,14 +241,20 @@ def _batches(
         line = lines.get()
         while line is not None:
             number += 1
+            if isinstance(line, Exception):
+                yield batch, InvalidArgumentError(f"stdin line {number}: {line}")
+                return
             if line.strip():
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode() if isinstance(line, bytes) else line)
                     msg = message_from_record(record, types)
+                    channel = record.get("channel")
+                    if channel is not None and not isinstance(channel, str):
+                        raise InvalidArgumentError(f"channel must be a string, got {channel!r}")
                 except (ValueError, MsgStreamError) as exc:
                     yield batch, InvalidArgumentError(f"stdin line {number}: {exc}")
                     return
-                target = index.get(record.get("channel"))
+                target = index.get(channel) if channel is not None else None
                 if target is None:  # by hash, as the default repack does; without hash values, the first
                     target = msg.hash_values[0] % n if msg.hash_values else 0
                 batch.append((target, msg))
