@@ -17,7 +17,7 @@ import enum
 import inspect
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -46,6 +46,8 @@ PROPERTIES = 0x01
 KNOWN_FLAGS = PROPERTIES
 _LENGTH = struct.Struct(">I")
 _MAX_PROPERTIES = 2**24 - 1  # so the length's first byte is 0: never a MessagePack array to an older reader
+#: a hybrid timestamp: an unsigned 64-bit int (msgpack carries at most 2**64 - 1)
+Timestamp = Annotated[int, msgspec.Meta(ge=0)]
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -155,8 +157,8 @@ class TsMsg(  # noqa: PLW1641 (unhashable, as every mutable Struct)
     _frame_header: ClassVar[bytes] = b""
     _decoder: ClassVar[msgspec.msgpack.Decoder[Any]]
 
-    begin_ts: int = 0
-    end_ts: int = 0
+    begin_ts: Timestamp = 0
+    end_ts: Timestamp = 0
     hash_values: list[int] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

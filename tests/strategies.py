@@ -13,6 +13,7 @@ from msgstream.messages import STOCK_TYPES
 
 INT64 = st.integers(-(2**63), 2**64 - 1)  # MessagePack's integer range
 U32 = st.integers(0, 2**32 - 1)
+U64 = st.integers(0, 2**64 - 1)  # hybrid timestamps
 
 
 def for_type(tp: Any) -> st.SearchStrategy[Any]:
@@ -40,6 +41,9 @@ def struct_of(cls: type[Any]) -> st.SearchStrategy[Any]:
     kwargs = {f.name: for_type(hints[f.name]) for f in msgspec.structs.fields(cls)}
     if "hash_values" in kwargs:
         kwargs["hash_values"] = st.lists(U32, max_size=5)
+    for name in ("begin_ts", "end_ts"):
+        if name in kwargs:
+            kwargs[name] = U64
     return st.builds(cls, **kwargs)
 
 

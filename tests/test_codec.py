@@ -91,6 +91,22 @@ def test_specific_corruptions() -> None:
         DISPATCHER.unmarshal("a str")  # type: ignore[arg-type]
 
 
+def test_timestamps_are_unsigned_64_bit_on_produce_and_on_read() -> None:
+    """docs/wire-format.md: begin_ts and end_ts are unsigned; a negative one is refused where a message is
+    produced (the validating decode) and where a frame written by anything else is read."""
+    with ms.connect("memory://") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            for begin, end in ((-1, 1), (1, -1)):
+                with pytest.raises(InvalidArgumentError, match=">= 0"):
+                    out.produce(ms.MsgPack(1, 1, [ms.InsertMsg(begin_ts=begin, end_ts=end, hash_values=[0])]))
+            assert out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=0, end_ts=2**64 - 1, hash_values=[0])]))
+    header = ms.InsertMsg().marshal()[:8]
+    with pytest.raises(UnmarshalError, match="corrupt InsertMsg"):
+        DISPATCHER.unmarshal(header + msgspec.msgpack.encode([-1, 1, [0]]))
+
+
 def test_user_types_register_and_round_trip() -> None:
     d = ms.UnmarshalDispatcher()
     msg = FlushMsg(begin_ts=1, end_ts=2, hash_values=[3], collection_name="c", segment_ids=[4])
