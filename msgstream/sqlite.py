@@ -303,10 +303,12 @@ class SQLiteBackend(Backend):
     def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
         with self._tx(BrokerUnavailableError, write=False) as conn:
             chan = self._channel(conn, channel)[0]
+            if len(msg_id) != _ID_LEN or msg_id[0] & 0x80:  # not an id of this backend (sqlite ints are signed)
+                return None
             row = conn.execute(
                 "SELECT payload FROM messages WHERE chan = ? AND seq = ?", (chan, int.from_bytes(msg_id, "big"))
             ).fetchone()
-        return None if row is None or len(msg_id) != _ID_LEN else bytes(row[0])
+        return None if row is None else bytes(row[0])
 
     def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
         with self._tx(BrokerUnavailableError, write=False) as conn:

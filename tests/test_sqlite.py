@@ -534,3 +534,15 @@ def test_lag_counts_past_a_trimmed_reference_and_gives_no_seconds(tmp_path: Path
             for t in range(2000, 7000, 1000):
                 out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], end_ts=ms.timestamp.compose(t, 0))]))
             assert inp.lag() == [ms.ChannelLag(ch, 2, None)]  # 5 sent, 2 kept
+
+
+def test_read_message_of_an_id_no_sqlite_row_can_have_is_none(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "ids.db")
+    try:
+        backend.create_channel("c", b"")
+        (msg_id,) = backend.create_producer("c").send([b"payload"], 5.0)
+        assert backend.read_message("c", msg_id) == b"payload"
+        for foreign in (b"\xff" * 8, b"\x80" + bytes(7), b"\x00" * 9, msg_id[:7]):
+            assert backend.read_message("c", foreign) is None
+    finally:
+        backend.close()
