@@ -143,9 +143,8 @@ class _Started:
 class _AsyncStream(Generic[S]):
     """What AsyncMsgStream and AsyncTimeTickStream share."""
 
-    def __init__(self, stream: S, *, produce_timeout: float, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(self, stream: S, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         self._stream: S = stream
-        self._produce_timeout = produce_timeout
         self._bound = _check_bound(call_timeout)
         self._consume_worker: _Worker | None = None
         self._produce_worker: _Worker | None = None
@@ -212,7 +211,8 @@ class _AsyncStream(Generic[S]):
 
     # -- producing ------------------------------------------------------------------------------
     def _produce_bound(self) -> float:
-        return self._produce_timeout * max(1, len(self._inner().producer_channels)) + self._bound
+        inner = self._inner()
+        return inner.produce_timeout * max(1, len(inner.producer_channels)) + self._bound
 
     def _inner(self) -> MsgStream:
         stream = self._stream
@@ -361,10 +361,10 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
     """:class:`~msgstream.MsgStream` for asyncio (see the module doc); an async context manager, and
     ``async for pack in stream`` yields packs until the stream is closed."""
 
-    def __init__(self, stream: MsgStream, *, produce_timeout: float = 30.0, call_timeout: float = 60.0) -> None:
+    def __init__(self, stream: MsgStream, *, call_timeout: float = 60.0) -> None:
         if not isinstance(stream, MsgStream):
             raise InvalidArgumentError(f"AsyncMsgStream wraps a MsgStream, got {type(stream).__name__}")
-        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
+        super().__init__(stream, call_timeout=call_timeout)
 
     @property
     def sync(self) -> MsgStream:
@@ -387,6 +387,10 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
     @property
     def subscription(self) -> str | None:
         return self._stream.subscription
+
+    @property
+    def produce_timeout(self) -> float:
+        return self._stream.produce_timeout
 
     @property
     def auto_ack(self) -> bool:
@@ -416,10 +420,10 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 class AsyncTimeTickStream(_AsyncStream[TimeTickStream]):
     """:class:`~msgstream.TimeTickStream` for asyncio: each ``await consume()`` returns one tick's pack."""
 
-    def __init__(self, stream: TimeTickStream, *, produce_timeout: float = 30.0, call_timeout: float = 60.0) -> None:
+    def __init__(self, stream: TimeTickStream, *, call_timeout: float = 60.0) -> None:
         if not isinstance(stream, TimeTickStream):
             raise InvalidArgumentError(f"AsyncTimeTickStream wraps a TimeTickStream, got {type(stream).__name__}")
-        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
+        super().__init__(stream, call_timeout=call_timeout)
 
     @property
     def sync(self) -> TimeTickStream:
@@ -545,21 +549,13 @@ class AsyncClient:
 
     def msg_stream(self, **options: Any) -> AsyncMsgStream:
         """A new :class:`AsyncMsgStream` (options: see :class:`~msgstream.MsgStream`)."""
-        stream = AsyncMsgStream(
-            self._opened().msg_stream(**options),
-            produce_timeout=options.get("produce_timeout", 30.0),
-            call_timeout=self._bound,
-        )
+        stream = AsyncMsgStream(self._opened().msg_stream(**options), call_timeout=self._bound)
         self._streams.add(stream)
         return stream
 
     def tt_msg_stream(self, **options: Any) -> AsyncTimeTickStream:
         """A new :class:`AsyncTimeTickStream` (options: see :meth:`msgstream.Client.tt_msg_stream`)."""
-        stream = AsyncTimeTickStream(
-            self._opened().tt_msg_stream(**options),
-            produce_timeout=options.get("produce_timeout", 30.0),
-            call_timeout=self._bound,
-        )
+        stream = AsyncTimeTickStream(self._opened().tt_msg_stream(**options), call_timeout=self._bound)
         self._streams.add(stream)
         return stream
 

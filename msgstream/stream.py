@@ -113,6 +113,11 @@ class MsgStream:
         return self._backend
 
     @property
+    def produce_timeout(self) -> float:
+        """Seconds a produce may block, per channel, until the broker accepted everything."""
+        return self._produce_timeout
+
+    @property
     def producer_channels(self) -> list[str]:
         return [p.channel for p in self._producers]
 

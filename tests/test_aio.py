@@ -637,3 +637,14 @@ def test_ticker_stop_lets_the_callers_cancel_through_and_a_bad_interval_is_refus
             assert after_stop == []
 
     asyncio.run(main())
+
+
+def test_a_wrapped_streams_own_produce_timeout_bounds_the_await() -> None:
+    with ms.connect(_url()) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=2))
+        sync = client.msg_stream(produce_timeout=120.0)
+        sync.create_producers(chans)
+        wrapped = aio.AsyncMsgStream(sync, call_timeout=5.0)
+        assert sync.produce_timeout == 120.0
+        assert wrapped._produce_bound() == 120.0 * 2 + 5.0  # per channel, plus the hop
+        sync.close()
