@@ -9,6 +9,7 @@ passes through the facade exercises msgstream.aio's workers, cancellation-safe c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import threading
@@ -19,6 +20,8 @@ import msgstream as ms
 from msgstream import aio
 from msgstream.testing import ConformanceSuite
 
+CALL_BOUND = 300.0  # seconds a facade call may take: more than any call the suite makes, plus its bound
+
 
 class _Loop:
     def __init__(self) -> None:
@@ -27,7 +30,12 @@ class _Loop:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:  # every aio call is bounded by its own timeout plus call_timeout (60 s): past this, it hangs
+            return future.result(timeout=CALL_BOUND)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise AssertionError(f"{coro.__qualname__} did not return within {CALL_BOUND:g} s") from None
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

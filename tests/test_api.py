@@ -111,7 +111,9 @@ def test_value_classes() -> None:
     assert ms.ChannelDescriptions(descriptions=[ms.ChannelDescription(owner=owner)]).descriptions[0].owner == owner
     pack = ms.MsgPack(begin_ts=1, end_ts=2, msgs=[])
     assert pack.start_positions == [] and pack.end_positions == []
-    assert ms.TimeTickStream(ms.connect().msg_stream()) is not None
+    with ms.connect() as client:
+        inner = client.msg_stream()
+        assert ms.TimeTickStream(inner).inner is inner
 
 
 def test_raw_message_is_a_record_that_unpacks_like_its_tuple() -> None:
@@ -564,7 +566,8 @@ def test_bad_channel_lists_options_and_lag_references_are_typed_errors() -> None
             client.msg_stream(bogus=1)
         with pytest.raises(errors.InvalidArgumentError, match="bogus"):
             client.tt_msg_stream(bogus=1)
-        assert client.tt_msg_stream(max_buffered=10, receive_batch=5) is not None
+        tt = client.tt_msg_stream(max_buffered=10, receive_batch=5)
+        assert isinstance(tt, ms.TimeTickStream)
         stream = client.msg_stream()
         stream.create_consumers("s", [chan])
         for after in ("x", [ms.Position(chan, b"", 0)], {chan: "00"}):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -196,19 +197,29 @@ def test_tail_follows_until_interrupted(sqlite_url: str) -> None:
     run("produce", chan, url=sqlite_url, stdin=one + "\n")
     for sig in (signal.SIGINT, signal.SIGTERM):
         env = {**os.environ, "MSGSTREAM_URL": sqlite_url}
-        with subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "msgstream.cli", "tail", chan, "--json"], stdout=subprocess.PIPE, text=True, env=env
-        ) as proc:
+        )
+        try:
             assert proc.stdout is not None
             deadline = time.monotonic() + 30
             while not run("subscriptions", chan, url=sqlite_url).stdout:  # tail has joined
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.1)
             run("produce", chan, url=sqlite_url, stdin=one.replace('"row_ids": [3]', '"row_ids": [4]') + "\n")
-            record = json.loads(proc.stdout.readline())  # blocks until it arrived; the test timeout bounds it
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                assert sel.select(timeout=30), "tail printed nothing within 30 s"
+            record = json.loads(proc.stdout.readline())
             assert record["body"]["row_ids"] == [4]
             proc.send_signal(sig)
             assert proc.wait(timeout=30) == 0
+        finally:  # a failure above leaves no tail running, nor a test waiting for it
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
         assert run("subscriptions", chan, url=sqlite_url).stdout == ""
 
 

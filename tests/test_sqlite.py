@@ -4,6 +4,7 @@ other connections, and members whose process died."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -218,12 +219,15 @@ def test_a_lock_held_elsewhere_is_a_retriable_error_within_the_timeout(tmp_path:
 
 
 _HOLDER = textwrap.dedent("""
-    import sys
+    import sys, time
     from msgstream.backend import SubscriptionPosition, load_backend
     backend = load_backend(sys.argv[1])
     consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
     got = []
+    deadline = time.monotonic() + 60
     while len(got) < 30:
+        if time.monotonic() > deadline:
+            sys.exit(f"received {len(got)} of 30 in 60 s")  # the parent reads no count: it fails
         got += consumer.receive(30 - len(got), 5)
     consumer.ack(got[10:20])  # acknowledged out of order: 0..9 and 20..29 stay held
     print(len(got), flush=True)
@@ -242,9 +246,11 @@ def test_a_killed_members_messages_go_to_another_member(tmp_path: Path, joins: s
         backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
         waiting = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST) if joins == "before" else None
         child = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert child.stdout is not None and int(child.stdout.readline()) == 30
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
+        try:
+            assert child.stdout is not None and int(child.stdout.readline()) == 30
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(10)
         other = waiting or backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
         got = sorted(int(m.payload) for m in _consume(other, 20))
         assert got == [*range(10), *range(20, 30)]
@@ -355,21 +361,25 @@ def test_a_member_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path)
         backend.create_producer("c").send([b"%d" % i for i in range(30)], 5)
         argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
         try:
-            child = subprocess.Popen([*argv, sys.executable, "-c", _HOLDER, url], stdin=PIPE, stdout=PIPE)
+            probe = subprocess.run([*argv, "true"], capture_output=True, timeout=30, check=False)
         except FileNotFoundError:
             pytest.skip("no unshare(1)")
+        if probe.returncode != 0:
+            pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode(errors='replace').strip()}")
+        child = subprocess.Popen([*argv, sys.executable, "-c", _HOLDER, url], stdin=PIPE, stdout=PIPE)
         assert child.stdin is not None and child.stdout is not None
-        line = child.stdout.readline()
-        if not line:
-            child.wait(10)
-            pytest.skip("cannot make a PID namespace here")
-        assert int(line) == 30
         try:
+            assert int(child.stdout.readline()) == 30  # the holder in the namespace got its messages
             other = backend.create_consumer("s", ["c"], SubscriptionPosition.EARLIEST)
             assert other.receive(30, 1.5) == []  # the holder (pid 1 in its namespace) is alive
         finally:
             child.stdin.close()
-            child.wait(10)
+            if child.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(10)
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
     finally:
         backend.close()
 
@@ -402,15 +412,19 @@ def test_a_call_waits_for_another_thread_at_most_its_own_timeout(tmp_path: Path)
         receiving = threading.Thread(target=consumer.receive, args=(1, 3))  # waits for the write lock
         try:
             receiving.start()
-            time.sleep(0.2)
+            deadline = time.monotonic() + 10
+            while not backend._lock.locked():  # the receive holds the connection, waiting for the write lock
+                assert time.monotonic() < deadline, "the receive never took the connection"
+                time.sleep(0.01)
             start = time.monotonic()
-            with pytest.raises(ProduceError) as err:
+            with pytest.raises(ProduceError, match="another thread") as err:
                 producer.send([b"y"], 0.2)
             assert err.value.retriable and time.monotonic() - start < 1
         finally:
             raw.execute("ROLLBACK")
             raw.close()
-            receiving.join()
+            receiving.join(10)
+        assert not receiving.is_alive()
     finally:
         backend.close()
 

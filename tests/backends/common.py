@@ -99,13 +99,16 @@ def restart_loses_and_repeats_nothing(client: ms.Client, restart: Callable[[], N
 
 
 _CRASHER = textwrap.dedent("""
-    import sys, msgstream as ms
+    import sys, time, msgstream as ms
     url, sub, chans, n = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
     client = ms.connect(url)
     inp = client.msg_stream(receive_batch=50, auto_ack=False)  # everything it receives stays pending
     inp.create_consumers(sub, chans)
     got = 0
+    deadline = time.monotonic() + 120
     while got < n:
+        if time.monotonic() > deadline:
+            sys.exit(f"received {got} of {n} messages in 120 s")  # the parent reads no count: it fails
         pack = inp.consume(timeout=5)
         got += len(pack.msgs) if pack else 0
     print(got, flush=True)

@@ -30,6 +30,8 @@ def consume_confirmed(
         except MsgStreamError as exc:
             if not exc.retriable:
                 raise
+            if produced.is_set() and time.monotonic() > drain_deadline[0]:
+                return
             time.sleep(0.05)
             continue
         if pack is None:

@@ -192,6 +192,7 @@ def test_killed_member_resumed_by_the_broker_loses_nothing(
     )
     assert lost == 0, f"lost {lost} (seed {seed})"
     assert "done" in last_run, last_run
+    assert done_kills > 0, f"the worker finished before it could be killed (seed {seed})"
     assert min(in_flight, default=0) >= 0, f"acknowledged more than was saved: {in_flight} (seed {seed})"
     assert repeated <= sum(in_flight), f"{repeated} repeats, {in_flight} in flight at the kills (seed {seed})"
 
@@ -446,18 +447,23 @@ def test_broker_killed_under_load_loses_nothing_confirmed(
                     errors.append(exc)
 
             drain_deadline = [float("inf")]
-            threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+            threads = [threading.Thread(target=produce, daemon=True), threading.Thread(target=consume, daemon=True)]
             for t in threads:
                 t.start()
-            for _ in range(restarts):
+            try:
+                for _ in range(restarts):
+                    time.sleep(1.0)  # load between restarts, not a wait for a condition
+                    broker.restart()  # SIGKILL, then start on the same port and data
                 time.sleep(1.0)
-                broker.restart()  # SIGKILL, then start on the same port and data
-            time.sleep(1.0)
-            stop.set()
-            threads[0].join(30)
-            drain_deadline[0] = time.monotonic() + 60
-            produced.set()
-            threads[1].join(90)
+                stop.set()
+                threads[0].join(30)
+                drain_deadline[0] = time.monotonic() + 60
+                produced.set()
+                threads[1].join(90)
+            finally:  # after a failure too: the workers end instead of looping on a broker that is gone
+                stop.set()
+                drain_deadline[0] = min(drain_deadline[0], time.monotonic() + 60)
+                produced.set()
             assert not any(t.is_alive() for t in threads), "a worker thread hung"
             inp.close()
             out.close()
