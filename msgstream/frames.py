@@ -18,7 +18,7 @@ import msgspec
 from .backend import RawMessage
 from .codec import UnmarshalDispatcher
 from .errors import UnmarshalError
-from .messages import HEADER, HEADER_SIZE, MAGIC, PROPERTIES, VERSION, TsMsg, frame_properties, set_record
+from .messages import HEADER_SIZE, PROPERTIES, TsMsg, check_header, frame_properties, read_header, set_record
 from .pack import MsgPack, Position, consumed_pack
 
 __all__ = ["FramePack", "frame_properties", "frame_timestamps", "frame_type"]
@@ -36,18 +36,15 @@ _HEAD = msgspec.msgpack.Decoder(_Head)
 
 def frame_type(payload: bytes) -> int:
     """The MsgType in a frame's header, without decoding the body; ``UnmarshalError`` if ``payload``
-    is not a msgstream frame."""
-    if len(payload) >= HEADER_SIZE:
-        magic, version, _flags, msg_type = HEADER.unpack_from(payload)
-        if magic == MAGIC and version == VERSION:
-            return int(msg_type)
-    raise UnmarshalError("not a msgstream frame", data=bytes(payload))
+    is not a msgstream frame. Only the header is read, so flag bits this reader does not know (which
+    change what follows the header) do not matter here: a router can forward such frames."""
+    return check_header(payload)
 
 
 def frame_timestamps(payload: bytes) -> tuple[int, int]:
     """``(begin_ts, end_ts)`` of a frame, reading only the start of its body; ``UnmarshalError`` if the
-    frame is not one."""
-    frame_type(payload)
+    frame is not one, or has flag bits this reader does not know."""
+    read_header(payload)
     start = HEADER_SIZE
     if payload[3] & PROPERTIES:  # skip the properties block
         start += 4 + int.from_bytes(payload[HEADER_SIZE : HEADER_SIZE + 4], "big")

@@ -34,6 +34,14 @@ def test_frame_helpers_read_the_header_only() -> None:
             ms.frame_type(bad)
     with pytest.raises(UnmarshalError):
         ms.frame_timestamps(frame[:8] + b"\xc1")  # a header, then a byte MessagePack never uses
+    for not_bytes in ("a str of more than eight characters", None, 12345678):
+        for helper in (ms.frame_type, ms.frame_timestamps):
+            with pytest.raises(UnmarshalError):
+                helper(not_bytes)  # type: ignore[arg-type]
+    newer = frame[:3] + b"\x02" + frame[4:]  # a flag bit this reader does not know: the body may differ
+    assert ms.frame_type(newer) == ms.MsgType.SEARCH  # the header alone still names the type
+    with pytest.raises(UnmarshalError, match="unknown flag bits"):
+        ms.frame_timestamps(newer)
 
 
 def test_pack_time_range_positions_and_unmarshal(client: ms.Client) -> None:
