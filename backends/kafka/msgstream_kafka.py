@@ -75,26 +75,45 @@ log = logging.getLogger("msgstream.kafka")
 _OWN_OPTIONS = {"registry_topic", "registry_refresh", "operation_timeout", "replication_factor", "delete_topics"}
 _ROLES = ("producer.", "consumer.", "admin.")
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing committed yet
-_PRODUCER_DEFAULTS = {
-    "acks": "all",
-    "enable.idempotence": True,
-    "linger.ms": 5,
+# what the backend's guarantees rest on: a URL may repeat these, not change them
+_PRODUCER_NEEDS = {
+    "acks": "all",  # a message is confirmed once the in-sync replicas have it
+    "enable.idempotence": True,  # a retried send is stored once, in order
     # librdkafka's producer asks the broker to create a topic it writes to (Apache Kafka's brokers allow
     # it by default): a late produce would bring a destroyed channel back. Channels are created only by
     # create_channel.
     "allow.auto.create.topics": False,
 }
-_CONSUMER_DEFAULTS = {
-    "enable.auto.commit": False,
+_CONSUMER_NEEDS = {
+    "enable.auto.commit": False,  # offsets are committed for what the caller acknowledged, not polled
     "enable.auto.offset.store": False,
     # one partition per channel: the default range assignor would give partition 0 of every topic, so
-    # every channel, to the same member; round-robin spreads the channels over the members
+    # every channel, to the same member; round-robin spreads the channels over the members. Its eager
+    # rebalance (every partition revoked, then assigned) is what the rebalance callbacks are written for
     "partition.assignment.strategy": "roundrobin",
+}
+# defaults a URL may change
+_PRODUCER_DEFAULTS = {"linger.ms": 5}
+_CONSUMER_DEFAULTS = {
     # librdkafka pauses fetching for 1 s whenever its local queue is full; a consumer that decodes
     # then sits idle on a long backlog
     "fetch.queue.backoff.ms": 10,
     "max.poll.interval.ms": 300000,
 }
+
+
+def _settings(defaults: Mapping[str, Any], given: Mapping[str, Any], needs: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's configuration: ``defaults``, then what the URL gave, then ``needs``; a URL value that
+    differs from what the backend needs is refused (``InvalidURLError``), not silently replaced."""
+    for key, value in given.items():
+        need = needs.get(key)
+        if need is not None and str(value).lower() not in _SPELLINGS.get(need, {str(need).lower()}):
+            raise InvalidURLError(f"kafka option {key}={value!r} is not supported: msgstream needs {key}={need}")
+    return {**defaults, **given, **needs}
+
+
+#: how a URL (all strings) may spell a needed value
+_SPELLINGS: dict[Any, set[str]] = {True: {"true", "1"}, False: {"false", "0"}, "all": {"all", "-1"}}
 
 
 def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
@@ -226,9 +245,9 @@ class KafkaBackend(Backend):
                 continue
             role = next((r for r in _ROLES if key.startswith(r)), None)
             (roles[role] if role else common)[key[len(role) :] if role else key] = value
-        self.producer_conf = {**common, **_PRODUCER_DEFAULTS, **roles["producer."]}
+        self.producer_conf = _settings(_PRODUCER_DEFAULTS, {**common, **roles["producer."]}, _PRODUCER_NEEDS)
         self.batch_limits = _BatchLimits.of(self.producer_conf)
-        self.consumer_conf = {**common, **_CONSUMER_DEFAULTS, **roles["consumer."]}
+        self.consumer_conf = _settings(_CONSUMER_DEFAULTS, {**common, **roles["consumer."]}, _CONSUMER_NEEDS)
         self.admin_conf = {**common, **roles["admin."]}
         with self.errors("connect", BrokerUnavailableError):
             self.admin = AdminClient(self.admin_conf)

@@ -75,6 +75,20 @@ def _settle(a: ms.MsgStream, b: ms.MsgStream, chans: list[str]) -> None:
         assert a.consume(timeout=0.1) is None and b.consume(timeout=0.1) is None
 
 
+def test_url_options_change_the_defaults_and_may_not_change_what_the_backend_needs(kafka_url: str) -> None:
+    sep = "&" if "?" in kafka_url else "/?"
+    url = f"{kafka_url}{sep}linger.ms=50&consumer.fetch.queue.backoff.ms=500&acks=-1&producer.enable.idempotence=true"
+    with ms.connect(url) as client:
+        backend: Any = client.backend
+        assert backend.producer_conf["linger.ms"] == "50"  # un-prefixed: every client
+        assert backend.consumer_conf["fetch.queue.backoff.ms"] == "500"  # prefixed: that client only
+        assert backend.producer_conf["acks"] == "all" and backend.producer_conf["enable.idempotence"] is True
+    for changed in ("acks=1", "producer.enable.idempotence=false", "enable.auto.commit=true",
+                    "consumer.partition.assignment.strategy=cooperative-sticky"):  # fmt: skip
+        with pytest.raises(ms.errors.InvalidURLError, match="msgstream needs"):
+            ms.connect(f"{kafka_url}{sep}{changed}")
+
+
 def test_two_members_split_channels_and_one_takes_over(kafka_url: str) -> None:
     with ms.connect(kafka_url) as client:
         chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=4))
