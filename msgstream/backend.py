@@ -14,7 +14,8 @@ A plugin is a class registered under its URL scheme in the entry-point group ``m
 Rules every implementation keeps (the conformance suite, :mod:`msgstream.testing`, checks them):
 
 * Every blocking call takes or has a timeout and raises a ``msgstream.errors`` class, never a native
-  client exception (translate at the boundary, ``raise ... from exc``).
+  client exception: translate at the boundary with ``with self.errors("what"):`` (:meth:`Backend.errors`),
+  which scrubs the text and does not chain the native exception, whose text may hold credentials.
 * Channel names are ``[A-Za-z0-9_.-]``, at most 200 characters (what every supported broker accepts).
 * A message id is opaque bytes, canonical: the id a consumer receives for a message equals the id
   ``send`` returned for it and the one ``latest_message_id`` reports while it is the newest.
@@ -32,7 +33,7 @@ import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .errors import (
     BackendNotFoundError,
@@ -116,10 +117,11 @@ class URL:
     """A parsed backend URL: ``scheme://[user[:password]@]host[:port][,host[:port]...][/path][?k=v&...]``.
 
     ``str()`` and ``repr()`` mask the password and every option whose name mentions a secret
-    (password, secret, token, credential); :meth:`raw` is the only way to get the original back.
+    (password, passwd, secret, token, credential, auth, jaas, key); :meth:`raw` is the only way to get the
+    original back.
     """
 
-    __slots__ = ("_raw", "hosts", "options", "password", "path", "scheme", "username")
+    __slots__ = ("_raw", "_raw_secrets", "hosts", "options", "password", "path", "scheme", "username")
 
     def __init__(self, raw: str) -> None:
         if not isinstance(raw, str):
@@ -135,10 +137,13 @@ class URL:
         self.path = slash + path if slash else ""
         self.username: str | None = None
         self.password: str | None = None
+        self._raw_secrets: list[str] = []  # as written (percent-encoded): what scrub masks beside the values
         if userinfo is not None:
             user, colon, password = userinfo.partition(":")
             self.username = unquote(user) or None
             self.password = unquote(password) if colon else None
+            if colon and password:
+                self._raw_secrets.append(password)
         self.hosts: list[tuple[str, int | None]] = []
         for part in filter(None, hostlist.split(",")):
             host, port = _split_host(part, self)
@@ -148,6 +153,10 @@ class URL:
         except ValueError:
             raise InvalidURLError(f"malformed query in URL {self.redacted()!r}") from None
         self.options: dict[str, str] = dict(pairs)
+        for pair in query.split("&"):
+            key, _, value = pair.partition("=")
+            if value and is_secret_option(unquote_plus(key)):
+                self._raw_secrets.append(value)
 
     @property
     def host(self) -> str | None:
@@ -215,8 +224,9 @@ def _split_userinfo(rest: str) -> tuple[str | None, str]:
 
 
 def scrub(text: str, url: URL, options: Mapping[str, Any] | None = None) -> str:
-    """``text`` with the URL's password and every secret option value replaced by ``***``."""
-    secrets = [url.password] if url.password else []
+    """``text`` with the URL's password and every secret option value, decoded or as written in the URL
+    (percent-encoded), replaced by ``***``."""
+    secrets = [url.password, *url._raw_secrets] if url.password else list(url._raw_secrets)
     for source in (url.options, options or {}):
         secrets += [str(v) for k, v in source.items() if is_secret_option(k) and v]
     for secret in sorted(set(secrets), key=len, reverse=True):

@@ -17,7 +17,7 @@ import pytest
 
 import msgstream as ms
 from msgstream import errors
-from msgstream.backend import URL, installed_schemes, load_backend, redact_options
+from msgstream.backend import URL, installed_schemes, load_backend, redact_options, scrub
 
 CONTRACT = {
     "connect",
@@ -391,6 +391,12 @@ def test_url_parts_and_masking() -> None:
         assert "p%40ss" not in text and "s3" not in text and "=k" not in text and "linger.ms=5" in text
     assert URL("redis://:secret@h:1/0").redacted() == "redis://:***@h:1/0"
     assert "secret" not in repr(load_backend("memory://x?token=secret"))
+    # an error text that quotes the URL as the broker client got it: the encoded forms are masked too
+    text = scrub(f"cannot connect to {u.raw()} (p@ss, s3)", u)
+    assert "p%40ss" not in text and "p@ss" not in text and "s3" not in text and "linger.ms=5" in text
+    encoded = URL("redis://u:a%2Fb@h:1/0?token=t%26k&x=1")
+    text = scrub(f"{encoded.raw()} a/b t&k", encoded)
+    assert "a%2Fb" not in text and "a/b" not in text and "t%26k" not in text and "t&k" not in text, text
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ from msgstream.backend import (
     Unacked,
     ids_by_channel,
     redact_options,
+    scrub,
 )
 from msgstream.errors import (
     BrokerUnavailableError,
@@ -756,7 +757,7 @@ class _KafkaConsumer(Consumer):
             try:
                 self._commit_now(pending, forward_only=True)
             except ck.KafkaException as exc:  # the next owner starts before them: delivered again
-                log.warning("commit of %s on revoke failed: %s", sorted(pending), exc)
+                log.warning("commit of %s on revoke failed: %s", sorted(pending), self._text(exc))
         for tp in partitions:  # what this member holds stays tracked until the assignment shows who has it
             self._assigned.discard(tp.topic)
 
@@ -785,7 +786,7 @@ class _KafkaConsumer(Consumer):
             try:
                 self._c.commit(offsets=offsets, asynchronous=True)
             except ck.KafkaException as exc:  # not queued: made again with the next ack, or by flush
-                log.warning("commit of %s failed: %s", [tp.topic for tp in offsets], exc)
+                log.warning("commit of %s failed: %s", [tp.topic for tp in offsets], self._text(exc))
                 for tp in offsets:
                     self._committed.setdefault(tp.topic, tp.offset)
 
@@ -828,6 +829,10 @@ class _KafkaConsumer(Consumer):
             self._raise_deferred()  # an error deferred by _raise_errors, now nothing is left to return first
             if remaining <= 0:
                 return out
+
+    def _text(self, exc: BaseException) -> str:
+        """A native error's text for a log line, without credentials."""
+        return scrub(str(exc), self._backend.url, self._backend.options)
 
     def _raise_deferred(self) -> None:
         if self._error is not None:
