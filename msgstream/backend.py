@@ -94,6 +94,10 @@ class Features:
 
     #: Two consumers on one subscription split the messages (each message to one of them).
     shared_subscription: bool = True
+    #: While every member of a subscription lives, each gets a share of the messages. False where the
+    #: broker keeps one member active on every channel and the others as standbys that take over only
+    #: when it leaves (Pulsar's Failover subscriptions on msgstream's one-partition topics).
+    balanced_members: bool = True
     #: Messages, subscriptions and channels survive a broker restart (the fault suite's restart test
     #: requires it of the brokers it restarts).
     durable: bool = False
@@ -111,6 +115,10 @@ class Features:
     #: a send only stores the frames. ``msgstream.aio`` then produces on the event loop itself, as a
     #: worker thread would buy no concurrency (the work holds the GIL) and would cost a hop per pack.
     nonblocking_send: bool = False
+    #: An acknowledgement covers exactly the messages given: one acknowledged ahead of an older one still
+    #: unacknowledged is not handed to the next member. False for a broker that records a subscription's
+    #: progress as one offset per channel (Kafka): the next member gets it again (at-least-once).
+    exact_acks: bool = True
 
 
 class URL:
@@ -515,8 +523,8 @@ class Backend(abc.ABC):
     def latest_message_id(self, channel: str) -> bytes | None:
         """The id of the channel's newest message, ``None`` if it has none."""
 
-    # -- operations: health, subscriptions, lag. Not abstract, so that a plugin written before them
-    # still loads; each default raises UnsupportedOperationError naming the backend. --------------
+    # -- operations: health, subscriptions, lag. Not abstract, so that a plugin that implements only the
+    # abstract methods loads; each default raises UnsupportedOperationError naming the backend. -----
     def ping(self, timeout: float) -> None:
         """Return once the broker answered a request, within ``timeout`` seconds; otherwise raise
         ``BrokerUnavailableError`` (``retriable``) no later than ``timeout`` seconds after the call."""

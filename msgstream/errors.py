@@ -168,8 +168,8 @@ class OperationTimeoutError(MsgStreamError, TimeoutError):
 
 
 class UnsupportedOperationError(MsgStreamError):
-    """The backend cannot do this operation (a broker gap, or a plugin written before the operation
-    existed); the text names the backend and the operation."""
+    """The backend cannot do this operation (a broker gap, or a plugin that does not implement it); the
+    text names the backend and the operation."""
 
 
 class StreamStateError(MsgStreamError):

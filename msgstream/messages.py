@@ -8,7 +8,7 @@ not part of the encoding or of equality.
 
 ``properties`` (str -> str) travel outside the body: a frame that has some sets the ``PROPERTIES`` flag
 bit and carries them, length-prefixed, between the header and the body, so a frame without properties
-is byte for byte what it was before properties existed, and decoding it does no extra work.
+has flags 0 and no block, and decoding it does no extra work.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ HEADER_SIZE = HEADER.size
 PROPERTIES = 0x01
 KNOWN_FLAGS = PROPERTIES
 _LENGTH = struct.Struct(">I")
-_MAX_PROPERTIES = 2**24 - 1  # so the length's first byte is 0: never a MessagePack array to an older reader
+_MAX_PROPERTIES = 2**24 - 1  # the length's first byte is 0: no array to a reader that does not know properties
 #: a hybrid timestamp: an unsigned 64-bit int (msgpack carries at most 2**64 - 1)
 Timestamp = Annotated[int, msgspec.Meta(ge=0)]
 _HEADER_FIELDS = ("begin_ts", "end_ts", "hash_values")

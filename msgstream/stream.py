@@ -438,7 +438,7 @@ class MsgStream:
         inclusive = {p.channel for p in positions if p.inclusive and p.msg_id}
         if inclusive:
             consumer.seek(targets, inclusive=inclusive)
-        else:  # a plugin written before inclusive seeks still serves every other seek
+        else:  # a plugin whose seek takes no `inclusive` still serves every other seek
             consumer.seek(targets)
         self._backlog = [r for r in self._backlog if r.channel not in targets]
         for channel in targets:  # counted from the subscription's new place from now on
@@ -583,7 +583,7 @@ _LOGICAL_BITS = 18  # msgstream.timestamp.LOGICAL_BITS: a hybrid timestamp is ph
 def _unless_unsupported(call: Callable[[], _T], default: _T) -> _T:
     try:
         return call()
-    except UnsupportedOperationError:  # a plugin written before lag: it cannot tell
+    except UnsupportedOperationError:  # a plugin that does not implement lag's operations: it cannot tell
         return default
 
 

@@ -502,7 +502,7 @@ def test_operations_of_the_client_and_streams() -> None:
 
 
 class _OldPlugin(ms.Backend):
-    """A plugin written before the operations: only the abstract methods."""
+    """A plugin that implements only the abstract methods, none of the operations."""
 
     def create_channel(self, name: str, metadata: bytes) -> None:
         raise NotImplementedError

@@ -170,7 +170,7 @@ def test_position_round_trips(channel: str, msg_id: bytes, ts: int, inclusive: b
 def test_position_golden_bytes_and_older_checkpoints() -> None:
     pos = ms.Position("c", b"\x01", 5, True)
     assert pos.to_bytes() == b"MSP\x01\x94\xa1c\xc4\x01\x01\x05\xc3"
-    # a checkpoint written before the inclusive flag existed: three elements, resume after the message
+    # a position encoded without the inclusive element: three elements, resume after the message
     assert ms.Position.from_bytes(b"MSP\x01\x93\xa1c\xc4\x01\x01\x05") == ms.Position("c", b"\x01", 5)
 
 

@@ -51,11 +51,11 @@ def test_frame_readers_without_decoding_the_body() -> None:
 
 
 def test_a_reader_without_properties_support_raises_unmarshal_error() -> None:
-    """Readers written before properties ignore the flags byte and decode the body right after the
+    """Readers that do not know properties ignore the flags byte and decode the body right after the
     header: they meet the length prefix (an int), not the body array, and fail cleanly."""
     old_decode = msgspec.msgpack.Decoder(ms.InsertMsg).decode
     assert old_decode(PLAIN[8:]) == _insert()
-    with pytest.raises(msgspec.DecodeError):  # the old dispatcher wraps it into UnmarshalError
+    with pytest.raises(msgspec.DecodeError):  # a properties-unaware dispatcher wraps it into UnmarshalError
         old_decode(WITH_TENANT[8:])
     for size in (0, 0x7F, 0x80, 0xFFFF, 0x10000):  # whatever the length, the first byte is never an array
         prefix = size.to_bytes(4, "big")

@@ -218,7 +218,7 @@ def _offset(msg_id: bytes) -> int:
 class KafkaBackend(Backend):
     """See the module docstring."""
 
-    features = Features(shared_subscription=True, durable=True, cross_process=True)
+    features = Features(shared_subscription=True, durable=True, cross_process=True, exact_acks=False)
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
@@ -352,7 +352,7 @@ class KafkaBackend(Backend):
         try:
             self._refreshed = start = time.monotonic()
             # the end offset first (one request): reading to the end, even with nothing new, is a fetch
-            # round trip and the wait for end-of-partition, about 20 ms, which a consumer paid every second
+            # round trip and the wait for end-of-partition on every refresh (docs/performance.md)
             if self._registry_end(start + timeout) <= self._registry_next:
                 return
             left = max(0.05, timeout - (time.monotonic() - start))

@@ -19,8 +19,9 @@ Mapping (docs/backends.md has the long form):
 * subscription -> a Pulsar subscription, ``Failover`` by default (each channel has one active member,
   which gets its messages in order; another member takes over a channel, unacknowledged messages
   included, when it leaves); ``subscription_type=shared`` spreads one channel's messages over members.
-* receive -> one multi-topic consumer; a blocking ``receive`` for the first message, then
-  ``receive(0)`` drains what the client has fetched already. ack -> individual acknowledgement of each message.
+* receive -> one multi-topic consumer; one ``batch_receive`` takes what the client has fetched already
+  (``receive(0)`` when one message is wanted); when that is nothing, a blocking ``receive`` waits for the
+  first message, which is returned at once. ack -> individual acknowledgement of each message.
 * seek -> each target is checked (it must be at or before the channel's newest message, and a reader
   started at it must read exactly it); then the consumer is closed, the subscription's cursor moved
   with ``seek`` by a short-lived consumer, and the consumer subscribed again. Pulsar resumes at the
@@ -285,6 +286,9 @@ class PulsarBackend(Backend):
         # Apache Pulsar stores a producer's resend after a reconnect twice unless the namespace has
         # deduplication on (brokerDeduplicationEnabled, off as shipped); docs/backends.md
         idempotent_produce=False,
+        # Failover (the default subscription_type) on non-partitioned topics: the broker makes the same
+        # member active on every channel; the others stand by (docs/backends.md)
+        balanced_members=False,
     )
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:

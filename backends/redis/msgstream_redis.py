@@ -11,9 +11,9 @@ Mapping (docs/backends.md has the long form):
 * subscription -> consumer group; each consumer -> a group member with a unique name; message id ->
   the entry id (``b"<ms>-<seq>"``).
 * receive -> XREADGROUP ``>`` with COUNT and a BLOCK never longer than half the socket timeout.
-  Entries that a member left pending are recovered with XAUTOCLAIM: a member that closes hands its
-  pending entries over at once (XCLAIM with a large IDLE to a placeholder owner), a member that died
-  is recovered after ``claim_idle`` seconds by whichever member claims next.
+  Entries that a member left pending are recovered with XPENDING ... IDLE and XCLAIM: a member that
+  closes hands its pending entries over at once (XCLAIM with a large IDLE to a placeholder owner), and
+  what a member that died left is claimed after ``claim_idle`` seconds by whichever member claims next.
 * ack -> XACK. seek -> the entry must exist (XRANGE), then XGROUP SETID to it (``0`` for the start)
   and the group's pending entries on that stream are acknowledged (forgotten).
 * latest message id -> XREVRANGE + - COUNT 1.
@@ -266,7 +266,7 @@ class RedisBackend(Backend):
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
         """XGROUP DESTROY on each channel, once no channel has a live member: one that is not the
         placeholder of released entries and interacted within ``claim_idle`` seconds (a member idle for
-        longer counts as dead, as XAUTOCLAIM treats it)."""
+        longer counts as dead, as an entry pending that long counts as abandoned to the claim)."""
         for channel in channels:
             self.check_channel(channel)
             with self.errors("XINFO CONSUMERS", channel=channel):
