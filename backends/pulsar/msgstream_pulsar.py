@@ -709,14 +709,19 @@ class _PulsarProducer(Producer):
                 done.set()
 
         send_async = self._native.send_async
+        ok = pulsar.Result.Ok
         with backend.errors(f"send to {channel!r}", ProduceError, channel):
             for i, payload in enumerate(payloads):
                 send_async(payload, functools.partial(delivered, i))
+                refused = results[i]
+                if refused is not None and refused[0] != ok:  # refused at once: queue nothing after it,
+                    for j in range(i + 1, n):  # so that the channel keeps the pack's order
+                        delivered(j, None, None)
+                    break
         finished = done.wait(max(0.0, deadline - time.monotonic())) if n else True
         accepted: list[bytes] = []
         failure = None if finished else f"not confirmed within {timeout}s"
         retriable = not finished
-        ok = pulsar.Result.Ok
         for report in results:  # the confirmed prefix: what is known to be on the channel, in order
             if report is None or report[0] != ok:
                 if report is not None:

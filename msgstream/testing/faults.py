@@ -857,6 +857,9 @@ class FaultInjectingSuite:
                     pack = self._consume(stream, 1.0, deadline)
                     if pack is not None:
                         got += pack.msgs or [_tick(pack.end_ts)]
+                # exactly the tick: one (empty) pack ending at it, or once on each channel, nothing else
+                want = 1 if kind == "time-tick stream" else 2
+                assert [(m.end_ts, m._is_tick) for m in got] == [(10, True)] * want, f"{kind}: {got}"
             _close(stream, deadline)
             _close(out, deadline)
         assert not failures, "; ".join(failures)
