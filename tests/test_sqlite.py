@@ -171,13 +171,18 @@ def test_wake_up_across_processes_within_5_ms_and_idle_consumer_cpu(tmp_path: Pa
         n = 200
         child = subprocess.Popen([sys.executable, "-c", _PRODUCER, url, str(n)])
         latencies = []
-        while len(latencies) < n:
-            got = consumer.receive(10, 10)
-            assert got, "the producing process's messages stopped coming"
-            now = time.time()
-            latencies += [now - float(m.payload) for m in got]
-            consumer.ack(got)
-        assert child.wait(10) == 0
+        try:
+            while len(latencies) < n:
+                got = consumer.receive(10, 10)
+                assert got, "the producing process's messages stopped coming"
+                now = time.time()
+                latencies += [now - float(m.payload) for m in got]
+                consumer.ack(got)
+            assert child.wait(10) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
     finally:
         backend.close()
     p50 = statistics.median(latencies)

@@ -105,21 +105,24 @@ def test_dead_server_fails_fast_with_a_typed_error(tmp_path: Path) -> None:
     assert time.monotonic() - start < 5 and err.value.retriable and "pw-secret" not in str(err.value)
 
     broker = start_redis(tmp_path / "dies")
-    with ms.connect(f"redis://127.0.0.1:{broker.port}/0", socket_timeout=1, connect_timeout=1) as client:
-        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
-        out = client.msg_stream(produce_timeout=2)
-        out.create_producers(chans)
-        inp = client.msg_stream()
-        inp.create_consumers("s", chans)
-        broker.kill()
-        start = time.monotonic()
-        with pytest.raises(ProduceError) as perr:
-            out.produce(ms.MsgPack.of([row(1)]))
-        assert perr.value.retriable and time.monotonic() - start < 5
-        start = time.monotonic()
-        with pytest.raises(MsgStreamError) as cerr:
-            inp.consume(timeout=1)
-        assert cerr.value.retriable and time.monotonic() - start < 5
+    try:
+        with ms.connect(f"redis://127.0.0.1:{broker.port}/0", socket_timeout=1, connect_timeout=1) as client:
+            chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+            out = client.msg_stream(produce_timeout=2)
+            out.create_producers(chans)
+            inp = client.msg_stream()
+            inp.create_consumers("s", chans)
+            broker.kill()
+            start = time.monotonic()
+            with pytest.raises(ProduceError) as perr:
+                out.produce(ms.MsgPack.of([row(1)]))
+            assert perr.value.retriable and time.monotonic() - start < 5
+            start = time.monotonic()
+            with pytest.raises(MsgStreamError) as cerr:
+                inp.consume(timeout=1)
+            assert cerr.value.retriable and time.monotonic() - start < 5
+    finally:
+        broker.stop()
 
 
 def test_maxlen_trims_and_seek_to_a_trimmed_entry_fails(redis_url: str) -> None:
