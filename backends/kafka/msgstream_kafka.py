@@ -433,6 +433,17 @@ class KafkaBackend(Backend):
                 future = self.admin.delete_topics([name], operation_timeout=self.timeout)[name]
                 with contextlib.suppress(ck.KafkaException):  # already gone: the registry says deleted
                     self._wait(future)
+                self._wait_gone(name, time.monotonic() + self.timeout)
+
+    def _wait_gone(self, topic: str, deadline: float) -> None:
+        """Wait (until ``deadline``) for the brokers' metadata to lose ``topic``: the controller confirms a
+        deletion before the brokers apply it, and until then another client's produce still lands there."""
+        while time.monotonic() < deadline:
+            # every topic's metadata: a request naming the topic would have the broker create it again
+            metadata = self.admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+            if topic not in metadata.topics:
+                return
+            time.sleep(0.05)
 
     def create_producer(self, channel: str) -> Producer:
         self.check_channel(channel)
