@@ -19,8 +19,8 @@ following the OpenTelemetry messaging semantic conventions:
   messages' properties;
 - counters ``messaging.client.sent.messages`` and ``messaging.client.consumed.messages`` (data messages)
   and the histogram ``messaging.client.operation.duration`` (seconds, per traced operation);
-- observable gauges over the streams it saw ``consume`` or ``consume_frames`` (not ``receive``, which a
-  time-tick stream calls to make packs of its own), or that were given to :meth:`observe`:
+- observable gauges over the streams it saw consume (a time-tick stream given to :meth:`observe` in place
+  of its inner stream), or that were given to :meth:`observe`:
   ``msgstream.consumer.lag.messages`` / ``msgstream.consumer.lag.seconds`` (per channel, from
   ``stream.lag()`` where the stream has it), ``msgstream.timetick.buffered.messages`` and
   ``msgstream.timetick.lagging.channels`` (time-tick streams given to :meth:`observe`).
@@ -34,6 +34,7 @@ Not instrumented, msgstream imports nothing of OpenTelemetry and each stream ope
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -84,9 +85,9 @@ def _error_type(exc: BaseException) -> str:
 class _Hooks:
     """What :func:`msgstream.stream.set_hooks` calls while instrumented."""
 
-    def __init__(self, tracer: trace.Tracer, meter: metrics.Meter) -> None:
+    def __init__(self, tracer: trace.Tracer, meter: metrics.Meter, provider: Any) -> None:
         self._tracer = tracer
-        self.meter = meter
+        self.provider = provider  # the meter provider given to instrument() (None: the global one)
         self._sent = meter.create_counter(
             "messaging.client.sent.messages", unit="{message}", description="Data messages a producer sent."
         )
@@ -109,8 +110,10 @@ class _Hooks:
 
     def _send(self, s: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]], copies: int) -> Any:
         msgs = getattr(pack, "msgs", None)
-        data = [m for m in msgs if isinstance(m, TsMsg) and not isinstance(m, TimeTickMsg)] if msgs else []
-        if not data or not isinstance(pack, MsgPack):  # nothing to trace (ticks only), or a bad argument
+        if not isinstance(pack, MsgPack) or type(msgs) is not list:  # a bad argument: the stream reports it
+            return send(pack)
+        data = [m for m in msgs if isinstance(m, TsMsg) and not isinstance(m, TimeTickMsg)]
+        if not data:  # ticks only: nothing to trace
             return send(pack)
         channels = s.producer_channels
         attrs = _attributes(s, "send", channels)
@@ -124,11 +127,12 @@ class _Hooks:
             _PROPAGATOR.inject(carrier)
             traced: dict[int, TsMsg] = {}  # id of a caller's message -> the copy sent with the context
             for m in data:
-                copy = msgspec.structs.replace(m)
-                copy._props = {**m._props, **carrier} if m._props else carrier
-                traced[id(m)] = copy
+                twin = copy.copy(m)  # the fields; no __post_init__ run again
+                twin.__dict__.update(m.__dict__)  # and what a user type keeps beside them
+                twin._props = {**m._props, **carrier} if m._props else dict(carrier)
+                traced[id(m)] = twin
             try:
-                result = send(msgspec.structs.replace(pack, msgs=[traced.get(id(m), m) for m in pack.msgs]))
+                result = send(msgspec.structs.replace(pack, msgs=[traced.get(id(m), m) for m in msgs]))
             except BaseException as exc:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -145,14 +149,9 @@ class _Hooks:
 
     # -- consuming ------------------------------------------------------------------------------
     def consume(self, s: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any:
-        self.streams.add(s)
-        return self.receive(s, timeout, receive)
-
-    def receive(self, s: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any:
-        """Traced and counted as a consume, but the stream is not one the gauges report: its messages
-        are the decorator's to return (a time-tick stream, whose lag counts from its packs)."""
         started_ns = time.time_ns()
         start = time.perf_counter()
+        self.streams.add(s)
         result = receive(timeout)  # an exception passes through untraced: nothing was consumed
         if not result:
             return result
@@ -187,7 +186,11 @@ class _Hooks:
 
     def _lag(self, messages: bool) -> list[Observation]:
         out: list[Observation] = []
-        for s in list(self.streams):
+        streams = list(self.streams)
+        wrapped = {id(getattr(s, "inner", None)) for s in streams}  # an observed time-tick stream reports
+        for s in streams:  # its channels itself: its inner stream counts from what it received, not returned
+            if id(s) in wrapped:
+                continue
             lag = getattr(s, "lag", None)
             if not callable(lag) or getattr(s, "closed", False):
                 continue
@@ -248,14 +251,15 @@ def _trace_contexts(result: Any) -> tuple[int, list[dict[str, str]]]:
     return count, list(carriers.values())
 
 
-def _gauge(meter: metrics.Meter, method: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    """A gauge callback reading the instrumentation active when it is called, if that one reports to
-    ``meter``. A meter keeps the first instrument of a name (an SDK provider gives one meter per scope),
-    so one instrumented again on the same provider is read through the callbacks of the first."""
+def _gauge(provider: Any, method: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """A gauge callback reading the instrumentation active when it is called, if that one was given the
+    same meter ``provider`` (``None``: the global one, whichever it is by then). A meter keeps the first
+    instrument of a name, so an instrumentation made again on the same provider is read through the
+    callbacks made by the first."""
 
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         active = MsgStreamInstrumentor._active
-        if active is None or active.meter is not meter:
+        if active is None or active.provider is not provider:
             return []
         result: Iterable[Observation] = getattr(active, method)(options)
         return result
@@ -273,7 +277,7 @@ class MsgStreamInstrumentor:
         """Start tracing and measuring; ``tracer_provider`` / ``meter_provider`` default to the global ones."""
         tracer = trace.get_tracer("msgstream", __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter("msgstream", __version__, meter_provider=meter_provider)
-        hooks = _Hooks(tracer, meter)
+        hooks = _Hooks(tracer, meter, meter_provider)
         gauges = (
             (
                 "msgstream.consumer.lag.messages",
@@ -301,7 +305,7 @@ class MsgStreamInstrumentor:
             ),
         )
         for name, method, unit, description in gauges:  # the meter keeps the first of a name: see _gauge
-            meter.create_observable_gauge(name, [_gauge(meter, method)], unit=unit, description=description)
+            meter.create_observable_gauge(name, [_gauge(meter_provider, method)], unit=unit, description=description)
         with _LOCK:
             if MsgStreamInstrumentor._active is not None:
                 hooks.streams.update(MsgStreamInstrumentor._active.streams)

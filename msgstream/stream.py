@@ -22,7 +22,15 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .frames import FramePack, frame_timestamps
-from .messages import HEADER_SIZE, TsMsg, encode_body_into, set_record, with_properties
+from .messages import (
+    HEADER_SIZE,
+    PROPERTIES,
+    TsMsg,
+    encode_body_into,
+    set_record,
+    split_properties,
+    with_properties,
+)
 from .pack import MsgPack, Position, consumed_pack
 from .repack import RepackFunc
 from .repack import default as default_repack
@@ -43,8 +51,6 @@ class Hooks(Protocol):
     def broadcast(self, stream: MsgStream, pack: MsgPack, send: Callable[[MsgPack], dict[str, list[bytes]]]) -> Any: ...
 
     def consume(self, stream: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any: ...
-
-    def receive(self, stream: MsgStream, timeout: float, receive: Callable[[float], Any]) -> Any: ...
 
 
 #: set by an instrumentation, ``None`` otherwise: the one branch per pack an un-instrumented stream pays
@@ -309,7 +315,7 @@ class MsgStream:
         the caller passes it to :meth:`ack`. For decorators that make packs of their own, such as
         :class:`~msgstream.TimeTickStream`. Bad frames as in :meth:`consume`."""
         if _hooks is not None:
-            return _hooks.receive(self, timeout, self._receive_unacked)  # type: ignore[no-any-return]
+            return _hooks.consume(self, timeout, self._receive_unacked)  # type: ignore[no-any-return]
         return self._receive_unacked(timeout)
 
     def _receive_unacked(self, timeout: float) -> list[TsMsg] | None:
@@ -562,7 +568,8 @@ def _marshal_checked(msgs: Sequence[TsMsg]) -> list[bytes]:
             body: bytes | bytearray | memoryview = buf
         else:
             frame = m.marshal()
-            body = memoryview(frame)[HEADER_SIZE:]
+            plain = split_properties(frame)[1] if len(frame) > HEADER_SIZE and frame[3] & PROPERTIES else frame
+            body = memoryview(plain)[HEADER_SIZE:]
         try:
             decode(body)
         except Exception as exc:

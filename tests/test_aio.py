@@ -525,9 +525,6 @@ class _ThreadOfProduce:
     def consume(self, stream: ms.MsgStream, timeout: float, receive: Any) -> Any:
         return receive(timeout)
 
-    def receive(self, stream: ms.MsgStream, timeout: float, receive: Any) -> Any:
-        return receive(timeout)
-
 
 def test_with_hooks_installed_even_memory_produce_leaves_the_loop() -> None:
     # a hook (an instrumentation's span processor) may wait on the network: never on the loop

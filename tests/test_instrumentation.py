@@ -242,8 +242,9 @@ def test_a_timetick_streams_lag_gauge_counts_what_it_holds(
             assert time.monotonic() < deadline, f"{tt.buffered} of 5 buffered"
             assert tt.consume(timeout=0.1) is None
         assert [(row.channel, row.messages) for row in tt.lag()] == [(chans[0], 5)]
-        assert _metric(reader, "msgstream.consumer.lag.messages") == []  # not observed: not reported
-        MsgStreamInstrumentor().observe(tt)
+        # not observed: its inner stream is reported, which counts from what it received (all of it)
+        assert [p.value for p in _metric(reader, "msgstream.consumer.lag.messages")] == [0]
+        MsgStreamInstrumentor().observe(tt)  # then the time-tick stream, in place of its inner stream
         assert [
             (dict(p.attributes)["messaging.destination.name"], p.value)
             for p in _metric(reader, "msgstream.consumer.lag.messages")
@@ -311,3 +312,63 @@ def test_aio_spans_are_children_of_the_calling_tasks_span(
 def _rows_of(pack: ms.MsgPack | None) -> list[int]:
     assert pack is not None
     return [row for m in pack.msgs if isinstance(m, ms.InsertMsg) for row in m.row_ids]
+
+
+class _Counted(ms.TsMsg, kw_only=True):
+    """A user type whose construction does work, and that frames itself from an attribute beside its
+    fields: what a produce sends must be what the caller built."""
+
+    msg_type = 7401
+    made: int = 0  # how many times it was constructed or decoded
+    blob: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.made += 1
+
+    def marshal(self) -> bytes:
+        self.blob = getattr(self, "kept", self.blob)
+        return super().marshal()
+
+
+def test_a_traced_produce_sends_the_callers_messages_as_built(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    chans = _channels(client, 1)
+    dispatcher = ms.UnmarshalDispatcher()
+    dispatcher.add_msg_template(7401, _Counted)
+    mine = _Counted(begin_ts=1, end_ts=1, hash_values=[0])
+    mine.kept = b"kept"  # type: ignore[attr-defined]
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        out.create_producers(chans)
+        inp.create_consumers("s", chans, dispatcher)
+        out.produce(ms.MsgPack.of([mine, mine]))  # the same object twice
+        got = _consume_all(inp, 2)
+        # built once by the caller, decoded once by the consumer: never built again on the way
+        assert [(m.made, m.blob) for m in got if isinstance(m, _Counted)] == [(mine.made + 1, b"kept")] * 2
+        assert all("traceparent" in m.properties for m in got)
+        with pytest.raises(ms.errors.InvalidArgumentError, match="must be a list"):
+            out.produce(ms.MsgPack(1, 1, (m for m in [_data(1)])))  # type: ignore[arg-type]
+
+
+def test_instrumenting_twice_before_the_global_provider_is_set_reports_once_it_is() -> None:
+    code = """
+import msgstream as ms
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from msgstream.instrumentation import MsgStreamInstrumentor
+MsgStreamInstrumentor().instrument()  # at import time of a library, say
+MsgStreamInstrumentor().instrument()  # and again by the application
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+with ms.connect("memory://") as c:
+    chans = c.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=1))
+    with c.msg_stream() as inp:
+        inp.create_consumers("s", chans)
+        inp.consume(timeout=0)
+        data = reader.get_metrics_data()
+        names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        print("msgstream.consumer.lag.messages" in names)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr
