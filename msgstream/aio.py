@@ -143,8 +143,11 @@ class _Started:
 class _AsyncStream(Generic[S]):
     """What AsyncMsgStream and AsyncTimeTickStream share."""
 
-    def __init__(self, stream: S, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self, stream: S, *, produce_timeout: float | None = None, call_timeout: float = DEFAULT_CALL_TIMEOUT
+    ) -> None:
         self._stream: S = stream
+        self._produce_timeout = produce_timeout  # None: the wrapped stream's
         self._bound = _check_bound(call_timeout)
         self._consume_worker: _Worker | None = None
         self._produce_worker: _Worker | None = None
@@ -212,7 +215,8 @@ class _AsyncStream(Generic[S]):
     # -- producing ------------------------------------------------------------------------------
     def _produce_bound(self) -> float:
         inner = self._inner()
-        return inner.produce_timeout * max(1, len(inner.producer_channels)) + self._bound
+        per_channel = inner.produce_timeout if self._produce_timeout is None else self._produce_timeout
+        return per_channel * max(1, len(inner.producer_channels)) + self._bound
 
     def _inner(self) -> MsgStream:
         stream = self._stream
@@ -361,10 +365,11 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
     """:class:`~msgstream.MsgStream` for asyncio (see the module doc); an async context manager, and
     ``async for pack in stream`` yields packs until the stream is closed."""
 
-    def __init__(self, stream: MsgStream, *, call_timeout: float = 60.0) -> None:
+    def __init__(self, stream: MsgStream, *, produce_timeout: float | None = None, call_timeout: float = 60.0) -> None:
+        """``produce_timeout``: the per-channel part of a produce's bound (default: the stream's own)."""
         if not isinstance(stream, MsgStream):
             raise InvalidArgumentError(f"AsyncMsgStream wraps a MsgStream, got {type(stream).__name__}")
-        super().__init__(stream, call_timeout=call_timeout)
+        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
 
     @property
     def sync(self) -> MsgStream:
@@ -390,7 +395,8 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 
     @property
     def produce_timeout(self) -> float:
-        return self._stream.produce_timeout
+        """The per-channel part of a produce's bound: the one given, else the wrapped stream's."""
+        return self._stream.produce_timeout if self._produce_timeout is None else self._produce_timeout
 
     @property
     def auto_ack(self) -> bool:
@@ -420,10 +426,13 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 class AsyncTimeTickStream(_AsyncStream[TimeTickStream]):
     """:class:`~msgstream.TimeTickStream` for asyncio: each ``await consume()`` returns one tick's pack."""
 
-    def __init__(self, stream: TimeTickStream, *, call_timeout: float = 60.0) -> None:
+    def __init__(
+        self, stream: TimeTickStream, *, produce_timeout: float | None = None, call_timeout: float = 60.0
+    ) -> None:
+        """``produce_timeout``: the per-channel part of a produce's bound (default: the stream's own)."""
         if not isinstance(stream, TimeTickStream):
             raise InvalidArgumentError(f"AsyncTimeTickStream wraps a TimeTickStream, got {type(stream).__name__}")
-        super().__init__(stream, call_timeout=call_timeout)
+        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
 
     @property
     def sync(self) -> TimeTickStream:
@@ -574,8 +583,7 @@ class AsyncClient:
     async def _close(self) -> None:
         try:
             if self._opening is not None:  # an open in flight: what it opens is closed here
-                with contextlib.suppress(Exception):
-                    await self._opening
+                await asyncio.wait((self._opening,))  # its failure or cancellation is the opener's to see
             for stream in list(self._streams):
                 try:
                     await stream.close()
@@ -631,7 +639,7 @@ class Ticker:
         return ts
 
     def start(self, interval: float) -> None:
-        check_interval(interval)
+        interval = check_interval(interval)
         if self._task is not None:
             raise InvalidArgumentError("ticker already started")
         self._task = asyncio.get_running_loop().create_task(self._run(interval), name="msgstream-ticker")
@@ -641,7 +649,7 @@ class Ticker:
             await asyncio.sleep(interval)
             try:
                 await self.tick()
-            except MsgStreamError as exc:
+            except Exception as exc:  # kept for stop()
                 self.error = exc
                 return
 
@@ -652,5 +660,7 @@ class Ticker:
             done, _ = await asyncio.wait((task,), timeout=timeout)  # a cancel of the caller propagates
             if not done:
                 raise OperationTimeoutError(f"the ticker's task did not end within {timeout:g}s")
+            if not task.cancelled() and task.exception() is not None:  # beyond _run's own catch
+                raise task.exception()  # type: ignore[misc]
         if self.error is not None:
             raise self.error

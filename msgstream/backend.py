@@ -94,10 +94,6 @@ class Features:
 
     #: Two consumers on one subscription split the messages (each message to one of them).
     shared_subscription: bool = True
-    #: While every member of a subscription lives, each gets a share of the messages. False where the
-    #: broker keeps one member active on every channel and the others as standbys that take over only
-    #: when it leaves (Pulsar's Failover subscriptions on msgstream's one-partition topics).
-    balanced_members: bool = True
     #: Messages, subscriptions and channels survive a broker restart (the fault suite's restart test
     #: requires it of the brokers it restarts).
     durable: bool = False
@@ -119,6 +115,10 @@ class Features:
     #: unacknowledged is not handed to the next member. False for a broker that records a subscription's
     #: progress as one offset per channel (Kafka): the next member gets it again (at-least-once).
     exact_acks: bool = True
+    #: While every member of a subscription lives, each gets a share of the messages. False where the
+    #: broker keeps one member active on every channel and the others as standbys that take over only
+    #: when it leaves (Pulsar's Failover subscriptions on msgstream's one-partition topics).
+    balanced_members: bool = True
 
 
 class URL:

@@ -18,7 +18,16 @@ import msgspec
 from .backend import RawMessage
 from .codec import UnmarshalDispatcher
 from .errors import UnmarshalError
-from .messages import HEADER_SIZE, PROPERTIES, TsMsg, check_header, frame_properties, read_header, set_record
+from .messages import (
+    HEADER_SIZE,
+    PROPERTIES,
+    Timestamp,
+    TsMsg,
+    check_header,
+    frame_properties,
+    read_header,
+    set_record,
+)
 from .pack import MsgPack, Position, consumed_pack
 
 __all__ = ["FramePack", "frame_properties", "frame_timestamps", "frame_type"]
@@ -27,8 +36,8 @@ __all__ = ["FramePack", "frame_properties", "frame_timestamps", "frame_type"]
 class _Head(msgspec.Struct, array_like=True):
     """The common first fields of every frame body (docs/wire-format.md); the rest is skipped."""
 
-    begin_ts: int = 0
-    end_ts: int = 0
+    begin_ts: Timestamp = 0
+    end_ts: Timestamp = 0
 
 
 _HEAD = msgspec.msgpack.Decoder(_Head)

@@ -102,7 +102,11 @@ def _split_rows(i: int, msg: InsertMsg | DeleteMsg, keys: Sequence[int]) -> list
 
 
 def _copy_with(msg: TsMsg, **changes: object) -> TsMsg:
-    return msgspec.structs.replace(msg, **changes)
+    """``msg`` with ``changes``, its properties kept (they are not a field: ``replace`` drops them)."""
+    part = msgspec.structs.replace(msg, **changes)
+    if msg._props:
+        part._props = dict(msg._props)
+    return part
 
 
 def hash_primary_key(pk: int | str) -> int:

@@ -6,13 +6,13 @@ bits, an 18-bit counter that orders events within one millisecond in the low bit
 
 from __future__ import annotations
 
-import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import InvalidArgumentError, MsgStreamError
+from .errors import InvalidArgumentError
 from .messages import TimeTickMsg
 from .pack import MsgPack
 
@@ -58,10 +58,15 @@ class _Broadcaster(Protocol):
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]: ...
 
 
-def check_interval(interval: object) -> None:
-    """Refuse a ticker interval that is not a finite positive number of seconds."""
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
+def check_interval(interval: object) -> float:
+    """A ticker interval as float seconds; one that is not a positive number of seconds a thread can wait
+    raises ``InvalidArgumentError``."""
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Real) or not 0 < float(interval) <= _MAX_WAIT:
         raise InvalidArgumentError(f"interval must be a positive number of seconds, got {interval!r}")
+    return float(interval)
+
+
+_MAX_WAIT = threading.TIMEOUT_MAX
 
 
 class Ticker:
@@ -87,7 +92,7 @@ class Ticker:
         return ts
 
     def start(self, interval: float) -> None:
-        check_interval(interval)
+        interval = check_interval(interval)
         if self._thread is not None:
             raise InvalidArgumentError("ticker already started")
         self._stop.clear()
@@ -98,7 +103,7 @@ class Ticker:
         while not self._stop.wait(interval):
             try:
                 self.tick()
-            except MsgStreamError as exc:
+            except Exception as exc:  # kept for stop(), never printed by the thread
                 self.error = exc
                 return
 

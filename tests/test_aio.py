@@ -613,7 +613,7 @@ def test_ticker_stop_lets_the_callers_cancel_through_and_a_bad_interval_is_refus
         async with aio.connect(_url()) as client, client.msg_stream() as out:
             chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
             await out.create_producers(chans)
-            for bad in ("1", None, [1], True, 0, float("nan"), float("inf")):
+            for bad in ("1", None, [1], True, 0, float("nan"), float("inf"), 1e300):
                 with pytest.raises(ms.errors.InvalidArgumentError):
                     aio.Ticker(out).start(bad)  # type: ignore[arg-type]
                 with pytest.raises(ms.errors.InvalidArgumentError):
@@ -644,4 +644,41 @@ def test_a_wrapped_streams_own_produce_timeout_bounds_the_await() -> None:
         wrapped = aio.AsyncMsgStream(sync, call_timeout=5.0)
         assert sync.produce_timeout == 120.0
         assert wrapped._produce_bound() == 120.0 * 2 + 5.0  # per channel, plus the hop
+        sync.close()
+
+
+def test_a_ticker_whose_broadcast_fails_with_any_error_raises_it_from_stop() -> None:
+    class Broken:
+        async def broadcast(self, pack: ms.MsgPack) -> dict[str, list[bytes]]:
+            raise ConnectionResetError("peer went away")
+
+    class BrokenSync:
+        def broadcast(self, pack: ms.MsgPack) -> dict[str, list[bytes]]:
+            raise ConnectionResetError("peer went away")
+
+    async def main() -> None:
+        ticker = aio.Ticker(Broken())
+        ticker.start(0.01)
+        await _wait_until(lambda: ticker.error is not None, "the ticker's failure")
+        with pytest.raises(ConnectionResetError):
+            await ticker.stop()
+
+    asyncio.run(main())
+    sync = ms.Ticker(BrokenSync())  # type: ignore[arg-type]
+    sync.start(0.01)
+    deadline = time.monotonic() + 10
+    while sync.error is None:
+        assert time.monotonic() < deadline, "the sync ticker's failure was not kept"
+        time.sleep(0.01)
+    with pytest.raises(ConnectionResetError):
+        sync.stop()
+
+
+def test_an_explicit_produce_timeout_still_bounds_the_await() -> None:
+    with ms.connect(_url()) as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+        sync = client.msg_stream(produce_timeout=120.0)
+        sync.create_producers(chans)
+        wrapped = aio.AsyncMsgStream(sync, produce_timeout=7.0, call_timeout=5.0)
+        assert wrapped.produce_timeout == 7.0 and wrapped._produce_bound() == 12.0
         sync.close()

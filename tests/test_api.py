@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import gc
 import inspect
 import logging
@@ -17,7 +18,7 @@ import pytest
 
 import msgstream as ms
 from msgstream import errors
-from msgstream.backend import URL, installed_schemes, load_backend, redact_options, scrub
+from msgstream.backend import URL, Features, installed_schemes, load_backend, redact_options, scrub
 
 CONTRACT = {
     "connect",
@@ -580,3 +581,11 @@ def test_bad_channel_lists_options_and_lag_references_are_typed_errors() -> None
             with pytest.raises(errors.InvalidArgumentError):
                 stream.lag(after=after)  # type: ignore[arg-type]
         assert stream.lag(after={chan: b""})[0].channel == chan
+
+
+def test_features_keep_their_positions() -> None:
+    """Plugins may build Features positionally: flags added later come after the first ones."""
+    names = [f.name for f in dataclasses.fields(Features)]
+    first = ["shared_subscription", "durable", "cross_process", "member_kill_recovery", "idempotent_produce"]
+    assert names[: len(first) + 1] == [*first, "nonblocking_send"]
+    assert Features(True, False).durable is False

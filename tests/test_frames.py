@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 import msgstream as ms
@@ -38,6 +39,9 @@ def test_frame_helpers_read_the_header_only() -> None:
         for helper in (ms.frame_type, ms.frame_timestamps):
             with pytest.raises(UnmarshalError):
                 helper(not_bytes)  # type: ignore[arg-type]
+    negative = frame[:8] + msgspec.msgpack.encode([-5, -1, [0]])  # timestamps are unsigned
+    with pytest.raises(UnmarshalError):
+        ms.frame_timestamps(negative)
     newer = frame[:3] + b"\x02" + frame[4:]  # a flag bit this reader does not know: the body may differ
     assert ms.frame_type(newer) == ms.MsgType.SEARCH  # the header alone still names the type
     with pytest.raises(UnmarshalError, match="unknown flag bits"):

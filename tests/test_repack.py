@@ -51,6 +51,15 @@ def test_insert_delete_splits_rows_and_keeps_their_order() -> None:
     assert out[1].msgs[0].primary_keys == ["a"] and out[0].msgs[0].primary_keys == [7]  # type: ignore[attr-defined]
 
 
+def test_insert_delete_parts_keep_the_messages_properties() -> None:
+    msg = _ins([10, 11], [0, 1])
+    msg.properties = {"tenant": "t1"}
+    out = ms.repack.insert_delete([msg], [[0, 1]])
+    assert [out[k].msgs[0].properties for k in (0, 1)] == [{"tenant": "t1"}] * 2
+    out[0].msgs[0].properties["x"] = "y"  # each part its own copy
+    assert msg.properties == {"tenant": "t1"} and out[1].msgs[0].properties == {"tenant": "t1"}
+
+
 def test_insert_delete_rejects_ragged_rows() -> None:
     with pytest.raises(RepackError, match="one hash value per row"):
         ms.repack.insert_delete([_ins([1, 2], [0])], [[0]])

@@ -107,12 +107,14 @@ def _settings(defaults: Mapping[str, Any], given: Mapping[str, Any], needs: Mapp
     """A client's configuration: ``defaults``, then what the URL gave, then ``needs``; a URL value that
     differs from what the backend needs is refused (``InvalidURLError``), not silently replaced."""
     for key, value in given.items():
-        need = needs.get(key)
+        need = needs.get(_ALIASES.get(key, key))
         if need is not None and str(value).lower() not in _SPELLINGS.get(need, {str(need).lower()}):
             raise InvalidURLError(f"kafka option {key}={value!r} is not supported: msgstream needs {key}={need}")
     return {**defaults, **given, **needs}
 
 
+#: librdkafka's other names for the needed properties
+_ALIASES = {"request.required.acks": "acks"}
 #: how a URL (all strings) may spell a needed value
 _SPELLINGS: dict[Any, set[str]] = {True: {"true", "1"}, False: {"false", "0"}, "all": {"all", "-1"}}
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 
 from .. import connect, repack
 from ..client import Client, CreateChannelRequest, OwnerDescription
+from ..errors import MsgStreamError
 from ..messages import DeleteMsg, InsertMsg, TsMsg
 from ..pack import MsgPack, Position
 from ..timestamp import HybridClock, Ticker
@@ -21,10 +23,14 @@ def demo(url: str, num_channels: int, ticks: int, rows_per_tick: int) -> int:
         owner = OwnerDescription(role="proxy", address="127.0.0.1:19530", description_text="dml")
         channels = client.create_channels(CreateChannelRequest(owner=owner, num_channels=num_channels))
         try:
-            return _run(client, channels, ticks, rows_per_tick)
-        finally:  # also after an error or an interrupt: the demo leaves nothing behind
-            client.destroy_channels(channels)
-            out(f"destroyed {len(channels)} channels\n")
+            status = _run(client, channels, ticks, rows_per_tick)
+        except BaseException:  # also after an error or an interrupt the demo leaves nothing behind,
+            with contextlib.suppress(MsgStreamError):  # and the error is the one raised, not the clean-up's
+                client.destroy_channels(channels)
+            raise
+        client.destroy_channels(channels)
+        out(f"destroyed {len(channels)} channels\n")
+        return status
 
 
 def _run(client: Client, channels: list[str], ticks: int, rows_per_tick: int) -> int:

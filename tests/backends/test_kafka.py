@@ -83,7 +83,7 @@ def test_url_options_change_the_defaults_and_may_not_change_what_the_backend_nee
         assert backend.producer_conf["linger.ms"] == "50"  # un-prefixed: every client
         assert backend.consumer_conf["fetch.queue.backoff.ms"] == "500"  # prefixed: that client only
         assert backend.producer_conf["acks"] == "all" and backend.producer_conf["enable.idempotence"] is True
-    for changed in ("acks=1", "producer.enable.idempotence=false", "enable.auto.commit=true",
+    for changed in ("acks=1", "request.required.acks=0", "producer.enable.idempotence=false", "enable.auto.commit=true",
                     "consumer.partition.assignment.strategy=cooperative-sticky"):  # fmt: skip
         with pytest.raises(ms.errors.InvalidURLError, match="msgstream needs"):
             ms.connect(f"{kafka_url}{sep}{changed}")
