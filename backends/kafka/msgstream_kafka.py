@@ -103,6 +103,12 @@ _CONSUMER_DEFAULTS = {
 }
 
 
+#: librdkafka's other names for the needed properties
+_ALIASES = {"request.required.acks": "acks"}
+#: how a URL (all strings) may spell a needed value
+_SPELLINGS: dict[Any, set[str]] = {True: {"true", "1"}, False: {"false", "0"}, "all": {"all", "-1"}}
+
+
 def _settings(defaults: Mapping[str, Any], given: Mapping[str, Any], needs: Mapping[str, Any]) -> dict[str, Any]:
     """A client's configuration: ``defaults``, then what the URL gave, then ``needs``; a URL value that
     differs from what the backend needs is refused (``InvalidURLError``), not silently replaced."""
@@ -111,12 +117,6 @@ def _settings(defaults: Mapping[str, Any], given: Mapping[str, Any], needs: Mapp
         if need is not None and str(value).lower() not in _SPELLINGS.get(need, {str(need).lower()}):
             raise InvalidURLError(f"kafka option {key}={value!r} is not supported: msgstream needs {key}={need}")
     return {**defaults, **given, **needs}
-
-
-#: librdkafka's other names for the needed properties
-_ALIASES = {"request.required.acks": "acks"}
-#: how a URL (all strings) may spell a needed value
-_SPELLINGS: dict[Any, set[str]] = {True: {"true", "1"}, False: {"false", "0"}, "all": {"all", "-1"}}
 
 
 def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
@@ -441,8 +441,10 @@ class KafkaBackend(Backend):
         """Wait (until ``deadline``) for the brokers' metadata to lose ``topic``: the controller confirms a
         deletion before the brokers apply it, and until then another client's produce still lands there."""
         while time.monotonic() < deadline:
-            # every topic's metadata: a request naming the topic would have the broker create it again
-            metadata = self.admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+            try:  # every topic's metadata: a request naming the topic would have the broker create it again
+                metadata = self.admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+            except ck.KafkaException:  # the deletion stands (the registry has it): this wait is a courtesy
+                return
             if topic not in metadata.topics:
                 return
             time.sleep(0.05)
