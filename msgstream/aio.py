@@ -660,7 +660,5 @@ class Ticker:
             done, _ = await asyncio.wait((task,), timeout=timeout)  # a cancel of the caller propagates
             if not done:
                 raise OperationTimeoutError(f"the ticker's task did not end within {timeout:g}s")
-            if not task.cancelled() and task.exception() is not None:  # beyond _run's own catch
-                raise task.exception()  # type: ignore[misc]
         if self.error is not None:
             raise self.error

@@ -234,7 +234,7 @@ def _split_userinfo(rest: str) -> tuple[str | None, str]:
 def scrub(text: str, url: URL, options: Mapping[str, Any] | None = None) -> str:
     """``text`` with the URL's password and every secret option value, decoded or as written in the URL
     (percent-encoded), replaced by ``***``."""
-    secrets = [url.password, *url._raw_secrets] if url.password else list(url._raw_secrets)
+    secrets = [s for s in (url.password, *url._raw_secrets) if s]
     for source in (url.options, options or {}):
         secrets += [str(v) for k, v in source.items() if is_secret_option(k) and v]
     for secret in sorted(set(secrets), key=len, reverse=True):

@@ -156,7 +156,7 @@ class TimeTickStream:
         self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         self._ack_done()
-        received = False
+        asked = False  # the stream was asked once: timeout=0 still takes one batch
         while True:
             pack = self._emit()
             if pack is not None:
@@ -168,10 +168,10 @@ class TimeTickStream:
                     " interval holds more messages than max_buffered"
                 )
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and received:  # timeout=0 still takes one batch
+            if remaining <= 0 and asked:
                 self._check_lag()
                 return None
-            received = True
+            asked = True
             got = self._stream.receive(max(0.0, remaining))  # no pack: this stream makes its own
             if got is not None:
                 self._ingest(got)
