@@ -158,10 +158,7 @@ def test_a_close_whose_commit_cannot_be_made_raises_in_time_and_closes_nothing(t
     broker = start_kafka(tmp_path / "close")
     try:
         with ms.connect(f"{broker.url}/?operation_timeout=3") as client:
-            [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-            with client.msg_stream() as out:
-                out.create_producers([ch])
-                out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+            ch = _channel_of_rows(client, 10)
             inp = client.msg_stream()
             inp.create_consumers("closing", [ch])
             assert _rows(consume_n(inp, 10, 30)) == list(range(10))
@@ -188,10 +185,7 @@ def test_a_flush_never_moves_the_group_back(kafka_url: str) -> None:
     """The offset a member remembers as acknowledged can trail the group's (another member owned the
     channel meanwhile and committed further): the flush of its close commits only forward."""
     with ms.connect(kafka_url) as client:
-        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-        with client.msg_stream() as out:
-            out.create_producers([ch])
-            out.produce(ms.MsgPack.of([row(i) for i in range(20)]))
+        ch = _channel_of_rows(client, 20)
         inp = client.msg_stream()
         inp.create_consumers("forward", [ch])
         assert _rows(consume_n(inp, 20, 30)) == list(range(20))
@@ -254,10 +248,7 @@ class _ErrorEvent:
 
 def test_records_fetched_beside_an_error_are_returned_before_it_is_raised(kafka_url: str) -> None:
     with ms.connect(kafka_url) as client:
-        [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-        with client.msg_stream() as out:
-            out.create_producers([ch])
-            out.produce(ms.MsgPack.of([row(i) for i in range(100)]))
+        ch = _channel_of_rows(client, 100)
         got: list[int] = []
         errors: list[ms.errors.ConsumeError] = []
         with client.msg_stream(receive_batch=10) as inp:
@@ -279,6 +270,15 @@ def test_records_fetched_beside_an_error_are_returned_before_it_is_raised(kafka_
         assert got == list(range(100))
 
 
+def _channel_of_rows(client: ms.Client, n: int) -> str:
+    """A new channel holding rows ``0..n-1``."""
+    [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
+    with client.msg_stream() as out:
+        out.create_producers([ch])
+        out.produce(ms.MsgPack.of([row(i) for i in range(n)]))
+    return ch
+
+
 def _rows(packs: list[ms.TsMsg]) -> list[int]:
     return [m.row_ids[0] for m in packs if isinstance(m, ms.InsertMsg)]
 
@@ -286,10 +286,7 @@ def _rows(packs: list[ms.TsMsg]) -> list[int]:
 def _ten_acked_with_the_commit_lost(client: ms.Client, group: str, *, report: bool) -> tuple[str, Any, Any, Any]:
     """A channel of 10 rows that a member of ``group`` consumed and acknowledged, its commit lost on the
     way (``report``: reported through the commit callback at once): (channel, stream, member, losing)."""
-    [ch] = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="k"), num_channels=1))
-    with client.msg_stream() as out:
-        out.create_producers([ch])
-        out.produce(ms.MsgPack.of([row(i) for i in range(10)]))
+    ch = _channel_of_rows(client, 10)
     first = client.msg_stream(auto_ack=False)
     first.create_consumers(group, [ch])
     got = consume_n(first, 10, 30)
