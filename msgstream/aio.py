@@ -330,11 +330,15 @@ class _AsyncStream(Generic[S]):
             if self._produce_worker is not None:  # let a produce in flight finish before its producer closes
                 await self._produce_worker.call(lambda: None, self._produce_bound(), "close")
             stream = self._stream
-            try:
-                await self._consuming.call(lambda: stream.close(acknowledge=acknowledge), self._bound, "close")
-            finally:
-                if stream.closed:
-                    self._shutdown()
+
+            def close() -> None:
+                try:
+                    stream.close(acknowledge=acknowledge)
+                finally:  # on the worker, so that a caller cancelled meanwhile leaves no thread behind
+                    if stream.closed:
+                        self._shutdown()
+
+            await self._consuming.call(close, self._bound, "close")
 
     def _shutdown(self) -> None:
         for worker in (self._consume_worker, self._produce_worker):
@@ -499,8 +503,17 @@ class AsyncClient:
             lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
         )
 
+    async def _enter(self) -> AsyncClient:
+        """``open()`` for the caller that made the client (``async with``, ``await``): if it is
+        cancelled, nobody else holds the client, so what the open in flight opens is closed."""
+        try:
+            return await self.open()
+        except asyncio.CancelledError:
+            self._begin_close()
+            raise
+
     def __await__(self) -> Generator[Any, None, AsyncClient]:
-        return self.open().__await__()
+        return self._enter().__await__()
 
     @property
     def sync(self) -> Client:
@@ -572,13 +585,16 @@ class AsyncClient:
         """Close the streams opened from this client that are still open (one whose acknowledgement
         fails is closed without it, and the failure logged), then the backend. Idempotent; once begun,
         the close runs to its end even if the caller is cancelled."""
+        closing = self._begin_close()
+        if not closing.done():
+            await asyncio.shield(closing)
+
+    def _begin_close(self) -> asyncio.Task[None]:
         if self._closing is None:
             self._closed = True
             self._closing = asyncio.get_running_loop().create_task(self._close())
             self._closing.add_done_callback(_retrieve)
-        elif self._closing.done():
-            return
-        await asyncio.shield(self._closing)
+        return self._closing
 
     async def _close(self) -> None:
         try:
@@ -597,7 +613,7 @@ class AsyncClient:
             self._worker.shutdown()
 
     async def __aenter__(self) -> AsyncClient:
-        return await self.open()
+        return await self._enter()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

@@ -682,3 +682,72 @@ def test_an_explicit_produce_timeout_still_bounds_the_await() -> None:
         wrapped = aio.AsyncMsgStream(sync, produce_timeout=7.0, call_timeout=5.0)
         assert wrapped.produce_timeout == 7.0 and wrapped._produce_bound() == 12.0
         sync.close()
+
+
+@pytest.mark.parametrize("how", ["await", "async with"])
+def test_a_connect_cancelled_while_opening_closes_what_it_opens(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    release, closed = threading.Event(), threading.Event()
+    load = aio.load_backend  # type: ignore[attr-defined]
+
+    def slow(url: Any, options: Any) -> ms.Backend:
+        release.wait(10)
+        backend: ms.Backend = load(url, options)
+        close = backend.close
+
+        def recording() -> None:
+            close()
+            closed.set()
+
+        backend.close = recording  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(aio, "load_backend", slow)
+
+    async def main() -> None:
+        client = aio.connect(_url())
+        opening = client.__aenter__() if how == "async with" else client
+        with pytest.raises(asyncio.TimeoutError):  # the caller gives up: nobody can reach the client
+            await asyncio.wait_for(opening, 0.05)
+        release.set()
+        assert await asyncio.to_thread(closed.wait, 10), "the backend opened after the cancel stays open"
+        with pytest.raises(StreamClosedError):
+            await client.list_channels()
+
+    asyncio.run(main())
+
+
+def test_a_stream_close_whose_caller_is_cancelled_leaves_no_worker_thread() -> None:
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("msgstream-aio-")}
+
+    async def main() -> None:
+        async with aio.connect(_url()) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            before = workers()
+            stream = client.msg_stream()
+            await stream.create_producers(chans)
+            await stream.produce(ms.MsgPack.of([_row(0)]))
+            await stream.create_consumers("sub", chans)
+            assert _rows(await stream.consume(5.0)) == [0]
+            inside, release = threading.Event(), threading.Event()
+            close = stream.sync.close
+
+            def held_close(**kwargs: Any) -> None:
+                inside.set()
+                release.wait(10)
+                close(**kwargs)
+
+            stream.sync.close = held_close  # type: ignore[method-assign]
+            closing = asyncio.create_task(stream.close())
+            assert await asyncio.to_thread(inside.wait, 10)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            release.set()
+            deadline = time.monotonic() + 10
+            while workers() - before and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not workers() - before, "the stream's worker threads outlive its close"
+            assert stream.closed
+
+    asyncio.run(main())
