@@ -584,33 +584,33 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the streams opened from this client that are still open (one whose acknowledgement
         fails is closed without it, and the failure logged), then the backend. Idempotent; once begun,
-        the close runs to its end even if the caller is cancelled."""
+        the close runs to its end even if the caller is cancelled. If the backend's own close fails, its
+        error is raised and calling close again tries that again."""
         closing = self._begin_close()
         if not closing.done():
             await asyncio.shield(closing)
 
     def _begin_close(self) -> asyncio.Task[None]:
-        if self._closing is None:
+        failed = self._closing is not None and self._closing.done() and not self._closing.cancelled()
+        if self._closing is None or (failed and self._closing.exception() is not None):
             self._closed = True
             self._closing = asyncio.get_running_loop().create_task(self._close())
             self._closing.add_done_callback(_retrieve)
         return self._closing
 
     async def _close(self) -> None:
-        try:
-            if self._opening is not None:  # an open in flight: what it opens is closed here
-                await asyncio.wait((self._opening,))  # its failure or cancellation is the opener's to see
-            for stream in list(self._streams):
-                try:
-                    await stream.close()
-                except MsgStreamError as exc:
-                    log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
-                    with contextlib.suppress(MsgStreamError):
-                        await stream.close(acknowledge=False)
-            if self._client is not None:
-                await self._worker.call(self._client.close, self._bound, "close")
-        finally:
-            self._worker.shutdown()
+        if self._opening is not None:  # an open in flight: what it opens is closed here
+            await asyncio.wait((self._opening,))  # its failure or cancellation is the opener's to see
+        for stream in list(self._streams):
+            try:
+                await stream.close()
+            except MsgStreamError as exc:
+                log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
+                with contextlib.suppress(MsgStreamError):
+                    await stream.close(acknowledge=False)
+        if self._client is not None:  # if this fails, the worker stays for the next close
+            await self._worker.call(self._client.close, self._bound, "close")
+        self._worker.shutdown()
 
     async def __aenter__(self) -> AsyncClient:
         return await self._enter()

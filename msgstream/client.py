@@ -198,20 +198,20 @@ class Client:
     def close(self) -> None:
         """Close the streams opened from this client that are still open, then the backend. A stream whose
         last acknowledgement fails is closed without it (its subscription delivers those messages
-        again) and the failure logged."""
-        if self._closed:
-            return
-        self._closed = True
+        again) and the failure logged. If the backend's own close fails, its error is raised and calling
+        close again tries that again."""
         try:
-            for stream in list(self._streams):
-                try:
-                    stream.close()
-                except MsgStreamError as exc:
-                    log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
-                    with contextlib.suppress(MsgStreamError):
-                        stream.close(acknowledge=False)
+            if not self._closed:
+                self._closed = True
+                for stream in list(self._streams):
+                    try:
+                        stream.close()
+                    except MsgStreamError as exc:
+                        log.warning("closing %r with its client: %s; closed without acknowledging", stream, exc)
+                        with contextlib.suppress(MsgStreamError):
+                            stream.close(acknowledge=False)
         finally:
-            self.backend.close()
+            self.backend.close()  # idempotent (the SPI's contract)
 
     def _check_open(self) -> None:
         if self._closed:

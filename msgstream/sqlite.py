@@ -154,6 +154,7 @@ class SQLiteBackend(Backend):
         self._commits = 0  # our own writes: data_version counts only other connections'
         self._members: set[str] = set()  # tokens of our members not yet handed back: closed with the backend
         self._conn: Connection | None = None
+        self._path = os.path.abspath(path)  # where the file was opened, whatever the working directory becomes
         with self.errors("cannot open the file", BrokerUnavailableError):
             conn = sqlite3.connect(path, self._busy, isolation_level=None, check_same_thread=False)
             try:
@@ -269,9 +270,8 @@ class SQLiteBackend(Backend):
 
     def ping(self, timeout: float) -> None:
         """The file must still be at its path and answer a read within ``timeout``."""
-        path = self.url.path[1:]
-        if not os.path.exists(path):
-            raise BrokerUnavailableError(f"{self.url.redacted()}: the file is gone from {path!r}")
+        if not os.path.exists(self._path):
+            raise BrokerUnavailableError(f"{self.url.redacted()}: the file is gone from {self._path!r}")
         with self._tx(BrokerUnavailableError, write=False, wait=timeout) as conn:
             conn.execute("SELECT count(*) FROM channels").fetchone()
 
@@ -371,10 +371,11 @@ class SQLiteBackend(Backend):
                     conn.execute("PRAGMA incremental_vacuum(1)")
 
     def close(self) -> None:
-        if self._members:  # members not closed (collected ones too): hand back what they hold
-            with contextlib.suppress(MsgStreamError):
-                self._release(list(self._members), BrokerUnavailableError)
-        self._members.clear()
+        """Hand back what members not closed (collected ones too) hold, then close the file. If the hand-back
+        fails (the write lock held past ``busy_timeout``), nothing is closed and the error is raised:
+        close again. (Left undone, those messages would wait for this process to end.)"""
+        if self._members:
+            self._release(list(self._members), BrokerUnavailableError)
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
@@ -452,45 +453,56 @@ class _SQLiteConsumer(Consumer):
             time.sleep(min(self._backend.poll_interval, remaining))
 
     def _take(self, max_messages: int, wait: float) -> list[RawMessage]:
-        """Up to ``max_messages``, visiting channels round-robin from a rotating start; per channel,
-        ranges waiting for redelivery come first, then the cursor moves on."""
+        """Up to ``max_messages``: an equal share of each channel that has some, visited from a rotating
+        start, then the room left; per channel, ranges waiting for redelivery come first, then the cursor
+        moves on."""
         out: list[RawMessage] = []
-        n, first_channel, sub, me = len(self.channels), self._next_channel, self.subscription, self._token
+        n, first_channel = len(self.channels), self._next_channel
         self._next_channel = (first_channel + 1) % n
-        read = "SELECT seq, payload FROM messages WHERE chan = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?"
+        order = [self.channels[(first_channel + k) % n] for k in range(n)]
+        share = -(-max_messages // n)
         with self._backend._tx(ConsumeError, wait=wait) as conn:
-            if conn.execute("SELECT 1 FROM members WHERE token = ?", (me,)).fetchone() is None:
+            if conn.execute("SELECT 1 FROM members WHERE token = ?", (self._token,)).fetchone() is None:
                 raise StreamClosedError("consumer is closed")  # by another thread: it holds nothing any more
-            for k in range(n):
-                name = self.channels[(first_channel + k) % n]
-                chan = self._ids[name]
-                row = conn.execute(
-                    "SELECT cursor FROM subscriptions WHERE chan = ? AND sub = ?", (chan, sub)
-                ).fetchone()
-                if row is None:
-                    raise ChannelNotFoundError(name)
-                ranges = conn.execute(
-                    "SELECT first, last FROM pending WHERE chan = ? AND sub = ? AND member IS NULL ORDER BY first",
-                    (chan, sub),
-                ).fetchall()
-                for first, last, new in [*((a, b, False) for a, b in ranges), (row[0], 2**62, True)]:
-                    room = max_messages - len(out)
-                    if room <= 0:
-                        break
-                    rows = conn.execute(read, (chan, first, last, room)).fetchall()
-                    if not new:
-                        conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ?", (chan, sub, first))
-                    if not rows:
-                        continue
-                    top = rows[-1][0]
-                    if new:
-                        conn.execute(
-                            "UPDATE subscriptions SET cursor = ? WHERE chan = ? AND sub = ?", (top + 1, chan, sub)
-                        )
-                    elif top < last:  # the rest of a redelivered range waits for the next receive
-                        conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, NULL)", (chan, sub, top + 1, last))
-                    conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, ?)", (chan, sub, rows[0][0], top, me))
-                    out += [RawMessage(name, _msg_id(seq), payload) for seq, payload in rows]
+            full = []  # channels that gave their whole share: they may have more
+            for name in order:
+                taken = self._take_from(conn, name, min(share, max_messages - len(out)))
+                out += taken
+                if len(taken) == share:
+                    full.append(name)
+            for name in full:
+                if len(out) < max_messages:
+                    out += self._take_from(conn, name, max_messages - len(out))
+        return out
+
+    def _take_from(self, conn: Connection, name: str, limit: int) -> list[RawMessage]:
+        """Up to ``limit`` messages of one channel for this member, inside the caller's transaction."""
+        out: list[RawMessage] = []
+        chan, sub, me = self._ids[name], self.subscription, self._token
+        read = "SELECT seq, payload FROM messages WHERE chan = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?"
+        row = conn.execute("SELECT cursor FROM subscriptions WHERE chan = ? AND sub = ?", (chan, sub)).fetchone()
+        if row is None:
+            raise ChannelNotFoundError(name)
+        ranges = conn.execute(
+            "SELECT first, last FROM pending WHERE chan = ? AND sub = ? AND member IS NULL ORDER BY first",
+            (chan, sub),
+        ).fetchall()
+        for first, last, new in [*((a, b, False) for a, b in ranges), (row[0], 2**62, True)]:
+            room = limit - len(out)
+            if room <= 0:
+                break
+            rows = conn.execute(read, (chan, first, last, room)).fetchall()
+            if not new:
+                conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ? AND first = ?", (chan, sub, first))
+            if not rows:
+                continue
+            top = rows[-1][0]
+            if new:
+                conn.execute("UPDATE subscriptions SET cursor = ? WHERE chan = ? AND sub = ?", (top + 1, chan, sub))
+            elif top < last:  # the rest of a redelivered range waits for the next receive
+                conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, NULL)", (chan, sub, top + 1, last))
+            conn.execute("INSERT INTO pending VALUES (?, ?, ?, ?, ?)", (chan, sub, rows[0][0], top, me))
+            out += [RawMessage(name, _msg_id(seq), payload) for seq, payload in rows]
         return out
 
     def ack(self, messages: Sequence[RawMessage]) -> None:

@@ -4,6 +4,7 @@ other connections, and members whose process died."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -565,3 +566,80 @@ def test_read_message_of_an_id_no_sqlite_row_can_have_is_none(tmp_path: Path) ->
             assert backend.read_message("c", foreign) is None
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("via", ["client", "aio"])
+def test_a_client_close_that_failed_to_hand_back_raises_and_can_be_made_again(tmp_path: Path, via: str) -> None:
+    """A member still open when its client closes holds messages; if the hand-back cannot take the write
+    lock, the close says so (the process lives on, so no reaper would ever free them) and a second close
+    hands them back."""
+    path = tmp_path / "cc.db"
+    url = f"sqlite:///{path}?busy_timeout=0.2"
+    owner = ms.OwnerDescription(role="r")
+
+    def fill_and_hold(client: ms.Client) -> None:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner, num_channels=1))
+        with client.msg_stream() as out:
+            out.create_producers(chans)
+            out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], row_ids=[i]) for i in range(3)]))
+        holder = client.backend.create_consumer("s", chans, SubscriptionPosition.EARLIEST)
+        assert len(holder.receive(3, 1)) == 3  # held by a member the client's streams do not know
+
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        if via == "client":
+            client = ms.connect(url)
+            fill_and_hold(client)
+            raw.execute("BEGIN IMMEDIATE")
+            with pytest.raises(BrokerUnavailableError) as err:
+                client.close()
+            assert err.value.retriable
+            raw.execute("ROLLBACK")
+            client.close()
+        else:
+            from msgstream import aio
+
+            async def main() -> None:
+                client = await aio.connect(url)
+                await asyncio.to_thread(fill_and_hold, client.sync)
+                raw.execute("BEGIN IMMEDIATE")
+                with pytest.raises(BrokerUnavailableError):
+                    await client.close()
+                raw.execute("ROLLBACK")
+                await client.close()
+
+            asyncio.run(main())
+    finally:
+        raw.close()
+    with ms.connect(url) as again:  # this process lives on: only the second close can have handed them back
+        chan = again.list_channels()
+        other = again.backend.create_consumer("s", chan, SubscriptionPosition.EARLIEST)
+        assert len(_consume(other, 3)) == 3
+
+
+def test_a_receive_over_busy_channels_takes_a_share_of_each(tmp_path: Path) -> None:
+    backend = _backend(tmp_path / "share.db")
+    try:
+        for name in ("a", "b", "c"):
+            backend.create_channel(name, b"")
+        backend.create_producer("a").send([b"a"] * 50, 5)
+        backend.create_producer("b").send([b"b"] * 50, 5)
+        backend.create_producer("c").send([b"c"] * 2, 5)
+        consumer = backend.create_consumer("s", ["a", "b", "c"], SubscriptionPosition.EARLIEST)
+        first = consumer.receive(10, 1)
+        counts = {name: sum(m.channel == name for m in first) for name in "abc"}
+        assert counts == {"a": 4, "b": 4, "c": 2}, counts  # a share of 4 each where there are 4
+        rest = _consume(consumer, 92)
+        by_channel = {name: [m.msg_id for m in first + rest if m.channel == name] for name in "abc"}
+        assert all(ids == sorted(ids) and len(set(ids)) == len(ids) for ids in by_channel.values())
+        assert [len(ids) for ids in by_channel.values()] == [50, 50, 2]
+    finally:
+        backend.close()
+
+
+def test_ping_finds_the_file_after_a_change_of_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with ms.connect("sqlite:///relative.db") as client:
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        client.ping(timeout=1.0)
