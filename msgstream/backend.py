@@ -119,6 +119,10 @@ class Features:
     #: broker keeps one member active on every channel and the others as standbys that take over only
     #: when it leaves (Pulsar's Failover subscriptions on msgstream's one-partition topics).
     balanced_members: bool = True
+    #: A consumer is a member of its subscription from its creation, so ``drop_subscription`` from
+    #: another client refuses it before it has received anything. False where a member joins on its
+    #: first receive (Kafka's consumer groups): until then only its own client refuses the drop.
+    members_before_receive: bool = True
 
 
 class URL:

@@ -14,7 +14,13 @@ from typing import Any
 import msgspec
 
 from .backend import URL, Backend, load_backend
-from .errors import InvalidArgumentError, MsgStreamError, StreamClosedError, UnmarshalError
+from .errors import (
+    InvalidArgumentError,
+    MsgStreamError,
+    StreamClosedError,
+    SubscriptionInUseError,
+    UnmarshalError,
+)
 from .stream import MsgStream, check_timeout
 from .timetick import TimeTickStream
 
@@ -172,6 +178,10 @@ class Client:
         ids = _channel_list(channels, unique=True)
         for c in ids:
             self.backend.channel_metadata(c)
+        for stream in list(self._streams):  # members of this client, whether or not the broker sees them yet
+            plain = stream.inner if isinstance(stream, TimeTickStream) else stream
+            if not plain.closed and plain.subscription == subscription and set(plain.consumer_channels) & set(ids):
+                raise SubscriptionInUseError(f"subscription {subscription!r} is consumed by {stream!r}: close it first")
         if ids:
             self.backend.drop_subscription(subscription, ids)
 

@@ -159,6 +159,8 @@ class RedisBackend(Backend):
             return BrokerUnavailableError, False
         if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):  # the stream and its groups were deleted
             return ChannelNotFoundError, False
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):  # maxmemory reached: room again once trimmed
+            return None, True
         return super().classify(exc)
 
     # -- keys -----------------------------------------------------------------------------------
@@ -218,6 +220,9 @@ class RedisBackend(Backend):
                     if "BUSYGROUP" not in str(exc):  # BUSYGROUP: the subscription exists and resumes
                         raise
         consumer = _RedisConsumer(self, subscription, channels)
+        with self.errors("create consumer"):  # a member from now on, not from its first XREADGROUP
+            for channel in channels:
+                self._redis.xgroup_createconsumer(self.key(channel), subscription, consumer._name)
         self._consumers.add(consumer)
         return consumer
 
@@ -431,13 +436,18 @@ class _RedisProducer(Producer):
                     f" accepted ids are in .sent",
                     channel=self.channel,
                     sent={self.channel: ids + accepted},
-                    retriable=first is not None and ("OOM" in str(first) or "LOADING" in str(first)),
+                    retriable=isinstance(first, redis.exceptions.OutOfMemoryError),  # room again once trimmed
                 )
             ids.extend(replies)
         return ids
 
     def close(self) -> None:
         self._closed = True
+
+
+#: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
+#: ended by the deletion; XGROUP SETID on a stream that is gone
+_GONE = ("NOGROUP", "UNBLOCKED", "requires the key to exist")
 
 
 def _before(entry: bytes) -> bytes:
@@ -494,7 +504,7 @@ class _RedisConsumer(Consumer):
         """Entries in this member's own pending list that it never delivered: assigned by Redis, lost
         on the way. Clears the recovery flag once there are none left."""
         out: list[RawMessage] = []
-        with self._backend.errors("receive"):
+        with self._errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
                 held = self._held.held(channel)
                 for mine in self._pending(key, member=self._name):
@@ -596,13 +606,13 @@ class _RedisConsumer(Consumer):
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
-        """``backend.errors``, where a consumer group that is gone (NOGROUP) raises ``ChannelNotFoundError``
+        """``backend.errors``, where a stream or consumer group that is gone raises ``ChannelNotFoundError``
         naming the deleted channel, else a ``ConsumeError`` saying the group vanished."""
         with self._backend.errors(what):
             try:
                 yield
             except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if any(reply in str(exc) for reply in _GONE):
                     for channel in self.channels:
                         self._backend.check_channel(channel)
                     raise ConsumeError(f"consumer group {self.subscription!r} vanished from {self.channels}") from None
@@ -627,7 +637,7 @@ class _RedisConsumer(Consumer):
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         if self._closed:
             raise StreamClosedError("consumer is closed")
-        with self._backend.errors("seek"):
+        with self._errors("seek"):
             for channel, after in targets.items():  # check every target before moving any
                 if channel not in self.channels:
                     raise SeekError(f"channel {channel!r} is not consumed by this consumer")

@@ -1160,6 +1160,21 @@ class ConformanceSuite:
         client.drop_subscription(sub, chans)
         assert sub not in client.list_subscriptions(chans[0])
 
+    def test_drop_subscription_is_refused_for_a_member_that_has_not_received(
+        self, client: ms.Client, streams: Any, url: str, feats: Features
+    ) -> None:
+        chans = self.channels(client, 1)
+        sub = self.sub()
+        inp = self.consumer(streams, chans, sub=sub, position=ms.SubscriptionPosition.LATEST)
+        with pytest.raises(SubscriptionInUseError):  # its own client knows the member
+            client.drop_subscription(sub, chans)
+        if feats.members_before_receive:
+            with self.connect(url) as other, pytest.raises(SubscriptionInUseError):  # and so does the broker
+                other.drop_subscription(sub, chans)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, 0) for i in range(4)]))  # after its start: all its own
+        assert [m.row_ids[0] for m in consume_n(inp, 4, self.timeout) if isinstance(m, ms.InsertMsg)] == [0, 1, 2, 3]
+
     def test_lag_counts_after_the_last_returned_message(self, client: ms.Client, streams: Any) -> None:
         chans = self.channels(client, 2)
         out = self.producer(streams, chans)

@@ -4,6 +4,7 @@ crash, authentication and outage tests."""
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ import msgstream as ms
 from msgstream.backend import installed_schemes
 from msgstream.errors import (
     BrokerUnavailableError,
+    ChannelNotFoundError,
     InvalidURLError,
     MsgStreamError,
     ProduceError,
@@ -355,3 +357,56 @@ def test_entries_of_a_lost_reply_come_even_after_newer_ones_arrived(redis_url: s
 def test_ping_of_a_dead_broker_fails_within_the_timeout(tmp_path: Path) -> None:
     broker = start_redis(tmp_path / "dead")
     ping_of_a_dead_broker_fails_in_time(broker, f"redis://127.0.0.1:{broker.port}/0", 2.0, 1.0)
+
+
+def test_a_refusal_at_maxmemory_is_retriable_and_clears_with_room(tmp_path: Path) -> None:
+    """At ``maxmemory`` (noeviction) Redis refuses writes until consumers acknowledge and streams are
+    trimmed: a send or a join refused then is worth trying again, and goes through once there is room."""
+    broker = start_redis(tmp_path / "oom")
+    try:
+        url = f"redis://127.0.0.1:{broker.port}/0"
+        admin = redis.Redis(port=broker.port)
+        with ms.connect(url) as client:
+            [chan] = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+            backend = client.backend
+            producer = backend.create_producer(chan)
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            with pytest.raises(ProduceError) as refused:
+                producer.send([b"x"], 2.0)
+            assert refused.value.retriable and refused.value.sent == {chan: []}
+            with pytest.raises(MsgStreamError) as join:
+                backend.create_consumer("s", [chan], ms.SubscriptionPosition.EARLIEST)
+            assert join.value.retriable
+            admin.config_set("maxmemory", 0)
+            assert len(producer.send([b"x"], 2.0)) == 1
+    finally:
+        broker.stop()
+
+
+def test_a_consumer_of_a_deleted_channel_is_told_the_channel_is_gone(redis_url: str) -> None:
+    """Whether it waits in XREADGROUP when the stream is deleted (Redis ends the wait with UNBLOCKED) or
+    seeks afterwards (XGROUP SETID needs the stream)."""
+    with ms.connect(redis_url) as client, ms.connect(redis_url) as other:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
+        consumer = client.backend.create_consumer("s", chans[:1], ms.SubscriptionPosition.EARLIEST)
+        seeker = client.backend.create_consumer("s", chans[1:], ms.SubscriptionPosition.EARLIEST)
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                consumer.receive(10, 10.0)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not any(c.get("cmd") == "xreadgroup" for c in redis.Redis.from_url(redis_url).client_list()):
+            assert time.monotonic() < deadline, "the receive never blocked"
+            time.sleep(0.01)
+        other.destroy_channels(chans)
+        waiter.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], ChannelNotFoundError), outcome
+        with pytest.raises(ChannelNotFoundError):
+            seeker.seek({chans[1]: None})
