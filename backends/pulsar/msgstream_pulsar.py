@@ -237,9 +237,12 @@ class _Admin:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
-    def request(self, method: str, topic: str, tail: str = "", ok: Sequence[int] = (200,)) -> bytes:
+    def request(
+        self, method: str, topic: str, tail: str = "", ok: Sequence[int] = (200,), absent: bytes | None = None
+    ) -> bytes:
         """One call on a persistent topic's path (``persistent://tenant/namespace/name``) followed by
-        ``tail``; its response body. Raises BrokerUnavailableError unless the status is in ``ok``."""
+        ``tail``; its response body (``absent``, where given, for a 404). Raises BrokerUnavailableError
+        unless the status is in ``ok``."""
         path = "/admin/v2/persistent/" + quote(topic.removeprefix("persistent://")) + tail
         with self._lock:
             for attempt in (1, 2):  # a kept connection the server closed meanwhile: reconnect once
@@ -256,6 +259,8 @@ class _Admin:
                     if attempt == 2:
                         raise BrokerUnavailableError(f"admin {method} {path}: {type(exc).__name__}") from None
                     continue
+                if response.status == 404 and absent is not None:
+                    return absent
                 if response.status not in ok:
                     refused = BrokerUnavailableError(
                         f"admin {method} {path}: HTTP {response.status} {body.decode(errors='replace')}"
@@ -265,9 +270,11 @@ class _Admin:
                 return data
         raise AssertionError("unreachable")
 
-    def json(self, topic: str, tail: str) -> Any:
-        """GET the topic's path followed by ``tail`` and decode its JSON body."""
-        return json.loads(self.request("GET", topic, tail))
+    def json(self, topic: str, tail: str, absent: str | None = None) -> Any:
+        """GET the topic's path followed by ``tail`` and decode its JSON body; ``absent`` (JSON) where the
+        broker does not have the topic yet: a client without ``admin_url`` made the channel, and the
+        broker creates its topic on first use."""
+        return json.loads(self.request("GET", topic, tail, absent=None if absent is None else absent.encode()))
 
     def close(self) -> None:
         with self._lock:
@@ -553,7 +560,7 @@ class PulsarBackend(Backend):
     def list_subscriptions(self, channel: str) -> list[str]:
         """The topic's subscriptions, from the admin REST API (``admin_url``)."""
         admin = self._need_admin("list_subscriptions")
-        names = admin.json(self.live(channel).topic, "/subscriptions")
+        names = admin.json(self.live(channel).topic, "/subscriptions", absent="[]")
         return [str(n) for n in names if not str(n).startswith("__msgstream_probe_")]
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
@@ -563,7 +570,7 @@ class PulsarBackend(Backend):
         topics = [self.live(channel).topic for channel in channels]
         if self.admin is not None:
             for channel, topic in zip(channels, topics, strict=True):
-                stats = self.admin.json(topic, "/stats")
+                stats = self.admin.json(topic, "/stats", absent="{}")
                 sub = stats.get("subscriptions", {}).get(subscription)
                 if sub and sub.get("consumers"):
                     raise SubscriptionInUseError(
@@ -638,7 +645,7 @@ class PulsarBackend(Backend):
         if self.admin is None:
             return None, None
         topic = self.live(channel).topic
-        sub = self.admin.json(topic, "/stats").get("subscriptions", {}).get(subscription)
+        sub = self.admin.json(topic, "/stats", absent="{}").get("subscriptions", {}).get(subscription)
         if sub is None:  # would start at the first message
             count = self.count_after(channel, None)
             first = self.read_one(topic, pulsar.MessageId.earliest) if count else None
@@ -764,7 +771,8 @@ class _PulsarConsumer(Consumer):
         self._initial = pulsar.InitialPosition.Earliest if earliest else pulsar.InitialPosition.Latest
         self._pending: Unacked[Any] = Unacked()  # handles: the native MessageIds
         self._buffered: deque[Any] = deque()  # fetched beyond a receive's max_messages
-        self._skip: dict[str, Any] = {}  # after a seek: drop (and ack) what is at or before this MessageId
+        # after a seek: drop (and ack) what is before this MessageId, and the id itself unless inclusive
+        self._skip: dict[str, tuple[Any, bool]] = {}
         self._ordered = backend.consumer_type == pulsar.ConsumerType.Failover
         self._last: dict[str, Any] = {}  # failover: the newest MessageId delivered per channel since subscribing
         self._closed = False
@@ -841,7 +849,8 @@ class _PulsarConsumer(Consumer):
             channel = only or channel_of[message.topic_name()]
             msg_id = message.message_id()
             if skip and channel in skip:
-                if msg_id <= skip[channel]:
+                target, inclusive = skip[channel]
+                if msg_id < target if inclusive else msg_id <= target:
                     with self._backend.errors("receive"):
                         fast.acknowledge(msg_id)  # at or before the seek target: already consumed
                     continue
@@ -918,8 +927,8 @@ class _PulsarConsumer(Consumer):
                         mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
                     finally:
                         mover.close()
-                    if channel in skips and channel not in inclusive:
-                        self._skip[channel] = skips[channel]
+                    if channel in skips:
+                        self._skip[channel] = (skips[channel], channel in inclusive)
             finally:
                 with contextlib.suppress(MsgStreamError):  # else the next receive subscribes again
                     self._subscribe()

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pulsar  # type: ignore[import-untyped]
 import pytest
 
 import msgstream as ms
@@ -42,6 +43,16 @@ class TestPulsarConformance(ConformanceSuite):
     @pytest.fixture
     def url(self, pulsar_url: str, pulsar_admin_url: str) -> str:
         return f"{pulsar_url}?admin_url={pulsar_admin_url}"
+
+
+def test_admin_operations_on_a_channel_whose_topic_is_not_made_yet(pulsar_url: str, pulsar_admin_url: str) -> None:
+    """A client without ``admin_url`` makes a channel's topic only when it is first used; one with it
+    answers for that channel as for an empty one, rather than failing on the admin API's 404."""
+    with ms.connect(pulsar_url) as plain, ms.connect(f"{pulsar_url}?admin_url={pulsar_admin_url}") as admin:
+        [chan] = plain.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+        assert admin.list_subscriptions(chan) == []
+        admin.drop_subscription("never", [chan])
+        assert admin.backend.unacknowledged("never", chan) == (0, None)
 
 
 def test_operations_without_admin_url(pulsar_url: str) -> None:
@@ -197,6 +208,32 @@ def test_concurrent_creates_of_one_name_have_one_winner(pulsar_url: str) -> None
     finally:
         for b in backends:
             b.close()
+
+
+def test_with_batching_a_seek_inside_a_batch_starts_at_its_target(pulsar_url: str) -> None:
+    """The cursor goes back to the start of the target's entry, a whole batch: what comes before the
+    target (and the target itself, unless the seek is inclusive) is dropped on arrival."""
+    with ms.connect(pulsar_url, batching="true", batching_max_publish_delay_ms="50") as client:
+        [chan] = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=1))
+        backend = client.backend
+        ids = backend.create_producer(chan).send([b"m%d" % i for i in range(10)], 10.0)
+        assert len({pulsar.MessageId.deserialize(i).entry_id() for i in ids}) < 10, "no batch was made"
+        consumer = backend.create_consumer("s", [chan], ms.SubscriptionPosition.EARLIEST)
+
+        def take(n: int) -> list[bytes]:
+            got: list[bytes] = []
+            deadline = time.monotonic() + 10
+            while len(got) < n:
+                assert time.monotonic() < deadline, got
+                got += [m.payload for m in consumer.receive(n - len(got), 0.5)]
+            return got
+
+        assert take(10) == [b"m%d" % i for i in range(10)]
+        consumer.seek({chan: ids[3]}, inclusive={chan})  # a pack's start position
+        assert take(7) == [b"m%d" % i for i in range(3, 10)]
+        consumer.seek({chan: ids[3]})  # a pack's end position: resume after it
+        assert take(6) == [b"m%d" % i for i in range(4, 10)]
+        consumer.close()
 
 
 def test_batching_option_round_trips(pulsar_url: str) -> None:
