@@ -199,8 +199,8 @@ class URL:
         elif "@" in rest:  # ambiguous: an unescaped password, or an @ in an option; mask, never leak
             at = rest.rfind("@")
             tail = rest[at:]
-            if "?" in rest[:at]:  # the options after that value are still masked by name
-                tail, _, more = tail.partition("&")
+            if "?" in rest[:at]:  # in an option's value: masked to its end; the options after it by name
+                tail, _, more = "", *tail.partition("&")[1:]
             rest = _MASK + tail
         head, q, query = rest.partition("?")
         out = scheme + sep + head

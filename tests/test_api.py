@@ -416,6 +416,10 @@ def test_url_parts_and_masking() -> None:
         ("redis://app:S3CR3T@my_redis:6379/0", "S3CR3T"),  # a host name with an underscore
         ("kafka://app:S3CR3T@kafka_1:9092", "S3CR3T"),
         ("memory://u:S3CR3T@ho st", "S3CR3T"),  # a host name no URL allows
+        ("kafka://h:9092/?sasl.password=pa@ssw0rd", "ssw0rd"),  # an @ in a secret option: none of it shows
+        ("kafka://h:9092/?linger.ms=5&sasl.password=hunter2@Tr0ub4dor", "Tr0ub4dor"),
+        ("pulsar://h:6650/?token=@eyJhbGciOiJ9", "eyJhbGciOiJ9"),
+        ("memory://x?password=pa@ssw0rd", "ssw0rd"),
     ],
 )
 def test_odd_secrets_are_masked(url: str, secret: str) -> None:
