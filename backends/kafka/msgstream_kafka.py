@@ -150,6 +150,7 @@ _TRANSIENT = (
     ck.KafkaError._TIMED_OUT,
     ck.KafkaError._MSG_TIMED_OUT,
     ck.KafkaError.REQUEST_TIMED_OUT,
+    ck.KafkaError._PURGE_QUEUE,  # taken back from the local queue (see send): never left the client
 )
 
 
@@ -220,7 +221,9 @@ def _offset(msg_id: bytes) -> int:
 class KafkaBackend(Backend):
     """See the module docstring."""
 
-    features = Features(shared_subscription=True, durable=True, cross_process=True, exact_acks=False)
+    features = Features(
+        shared_subscription=True, durable=True, cross_process=True, exact_acks=False, members_before_receive=False
+    )
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
@@ -292,6 +295,8 @@ class KafkaBackend(Backend):
         in ``ignore`` counts as done (``None``)."""
         try:
             return future.result(timeout=self.timeout)
+        except TimeoutError:  # concurrent.futures': a librdkafka timeout, for classify and the callers
+            raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT, "no answer in time")) from None
         except ck.KafkaException as exc:
             if _code(exc) not in ignore:
                 raise
@@ -559,6 +564,10 @@ class _KafkaProducer(Producer):
         self._closed = False
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
+        if self._closed:
+            raise StreamClosedError("producer is closed")
+        if not self._backend.exists(self.channel, refresh=False, timeout=timeout):
+            raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
         try:
             return self._send(payloads, timeout)
         except ProduceError as exc:
@@ -574,18 +583,16 @@ class _KafkaProducer(Producer):
             if gone:
                 # its messages would sit in librdkafka's queue until message.timeout.ms, and every later
                 # send of this client would wait for them: purge what is queued (a send of another
-                # thread that loses messages so fails, retriable, naming what was confirmed)
+                # thread that loses messages so fails, retriable, naming what was confirmed). Only a
+                # send that queued messages gets here: a channel the registry already knows is gone
+                # fails above, before queuing anything.
                 backend._producer.purge(in_queue=True, in_flight=False, blocking=False)
                 backend._producer.poll(0)
                 raise ChannelNotFoundError(self.channel, "destroyed") from exc
             raise
 
     def _send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
-        if self._closed:
-            raise StreamClosedError("producer is closed")
         backend = self._backend
-        if not backend.exists(self.channel, refresh=False, timeout=timeout):
-            raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
         # delivery reports come in produce order (one partition): the offsets confirmed, and each
         # failure with how many were confirmed before it
         offsets: list[Any] = []  # int; None where a broker confirmed without an offset

@@ -3,7 +3,9 @@ scripts/broker.py; MSGSTREAM_KAFKA_URL for your own), plus Kafka-specific tests.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +31,12 @@ def test_registered() -> None:
 
 @pytest.mark.parametrize(
     ("code", "retriable"),
-    [(ck.KafkaError._TRANSPORT, True), (ck.KafkaError._MSG_TIMED_OUT, True), (ck.KafkaError.INVALID_MSG_SIZE, False)],
+    [
+        (ck.KafkaError._TRANSPORT, True),
+        (ck.KafkaError._MSG_TIMED_OUT, True),
+        (ck.KafkaError._PURGE_QUEUE, True),  # taken back before it left the client: sending again works
+        (ck.KafkaError.INVALID_MSG_SIZE, False),
+    ],
 )
 def test_a_failed_delivery_is_retriable_as_any_error_with_its_code(code: int, retriable: bool) -> None:
     err = ck.KafkaError(code)  # not flagged retriable by librdkafka: the code decides
@@ -513,3 +520,41 @@ def test_a_registry_topic_the_broker_does_not_know_is_retriable_broker_unavailab
             backend.refresh_registry(force=True, timeout=2)
         assert caught.value.retriable, caught.value
         assert time.monotonic() - start < 10
+
+
+def test_a_send_to_a_channel_known_to_be_gone_leaves_other_sends_alone(kafka_url: str) -> None:
+    """The producer is shared by every channel of the backend: a send refused because the registry
+    says its channel is gone has queued nothing, and must not take back what other sends queued."""
+    with ms.connect(kafka_url) as client:
+        request = ms.CreateChannelRequest(owner=ms.OwnerDescription(role="t"), num_channels=2)
+        live, dead = client.create_channels(request)
+        client.backend.create_producer(dead).send([b"x"], 10.0)  # the topic is known to the producer
+        doomed = client.backend.create_producer(dead)
+        client.destroy_channels([dead])
+        producer = client.backend.create_producer(live)
+        outcome: list[Any] = []
+
+        def send_many() -> None:
+            try:
+                outcome.append(len(producer.send([b"y" * 1000] * 20000, 60.0)))
+            except Exception as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send_many)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while not len(client.backend._producer):  # messages queued by the other send
+            assert time.monotonic() < deadline and sender.is_alive(), outcome
+            time.sleep(0.001)
+        with pytest.raises(ProduceError, match="does not exist"):
+            doomed.send([b"z"], 5.0)
+        sender.join(60)
+        assert outcome == [20000]
+
+
+def test_an_admin_call_without_an_answer_in_time_is_a_retriable_msgstream_error(kafka_url: str) -> None:
+    with ms.connect(f"{kafka_url}/?operation_timeout=0.2") as client:
+        backend = client.backend
+        with pytest.raises(BrokerUnavailableError) as info, backend.errors("admin", BrokerUnavailableError):
+            backend._wait(concurrent.futures.Future())  # an answer that never comes
+        assert info.value.retriable
