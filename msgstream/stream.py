@@ -107,6 +107,7 @@ class MsgStream:
         self._consumer: Consumer | None = None
         self._dispatcher = _DEFAULT_DISPATCHER
         self._unacked: list[RawMessage] = []
+        self._in_hand = 0  # how many of _unacked (its end) the caller holds: the pack last returned
         self._reported: list[RawMessage] = []  # bad frames reported, acknowledged by the next call
         self._backlog: list[RawMessage] = []
         self._last: dict[str, bytes] = {}  # channel -> id of the last message returned (for lag)
@@ -357,6 +358,7 @@ class MsgStream:
             return None
         if self.auto_ack:
             self._unacked.extend(raws)
+            self._in_hand = len(raws)
         self._note_returned(raws)
         return FramePack(raws, self._dispatcher)
 
@@ -386,6 +388,7 @@ class MsgStream:
             msgs.append(msg)
         if track:
             self._unacked.extend(raws)
+            self._in_hand = len(raws)
         self._note_returned(raws)
         return msgs
 
@@ -424,6 +427,7 @@ class MsgStream:
             consumer.ack(raws)
 
     def _ack_delivered(self) -> None:
+        self._in_hand = 0  # the caller moved on: the pack it held is handled, whether or not this ack works
         if self._consumer is None:
             return
         if self._reported:
@@ -523,8 +527,10 @@ class MsgStream:
 
     def _drop_in_hand(self) -> None:
         """Leave the pack last returned (or received and not handed over: msgstream.aio after a cancelled
-        consume) unacknowledged, so the subscription delivers it again."""
-        self._unacked = []
+        consume) unacknowledged, so the subscription delivers it again. Acknowledgements of packs handled
+        before it (one that failed is kept for a retry) stay due."""
+        del self._unacked[len(self._unacked) - self._in_hand :]
+        self._in_hand = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -106,6 +106,7 @@ class TimeTickStream:
         self._lag_warned_at = 0.0
         # backend records of what returned packs covered, and of messages dropped, not yet acknowledged
         self._done: list[Any] = []
+        self._in_hand = 0  # how many of _done (its end) the pack last returned covered
 
     @property
     def inner(self) -> MsgStream:
@@ -260,9 +261,11 @@ class TimeTickStream:
         self._last_tick = tick
         self._lag_since = None
         self._done += done
+        self._in_hand = len(done)
         return MsgPack(prev, tick, data, starts, ends)
 
     def _ack_done(self) -> None:
+        self._in_hand = 0  # the caller moved on: the pack it held is handled, whether or not this ack works
         if self._done:
             self._stream.ack(self._done)  # on failure they stay, and the next call tries again
             self._done = []
@@ -345,8 +348,10 @@ class TimeTickStream:
 
     def _drop_in_hand(self) -> None:
         """Leave what the pack last returned covered (or the pack received and not handed over:
-        msgstream.aio after a cancelled consume) unacknowledged, so the subscription delivers it again."""
-        self._done = []
+        msgstream.aio after a cancelled consume) unacknowledged, so the subscription delivers it again.
+        Acknowledgements due from before it (a failed one, messages dropped as late) stay due."""
+        del self._done[len(self._done) - self._in_hand :]
+        self._in_hand = 0
 
     def __repr__(self) -> str:
         return f"TimeTickStream({self._stream!r}, last_tick={self._last_tick}, buffered={self._buffered})"

@@ -107,3 +107,52 @@ def test_fail_next_forces_a_fault() -> None:
             consumer.seek({"ch": None})
     consumer.seek({"ch": None})
     assert faulty.injected["seek"] == 2 and faulty.seen["seek"] == 3
+
+
+@pytest.mark.parametrize("tt", [False, True], ids=["plain", "time-tick"])
+def test_a_with_block_left_on_a_failed_acknowledgement_still_makes_it(tt: bool) -> None:
+    """The failed ack is of a pack the caller handled (it asked for the next one): the block's exit
+    leaves only a pack in hand unacknowledged, so the close makes that ack again and the subscription
+    does not deliver the handled pack a second time."""
+    faulty = FaultyBackend(load_backend(f"memory://with-{uuid.uuid4().hex[:6]}"), seed=1, rate=0.0)
+    client = ms.Client(faulty)
+    chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+    out = client.msg_stream()
+    out.create_producers(chans)
+    out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=5, end_ts=5, hash_values=[0], row_ids=[i]) for i in range(3)]))
+    out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+    with pytest.raises(ConsumeError), client.tt_msg_stream() if tt else client.msg_stream() as stream:
+        stream.create_consumers("sub", chans)
+        pack = stream.consume(timeout=5.0)
+        assert pack is not None and [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)] == [0, 1, 2]
+        faulty.fail_next("ack")
+        stream.consume(timeout=0.1)  # the handled pack's ack fails: raised, kept for a retry
+    again = client.msg_stream()
+    again.create_consumers("sub", chans)
+    assert again.consume(timeout=0.2) is None
+    client.close()
+
+
+def test_a_with_block_left_on_a_time_tick_error_acknowledges_the_late_message() -> None:
+    """A message at or below a tick already passed is dropped with ``TimeTickError`` and acknowledged: the
+    block's exit must not turn it back into data for the next member."""
+    with ms.connect(f"memory://late-{uuid.uuid4().hex[:6]}") as client:
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+        out = client.msg_stream()
+        out.create_producers(chans)
+
+        def tick(ts: int) -> None:
+            out.broadcast(ms.MsgPack(ts, ts, [ms.TimeTickMsg(begin_ts=ts, end_ts=ts)]))
+
+        tick(10)
+        first = client.tt_msg_stream()
+        first.create_consumers("sub", chans)
+        assert first.consume(timeout=5.0) is not None
+        out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=7, end_ts=7, hash_values=[0], row_ids=[99])]))  # late
+        tick(20)
+        with pytest.raises(ms.errors.TimeTickError), first:
+            first.consume(timeout=5.0)
+        nxt = client.tt_msg_stream()
+        nxt.create_consumers("sub", chans)
+        pack = nxt.consume(timeout=1.0)
+        assert pack is not None and pack.end_ts == 20 and pack.msgs == []
