@@ -110,7 +110,10 @@ class Client:
             raise InvalidArgumentError(f"an OwnerDescription holds three str, got {owner!r}")
         role = re.sub(r"[^a-z0-9_-]+", "-", owner.role.lower()).strip("-")[:32] or "channel"
         stem = f"{role}-{uuid.uuid4().hex[:12]}"
-        record = encode_owner(request.owner)
+        try:
+            record = encode_owner(request.owner)
+        except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 for it
+            raise InvalidArgumentError(f"an OwnerDescription must be valid UTF-8 text: {exc}") from None
         names: list[str] = []
         try:
             for i in range(n):

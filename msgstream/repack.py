@@ -114,6 +114,7 @@ def hash_primary_key(pk: int | str) -> int:
     int, of its UTF-8 bytes for a str): the same in every process, unlike ``hash()``."""
     if isinstance(pk, bool) or not isinstance(pk, (int, str)):
         raise RepackError(f"primary keys are int or str, got {type(pk).__name__}")
-    if isinstance(pk, int):
-        return zlib.crc32(pk.to_bytes(8, "little", signed=True))
-    return zlib.crc32(pk.encode("utf-8"))
+    try:
+        return zlib.crc32(pk.to_bytes(8, "little", signed=True) if isinstance(pk, int) else pk.encode("utf-8"))
+    except (OverflowError, UnicodeEncodeError) as exc:  # beyond 64 bits; a lone surrogate
+        raise RepackError(f"primary key {pk!r} cannot be hashed: {exc}") from None

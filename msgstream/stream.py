@@ -99,6 +99,8 @@ class MsgStream:
         if isinstance(receive_batch, bool) or not isinstance(receive_batch, int) or receive_batch < 1:
             raise InvalidArgumentError(f"receive_batch must be a positive int, got {receive_batch!r}")
         self._batch = receive_batch
+        if on_error is not None and not callable(on_error):
+            raise InvalidArgumentError(f"on_error must be a callable or None, got {on_error!r}")
         self._on_error = on_error
         self.auto_ack = auto_ack
         self._validate = validate
@@ -219,8 +221,8 @@ class MsgStream:
             sub = routed[key]
             if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < n:
                 raise RepackError(f"repack routed to channel index {key!r}; this stream has {n} channels (0..{n - 1})")
-            if not isinstance(sub, MsgPack):
-                raise RepackError(f"repack result for channel {key} is {type(sub).__name__}, not MsgPack")
+            if not isinstance(sub, MsgPack) or not isinstance(sub.msgs, list):
+                raise RepackError(f"repack result for channel {key} is {sub!r}, not a MsgPack of a list")
             batches.append((producers[key], self._marshal(sub.msgs)))
         return self._send(batches)
 

@@ -449,7 +449,7 @@ def test_host_names_with_underscores_take_credentials() -> None:
 def test_at_sign_in_an_option_is_not_userinfo() -> None:
     u = URL("redis://h:1/0?email=a@b")
     assert u.hosts == [("h", 1)] and u.password is None and u.options == {"email": "a@b"}
-    assert u.redacted() == "redis://***@b"  # ambiguous text is masked rather than risked
+    assert u.redacted() == "redis://***"  # ambiguous text is masked, to the end of the value, rather than risked
 
 
 def test_secrets_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
@@ -593,3 +593,22 @@ def test_features_keep_their_positions() -> None:
     first = ["shared_subscription", "durable", "cross_process", "member_kill_recovery", "idempotent_produce"]
     assert names[: len(first) + 1] == [*first, "nonblocking_send"]
     assert Features(True, False).durable is False
+
+
+def test_more_bad_input_gets_typed_errors() -> None:
+    with pytest.raises(errors.RepackError):
+        ms.repack.hash_primary_key(2**64)
+    with pytest.raises(errors.RepackError):
+        ms.repack.hash_primary_key("\udc80")
+    with ms.connect(f"memory://typed-{uuid.uuid4().hex[:6]}") as client:
+        with pytest.raises(errors.InvalidArgumentError):
+            client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="\udc80"), num_channels=1))
+        assert client.list_channels() == []
+        with pytest.raises(errors.InvalidArgumentError):
+            client.msg_stream(on_error="log")
+        chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="r"), num_channels=1))
+        out = client.msg_stream()
+        out.create_producers(chans)
+        out.set_repack_func(lambda pack, keys: {0: ms.MsgPack(0, 0, None)})  # type: ignore[arg-type]
+        with pytest.raises(errors.RepackError):
+            out.produce(ms.MsgPack.of([ms.InsertMsg(hash_values=[0], row_ids=[1])]))
