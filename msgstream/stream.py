@@ -442,8 +442,11 @@ class MsgStream:
     def seek(self, positions: Sequence[Position]) -> None:
         """Resume each position's channel right after that position (at it, for an ``inclusive`` one;
         a position with an empty msg_id: from the channel's start). Channels not named keep their place.
-        Every position is checked before any channel moves: an invalid one raises ``SeekError`` and
-        nothing changes; seek never falls back silently to the start or the end."""
+        Every position is checked before any channel moves: an invalid one raises ``SeekError`` and no
+        channel moves; seek never falls back silently to the start or the end. As with every seek, the
+        pack in hand counts as handled and is acknowledged first, also when the broker then refuses a
+        position: leave a ``with`` block on an exception, or ``close(acknowledge=False)``, to have it
+        delivered again instead."""
         consumer = self._require_consumer()
         targets = seek_targets(positions, consumer.channels)
         self._ack_delivered()
