@@ -445,8 +445,7 @@ class MsgStream:
         Every position is checked before any channel moves: an invalid one raises ``SeekError`` and no
         channel moves; seek never falls back silently to the start or the end. As with every seek, the
         pack in hand counts as handled and is acknowledged first, also when the broker then refuses a
-        position: leave a ``with`` block on an exception, or ``close(acknowledge=False)``, to have it
-        delivered again instead."""
+        position."""
         consumer = self._require_consumer()
         targets = seek_targets(positions, consumer.channels)
         self._ack_delivered()
