@@ -349,8 +349,16 @@ class _AsyncStream(Generic[S]):
         return self
 
     async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        # as the sync ``with``: a block that exits on an exception leaves the pack in hand unacknowledged
-        await self._close(True, drop_in_hand=exc_type is not None)
+        # as the sync ``with`` (msgstream.stream.end_block): a block that exits on an exception leaves the
+        # pack in hand unacknowledged, and a close whose acknowledgement fails then closes without it
+        if exc_type is None:
+            await self._close(True, drop_in_hand=False)
+            return
+        try:
+            await self._close(True, drop_in_hand=True)
+        except MsgStreamError as err:
+            log.warning("closing %r after its block failed: %s; closed without acknowledging", self, err)
+            await self._close(False, drop_in_hand=False)
 
     def __aiter__(self) -> AsyncIterator[MsgPack]:
         return self._iterate()
@@ -479,6 +487,7 @@ class AsyncClient:
         # cancelled while it waits leaves no backend opened for nobody, and none left open
         self._opening: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._awaited = False  # the first ``await`` is the creator's (see _enter)
 
     @classmethod
     def from_client(cls, client: Client, *, call_timeout: float = 60.0) -> AsyncClient:
@@ -503,17 +512,20 @@ class AsyncClient:
             lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
         )
 
-    async def _enter(self) -> AsyncClient:
-        """``open()`` for the caller that made the client (``async with``, ``await``): if it is
-        cancelled, nobody else holds the client, so what the open in flight opens is closed."""
+    async def _enter(self, owner: bool) -> AsyncClient:
+        """``open()``; ``owner``: the caller holds the client's lifetime (``async with``, or the first
+        ``await`` of a client ``connect`` made). If an owner is cancelled while the backend opens,
+        what the open opens is closed rather than left to nobody."""
         try:
             return await self.open()
         except asyncio.CancelledError:
-            self._begin_close()
+            if owner:
+                self._begin_close()
             raise
 
     def __await__(self) -> Generator[Any, None, AsyncClient]:
-        return self._enter().__await__()
+        first, self._awaited = not self._awaited, True
+        return self._enter(owner=first).__await__()
 
     @property
     def sync(self) -> Client:
@@ -613,7 +625,7 @@ class AsyncClient:
         self._worker.shutdown()
 
     async def __aenter__(self) -> AsyncClient:
-        return await self._enter()
+        return await self._enter(owner=True)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -525,9 +526,7 @@ class MsgStream:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
-            self._drop_in_hand()
-        self.close()
+        end_block(self, failed=exc_type is not None)
 
     def _drop_in_hand(self) -> None:
         """Leave the pack last returned (or received and not handed over: msgstream.aio after a cancelled
@@ -542,6 +541,30 @@ class MsgStream:
             f"MsgStream({self._backend!r}, {state}, producers={self.producer_channels},"
             f" consumer={self.subscription!r}:{self.consumer_channels})"
         )
+
+
+log = logging.getLogger("msgstream.stream")
+
+
+class _Block(Protocol):
+    def _drop_in_hand(self) -> None: ...
+    def close(self, *, acknowledge: bool = True) -> None: ...
+
+
+def end_block(stream: _Block, failed: bool) -> None:
+    """What leaving a stream's ``with`` block does: close it. A block that failed had not handled the pack
+    in hand: it stays unacknowledged, to be delivered again. If acknowledging what was due before it fails
+    as well (the broker is still down), the stream is closed without that too (delivered again: at least
+    once) rather than left open, and the block's own exception goes on."""
+    if not failed:
+        stream.close()
+        return
+    stream._drop_in_hand()
+    try:
+        stream.close()
+    except MsgStreamError as exc:
+        log.warning("closing %r after its block failed: %s; closed without acknowledging", stream, exc)
+        stream.close(acknowledge=False)
 
 
 def _names(channels: Sequence[str], what: str) -> list[str]:

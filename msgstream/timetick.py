@@ -34,7 +34,7 @@ from .errors import InvalidArgumentError, StreamClosedError, StreamStateError, T
 from .messages import TsMsg
 from .pack import MsgPack, Position
 from .repack import RepackFunc
-from .stream import MsgStream, check_timeout, seek_targets
+from .stream import MsgStream, check_timeout, end_block, seek_targets
 from .values import ChannelLag, SubscriptionPosition
 
 __all__ = ["TimeTickStream"]
@@ -342,9 +342,7 @@ class TimeTickStream:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:  # the pack in hand was not handled: leave it to be delivered again
-            self._drop_in_hand()
-        self.close()
+        end_block(self, failed=exc_type is not None)
 
     def _drop_in_hand(self) -> None:
         """Leave what the pack last returned covered (or the pack received and not handed over:

@@ -156,3 +156,32 @@ def test_a_with_block_left_on_a_time_tick_error_acknowledges_the_late_message() 
         nxt.create_consumers("sub", chans)
         pack = nxt.consume(timeout=1.0)
         assert pack is not None and pack.end_ts == 20 and pack.msgs == []
+
+
+@pytest.mark.parametrize("tt", [False, True], ids=["plain", "time-tick"])
+def test_a_with_block_whose_close_cannot_acknowledge_either_still_closes_the_stream(tt: bool) -> None:
+    """The broker is still down when the block's close makes the failed acknowledgement again: the stream
+    is closed without it (the handled pack comes again: at least once) rather than left open holding it,
+    and the block's own exception goes on."""
+    faulty = FaultyBackend(load_backend(f"memory://with2-{uuid.uuid4().hex[:6]}"), seed=1, rate=0.0)
+    client = ms.Client(faulty)
+    chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
+    out = client.msg_stream()
+    out.create_producers(chans)
+    out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=5, end_ts=5, hash_values=[0], row_ids=[i]) for i in range(3)]))
+    out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+    stream = client.tt_msg_stream() if tt else client.msg_stream()
+    with pytest.raises(ConsumeError) as raised, stream:
+        stream.create_consumers("sub", chans)
+        assert stream.consume(timeout=5.0) is not None
+        faulty.fail_next("ack", 2)  # the next consume's ack, and the close's
+        stream.consume(timeout=0.1)
+    assert stream.closed
+    assert isinstance(raised.value, ConsumeError) and raised.value.__context__ is None  # the block's own error
+    again = client.msg_stream()
+    again.create_consumers("sub", chans)
+    pack = again.consume(timeout=5.0)
+    assert pack is not None and [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)] == [0, 1, 2]
+    again.close(acknowledge=False)
+    client.drop_subscription("sub", chans)  # no member left open
+    client.close()
