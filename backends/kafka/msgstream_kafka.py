@@ -27,6 +27,7 @@ own: ``registry_topic``, ``registry_refresh`` (1 s), ``operation_timeout`` (10 s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import struct
@@ -295,7 +296,7 @@ class KafkaBackend(Backend):
         in ``ignore`` counts as done (``None``)."""
         try:
             return future.result(timeout=self.timeout)
-        except TimeoutError:  # concurrent.futures': a librdkafka timeout, for classify and the callers
+        except concurrent.futures.TimeoutError:  # (TimeoutError from 3.11): a librdkafka timeout, for classify
             raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT, "no answer in time")) from None
         except ck.KafkaException as exc:
             if _code(exc) not in ignore:

@@ -259,8 +259,8 @@ class _Admin:
                     if attempt == 2:
                         raise BrokerUnavailableError(f"admin {method} {path}: {type(exc).__name__}") from None
                     continue
-                if response.status == 404 and absent is not None:
-                    return absent
+                if response.status == 404 and absent is not None and b"Topic" in data and b"not found" in data:
+                    return absent  # not a 404 of a wrong admin_url, tenant or namespace
                 if response.status not in ok:
                     refused = BrokerUnavailableError(
                         f"admin {method} {path}: HTTP {response.status} {body.decode(errors='replace')}"

@@ -220,9 +220,17 @@ class RedisBackend(Backend):
                     if "BUSYGROUP" not in str(exc):  # BUSYGROUP: the subscription exists and resumes
                         raise
         consumer = _RedisConsumer(self, subscription, channels)
-        with self.errors("create consumer"):  # a member from now on, not from its first XREADGROUP
+        made: list[str] = []
+        try:  # a member from now on, not from its first XREADGROUP
             for channel in channels:
-                self._redis.xgroup_createconsumer(self.key(channel), subscription, consumer._name)
+                with self.errors("create consumer", channel=channel):
+                    self._redis.xgroup_createconsumer(self.key(channel), subscription, consumer._name)
+                made.append(channel)
+        except MsgStreamError:
+            for channel in made:  # best effort: else it counts as live for claim_idle seconds
+                with contextlib.suppress(redis.RedisError):
+                    self._redis.xgroup_delconsumer(self.key(channel), subscription, consumer._name)
+            raise
         self._consumers.add(consumer)
         return consumer
 
@@ -447,7 +455,7 @@ class _RedisProducer(Producer):
 
 #: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
 #: ended by the deletion; XGROUP SETID on a stream that is gone
-_GONE = ("NOGROUP", "UNBLOCKED", "requires the key to exist")
+_GONE = ("NOGROUP", "UNBLOCKED the stream key no longer exists", "requires the key to exist")
 
 
 def _before(entry: bytes) -> bytes:
