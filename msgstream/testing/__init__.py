@@ -173,7 +173,8 @@ def _tick(ts: int) -> ms.MsgPack:
 
 
 class ConformanceSuite:
-    """Every semantic of DESIGN.md, against the backend at the ``url`` fixture (see module doc)."""
+    """The stream semantics of docs/architecture.md, against the backend at the ``url`` fixture (see
+    module doc)."""
 
     features: Features | None = None
     timeout: float = 30.0
@@ -1113,7 +1114,7 @@ class ConformanceSuite:
         chans = self.channels(client, 3)
         assert set(chans) <= set(client.list_channels())
         client.destroy_channels(chans[2:])
-        with ms.connect(url) as other:  # another client of the same broker sees the same list
+        with self.connect(url) as other:  # another client of the same broker sees the same list
             listed = set(other.list_channels())
         assert set(chans[:2]) <= listed and chans[2] not in listed
 
@@ -1159,6 +1160,21 @@ class ConformanceSuite:
         inp.close()
         client.drop_subscription(sub, chans)
         assert sub not in client.list_subscriptions(chans[0])
+
+    def test_a_consume_returns_at_most_receive_batch(self, client: ms.Client, streams: Any) -> None:
+        chans = self.channels(client, 4)
+        out = self.producer(streams, chans)
+        out.produce(ms.MsgPack.of([_data(i, i % 4) for i in range(40)]))
+        inp = self.consumer(lambda tt=False: streams(receive_batch=3), chans)
+        rows: list[int] = []
+        deadline = time.monotonic() + self.timeout
+        while len(rows) < 40:
+            assert time.monotonic() < deadline, f"received {len(rows)} of 40"
+            pack = inp.consume(timeout=0.5)
+            if pack is not None:
+                assert len(pack.msgs) <= 3, f"a batch of {len(pack.msgs)} with receive_batch=3"
+                rows += [m.row_ids[0] for m in pack.msgs if isinstance(m, ms.InsertMsg)]
+        assert sorted(rows) == list(range(40))
 
     def test_drop_subscription_is_refused_for_a_member_that_has_not_received(
         self, client: ms.Client, streams: Any, url: str, feats: Features
