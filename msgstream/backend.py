@@ -257,7 +257,9 @@ def _split_host(part: str, url: URL) -> tuple[str, int | None]:
     if not port_text:
         return host, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise InvalidURLError(f"bad port in URL {url.redacted()!r}")  # not the port's text: it may hold a password
+        # neither the port's text nor the URL with it: ``user:password`` without ``@host`` reads as host:port
+        shown = url.redacted() if port_text.isdigit() else url.redacted().replace(port_text, _MASK)
+        raise InvalidURLError(f"bad port in URL {shown!r}")
     return host, int(port_text)
 
 

@@ -420,6 +420,8 @@ def test_url_parts_and_masking() -> None:
         ("kafka://h:9092/?linger.ms=5&sasl.password=hunter2@Tr0ub4dor", "Tr0ub4dor"),
         ("pulsar://h:6650/?token=@eyJhbGciOiJ9", "eyJhbGciOiJ9"),
         ("memory://x?password=pa@ssw0rd", "ssw0rd"),
+        ("redis://default:Hunter2Pw", "Hunter2Pw"),  # no @host: the password reads as a port
+        ("kafka://app:Hunter2Pw/0", "Hunter2Pw"),
     ],
 )
 def test_odd_secrets_are_masked(url: str, secret: str) -> None:
