@@ -109,6 +109,15 @@ def _process_stamp(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` as (device, inode); None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _pid_namespace() -> str:
     """This process's PID namespace (Linux), "" if unknown: pids mean something only within one."""
     try:
@@ -166,6 +175,7 @@ class SQLiteBackend(Backend):
                 conn.close()
                 raise
         self._conn = conn
+        self._file = _identity(self._path)  # ping tells this file from one made at the same path later
 
     def classify(self, exc: BaseException) -> tuple[type[MsgStreamError] | None, bool] | None:
         """sqlite3's errors, and the wait for another thread's call (a ``TimeoutError``), retriable by
@@ -270,7 +280,7 @@ class SQLiteBackend(Backend):
 
     def ping(self, timeout: float) -> None:
         """The file must still be at its path and answer a read within ``timeout``."""
-        if not os.path.exists(self._path):
+        if _identity(self._path) != self._file:  # deleted or moved; or replaced, maybe by another client
             raise BrokerUnavailableError(f"{self.url.redacted()}: the file is gone from {self._path!r}")
         with self._tx(BrokerUnavailableError, write=False, wait=timeout) as conn:
             conn.execute("SELECT count(*) FROM channels").fetchone()

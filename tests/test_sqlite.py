@@ -505,6 +505,19 @@ def test_ping_fails_when_the_file_is_gone(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.0
 
 
+def test_ping_fails_when_another_file_took_the_path(tmp_path: Path) -> None:
+    """Another client opening the same URL after the file was deleted makes a new, empty file there: this
+    client still writes to the deleted one, so the two no longer share a broker."""
+    path = tmp_path / "replaced.db"
+    with ms.connect(f"sqlite:///{path}") as client:
+        for name in os.listdir(tmp_path):
+            os.remove(tmp_path / name)
+        with ms.connect(f"sqlite:///{path}") as other:
+            other.ping(timeout=1.0)
+            with pytest.raises(BrokerUnavailableError, match="gone"):
+                client.ping(timeout=1.0)
+
+
 def test_ping_behind_a_busy_connection_fails_within_its_timeout(tmp_path: Path) -> None:
     backend = _backend(tmp_path / "busy.db")
     try:
