@@ -6,13 +6,21 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
 from .. import __version__, connect
 from ..backend import URL, installed_schemes, scrub
 from ..client import Client
-from ..errors import BackendNotFoundError, InvalidArgumentError, InvalidURLError, MsgStreamError
+from ..errors import (
+    BackendNotFoundError,
+    BrokerUnavailableError,
+    InvalidArgumentError,
+    InvalidURLError,
+    MsgStreamError,
+)
 from . import _commands
 from ._bench import bench
 from ._demo import demo
@@ -115,12 +123,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _client(url: str, timeout: float) -> Iterator[Client]:
     if not url:
         raise UsageError("no broker URL: pass --url or set MSGSTREAM_URL")
-    client = connect(url)
+    deadline = time.monotonic() + timeout
+    client = _connect_within(url, timeout)
     try:
-        client.ping(timeout=timeout)
+        client.ping(timeout=max(0.1, deadline - time.monotonic()))
         yield client
     finally:
         client.close()
+
+
+def _connect_within(url: str, timeout: float) -> Client:
+    """``connect(url)`` within ``timeout`` seconds. A backend checks its broker when it is made, on its own
+    timeouts (several seconds, with retries): past ``timeout`` the command reports the broker
+    unreachable, and the attempt is left to a daemon thread that the command's exit ends."""
+    outcome: list[Client | BaseException] = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(connect(url))
+        except BaseException as exc:  # handed to the command's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, name="msgstream-cli-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise BrokerUnavailableError(f"no answer from the broker within {timeout:g}s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _is_configuration(exc: Exception) -> bool:
