@@ -201,12 +201,12 @@ def test_usage_errors() -> None:
 
 
 def test_tail_follows_until_interrupted(sqlite_url: str) -> None:
-    """Without --count, tail prints what arrives until SIGINT or SIGTERM, exits 0 and drops its
+    """Without --count, tail prints what arrives until SIGINT, SIGTERM or SIGHUP, exits 0 and drops its
     throwaway subscription; --from latest skips what was there; MSGSTREAM_URL is the default URL."""
     (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
     one = json.dumps(messages(chan)[5])
     run("produce", chan, url=sqlite_url, stdin=one + "\n")
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         env = {**os.environ, "MSGSTREAM_URL": sqlite_url}
         proc = subprocess.Popen(
             [sys.executable, "-m", "msgstream.cli", "tail", chan, "--json"], stdout=subprocess.PIPE, text=True, env=env
@@ -232,6 +232,26 @@ def test_tail_follows_until_interrupted(sqlite_url: str) -> None:
             if proc.stdout is not None:
                 proc.stdout.close()
         assert run("subscriptions", chan, url=sqlite_url).stdout == ""
+
+
+def test_tail_drops_its_subscription_from_the_channels_left_when_one_is_destroyed(sqlite_url: str) -> None:
+    a, b = run("create", "--role", "ops", "--channels", "2", url=sqlite_url).stdout.split()
+    env = {**os.environ, "MSGSTREAM_URL": sqlite_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "msgstream.cli", "tail", a, b], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not run("subscriptions", a, url=sqlite_url).stdout:  # tail has joined
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        run("destroy", b, url=sqlite_url)
+        assert proc.wait(timeout=30) == 1  # its consume fails: the channel is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+    assert run("subscriptions", a, url=sqlite_url).stdout == ""
 
 
 USER_TYPE = """

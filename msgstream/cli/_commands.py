@@ -4,6 +4,7 @@ output to ``out`` and returns the exit status (docs/cli.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -107,7 +108,7 @@ def lag(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def tail(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
-    """Print messages as they arrive; ``--count`` stops after that many, else SIGINT/SIGTERM stops.
+    """Print messages as they arrive; ``--count`` stops after that many, else SIGINT/SIGTERM/SIGHUP stops.
     Only printed messages are acknowledged, so a kept ``--subscription`` resumes right after them."""
     client.describe_channels(args.channel)
     dispatcher = load_dispatcher(args.dispatcher) if args.dispatcher else None
@@ -129,8 +130,10 @@ def tail(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
                     stream.ack(msgs)
                     printed += len(msgs)
         finally:
-            if not args.subscription:
-                client.drop_subscription(subscription, args.channel)
+            if not args.subscription:  # per channel: one destroyed meanwhile must not keep it on the others
+                for channel in args.channel:
+                    with contextlib.suppress(ChannelNotFoundError):
+                        client.drop_subscription(subscription, [channel])
     return 0
 
 
@@ -269,14 +272,15 @@ def _batches(
 
 
 class _StopOnSignals:
-    """SIGINT and SIGTERM set ``stop`` instead of interrupting a broker call half-way."""
+    """SIGINT, SIGTERM and SIGHUP (the terminal or ssh session closed) set ``stop`` instead of interrupting a
+    broker call half-way."""
 
     def __init__(self, stop: threading.Event) -> None:
         self._stop = stop
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             self._saved[sig] = signal.signal(sig, lambda *_: self._stop.set())
 
     def __exit__(self, *exc: object) -> None:
