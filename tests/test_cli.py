@@ -158,6 +158,9 @@ def test_every_subcommand(url: str) -> None:
     bad = stdin.splitlines()[0] + "\n{not json\n"
     failed = run("produce", b, url=url, stdin=bad, status=2)
     assert "line 2" in failed.stderr
+    wide = stdin.splitlines()[0].replace('"row_ids": [', '"row_ids": [1180591620717411303424, ')  # 2**70
+    failed = run("produce", b, url=url, stdin=stdin.splitlines()[0] + "\n" + wide + "\n", status=2)
+    assert "line 2" in failed.stderr
 
     assert run("destroy", a, b, url=url).stdout == "destroyed 2 channels\n"
     left = {r["channel"] for r in lines(run("channels", "--json", url=url).stdout)}

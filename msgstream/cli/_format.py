@@ -91,6 +91,10 @@ def message_from_record(record: Any, types: dict[int, type[TsMsg]]) -> TsMsg:
     properties = record.get("properties") or {}
     if properties:
         msg.properties = properties  # checked: str -> str
+    try:  # what JSON holds and the wire cannot (an int beyond 64 bits) is refused here, with its line
+        msg.marshal()
+    except (OverflowError, msgspec.EncodeError) as exc:
+        raise InvalidArgumentError(f"{cls.__name__}: {exc}") from None
     return msg
 
 
