@@ -109,11 +109,9 @@ def test_fail_next_forces_a_fault() -> None:
     assert faulty.injected["seek"] == 2 and faulty.seen["seek"] == 3
 
 
-@pytest.mark.parametrize("tt", [False, True], ids=["plain", "time-tick"])
-def test_a_with_block_left_on_a_failed_acknowledgement_still_makes_it(tt: bool) -> None:
-    """The failed ack is of a pack the caller handled (it asked for the next one): the block's exit
-    leaves only a pack in hand unacknowledged, so the close makes that ack again and the subscription
-    does not deliver the handled pack a second time."""
+def _three_rows_and_a_tick() -> tuple[FaultyBackend, ms.Client, list[str]]:
+    """A client over a fault-free FaultyBackend (faults come from ``fail_next``), one channel holding rows
+    0-2 at timestamp 5 and a tick at 10."""
     faulty = FaultyBackend(load_backend(f"memory://with-{uuid.uuid4().hex[:6]}"), seed=1, rate=0.0)
     client = ms.Client(faulty)
     chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
@@ -121,6 +119,15 @@ def test_a_with_block_left_on_a_failed_acknowledgement_still_makes_it(tt: bool) 
     out.create_producers(chans)
     out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=5, end_ts=5, hash_values=[0], row_ids=[i]) for i in range(3)]))
     out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+    return faulty, client, chans
+
+
+@pytest.mark.parametrize("tt", [False, True], ids=["plain", "time-tick"])
+def test_a_with_block_left_on_a_failed_acknowledgement_still_makes_it(tt: bool) -> None:
+    """The failed ack is of a pack the caller handled (it asked for the next one): the block's exit
+    leaves only a pack in hand unacknowledged, so the close makes that ack again and the subscription
+    does not deliver the handled pack a second time."""
+    faulty, client, chans = _three_rows_and_a_tick()
     with pytest.raises(ConsumeError), client.tt_msg_stream() if tt else client.msg_stream() as stream:
         stream.create_consumers("sub", chans)
         pack = stream.consume(timeout=5.0)
@@ -163,13 +170,7 @@ def test_a_with_block_whose_close_cannot_acknowledge_either_still_closes_the_str
     """The broker is still down when the block's close makes the failed acknowledgement again: the stream
     is closed without it (the handled pack comes again: at least once) rather than left open holding it,
     and the block's own exception goes on."""
-    faulty = FaultyBackend(load_backend(f"memory://with2-{uuid.uuid4().hex[:6]}"), seed=1, rate=0.0)
-    client = ms.Client(faulty)
-    chans = client.create_channels(ms.CreateChannelRequest(owner=ms.OwnerDescription(role="p"), num_channels=1))
-    out = client.msg_stream()
-    out.create_producers(chans)
-    out.produce(ms.MsgPack.of([ms.InsertMsg(begin_ts=5, end_ts=5, hash_values=[0], row_ids=[i]) for i in range(3)]))
-    out.broadcast(ms.MsgPack(10, 10, [ms.TimeTickMsg(begin_ts=10, end_ts=10)]))
+    faulty, client, chans = _three_rows_and_a_tick()
     stream = client.tt_msg_stream() if tt else client.msg_stream()
     with pytest.raises(ConsumeError) as raised, stream:
         stream.create_consumers("sub", chans)
