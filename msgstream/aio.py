@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,21 @@ def _mark_seen(fut: asyncio.Future[Any]) -> None:
     """Mark an outcome as seen, so that asyncio does not report an error nobody came back for."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _close_abandoned(made: asyncio.Future[Client]) -> None:
+    """Close, in a thread of its own (a close may wait on the broker), a client whose open timed out."""
+    if made.cancelled() or made.exception() is not None:
+        return
+    client = made.result()
+
+    def close() -> None:
+        try:
+            client.close()
+        except MsgStreamError as exc:
+            log.warning("closing %r, opened after its connect timed out: %s", client, exc)
+
+    threading.Thread(target=close, name="msgstream-aio-abandoned", daemon=True).start()
 
 
 class _Worker:
@@ -306,8 +322,10 @@ class _AsyncStream(Generic[S]):
         if fut.cancelled():
             return
         error = fut.exception()
-        if (error is None and fut.result() is not None) or isinstance(error, UnmarshalError):
+        if error is None and fut.result() is not None:
             self._stream._drop_in_hand()
+        elif isinstance(error, UnmarshalError):
+            self._stream._unreport()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self, *, acknowledge: bool = True) -> None:
@@ -508,9 +526,12 @@ class AsyncClient:
         return self
 
     async def _open(self) -> None:
-        self._client = await self._worker.call(
-            lambda: Client(load_backend(self._url, self._options)), self._bound, "connect"
-        )
+        made = self._worker.submit(lambda: Client(load_backend(self._url, self._options)))
+        done, _ = await asyncio.wait((made,), timeout=self._bound)
+        if not done:  # what the constructor still opens would belong to nobody: it is closed once made
+            made.add_done_callback(_close_abandoned)
+            raise OperationTimeoutError(f"connect did not finish within {self._bound:g}s")
+        self._client = made.result()
 
     async def _enter(self, owner: bool) -> AsyncClient:
         """``open()``; ``owner``: the caller holds the client's lifetime (``async with``, or the first
@@ -670,6 +691,7 @@ class Ticker:
         interval = check_interval(interval)
         if self._task is not None:
             raise InvalidArgumentError("ticker already started")
+        self.error = None  # a failure of an earlier run was raised by its stop()
         self._task = asyncio.get_running_loop().create_task(self._run(interval), name="msgstream-ticker")
 
     async def _run(self, interval: float) -> None:

@@ -56,6 +56,7 @@ from .stream import MsgStream
 __all__ = ["MsgStreamInstrumentor"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_TRACE_KEYS = frozenset(_PROPAGATOR.fields)  # traceparent, tracestate
 _TICK = int(MsgType.TIME_TICK)
 _LOCK = threading.Lock()
 
@@ -129,7 +130,9 @@ class _Hooks:
             for m in data:
                 twin = copy.copy(m)  # the fields; no __post_init__ run again
                 twin.__dict__.update(m.__dict__)  # and what a user type keeps beside them
-                twin._props = {**m._props, **carrier} if m._props else dict(carrier)
+                # this trace's context replaces any other (a forwarded message's tracestate included)
+                kept = {k: v for k, v in m._props.items() if k not in _TRACE_KEYS} if m._props else {}
+                twin._props = {**kept, **carrier}
                 traced[id(m)] = twin
             try:
                 result = send(msgspec.structs.replace(pack, msgs=[traced.get(id(m), m) for m in msgs]))
@@ -325,9 +328,11 @@ class MsgStreamInstrumentor:
         return MsgStreamInstrumentor._active is not None
 
     def observe(self, s: Any) -> None:
-        """Report gauges for ``s`` (a ``MsgStream`` or ``TimeTickStream``) while instrumented: lag where the
-        stream has ``lag()``, and a time-tick stream's buffered messages and lagging channels. Consuming
-        streams are observed on their own; a time-tick stream needs this call."""
+        """Report gauges for ``s`` (a ``MsgStream`` or ``TimeTickStream``, or their ``msgstream.aio``
+        wrappers) while instrumented: lag where the stream has ``lag()``, and a time-tick stream's buffered
+        messages and lagging channels. Consuming streams are observed on their own; a time-tick stream
+        needs this call."""
+        s = getattr(s, "sync", s)  # an aio wrapper: the gauges read the sync stream under it
         active = MsgStreamInstrumentor._active
         if active is not None:
             active.streams.add(s)

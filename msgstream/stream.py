@@ -535,6 +535,12 @@ class MsgStream:
         del self._unacked[len(self._unacked) - self._in_hand :]
         self._in_hand = 0
 
+    def _unreport(self) -> None:
+        """Leave the bad frame last reported unacknowledged: its report reached no caller (msgstream.aio
+        after a cancelled consume), so the subscription delivers it, and it is reported, again."""
+        if self._reported:
+            self._reported.pop()
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (

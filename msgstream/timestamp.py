@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OperationTimeoutError
 from .messages import TimeTickMsg
 from .pack import MsgPack
 
@@ -95,6 +95,7 @@ class Ticker:
         interval = check_interval(interval)
         if self._thread is not None:
             raise InvalidArgumentError("ticker already started")
+        self.error = None  # a failure of an earlier run was raised by its stop()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(interval,), name="msgstream-ticker", daemon=True)
         self._thread.start()
@@ -108,9 +109,14 @@ class Ticker:
                 return
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread, within ``timeout`` (a broadcast in flight waits on the broker; past it
+        ``OperationTimeoutError``, and the ticker still counts as started); raise the failure that
+        ended it, if one did."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise OperationTimeoutError(f"the ticker's thread did not end within {timeout:g}s")
             self._thread = None
         if self.error is not None:
             raise self.error

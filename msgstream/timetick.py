@@ -351,5 +351,9 @@ class TimeTickStream:
         del self._done[len(self._done) - self._in_hand :]
         self._in_hand = 0
 
+    def _unreport(self) -> None:
+        """See :meth:`MsgStream._unreport`: bad frames are reported by the inner stream."""
+        self._stream._unreport()
+
     def __repr__(self) -> str:
         return f"TimeTickStream({self._stream!r}, last_tick={self._last_tick}, buffered={self._buffered})"

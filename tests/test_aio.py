@@ -751,3 +751,141 @@ def test_a_stream_close_whose_caller_is_cancelled_leaves_no_worker_thread() -> N
             assert stream.closed
 
     asyncio.run(main())
+
+
+def test_a_connect_past_its_bound_closes_what_it_opens_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = threading.Event()
+    load = aio.load_backend  # type: ignore[attr-defined]
+
+    def slow(url: Any, options: Any) -> ms.Backend:
+        time.sleep(0.6)  # a broker client's constructor checking its broker
+        backend: ms.Backend = load(url, options)
+        close = backend.close
+
+        def recording() -> None:
+            close()
+            closed.set()
+
+        backend.close = recording  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(aio, "load_backend", slow)
+
+    async def main() -> None:
+        client = aio.connect(_url(), call_timeout=0.2)
+        with pytest.raises(OperationTimeoutError):
+            await client.open()
+        assert await asyncio.to_thread(closed.wait, 10), "the backend opened after the timeout stays open"
+        await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_bad_frame_whose_report_was_cancelled_is_reported_again() -> None:
+    """A consume cancelled while it met a corrupt frame: nobody saw the ``UnmarshalError``, so the frame
+    is not acknowledged; the subscription delivers it, and it is reported, again."""
+
+    async def main() -> None:
+        url = _url()
+        async with aio.connect(url) as client:
+            [chan] = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            client.backend.create_producer(chan).send([b"MS\x01\x00garbage"], 5.0)
+            stream = client.msg_stream()
+            await stream.create_consumers("sub", [chan])
+            inside, release = threading.Event(), threading.Event()
+            receive = stream.sync._consumer.receive  # type: ignore[union-attr]
+
+            def held(n: int, timeout: float) -> list[ms.RawMessage]:
+                got = receive(n, timeout)
+                inside.set()
+                release.wait(10)
+                return got
+
+            stream.sync._consumer.receive = held  # type: ignore[union-attr,method-assign]
+            task = asyncio.create_task(stream.consume(5.0))
+            assert await asyncio.to_thread(inside.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            await stream.close()
+            again = client.msg_stream()
+            await again.create_consumers("sub", [chan])
+            with pytest.raises(ms.errors.UnmarshalError):
+                await again.consume(5.0)
+            await again.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_restarted_ticker_forgets_the_failure_its_last_stop_raised(kind: str) -> None:
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def broadcast(self, pack: ms.MsgPack) -> dict[str, list[bytes]]:
+            self.calls += 1
+            if self.calls == 1:
+                raise ms.errors.ProduceError("broker blip", retriable=True)
+            return {}
+
+    flaky = Flaky()
+    if kind == "sync":
+        ticker = ms.Ticker(flaky)  # type: ignore[arg-type]
+        ticker.start(0.01)
+        deadline = time.monotonic() + 10
+        while ticker.error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(ms.errors.ProduceError):
+            ticker.stop()
+        ticker.start(0.01)
+        while flaky.calls < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ticker.stop()  # nothing failed in this run
+        assert ticker.error is None
+        return
+
+    async def flaky_async() -> None:
+        class Async:
+            async def broadcast(self, pack: ms.MsgPack) -> dict[str, list[bytes]]:
+                return flaky.broadcast(pack)
+
+        ticker = aio.Ticker(Async())
+        ticker.start(0.01)
+        deadline = time.monotonic() + 10
+        while ticker.error is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        with pytest.raises(ms.errors.ProduceError):
+            await ticker.stop()
+        ticker.start(0.01)
+        while flaky.calls < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await ticker.stop()
+        assert ticker.error is None
+
+    asyncio.run(flaky_async())
+
+
+def test_a_sync_ticker_that_cannot_stop_in_time_says_so_and_stays_started() -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    class Stuck:
+        def broadcast(self, pack: ms.MsgPack) -> dict[str, list[bytes]]:
+            inside.set()
+            release.wait(10)  # a broker that does not answer
+            return {}
+
+    ticker = ms.Ticker(Stuck())  # type: ignore[arg-type]
+    ticker.start(0.01)
+    assert inside.wait(10)
+    with pytest.raises(OperationTimeoutError):
+        ticker.stop(timeout=0.1)
+    with pytest.raises(ms.errors.InvalidArgumentError):
+        ticker.start(0.01)  # not two threads
+    release.set()
+    ticker.stop()

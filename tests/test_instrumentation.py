@@ -372,3 +372,43 @@ with ms.connect("memory://") as c:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "True", out.stdout + out.stderr
+
+
+def test_a_forwarded_message_carries_this_trace_only(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    """A message consumed from another trace and produced again: the current context replaces the old
+    ``traceparent`` and ``tracestate`` both (this process has no tracestate), other properties stay."""
+    chans = _channels(client, 1)
+    old = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "tracestate": "vendor=upstream", "k": "v"}
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        out.create_producers(chans)
+        inp.create_consumers("s", chans)
+        out.produce(ms.MsgPack.of([_data(1, old)]))
+        [got] = _consume_all(inp, 1)
+    assert got.properties["k"] == "v" and "tracestate" not in got.properties
+    assert got.properties["traceparent"] != old["traceparent"]
+
+
+def test_an_observed_asyncio_time_tick_stream_reports_its_lag(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], tmp_path: Path
+) -> None:
+    _, reader = otel
+
+    async def main() -> list[Any]:
+        async with aio.connect(f"sqlite:///{tmp_path / 'a.db'}") as client:
+            chans = await client.create_channels(
+                ms.CreateChannelRequest(owner=ms.OwnerDescription(role="o"), num_channels=1)
+            )
+            async with client.msg_stream() as out, client.tt_msg_stream() as tt:
+                await out.create_producers(chans)
+                await tt.create_consumers("tt", chans)
+                await out.produce(ms.MsgPack.of([_data(i + 1) for i in range(5)]))
+                deadline = time.monotonic() + 10
+                while tt.buffered < 5:
+                    assert time.monotonic() < deadline, f"{tt.buffered} of 5 buffered"
+                    assert await tt.consume(timeout=0.1) is None
+                MsgStreamInstrumentor().observe(tt)
+                return [p.value for p in _metric(reader, "msgstream.consumer.lag.messages")]
+
+    assert asyncio.run(main()) == [5]
