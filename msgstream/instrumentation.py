@@ -118,11 +118,10 @@ class _Hooks:
             return send(pack)
         channels = s.producer_channels
         attrs = _attributes(s, "send", channels)
-        span_attrs = {**attrs, "messaging.batch.message_count": len(data) * copies} if len(data) > 1 else attrs
         name = f"send {channels[0]}" if len(channels) == 1 else "send"
         start = time.perf_counter()
         with self._tracer.start_as_current_span(
-            name, kind=SpanKind.PRODUCER, attributes=span_attrs, record_exception=False, set_status_on_exception=False
+            name, kind=SpanKind.PRODUCER, attributes=attrs, record_exception=False, set_status_on_exception=False
         ) as span:
             carrier: dict[str, str] = {}
             _PROPAGATOR.inject(carrier)
@@ -142,12 +141,15 @@ class _Hooks:
                 span.set_attribute("error.type", _error_type(exc))
                 self._duration.record(time.perf_counter() - start, {**attrs, "error.type": _error_type(exc)})
                 raise
-            if len(data) == 1 and isinstance(result, dict):
-                ids = [i for got in result.values() for i in got]
-                if len(ids) == 1:
-                    span.set_attribute("messaging.message.id", ids[0].hex())
+            # what reached the broker: a repack may send one message to several channels
+            ids = [i for got in result.values() for i in got] if isinstance(result, dict) else []
+            sent = len(ids) if ids and len(data) == len(msgs) else len(data) * copies  # ticks mixed in: estimate
+            if sent > 1:
+                span.set_attribute("messaging.batch.message_count", sent)
+            elif len(ids) == 1:
+                span.set_attribute("messaging.message.id", ids[0].hex())
         self._duration.record(time.perf_counter() - start, attrs)
-        self._sent.add(len(data) * copies, attrs)
+        self._sent.add(sent, attrs)
         return result
 
     # -- consuming ------------------------------------------------------------------------------

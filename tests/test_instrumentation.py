@@ -412,3 +412,24 @@ def test_an_observed_asyncio_time_tick_stream_reports_its_lag(
                 return [p.value for p in _metric(reader, "msgstream.consumer.lag.messages")]
 
     assert asyncio.run(main()) == [5]
+
+
+def test_the_sent_counter_counts_what_a_fanning_out_repack_sent(
+    otel: tuple[InMemorySpanExporter, InMemoryMetricReader], client: ms.Client
+) -> None:
+    """``all_keys`` sends a message to the channel of each of its hash keys: the sent counter and the
+    span's batch count say how many went to the broker, as the consumers count them."""
+    spans, reader = otel
+    chans = _channels(client, 2)
+    with client.msg_stream() as out, client.msg_stream() as inp:
+        out.create_producers(chans)
+        out.set_repack_func(ms.repack.all_keys)
+        inp.create_consumers("s", chans)
+        msg = ms.InsertMsg(begin_ts=1, end_ts=1, hash_values=[0, 1], row_ids=[1])
+        sent = out.produce(ms.MsgPack.of([msg]))
+        assert sum(len(ids) for ids in sent.values()) == 2
+        assert len(_consume_all(inp, 2)) == 2
+    assert _total(reader, "messaging.client.sent.messages") == 2
+    assert _total(reader, "messaging.client.consumed.messages") == 2
+    [send] = [s for s in spans.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    assert send.attributes is not None and send.attributes["messaging.batch.message_count"] == 2
