@@ -169,7 +169,8 @@ class _AsyncStream(Generic[S]):
         self._produce_worker: _Worker | None = None
         self._lock: asyncio.Lock | None = None  # one consume-side call awaited at a time
         # the outcome of a consume-side call whose caller was cancelled: (method, future)
-        self._kept: tuple[str, asyncio.Future[Any]] | None = None
+        # (method, future, the loop time by which it should be done)
+        self._kept: tuple[str, asyncio.Future[Any], float] | None = None
         self._inline_send = self._inner().backend.features.nonblocking_send
 
     # -- workers --------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class _AsyncStream(Generic[S]):
             if kept is None:
                 fut: asyncio.Future[T] = self._consuming.submit(fn)
                 fut.add_done_callback(_mark_seen)  # a kept error goes to the next call, if one comes
-                self._kept = (kind, fut)
+                self._kept = (kind, fut, asyncio.get_running_loop().time() + timeout + self._bound)
             elif kept[0] != kind:
                 raise StreamStateError(
                     f"a cancelled {kept[0]}() left its outcome to the next {kept[0]}(): call that before {kind}()"
@@ -306,6 +307,11 @@ class _AsyncStream(Generic[S]):
             await self._settle_kept()
             await self._consuming.call(lambda: self._stream.seek(positions), self._bound, "seek")
 
+    @staticmethod
+    def _behind(deadline: float) -> float:
+        """Seconds until a kept call's own bound ends (it runs on the worker ahead of the next call)."""
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
     async def _settle_kept(self) -> None:
         """Wait for a kept outcome and discard it: a pack (received, never handed over) or a report of a
         bad frame is left unacknowledged, at once, so a later call cancelled before it ran cannot
@@ -314,10 +320,10 @@ class _AsyncStream(Generic[S]):
         kept = self._kept
         if kept is None:
             return
-        fut = kept[1]
-        done, _ = await asyncio.wait((fut,), timeout=self._bound + ITER_TIMEOUT)
+        kind, fut, deadline = kept
+        done, _ = await asyncio.wait((fut,), timeout=self._behind(deadline) + ITER_TIMEOUT)
         if not done:
-            raise OperationTimeoutError(f"a kept {kept[0]}() did not finish within {self._bound:g}s")
+            raise OperationTimeoutError(f"a kept {kind}() did not finish within its timeout and {self._bound:g}s")
         self._kept = None
         if fut.cancelled():
             return
@@ -447,7 +453,9 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 
     async def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
-        await self._consuming.call(lambda: self._stream.ack(msgs), self._bound, "ack")
+        async with self._consume_lock():  # after a consume in flight; behind a kept one on the worker
+            behind = self._behind(self._kept[2]) if self._kept is not None else 0.0
+            await self._consuming.call(lambda: self._stream.ack(msgs), self._bound + behind, "ack")
 
     def __repr__(self) -> str:
         return f"AsyncMsgStream({self._stream!r})"

@@ -889,3 +889,35 @@ def test_a_sync_ticker_that_cannot_stop_in_time_says_so_and_stays_started() -> N
         ticker.start(0.01)  # not two threads
     release.set()
     ticker.stop()
+
+
+@pytest.mark.parametrize("after", ["close", "ack"])
+def test_a_call_behind_a_long_consume_waits_for_its_bound_too(after: str) -> None:
+    """A consume with a timeout longer than ``call_timeout`` holds the stream's one worker: a close
+    after it was cancelled, or an ack made meanwhile (auto_ack=False), waits for it within the
+    consume's own bound plus ``call_timeout``, instead of failing after ``call_timeout``."""
+
+    async def main() -> None:
+        async with aio.connect(_url(), call_timeout=0.3) as client:
+            chans = await client.create_channels(ms.CreateChannelRequest(owner=_owner(), num_channels=1))
+            async with client.msg_stream() as out:
+                await out.create_producers(chans)
+                await out.produce(ms.MsgPack.of([_row(0)]))
+            stream = client.msg_stream(auto_ack=False)
+            await stream.create_consumers("sub", chans)
+            msgs = await stream.receive(5.0)
+            assert msgs is not None
+            poll = asyncio.create_task(stream.receive(1.5))  # nothing more comes: it waits its 1.5 s
+            await asyncio.sleep(0)
+            if after == "close":
+                poll.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await poll
+                await stream.close()
+                assert stream.closed
+            else:
+                await stream.ack(msgs)
+                assert await poll is None
+                await stream.close()
+
+    asyncio.run(main())
