@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -684,13 +684,13 @@ def test_an_explicit_produce_timeout_still_bounds_the_await() -> None:
         sync.close()
 
 
-@pytest.mark.parametrize("how", ["await", "async with"])
-def test_a_connect_cancelled_while_opening_closes_what_it_opens(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    release, closed = threading.Event(), threading.Event()
+def _slow_open(monkeypatch: pytest.MonkeyPatch, wait: Callable[[], object]) -> threading.Event:
+    """Backends opened by msgstream.aio first ``wait()``; the event is set once one is closed."""
+    closed = threading.Event()
     load = aio.load_backend  # type: ignore[attr-defined]
 
     def slow(url: Any, options: Any) -> ms.Backend:
-        release.wait(10)
+        wait()
         backend: ms.Backend = load(url, options)
         close = backend.close
 
@@ -702,6 +702,13 @@ def test_a_connect_cancelled_while_opening_closes_what_it_opens(how: str, monkey
         return backend
 
     monkeypatch.setattr(aio, "load_backend", slow)
+    return closed
+
+
+@pytest.mark.parametrize("how", ["await", "async with"])
+def test_a_connect_cancelled_while_opening_closes_what_it_opens(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    closed = _slow_open(monkeypatch, lambda: release.wait(10))
 
     async def main() -> None:
         client = aio.connect(_url())
@@ -754,22 +761,7 @@ def test_a_stream_close_whose_caller_is_cancelled_leaves_no_worker_thread() -> N
 
 
 def test_a_connect_past_its_bound_closes_what_it_opens_later(monkeypatch: pytest.MonkeyPatch) -> None:
-    closed = threading.Event()
-    load = aio.load_backend  # type: ignore[attr-defined]
-
-    def slow(url: Any, options: Any) -> ms.Backend:
-        time.sleep(0.6)  # a broker client's constructor checking its broker
-        backend: ms.Backend = load(url, options)
-        close = backend.close
-
-        def recording() -> None:
-            close()
-            closed.set()
-
-        backend.close = recording  # type: ignore[method-assign]
-        return backend
-
-    monkeypatch.setattr(aio, "load_backend", slow)
+    closed = _slow_open(monkeypatch, lambda: time.sleep(0.6))  # a constructor checking its broker
 
     async def main() -> None:
         client = aio.connect(_url(), call_timeout=0.2)
