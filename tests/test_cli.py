@@ -179,11 +179,12 @@ def test_unreachable_broker_is_reported_within_the_timeout(backend: str, broker:
             listener = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
             port = listener.getsockname()[1]
         where = f"{backend}://:pw-Secret9@127.0.0.1:{port}" if backend == "redis" else f"{backend}://127.0.0.1:{port}"
-        start = time.monotonic()
-        failed = run("channels", "--timeout", "1", url=where, status=1)
-        elapsed = time.monotonic() - start
-    assert "BrokerUnavailableError" in failed.stderr and "pw-Secret9" not in failed.stderr + failed.stdout
-    assert elapsed < 4.0, f"reported after {elapsed:.1f} s for --timeout 1"
+        for _ in range(3):  # the exit, with the connect still running in its thread, is clean every time
+            start = time.monotonic()
+            failed = run("channels", "--timeout", "1", url=where, status=1)
+            elapsed = time.monotonic() - start
+            assert "BrokerUnavailableError" in failed.stderr and "pw-Secret9" not in failed.stderr + failed.stdout
+            assert elapsed < 4.0, f"reported after {elapsed:.1f} s for --timeout 1"
 
 
 def test_wrong_password_is_masked(tmp_path: Path) -> None:

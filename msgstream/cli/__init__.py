@@ -107,8 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(str(exc), url, USAGE)
     except (InvalidURLError, MsgStreamError) as exc:
-        status = USAGE if _is_configuration(exc) else FAILED
-        return _fail(f"{type(exc).__name__}: {exc}", url, status)
+        status = _fail(f"{type(exc).__name__}: {exc}", url, USAGE if _is_configuration(exc) else FAILED)
+        if any(t.name == _CONNECTING and t.is_alive() for t in threading.enumerate()):
+            # a connect left running (_connect_within): a native client inside it (pulsar-client's)
+            # aborts the interpreter's shutdown (SIGABRT), so the command ends without one
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
     except BrokenPipeError:  # the reader went away (tail | head): nothing left to say
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush is quiet)
@@ -132,10 +138,13 @@ def _client(url: str, timeout: float) -> Iterator[Client]:
         client.close()
 
 
+_CONNECTING = "msgstream-cli-connect"
+
+
 def _connect_within(url: str, timeout: float) -> Client:
     """``connect(url)`` within ``timeout`` seconds. A backend checks its broker when it is made, on its own
     timeouts (several seconds, with retries): past ``timeout`` the command reports the broker
-    unreachable, and the attempt is left to a daemon thread that the command's exit ends."""
+    unreachable, and the attempt is left to a daemon thread that the command's exit ends (see main)."""
     outcome: list[Client | BaseException] = []
 
     def attempt() -> None:
@@ -144,7 +153,7 @@ def _connect_within(url: str, timeout: float) -> Client:
         except BaseException as exc:  # handed to the command's thread
             outcome.append(exc)
 
-    thread = threading.Thread(target=attempt, name="msgstream-cli-connect", daemon=True)
+    thread = threading.Thread(target=attempt, name=_CONNECTING, daemon=True)
     thread.start()
     thread.join(timeout)
     if not outcome:
