@@ -271,6 +271,10 @@ def _batches(
         yield batch, None
 
 
+#: SIGHUP where the platform has it (not on Windows)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
 class _StopOnSignals:
     """SIGINT, SIGTERM and SIGHUP (the terminal or ssh session closed) set ``stop`` instead of interrupting a
     broker call half-way."""
@@ -280,7 +284,7 @@ class _StopOnSignals:
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        for sig in _STOP_SIGNALS:
             self._saved[sig] = signal.signal(sig, lambda *_: self._stop.set())
 
     def __exit__(self, *exc: object) -> None:
