@@ -200,7 +200,8 @@ class URL:
             at = rest.rfind("@")
             tail = rest[at:]
             if "?" in rest[:at]:  # in an option's value: masked to its end; the options after it by name
-                tail, _, more = "", *tail.partition("&")[1:]
+                more = tail.partition("&")[2]
+                tail = ""
             rest = _MASK + tail
         head, q, query = rest.partition("?")
         out = scheme + sep + head

@@ -39,6 +39,7 @@ from .values import ChannelLag
 
 __all__ = ["Hooks", "MsgStream", "hooks", "set_hooks"]
 
+log = logging.getLogger("msgstream.stream")
 _DEFAULT_DISPATCHER = UnmarshalDispatcher()
 MAX_TIMEOUT = 3600.0
 
@@ -547,9 +548,6 @@ class MsgStream:
             f"MsgStream({self._backend!r}, {state}, producers={self.producer_channels},"
             f" consumer={self.subscription!r}:{self.consumer_channels})"
         )
-
-
-log = logging.getLogger("msgstream.stream")
 
 
 class _Block(Protocol):

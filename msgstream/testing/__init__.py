@@ -1165,7 +1165,8 @@ class ConformanceSuite:
         chans = self.channels(client, 4)
         out = self.producer(streams, chans)
         out.produce(ms.MsgPack.of([_data(i, i % 4) for i in range(40)]))
-        inp = self.consumer(lambda tt=False: streams(receive_batch=3), chans)
+        inp = streams(receive_batch=3)
+        inp.create_consumers(self.sub(), chans)
         rows: list[int] = []
         deadline = time.monotonic() + self.timeout
         while len(rows) < 40:
