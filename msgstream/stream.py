@@ -306,9 +306,7 @@ class MsgStream:
         return self._consume(timeout)
 
     def _consume(self, timeout: float) -> MsgPack | None:
-        consumer = self._require_consumer()
-        deadline = time.monotonic() + check_timeout(timeout, "timeout")
-        self._ack_delivered()
+        consumer, deadline = self._start_receive(timeout)
         msgs = self._receive(consumer, deadline, self.auto_ack)
         if msgs is None:
             return None
@@ -324,22 +322,31 @@ class MsgStream:
         return self._receive_unacked(timeout)
 
     def _receive_unacked(self, timeout: float) -> list[TsMsg] | None:
+        consumer, deadline = self._start_receive(timeout)  # acknowledges reported bad frames only
+        return self._receive(consumer, deadline, False)
+
+    def _start_receive(self, timeout: float) -> tuple[Consumer, float]:
+        """The consumer and the deadline of a receiving call, once what the caller moved on from is
+        acknowledged."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
-        self._ack_delivered()  # reported bad frames only: nothing else is tracked here
-        return self._receive(consumer, deadline, False)
+        self._ack_delivered()
+        return consumer, deadline
+
+    def _next_raws(self, consumer: Consumer, deadline: float) -> list[RawMessage]:
+        """The backlog, else what the consumer receives by ``deadline``."""
+        raws = self._backlog or consumer.receive(self._batch, max(0.0, deadline - time.monotonic()))
+        self._backlog = []
+        return raws
 
     def _receive(self, consumer: Consumer, deadline: float, track: bool) -> list[TsMsg] | None:
         """Receive and decode; ``track``: the messages are acknowledged by the next consume (auto_ack)."""
-        while True:
-            raws = self._backlog or consumer.receive(self._batch, max(0.0, deadline - time.monotonic()))
-            self._backlog = []
-            if not raws:
-                return None
+        while raws := self._next_raws(consumer, deadline):
             msgs = self._decode(raws, track)
             if msgs is not None:
                 return msgs
             # the batch began with a bad frame that went to on_error: go on with the rest
+        return None
 
     def consume_frames(self, timeout: float = 1.0) -> FramePack | None:
         """As :meth:`consume`, but the messages stay encoded: a :class:`~msgstream.FramePack` of
@@ -353,17 +360,11 @@ class MsgStream:
         return self._consume_frames(timeout)
 
     def _consume_frames(self, timeout: float) -> FramePack | None:
-        consumer = self._require_consumer()
-        wait = check_timeout(timeout, "timeout")
-        self._ack_delivered()
-        raws = self._backlog or consumer.receive(self._batch, wait)
-        self._backlog = []
+        consumer, deadline = self._start_receive(timeout)
+        raws = self._next_raws(consumer, deadline)
         if not raws:
             return None
-        if self.auto_ack:
-            self._unacked.extend(raws)
-            self._in_hand = len(raws)
-        self._note_returned(raws)
+        self._hand_over(raws, self.auto_ack)
         return FramePack(raws, self._dispatcher)
 
     def _decode(self, raws: list[RawMessage], track: bool) -> list[TsMsg] | None:
@@ -390,14 +391,15 @@ class MsgStream:
                 return None
             set_record(msg, raw)
             msgs.append(msg)
+        self._hand_over(raws, track)
+        return msgs
+
+    def _hand_over(self, raws: list[RawMessage], track: bool) -> None:
+        """Note ``raws`` as returned to the caller: with ``track``, to be acknowledged by the next call;
+        and, per channel, the last of them (what :meth:`lag` counts from)."""
         if track:
             self._unacked.extend(raws)
             self._in_hand = len(raws)
-        self._note_returned(raws)
-        return msgs
-
-    def _note_returned(self, raws: list[RawMessage]) -> None:
-        """Remember, per channel, the last of ``raws`` (what :meth:`lag` counts from)."""
         if self._consumer is not None and len(self._consumer.channels) == 1:
             self._last[raws[-1].channel] = raws[-1].msg_id
             return
