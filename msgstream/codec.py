@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
-from .messages import HEADER_SIZE, PROPERTIES, STOCK_TYPES, TsMsg, read_header, split_properties
+from .messages import HEADER, HEADER_SIZE, MAGIC, PROPERTIES, STOCK_TYPES, VERSION, TsMsg, read_header, split_properties
 
 __all__ = ["Decode", "UnmarshalDispatcher"]
 
@@ -39,28 +39,23 @@ class UnmarshalDispatcher:
         if isinstance(msg_type, bool) or not isinstance(msg_type, int) or not 0 < msg_type < 2**32:
             raise InvalidArgumentError(f"msg_type must be an int in 1..2**32-1, got {msg_type!r}")
         if isinstance(decode, type) and issubclass(decode, TsMsg):
-            decode.prepare()
+            header = decode.prepare()  # the fast path's key: the only header of msg_type without flags
             if int(decode.msg_type) != int(msg_type):
                 raise InvalidArgumentError(
                     f"{decode.__name__}.msg_type is {int(decode.msg_type)}, registered as {msg_type}"
                 )
-            self._decoders[int(msg_type)] = _struct_decoder(decode)
-            self._drop_fast_path(int(msg_type))
-            self._by_header[decode.prepare()] = decode._decoder.decode
-            self._names[decode.prepare()] = decode.__name__
+            self._decoders[int(msg_type)] = decode.decode_body
+            self._by_header[header] = decode._decoder.decode
+            self._names[header] = decode.__name__
         elif callable(decode) and not isinstance(decode, type):
             self._decoders[int(msg_type)] = _guarded(decode)
-            self._drop_fast_path(int(msg_type))
+            self._by_header.pop(HEADER.pack(MAGIC, VERSION, 0, int(msg_type)), None)
         else:
             raise InvalidArgumentError(f"decode must be a TsMsg subclass or a callable, got {decode!r}")
 
     def msg_types(self) -> list[int]:
         """The registered MsgType values."""
         return sorted(self._decoders)
-
-    def _drop_fast_path(self, msg_type: int) -> None:
-        for header in [h for h in self._by_header if int.from_bytes(h[4:8], "big") == msg_type]:
-            del self._by_header[header]
 
     def unmarshal(self, data: bytes) -> TsMsg:
         """Decode one frame (one with properties takes the careful path). Raises ``UnmarshalError``
@@ -89,20 +84,6 @@ class UnmarshalDispatcher:
         msg = decode(plain)
         msg._props = props
         return msg
-
-
-def _struct_decoder(cls: type[TsMsg]) -> Decode:
-    decode = cls._decoder.decode
-    name = cls.__name__
-
-    def decode_struct(data: bytes) -> TsMsg:
-        try:
-            msg: TsMsg = decode(memoryview(data)[HEADER_SIZE:])
-        except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
-            raise UnmarshalError(f"corrupt {name} frame: {exc}", data=bytes(data)) from exc
-        return msg
-
-    return decode_struct
 
 
 def _guarded(decode: Decode) -> Decode:
