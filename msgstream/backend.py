@@ -156,10 +156,9 @@ class URL:
             self.password = unquote(password) if colon else None
             if colon and password:
                 self._raw_secrets.append(password)
-        self.hosts: list[tuple[str, int | None]] = []
-        for part in filter(None, hostlist.split(",")):
-            host, port = _split_host(part, self)
-            self.hosts.append((host, port))
+        self.hosts: list[tuple[str, int | None]] = [
+            _split_host(part, self) for part in filter(None, hostlist.split(","))
+        ]
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
         except ValueError:
@@ -597,8 +596,7 @@ def load_backend(url: str | URL, options: Mapping[str, Any] | None = None) -> Ba
     from stevedore.exception import NoMatches
 
     parsed = url if isinstance(url, URL) else URL(url)
-    merged: dict[str, Any] = dict(parsed.options)
-    merged.update(options or {})
+    merged: dict[str, Any] = {**parsed.options, **(options or {})}
     candidates = [parsed.scheme] + ([parsed.scheme.split("+", 1)[0]] if "+" in parsed.scheme else [])
     failures: list[str] = []
 
@@ -615,8 +613,7 @@ def load_backend(url: str | URL, options: Mapping[str, Any] | None = None) -> Ba
         cls = manager.driver
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise BackendNotFoundError(f"entry point {name!r} in {ENTRY_POINT_GROUP} is not a Backend: {cls!r}")
-        backend: Backend = cls(parsed, merged)
-        return backend
+        return cls(parsed, merged)
     detail = f"; failed to load: {'; '.join(failures)}" if failures else ""
     raise BackendNotFoundError(
         f"no msgstream backend for scheme {parsed.scheme!r} (URL {parsed.redacted()!r});"

@@ -64,11 +64,16 @@ def frame_timestamps(payload: bytes) -> tuple[int, int]:
     return head.begin_ts, head.end_ts
 
 
-def _end_ts(payload: bytes) -> int:
+def _timestamps(payload: bytes) -> tuple[int, int] | None:
+    """:func:`frame_timestamps`, or ``None`` for a frame that cannot be read."""
     try:
-        return frame_timestamps(payload)[1]
+        return frame_timestamps(payload)
     except UnmarshalError:
-        return 0
+        return None
+
+
+def _end_ts(payload: bytes) -> int:
+    return (_timestamps(payload) or (0, 0))[1]
 
 
 class FramePack:
@@ -128,12 +133,7 @@ class FramePack:
 
     def _time_range(self) -> tuple[int, int]:
         if self._begin_end is None:
-            ranges = []
-            for raw in self.frames:
-                try:
-                    ranges.append(frame_timestamps(raw.payload))
-                except UnmarshalError:
-                    continue
+            ranges = [r for raw in self.frames if (r := _timestamps(raw.payload)) is not None]
             self._begin_end = (min(b for b, _ in ranges), max(e for _, e in ranges)) if ranges else (0, 0)
         return self._begin_end
 

@@ -59,8 +59,4 @@ def consumed_pack(msgs: list[TsMsg], one_channel: bool = False) -> MsgPack:
 
 
 def _positions(msgs: Iterable[TsMsg], inclusive: bool) -> list[Position]:
-    out = []
-    for m in msgs:
-        raw = m._raw
-        out.append(Position(raw.channel, raw.msg_id, m.end_ts, inclusive))
-    return out
+    return [Position(m._raw.channel, m._raw.msg_id, m.end_ts, inclusive) for m in msgs]

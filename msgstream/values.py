@@ -1,7 +1,6 @@
 """The value types every layer shares: :class:`Position` (where a message sits on its channel),
 :class:`RawMessage` (a message as a backend delivers it), :class:`SubscriptionPosition` and
-:class:`ChannelLag`. This module
-imports nothing of msgstream but its errors."""
+:class:`ChannelLag`. This module imports nothing of msgstream but its errors."""
 
 from __future__ import annotations
 
@@ -72,8 +71,8 @@ class RawMessage(msgspec.Struct, frozen=True, gc=False):
     (``channel, msg_id, payload = raw``; ``raw[2]``). It is a C-level struct, not a NamedTuple, because
     a backend builds one per message on the consume hot path: it is cheaper to build than a NamedTuple
     and not tracked by the garbage collector (it holds only a str and two bytes, so it can be in no
-    reference cycle). In hot loops read the attributes: unpacking goes
-    through a Python-level ``__iter__``. It is not a ``tuple`` instance and does not equal one.
+    reference cycle). In hot loops read the attributes: unpacking goes through a Python-level
+    ``__iter__``. It is not a ``tuple`` instance and does not equal one.
     """
 
     channel: str
@@ -97,8 +96,8 @@ class ChannelLag(msgspec.Struct, frozen=True, array_like=True):
     any: after the subscription's acknowledged position); ``None`` where the broker cannot count them.
     ``seconds``: the physical time between the newest message's ``end_ts`` and the ``end_ts`` of the last
     message returned (before any: of the last one acknowledged, else of the oldest not acknowledged); 0.0
-    when nothing is behind,
-    ``None`` where the messages cannot be read back. docs/operations.md has the rules per backend.
+    when nothing is behind, ``None`` where the messages cannot be read back. docs/operations.md has the
+    rules per backend.
     """
 
     channel: str
