@@ -213,12 +213,10 @@ class _MemoryConsumer(Consumer):
         self._closed = False
 
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
-        if self._closed:
-            raise StreamClosedError("consumer is closed")
         deadline = time.monotonic() + timeout
         with self._broker.changed:
             while True:
-                if self._closed:  # closed by another thread while we waited: take nothing
+                if self._closed:  # also by another thread while we waited: take nothing
                     raise StreamClosedError("consumer is closed")
                 out = self._take(max_messages)
                 remaining = deadline - time.monotonic()

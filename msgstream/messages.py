@@ -275,12 +275,8 @@ def with_properties(frame: bytes | bytearray, props: dict[str, str]) -> bytes:
     block = _ENCODER.encode(props)
     if len(block) > _MAX_PROPERTIES:
         raise InvalidArgumentError(f"properties take {len(block)} bytes encoded; at most {_MAX_PROPERTIES}")
-    return (
-        b"".join(
-            (frame[:3], bytes((frame[3] | PROPERTIES,)), frame[4:HEADER_SIZE], _LENGTH.pack(len(block)), block),
-        )
-        + frame[HEADER_SIZE:]
-    )
+    flags = bytes((frame[3] | PROPERTIES,))
+    return b"".join((frame[:3], flags, frame[4:HEADER_SIZE], _LENGTH.pack(len(block)), block, frame[HEADER_SIZE:]))
 
 
 def split_properties(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], bytes]:

@@ -89,11 +89,7 @@ class TimeTickStream:
             raise InvalidArgumentError(f"TimeTickStream wraps a MsgStream, got {type(stream).__name__}")
         if isinstance(max_buffered, bool) or not isinstance(max_buffered, int) or max_buffered < 1:
             raise InvalidArgumentError(f"max_buffered must be a positive int, got {max_buffered!r}")
-        if (
-            not isinstance(lag_warning_after, (int, float))
-            or not lag_warning_after > 0
-            or math.isinf(lag_warning_after)
-        ):
+        if not isinstance(lag_warning_after, (int, float)) or not 0 < lag_warning_after < math.inf:
             raise InvalidArgumentError(f"lag_warning_after must be a positive number, got {lag_warning_after!r}")
         self._stream = stream
         self._max_buffered = max_buffered
@@ -214,13 +210,9 @@ class TimeTickStream:
 
     def _emit(self) -> MsgPack | None:
         order = self._order
-        tick: int | None = None
-        for ch in order:
-            if not ch.ticks:
-                return None
-            if tick is None or ch.ticks[0] < tick:
-                tick = ch.ticks[0]
-        assert tick is not None
+        if not all(ch.ticks for ch in order):
+            return None
+        tick = min(ch.ticks[0] for ch in order)
         prev = self._last_tick
         data: list[TsMsg] = []
         done: list[Any] = []  # the backend records of what the pack covers, to acknowledge
