@@ -626,15 +626,15 @@ _T = TypeVar("_T")
 _LOGICAL_BITS = 18  # msgstream.timestamp.LOGICAL_BITS: a hybrid timestamp is physical_ms << 18 | logical
 
 
-def _unless_unsupported(call: Callable[[], _T], default: _T) -> _T:
+def _unless_unsupported(call: Callable[..., _T], *args: Any, default: _T) -> _T:
     try:
-        return call()
+        return call(*args)
     except UnsupportedOperationError:  # a plugin that does not implement lag's operations: it cannot tell
         return default
 
 
 def _end_ms(backend: Backend, channel: str, msg_id: bytes) -> int | None:
-    payload = _unless_unsupported(lambda: backend.read_message(channel, msg_id), None)
+    payload = _unless_unsupported(backend.read_message, channel, msg_id, default=None)
     if payload is None:
         return None
     try:
@@ -652,10 +652,10 @@ def channel_lags(
     for channel in channels:
         ref = last.get(channel)
         if ref is not None:
-            count = _unless_unsupported(lambda: backend.count_after(channel, ref), None)  # noqa: B023
+            count = _unless_unsupported(backend.count_after, channel, ref, default=None)
         else:
             unknown: tuple[int | None, bytes | None] = (None, None)
-            count, ref = _unless_unsupported(lambda: backend.unacknowledged(subscription, channel), unknown)  # noqa: B023
+            count, ref = _unless_unsupported(backend.unacknowledged, subscription, channel, default=unknown)
         newest = backend.latest_message_id(channel)
         seconds: float | None
         if count == 0 or newest is None or newest == ref:

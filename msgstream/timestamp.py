@@ -58,15 +58,15 @@ class _Broadcaster(Protocol):
     def broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]: ...
 
 
+_MAX_WAIT = threading.TIMEOUT_MAX
+
+
 def check_interval(interval: object) -> float:
     """A ticker interval as float seconds; one that is not a positive number of seconds a thread can wait
     raises ``InvalidArgumentError``."""
     if isinstance(interval, bool) or not isinstance(interval, numbers.Real) or not 0 < float(interval) <= _MAX_WAIT:
         raise InvalidArgumentError(f"interval must be a positive number of seconds, got {interval!r}")
     return float(interval)
-
-
-_MAX_WAIT = threading.TIMEOUT_MAX
 
 
 class Ticker:
