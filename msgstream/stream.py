@@ -201,8 +201,7 @@ class MsgStream:
         return self._produce(pack)
 
     def _produce(self, pack: MsgPack) -> dict[str, list[bytes]]:
-        msgs = self._check_pack(pack)
-        producers = self._producers  # as they were checked: a close from another thread empties the list
+        msgs, producers = self._check_pack(pack)
         n = len(producers)
         if not msgs:
             return {}
@@ -235,8 +234,7 @@ class MsgStream:
         return self._broadcast(pack)
 
     def _broadcast(self, pack: MsgPack) -> dict[str, list[bytes]]:
-        msgs = self._check_pack(pack)
-        producers = self._producers  # as they were checked (see _produce)
+        msgs, producers = self._check_pack(pack)
         if not msgs:
             return {}
         payloads = self._marshal(msgs)
@@ -257,9 +255,12 @@ class MsgStream:
                 raise RepackError(f"cannot marshal a {bad} (packs hold TsMsg instances)") from exc
             raise InvalidArgumentError(f"a message cannot be encoded: {exc}") from exc  # e.g. an int > 2**64
 
-    def _check_pack(self, pack: MsgPack) -> list[TsMsg]:
+    def _check_pack(self, pack: MsgPack) -> tuple[list[TsMsg], list[Producer]]:
+        """The pack's messages, checked, and the producers to send them with: the list as checked, which a
+        close from another thread replaces with an empty one."""
         self._check_open()
-        if not self._producers:
+        producers = self._producers
+        if not producers:
             raise StreamStateError("no producers: call create_producers() first")
         if not isinstance(pack, MsgPack):
             raise InvalidArgumentError(f"produce takes a MsgPack, got {type(pack).__name__}")
@@ -269,7 +270,7 @@ class MsgStream:
         for cls in set(map(type, msgs)):  # per type, not per message
             if not issubclass(cls, TsMsg):
                 raise InvalidArgumentError(f"a MsgPack holds TsMsg instances, got {cls.__name__}")
-        return msgs
+        return msgs, producers
 
     def _send(self, batches: list[tuple[Producer, list[bytes]]]) -> dict[str, list[bytes]]:
         sent: dict[str, list[bytes]] = {}
