@@ -114,13 +114,11 @@ class MemoryBackend(Backend):
 
     def create_consumer(self, subscription: str, channels: Sequence[str], initial: SubscriptionPosition) -> Consumer:
         with self._broker.lock:
-            for ch in [self._broker.channel(name) for name in channels]:  # every channel exists, or nothing changes
-                if subscription not in ch.subs:
-                    start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
-                    ch.subs[subscription] = _Subscription(start)
+            chs = [self._broker.channel(name) for name in channels]  # every channel exists, or nothing changes
             consumer = _MemoryConsumer(self._broker, subscription, channels, self._consumers)
-            for name in channels:
-                self._broker.channels[name].subs[subscription].members.add(consumer.token)
+            for ch in chs:
+                start = 0 if initial is SubscriptionPosition.EARLIEST else len(ch.log)
+                ch.subs.setdefault(subscription, _Subscription(start)).members.add(consumer.token)
         return consumer
 
     def close(self) -> None:
