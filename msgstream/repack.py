@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -87,15 +88,10 @@ def _split_rows(i: int, msg: InsertMsg | DeleteMsg, keys: Sequence[int]) -> list
         by_key.setdefault(key, []).append(row)
     parts: list[tuple[int, TsMsg]] = []
     for key, row_idx in by_key.items():
-        fields: dict[str, object] = {name: [col[r] for r in row_idx] for name, col in columns.items()}
-        ts = fields["timestamps"]
-        assert isinstance(ts, list)
+        fields: dict[str, list[Any]] = {name: [col[r] for r in row_idx] for name, col in columns.items()}
+        ts = fields["timestamps"]  # one per row: never empty
         part = _copy_with(
-            msg,
-            hash_values=[msg.hash_values[r] for r in row_idx],
-            begin_ts=min(ts) if ts else msg.begin_ts,
-            end_ts=max(ts) if ts else msg.end_ts,
-            **fields,
+            msg, hash_values=[msg.hash_values[r] for r in row_idx], begin_ts=min(ts), end_ts=max(ts), **fields
         )
         parts.append((key, part))
     return parts

@@ -256,8 +256,7 @@ class MsgStream:
             raise InvalidArgumentError(f"a message cannot be encoded: {exc}") from exc  # e.g. an int > 2**64
 
     def _check_pack(self, pack: MsgPack) -> tuple[list[TsMsg], list[Producer]]:
-        """The pack's messages, checked, and the producers to send them with: the list as checked, which a
-        close from another thread replaces with an empty one."""
+        """The pack's messages, checked, and the producers as checked (a close in another thread replaces the list)."""
         self._check_open()
         producers = self._producers
         if not producers:
@@ -309,9 +308,7 @@ class MsgStream:
     def _consume(self, timeout: float) -> MsgPack | None:
         consumer, deadline = self._start_receive(timeout)
         msgs = self._receive(consumer, deadline, self.auto_ack)
-        if msgs is None:
-            return None
-        return consumed_pack(msgs, len(consumer.channels) == 1)
+        return None if msgs is None else consumed_pack(msgs, len(consumer.channels) == 1)
 
     def receive(self, timeout: float = 1.0) -> list[TsMsg] | None:
         """The next decoded messages (up to ``receive_batch``), each carrying its ``position``, or ``None``
@@ -327,8 +324,7 @@ class MsgStream:
         return self._receive(consumer, deadline, False)
 
     def _start_receive(self, timeout: float) -> tuple[Consumer, float]:
-        """The consumer and the deadline of a receiving call, once what the caller moved on from is
-        acknowledged."""
+        """The consumer and the deadline of a receiving call, after acknowledging what the caller moved on from."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + check_timeout(timeout, "timeout")
         self._ack_delivered()
