@@ -159,16 +159,23 @@ class _Started:
 class _AsyncStream(Generic[S]):
     """What AsyncMsgStream and AsyncTimeTickStream share."""
 
+    _wraps: type  # the sync stream class wrapped
+
     def __init__(
         self, stream: S, *, produce_timeout: float | None = None, call_timeout: float = DEFAULT_CALL_TIMEOUT
     ) -> None:
+        """``produce_timeout``: the per-channel part of a produce's bound (default: the stream's own)."""
+        if not isinstance(stream, self._wraps):
+            raise InvalidArgumentError(
+                f"{type(self).__name__} wraps a {self._wraps.__name__}, got {type(stream).__name__}"
+            )
         self._stream: S = stream
         self._produce_timeout = produce_timeout  # None: the wrapped stream's
         self._bound = _check_bound(call_timeout)
         self._consume_worker: _Worker | None = None
         self._produce_worker: _Worker | None = None
-        self._lock: asyncio.Lock | None = None  # one consume-side call awaited at a time
-        # the outcome of a consume-side call whose caller was cancelled: (method, future)
+        self._lock = asyncio.Lock()  # one consume-side call awaited at a time
+        # the outcome of a consume-side call whose caller was cancelled:
         # (method, future, the loop time by which it should be done)
         self._kept: tuple[str, asyncio.Future[Any], float] | None = None
         self._inline_send = self._inner().backend.features.nonblocking_send
@@ -188,11 +195,6 @@ class _AsyncStream(Generic[S]):
             self._produce_worker = _Worker("msgstream-aio-produce")
         return self._produce_worker
 
-    def _consume_lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
     def _check_open(self) -> None:
         if self._stream.closed:
             raise StreamClosedError("stream is closed")
@@ -200,6 +202,11 @@ class _AsyncStream(Generic[S]):
     @property
     def closed(self) -> bool:
         return self._stream.closed
+
+    @property
+    def sync(self) -> S:
+        """The wrapped sync stream (its calls block: not for use on the event loop)."""
+        return self._stream
 
     # -- set-up ---------------------------------------------------------------------------------
     async def create_producers(self, channels: Sequence[str]) -> None:
@@ -271,7 +278,7 @@ class _AsyncStream(Generic[S]):
     # -- consuming ------------------------------------------------------------------------------
     async def _take(self, kind: str, fn: Callable[[], T], timeout: float) -> T:
         """Run a consume-side call, or take the kept outcome of one whose caller was cancelled."""
-        async with self._consume_lock():
+        async with self._lock:
             kept = self._kept
             if kept is None:
                 fut: asyncio.Future[T] = self._consuming.submit(fn)
@@ -303,7 +310,7 @@ class _AsyncStream(Generic[S]):
         """Resume each position's channel right after it. A pack kept from a cancelled consume is
         dropped unacknowledged (the seek decides what comes next)."""
         self._check_open()
-        async with self._consume_lock():
+        async with self._lock:
             await self._settle_kept()
             await self._consuming.call(lambda: self._stream.seek(positions), self._bound, "seek")
 
@@ -344,7 +351,7 @@ class _AsyncStream(Generic[S]):
         if self._stream.closed:
             self._shutdown()
             return
-        async with self._consume_lock():
+        async with self._lock:
             if self._stream.closed:  # by a close that held the lock first
                 self._shutdown()
                 return
@@ -384,10 +391,7 @@ class _AsyncStream(Generic[S]):
             log.warning("closing %r after its block failed: %s; closed without acknowledging", self, err)
             await self._close(False, drop_in_hand=False)
 
-    def __aiter__(self) -> AsyncIterator[MsgPack]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[MsgPack]:
+    async def __aiter__(self) -> AsyncIterator[MsgPack]:
         while not self._stream.closed:
             try:
                 pack = await self.consume(ITER_TIMEOUT)
@@ -401,16 +405,7 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
     """:class:`~msgstream.MsgStream` for asyncio (see the module doc); an async context manager, and
     ``async for pack in stream`` yields packs until the stream is closed."""
 
-    def __init__(self, stream: MsgStream, *, produce_timeout: float | None = None, call_timeout: float = 60.0) -> None:
-        """``produce_timeout``: the per-channel part of a produce's bound (default: the stream's own)."""
-        if not isinstance(stream, MsgStream):
-            raise InvalidArgumentError(f"AsyncMsgStream wraps a MsgStream, got {type(stream).__name__}")
-        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
-
-    @property
-    def sync(self) -> MsgStream:
-        """The wrapped sync stream (its calls block: not for use on the event loop)."""
-        return self._stream
+    _wraps = MsgStream
 
     @property
     def backend(self) -> Backend:
@@ -453,7 +448,7 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 
     async def ack(self, msgs: Sequence[TsMsg] | Sequence[RawMessage]) -> None:
         """Acknowledge consumed messages (only needed with ``auto_ack=False``)."""
-        async with self._consume_lock():  # after a consume in flight; behind a kept one on the worker
+        async with self._lock:  # after a consume in flight; behind a kept one on the worker
             behind = self._behind(self._kept[2]) if self._kept is not None else 0.0
             await self._consuming.call(lambda: self._stream.ack(msgs), self._bound + behind, "ack")
 
@@ -464,18 +459,7 @@ class AsyncMsgStream(_AsyncStream[MsgStream]):
 class AsyncTimeTickStream(_AsyncStream[TimeTickStream]):
     """:class:`~msgstream.TimeTickStream` for asyncio: each ``await consume()`` returns one tick's pack."""
 
-    def __init__(
-        self, stream: TimeTickStream, *, produce_timeout: float | None = None, call_timeout: float = 60.0
-    ) -> None:
-        """``produce_timeout``: the per-channel part of a produce's bound (default: the stream's own)."""
-        if not isinstance(stream, TimeTickStream):
-            raise InvalidArgumentError(f"AsyncTimeTickStream wraps a TimeTickStream, got {type(stream).__name__}")
-        super().__init__(stream, produce_timeout=produce_timeout, call_timeout=call_timeout)
-
-    @property
-    def sync(self) -> TimeTickStream:
-        """The wrapped sync stream (its calls block: not for use on the event loop)."""
-        return self._stream
+    _wraps = TimeTickStream
 
     @property
     def inner(self) -> MsgStream:
@@ -501,7 +485,9 @@ class AsyncClient:
     coroutines; ``msg_stream()`` and ``tt_msg_stream()`` return async streams. Closing the client closes
     the streams opened from it that are still open, then the backend."""
 
-    def __init__(self, url: str | URL, options: dict[str, Any] | None = None, *, call_timeout: float = 60.0) -> None:
+    def __init__(
+        self, url: str | URL, options: dict[str, Any] | None = None, *, call_timeout: float = DEFAULT_CALL_TIMEOUT
+    ) -> None:
         self._url = url if isinstance(url, URL) else URL(url)  # a malformed URL raises here
         self._options = dict(options or {})
         self._bound = _check_bound(call_timeout)
@@ -516,7 +502,7 @@ class AsyncClient:
         self._awaited = False  # the first ``await`` is the creator's (see _enter)
 
     @classmethod
-    def from_client(cls, client: Client, *, call_timeout: float = 60.0) -> AsyncClient:
+    def from_client(cls, client: Client, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> AsyncClient:
         """An AsyncClient over a sync client you opened yourself (it is closed with this one)."""
         made = cls(client.backend.url, call_timeout=call_timeout)
         made._client = client
@@ -612,13 +598,14 @@ class AsyncClient:
 
     def msg_stream(self, **options: Any) -> AsyncMsgStream:
         """A new :class:`AsyncMsgStream` (options: see :class:`~msgstream.MsgStream`)."""
-        stream = AsyncMsgStream(self._opened().msg_stream(**options), call_timeout=self._bound)
-        self._streams.add(stream)
-        return stream
+        return self._track(AsyncMsgStream(self._opened().msg_stream(**options), call_timeout=self._bound))
 
     def tt_msg_stream(self, **options: Any) -> AsyncTimeTickStream:
         """A new :class:`AsyncTimeTickStream` (options: see :meth:`msgstream.Client.tt_msg_stream`)."""
-        stream = AsyncTimeTickStream(self._opened().tt_msg_stream(**options), call_timeout=self._bound)
+        return self._track(AsyncTimeTickStream(self._opened().tt_msg_stream(**options), call_timeout=self._bound))
+
+    def _track(self, stream: A) -> A:
+        """``stream``, closed with this client if still open then."""
         self._streams.add(stream)
         return stream
 
@@ -632,12 +619,12 @@ class AsyncClient:
             await asyncio.shield(closing)
 
     def _begin_close(self) -> asyncio.Task[None]:
-        failed = self._closing is not None and self._closing.done() and not self._closing.cancelled()
-        if self._closing is None or (failed and self._closing.exception() is not None):
-            self._closed = True
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-            self._closing.add_done_callback(_retrieve)
-        return self._closing
+        closing = self._closing
+        if closing is None or (closing.done() and not closing.cancelled() and closing.exception() is not None):
+            self._closed = True  # none begun yet, or one that failed: begin one
+            closing = self._closing = asyncio.get_running_loop().create_task(self._close())
+            closing.add_done_callback(_retrieve)
+        return closing
 
     async def _close(self) -> None:
         if self._opening is not None:  # an open in flight: what it opens is closed here
@@ -663,7 +650,7 @@ class AsyncClient:
         return f"AsyncClient({self.url!r})"
 
 
-def connect(url: str = "memory://", *, call_timeout: float = 60.0, **options: Any) -> AsyncClient:
+def connect(url: str = "memory://", *, call_timeout: float = DEFAULT_CALL_TIMEOUT, **options: Any) -> AsyncClient:
     """An :class:`AsyncClient` on the backend registered for the URL's scheme; ``async with`` or
     ``await`` opens it. ``options`` go to the backend, as with :func:`msgstream.connect`;
     ``call_timeout`` bounds each call beyond its own timeout. A malformed URL raises
