@@ -63,24 +63,15 @@ _LOCK = threading.Lock()
 
 def _attributes(s: MsgStream, operation: str, channels: list[str]) -> dict[str, Any]:
     """The messaging semantic-convention attributes every span and measurement of ``operation`` has."""
+    scheme = getattr(getattr(s._backend, "url", None), "scheme", None)
     attrs: dict[str, Any] = {
-        "messaging.system": _system(s),
+        "messaging.system": scheme if isinstance(scheme, str) else "msgstream",
         "messaging.operation.type": operation,
         "messaging.operation.name": operation,
     }
     if len(channels) == 1:
         attrs["messaging.destination.name"] = channels[0]
     return attrs
-
-
-def _system(s: MsgStream) -> str:
-    url = getattr(s._backend, "url", None)
-    scheme = getattr(url, "scheme", None)
-    return scheme if isinstance(scheme, str) else "msgstream"
-
-
-def _error_type(exc: BaseException) -> str:
-    return type(exc).__qualname__
 
 
 class _Hooks:
@@ -136,10 +127,11 @@ class _Hooks:
             try:
                 result = send(msgspec.structs.replace(pack, msgs=[traced.get(id(m), m) for m in msgs]))
             except BaseException as exc:
+                error_type = type(exc).__qualname__
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                span.set_attribute("error.type", _error_type(exc))
-                self._duration.record(time.perf_counter() - start, {**attrs, "error.type": _error_type(exc)})
+                span.set_attribute("error.type", error_type)
+                self._duration.record(time.perf_counter() - start, {**attrs, "error.type": error_type})
                 raise
             # what reached the broker: a repack may send one message to several channels
             ids = [i for got in result.values() for i in got] if isinstance(result, dict) else []
@@ -226,34 +218,28 @@ class _Hooks:
 
 def _trace_contexts(result: Any) -> tuple[int, list[dict[str, str]]]:
     """``(data messages, distinct trace-context carriers)`` of what a consume returned."""
-    count = 0
-    carriers: dict[str, dict[str, str]] = {}  # traceparent -> carrier: one link per producing span
     if isinstance(result, FramePack):
-        for raw in result.frames:
-            payload = raw.payload
-            if len(payload) < 8 or int.from_bytes(payload[4:8], "big") == _TICK:
-                continue
-            count += 1
-            if payload[3] & PROPERTIES:
-                try:
-                    props = frame_properties(payload)
-                except Exception:  # a bad frame is the consumer's to report when it unmarshals it
-                    continue
-                parent = props.get("traceparent")
-                if parent is not None and parent not in carriers:
-                    carriers[parent] = props
-        return count, list(carriers.values())
-    msgs = result.msgs if isinstance(result, MsgPack) else result
-    for m in msgs:
-        if isinstance(m, TimeTickMsg):
-            continue
-        count += 1
-        known = m._props
-        if known:
-            parent = known.get("traceparent")
-            if parent is not None and parent not in carriers:
-                carriers[parent] = known
-    return count, list(carriers.values())
+        payloads = [raw.payload for raw in result.frames]
+        found = [_frame_props(p) for p in payloads if len(p) >= 8 and int.from_bytes(p[4:8], "big") != _TICK]
+    else:
+        msgs = result.msgs if isinstance(result, MsgPack) else result
+        found = [m._props for m in msgs if not isinstance(m, TimeTickMsg)]
+    carriers: dict[str, dict[str, str]] = {}  # traceparent -> carrier: one link per producing span
+    for props in filter(None, found):
+        parent = props.get("traceparent")
+        if parent is not None:
+            carriers.setdefault(parent, props)
+    return len(found), list(carriers.values())
+
+
+def _frame_props(payload: bytes) -> dict[str, str] | None:
+    """The properties of an encoded data message, if it has any."""
+    if not payload[3] & PROPERTIES:
+        return None
+    try:
+        return frame_properties(payload)
+    except Exception:  # a bad frame is the consumer's to report when it unmarshals it
+        return None
 
 
 def _gauge(provider: Any, method: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
