@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(str(exc), url, USAGE)
     except (InvalidURLError, MsgStreamError) as exc:
-        status = _fail(f"{type(exc).__name__}: {exc}", url, USAGE if _is_configuration(exc) else FAILED)
+        configuration = isinstance(exc, (InvalidURLError, BackendNotFoundError, InvalidArgumentError))
+        status = _fail(f"{type(exc).__name__}: {exc}", url, USAGE if configuration else FAILED)
         if any(t.name == _CONNECTING and t.is_alive() for t in threading.enumerate()):
             # a connect left running (_connect_within): a native client inside it (pulsar-client's)
             # aborts the interpreter's shutdown (SIGABRT), so the command ends without one
@@ -161,10 +162,6 @@ def _connect_within(url: str, timeout: float) -> Client:
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
-
-
-def _is_configuration(exc: Exception) -> bool:
-    return isinstance(exc, (InvalidURLError, BackendNotFoundError, InvalidArgumentError))
 
 
 def _fail(text: str, url: str, status: int) -> int:

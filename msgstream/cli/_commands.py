@@ -98,12 +98,7 @@ def lag(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     """Read without joining the subscription, so a running consumer is not disturbed (no rebalance)."""
     client.describe_channels(args.channel)
     rows = channel_lags(client.backend, args.subscription, args.channel, {})
-    if args.json:
-        out.write(
-            "".join(json_line({"channel": r.channel, "messages": r.messages, "seconds": r.seconds}) for r in rows)
-        )
-    else:
-        out.write(table(["channel", "messages", "seconds"], [(r.channel, r.messages, r.seconds) for r in rows]))
+    _rows(["channel", "messages", "seconds"], [(r.channel, r.messages, r.seconds) for r in rows], args.json, out)
     return 0
 
 
@@ -115,7 +110,7 @@ def tail(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     subscription = args.subscription or f"msgstream-tail-{uuid.uuid4().hex[:12]}"
     position = SubscriptionPosition.LATEST if args.start == "latest" else SubscriptionPosition.EARLIEST
     stop = threading.Event()
-    with _StopOnSignals(stop):
+    with _stop_on_signals(stop):
         try:
             with client.msg_stream(auto_ack=False, on_error=_skip_bad_frame) as stream:
                 stream.create_consumers(subscription, args.channel, dispatcher, position)
@@ -187,11 +182,15 @@ def _plural(n: int, noun: str) -> str:
 
 def _channel_rows(names: list[str], owners: list[OwnerDescription], as_json: bool, out: IO[str]) -> None:
     rows = [(n, o.role, o.address, o.description_text) for n, o in zip(names, owners, strict=True)]
+    _rows(["channel", "role", "address", "description"], rows, as_json, out)
+
+
+def _rows(headers: list[str], rows: list[tuple[Any, ...]], as_json: bool, out: IO[str]) -> None:
+    """``rows`` as a table under ``headers``, or as JSON lines keyed by them."""
     if as_json:
-        keys = ("channel", "role", "address", "description")
-        out.write("".join(json_line(dict(zip(keys, row, strict=True))) for row in rows))
+        out.write("".join(json_line(dict(zip(headers, row, strict=True))) for row in rows))
     else:
-        out.write(table(["channel", "role", "address", "description"], rows))
+        out.write(table(headers, rows))
 
 
 def _message_text(msg: TsMsg, as_json: bool) -> str:
@@ -275,18 +274,13 @@ def _batches(
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
-class _StopOnSignals:
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP (the terminal or ssh session closed) set ``stop`` instead of interrupting a
     broker call half-way."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self._stop = stop
-        self._saved: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        for sig in _STOP_SIGNALS:
-            self._saved[sig] = signal.signal(sig, lambda *_: self._stop.set())
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._saved.items():
+    saved = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
             signal.signal(sig, handler)
