@@ -278,12 +278,13 @@ class _AsyncStream(Generic[S]):
     # -- consuming ------------------------------------------------------------------------------
     async def _take(self, kind: str, fn: Callable[[], T], timeout: float) -> T:
         """Run a consume-side call, or take the kept outcome of one whose caller was cancelled."""
+        bound = timeout + self._bound
         async with self._lock:
             kept = self._kept
             if kept is None:
                 fut: asyncio.Future[T] = self._consuming.submit(fn)
                 fut.add_done_callback(_mark_seen)  # a kept error goes to the next call, if one comes
-                self._kept = (kind, fut, asyncio.get_running_loop().time() + timeout + self._bound)
+                self._kept = (kind, fut, asyncio.get_running_loop().time() + bound)
             elif kept[0] != kind:
                 raise StreamStateError(
                     f"a cancelled {kept[0]}() left its outcome to the next {kept[0]}(): call that before {kind}()"
@@ -291,7 +292,6 @@ class _AsyncStream(Generic[S]):
             else:
                 self._check_open()
                 fut = kept[1]
-            bound = timeout + self._bound
             # asyncio.wait neither cancels fut when this task is cancelled nor raises fut's error:
             # on cancellation (even one arriving once fut is done) the outcome stays kept
             done, _ = await asyncio.wait((fut,), timeout=bound)

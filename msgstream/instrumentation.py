@@ -159,11 +159,8 @@ class _Hooks:
         attrs = _attributes(s, "receive", channels)
         if s.subscription:
             attrs["messaging.destination.subscription.name"] = s.subscription
-        links = []
-        for carrier in contexts:
-            ctx = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
-            if ctx.is_valid:
-                links.append(Link(ctx))
+        producing = (trace.get_current_span(_PROPAGATOR.extract(c)).get_span_context() for c in contexts)
+        links = [Link(ctx) for ctx in producing if ctx.is_valid]
         span_attrs = {**attrs, "messaging.batch.message_count": count}
         name = f"receive {channels[0]}" if len(channels) == 1 else "receive"
         span = self._tracer.start_span(
