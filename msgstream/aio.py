@@ -175,8 +175,8 @@ class _AsyncStream(Generic[S]):
         self._consume_worker: _Worker | None = None
         self._produce_worker: _Worker | None = None
         self._lock = asyncio.Lock()  # one consume-side call awaited at a time
-        # the outcome of a consume-side call whose caller was cancelled:
-        # (method, future, the loop time by which it should be done)
+        # the consume-side call in flight, whose outcome the next call of its kind takes if this caller is
+        # cancelled: (method, future, the loop time by which it should be done)
         self._kept: tuple[str, asyncio.Future[Any], float] | None = None
         self._inline_send = self._inner().backend.features.nonblocking_send
 
