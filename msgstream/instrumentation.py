@@ -59,6 +59,28 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACE_KEYS = frozenset(_PROPAGATOR.fields)  # traceparent, tracestate
 _TICK = int(MsgType.TIME_TICK)
 _LOCK = threading.Lock()
+#: (name, _Hooks method observing it, unit, description) of each gauge
+_GAUGES = (
+    (
+        "msgstream.consumer.lag.messages",
+        "lag",
+        "{message}",
+        "Messages on a channel after the last one the stream returned (stream.lag()).",
+    ),
+    (
+        "msgstream.consumer.lag.seconds",
+        "lag_seconds",
+        "s",
+        "Time between the newest message on a channel and the last one returned (stream.lag()).",
+    ),
+    (
+        "msgstream.timetick.buffered.messages",
+        "buffered",
+        "{message}",
+        "Messages a time-tick stream holds waiting for a tick.",
+    ),
+    ("msgstream.timetick.lagging.channels", "lagging", "{channel}", "Channels a time-tick stream waits on for a tick."),
+)
 
 
 def _attributes(s: MsgStream, operation: str, channels: list[str]) -> dict[str, Any]:
@@ -181,8 +203,10 @@ class _Hooks:
     def _lag(self, messages: bool) -> list[Observation]:
         out: list[Observation] = []
         streams = list(self.streams)
-        wrapped = {id(getattr(s, "inner", None)) for s in streams}  # an observed time-tick stream reports
-        for s in streams:  # its channels itself: its inner stream counts from what it received, not returned
+        # an observed time-tick stream reports its channels itself: its inner stream counts from what it
+        # received, not what it returned
+        wrapped = {id(getattr(s, "inner", None)) for s in streams}
+        for s in streams:
             if id(s) in wrapped:
                 continue
             lag = getattr(s, "lag", None)
@@ -266,33 +290,7 @@ class MsgStreamInstrumentor:
         tracer = trace.get_tracer("msgstream", __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter("msgstream", __version__, meter_provider=meter_provider)
         hooks = _Hooks(tracer, meter, meter_provider)
-        gauges = (
-            (
-                "msgstream.consumer.lag.messages",
-                "lag",
-                "{message}",
-                "Messages on a channel after the last one the stream returned (stream.lag()).",
-            ),
-            (
-                "msgstream.consumer.lag.seconds",
-                "lag_seconds",
-                "s",
-                "Time between the newest message on a channel and the last one returned (stream.lag()).",
-            ),
-            (
-                "msgstream.timetick.buffered.messages",
-                "buffered",
-                "{message}",
-                "Messages a time-tick stream holds waiting for a tick.",
-            ),
-            (
-                "msgstream.timetick.lagging.channels",
-                "lagging",
-                "{channel}",
-                "Channels a time-tick stream waits on for a tick.",
-            ),
-        )
-        for name, method, unit, description in gauges:  # the meter keeps the first of a name: see _gauge
+        for name, method, unit, description in _GAUGES:  # the meter keeps the first of a name: see _gauge
             meter.create_observable_gauge(name, [_gauge(meter_provider, method)], unit=unit, description=description)
         with _LOCK:
             if MsgStreamInstrumentor._active is not None:
