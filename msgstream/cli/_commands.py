@@ -237,8 +237,7 @@ def _batches(
 
     threading.Thread(target=read, name="msgstream-produce-stdin", daemon=True).start()
     number = 0
-    done = False
-    while not done:
+    while True:
         batch: list[tuple[int, TsMsg]] = []
         line = lines.get()
         while line is not None:
@@ -266,8 +265,9 @@ def _batches(
                 line = lines.get_nowait()
             except queue.Empty:
                 break
-        done = line is None
         yield batch, None
+        if line is None:
+            return
 
 
 #: SIGHUP where the platform has it (not on Windows)
