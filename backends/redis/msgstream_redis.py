@@ -122,12 +122,8 @@ class RedisBackend(Backend):
         self.claim_idle = _number(opts, "claim_idle", 30.0, url)
         self.claim_interval = _number(opts, "claim_interval", 5.0, url)
         retries = int(_number(opts, "retries", 1, url))
-        ssl: dict[str, Any] = {}
-        if url.scheme == "rediss":
-            ssl = {
-                "ssl": True,
-                **{k: opts[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs") if k in opts},
-            }
+        ssl_keys = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+        ssl = {"ssl": True, **{k: opts[k] for k in ssl_keys if k in opts}} if url.scheme == "rediss" else {}
         self._registry = self.prefix + "channels"
         self._connection: dict[str, Any] = {  # kept for ping's short-lived connection
             "host": url.host or "localhost",
@@ -176,14 +172,7 @@ class RedisBackend(Backend):
     def create_channel(self, name: str, metadata: bytes) -> None:
         if not CHANNEL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid channel name {name!r}")
-        with self.errors("create channel", BrokerUnavailableError):
-            try:
-                made = self._once("EVAL", _CREATE, 2, self._registry, self.key(name), name, metadata)
-            except redis.ConnectionError:  # the reply lost with the connection, after it ran or before
-                if self._redis.hget(self._registry, name) != metadata:
-                    raise
-                made = 1  # names are unique (the client draws them): the same metadata is this call's
-        if not made:
+        if not self._script("create channel", _CREATE, name, metadata, leaves=metadata):
             raise ChannelExistsError(f"channel exists: {name!r}")
 
     def channel_metadata(self, name: str) -> bytes:
@@ -194,15 +183,21 @@ class RedisBackend(Backend):
         return data if isinstance(data, bytes) else str(data).encode()
 
     def delete_channel(self, name: str) -> None:
-        with self.errors("delete channel", BrokerUnavailableError):
-            try:
-                removed = self._once("EVAL", _DELETE, 2, self._registry, self.key(name), name)
-            except redis.ConnectionError:  # the reply lost with the connection, after it ran or before
-                if self._redis.hexists(self._registry, name):
-                    raise
-                removed = 1
-        if not removed:
+        if not self._script("delete channel", _DELETE, name, leaves=None):
             raise ChannelNotFoundError(name)
+
+    def _script(self, what: str, script: str, name: str, *args: bytes, leaves: bytes | None) -> Any:
+        """``script`` on the registry and ``name``'s stream, sent once (:meth:`_once`). Its reply lost with
+        the connection, after it ran or before: it ran, and this call succeeded, if the registry now holds
+        ``leaves`` for ``name`` (``None``: nothing). Names are unique (the client draws them), so the
+        metadata a create gave is this call's."""
+        with self.errors(what, BrokerUnavailableError):
+            try:
+                return self._once("EVAL", script, 2, self._registry, self.key(name), name, *args)
+            except redis.ConnectionError:
+                if self._redis.hget(self._registry, name) != leaves:
+                    raise
+                return 1
 
     def create_producer(self, channel: str) -> Producer:
         self.check_channel(channel)
@@ -434,8 +429,7 @@ class _RedisProducer(Producer):
             except ProduceError as exc:  # connection lost or timed out: the replies read are what is known
                 exc.sent = {self.channel: ids + [r for r in replies if isinstance(r, bytes)]}
                 raise
-            failed = [r for r in replies if not isinstance(r, bytes)]
-            if failed:
+            if failed := [r for r in replies if not isinstance(r, bytes)]:
                 accepted = [r for r in replies if isinstance(r, bytes)]
                 first = failed[0]
                 reason = "the channel does not exist (deleted?)" if first is None else f"Redis said: {first}"
