@@ -70,8 +70,11 @@ __all__ = ["RedisBackend"]
 
 _ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
 _RELEASED = "__msgstream_released__"  # placeholder owner of entries handed over by a closing member
-_RAW_COMMANDS = ("XREADGROUP", "XCLAIM", "XAUTOCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
+_RAW_COMMANDS = ("XREADGROUP", "XCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
 _SEND_CHUNK = 5000  # payloads per write
+#: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
+#: ended by the deletion; XGROUP SETID on a stream that is gone
+_GONE = ("NOGROUP", "UNBLOCKED the stream key no longer exists", "requires the key to exist")
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XGROUP', 'CREATE', KEYS[2], '__msgstream_init', '$', 'MKSTREAM')
@@ -88,6 +91,17 @@ return removed
 def _resp(*args: bytes) -> bytes:
     """RESP encoding of a command's leading arguments (without the array length)."""
     return b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _before(entry: bytes) -> bytes:
+    """The greatest stream entry id below ``entry``: a group set there delivers ``entry`` next."""
+    ms, seq = (int(part) for part in entry.split(b"-"))
+    return b"%d-%d" % ((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
+
+
+def _payload(fields: Any) -> bytes:
+    """The frame in an entry's fields (``[b"d", frame]``); an entry written otherwise gives ``b""``."""
+    return fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
 
 
 def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
@@ -264,8 +278,7 @@ class RedisBackend(Backend):
         with self.errors("XINFO GROUPS", channel=channel):
             groups = self._redis.xinfo_groups(self.key(channel))
         for group in groups:
-            name = group["name"]
-            group["name"] = name.decode() if isinstance(name, bytes) else str(name)
+            group["name"] = group["name"].decode()
         return [g for g in groups if g["name"] != "__msgstream_init"]
 
     def list_subscriptions(self, channel: str) -> list[str]:
@@ -284,11 +297,7 @@ class RedisBackend(Backend):
                     if "NOGROUP" not in str(exc):
                         raise
                     continue
-            live = [
-                m
-                for m in members
-                if m["name"] not in (_RELEASED, _RELEASED.encode()) and m["idle"] < self.claim_idle * 1000
-            ]
+            live = [m for m in members if m["name"] != _RELEASED.encode() and m["idle"] < self.claim_idle * 1000]
             if live:
                 raise SubscriptionInUseError(
                     f"subscription {subscription!r} has {len(live)} live member(s) on {channel!r}"
@@ -447,22 +456,6 @@ class _RedisProducer(Producer):
         self._closed = True
 
 
-#: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
-#: ended by the deletion; XGROUP SETID on a stream that is gone
-_GONE = ("NOGROUP", "UNBLOCKED the stream key no longer exists", "requires the key to exist")
-
-
-def _before(entry: bytes) -> bytes:
-    """The greatest stream entry id below ``entry``: a group set there delivers ``entry`` next."""
-    ms, seq = (int(part) for part in entry.split(b"-"))
-    return b"%d-%d" % ((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
-
-
-def _payload(fields: Any) -> bytes:
-    """The frame in an entry's fields (``[b"d", frame]``); an entry written otherwise gives ``b""``."""
-    return fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
-
-
 class _RedisConsumer(Consumer):
     def __init__(self, backend: RedisBackend, subscription: str, channels: Sequence[str]) -> None:
         super().__init__(subscription, channels)
@@ -477,7 +470,7 @@ class _RedisConsumer(Consumer):
         self._next_claim = 0.0
         self._max_block = max(0.05, backend.socket_timeout / 2)
         self._closed = False
-        # The entry ids this member has delivered and not seen acknowledged, per stream key. If a
+        # The entry ids this member has delivered and not seen acknowledged, per channel. If a
         # connection breaks during XREADGROUP, Redis may have assigned entries to this member whose
         # reply never arrived (and redis-py may have read again by itself, bringing newer ones): they
         # sit in its own pending list, where no claim of other members' entries finds them. So after
@@ -492,11 +485,8 @@ class _RedisConsumer(Consumer):
         if any(self._buffer.values()):
             return self._share(max_messages, [])
         try:
-            if self._recover:
-                recovered = self._recover_lost_replies(max_messages)
-                if recovered:
-                    return recovered
-            return self._receive(max_messages, timeout)
+            recovered = self._recover_lost_replies(max_messages) if self._recover else []
+            return recovered or self._receive(max_messages, timeout)
         except MsgStreamError as exc:
             if exc.retriable:  # the connection broke: a reply may have been lost with it
                 self._recover = True
