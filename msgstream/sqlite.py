@@ -85,6 +85,12 @@ def _msg_id(seq: int) -> bytes:
     return seq.to_bytes(_ID_LEN, "big")
 
 
+def _seq(msg_id: bytes) -> int | None:
+    """The sequence number ``msg_id`` stands for; None for bytes that are no id of this backend (SQLite's
+    integers are signed)."""
+    return int.from_bytes(msg_id, "big") if len(msg_id) == _ID_LEN and msg_id[0] < 0x80 else None
+
+
 def _code(exc: BaseException | None) -> int:
     """The primary SQLite result code of a failure (before Python 3.11, from the error's own message):
     SQLITE_BUSY (5) also for a wait for another thread's call; 0 for no SQLite error."""
@@ -313,11 +319,9 @@ class SQLiteBackend(Backend):
     def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
         with self._tx(BrokerUnavailableError, write=False) as conn:
             chan = self._channel(conn, channel)[0]
-            if len(msg_id) != _ID_LEN or msg_id[0] & 0x80:  # not an id of this backend (sqlite ints are signed)
+            if (seq := _seq(msg_id)) is None:
                 return None
-            row = conn.execute(
-                "SELECT payload FROM messages WHERE chan = ? AND seq = ?", (chan, int.from_bytes(msg_id, "big"))
-            ).fetchone()
+            row = conn.execute("SELECT payload FROM messages WHERE chan = ? AND seq = ?", (chan, seq)).fetchone()
         return None if row is None else bytes(row[0])
 
     def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
@@ -408,13 +412,13 @@ class _SQLiteProducer(Producer):
             if row is None:
                 raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
             first, start = row
-            conn.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?)", [(chan, start + i, now, p) for i, p in enumerate(payloads)]
-            )
-            conn.execute("UPDATE channels SET next = ? WHERE id = ?", (start + len(payloads), chan))
+            end = start + len(payloads)
+            rows = [(chan, seq, now, p) for seq, p in zip(range(start, end), payloads, strict=True)]
+            conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", rows)
+            conn.execute("UPDATE channels SET next = ? WHERE id = ?", (end, chan))
             if backend._max_messages or backend._max_age:
-                backend._trim(conn, chan, first, start + len(payloads))
-        return [_msg_id(seq) for seq in range(start, start + len(payloads))]
+                backend._trim(conn, chan, first, end)
+        return [_msg_id(seq) for seq in range(start, end)]
 
     def close(self) -> None:
         self._closed = True
@@ -442,14 +446,15 @@ class _SQLiteConsumer(Consumer):
         deadline = time.monotonic() + timeout
         while True:
             self._check_open()  # closed from another thread meanwhile: nothing more is taken
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            wait = max(deadline - now, 0.001)
             try:
-                if time.monotonic() >= self._next_reap:
-                    self._next_reap = time.monotonic() + _REAP_EVERY
-                    self._backend._reap(ConsumeError, max(remaining, 0.001))
-                version = self._backend._version(max(remaining, 0.001))
+                if now >= self._next_reap:
+                    self._next_reap = now + _REAP_EVERY
+                    self._backend._reap(ConsumeError, wait)
+                version = self._backend._version(wait)
                 if version != self._seen:
-                    out = self._take(max_messages, max(remaining, 0.001))
+                    out = self._take(max_messages, wait)
                     self._seen = version  # only once taken: a take that raised is tried again
                     if out:
                         return out
@@ -521,8 +526,8 @@ class _SQLiteConsumer(Consumer):
         self._check_open()
         by_channel: dict[str, set[int]] = {}
         for m in messages:
-            if len(m.msg_id) == _ID_LEN and m.msg_id[0] < 0x80:  # else not an id of this backend: not held
-                by_channel.setdefault(m.channel, set()).add(int.from_bytes(m.msg_id, "big"))
+            if (seq := _seq(m.msg_id)) is not None:  # else not held
+                by_channel.setdefault(m.channel, set()).add(seq)
         find = "SELECT first, last, member FROM pending WHERE chan = ? AND sub = ? AND first <= ? ORDER BY first DESC"
         with self._backend._tx(ConsumeError) as conn:
             for name, seqs in by_channel.items():
