@@ -104,6 +104,16 @@ def _payload(fields: Any) -> bytes:
     return fields[1] if fields and len(fields) > 1 and fields[0] == b"d" else b""
 
 
+@contextlib.contextmanager
+def _ignore_reply(reply: str) -> Iterator[None]:
+    """Suppresses a Redis error reply that contains ``reply`` (one that a caller expects)."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if reply not in str(exc):
+            raise
+
+
 def _number(options: Mapping[str, Any], name: str, default: float, url: URL) -> float:
     value = options.get(name, default)
     try:
@@ -222,12 +232,8 @@ class RedisBackend(Backend):
         for channel in channels:  # every channel exists, or no group is made
             self.check_channel(channel)
         for channel in channels:
-            with self.errors("create consumer group"):
-                try:
-                    self._redis.xgroup_create(self.key(channel), subscription, id=start, mkstream=True)
-                except redis.ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):  # BUSYGROUP: the subscription exists and resumes
-                        raise
+            with self.errors("create consumer group"), _ignore_reply("BUSYGROUP"):  # the subscription exists: resumes
+                self._redis.xgroup_create(self.key(channel), subscription, id=start, mkstream=True)
         consumer = _RedisConsumer(self, subscription, channels)
         made: list[str] = []
         try:  # a member from now on, not from its first XREADGROUP
@@ -290,13 +296,9 @@ class RedisBackend(Backend):
         longer counts as dead, as an entry pending that long counts as abandoned to the claim)."""
         for channel in channels:
             self.check_channel(channel)
-            with self.errors("XINFO CONSUMERS", channel=channel):
-                try:
-                    members = self._redis.xinfo_consumers(self.key(channel), subscription)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    continue
+            members: Any = []
+            with self.errors("XINFO CONSUMERS", channel=channel), _ignore_reply("NOGROUP"):  # no group: not held
+                members = self._redis.xinfo_consumers(self.key(channel), subscription)
             live = [m for m in members if m["name"] != _RELEASED.encode() and m["idle"] < self.claim_idle * 1000]
             if live:
                 raise SubscriptionInUseError(
@@ -657,11 +659,8 @@ class _RedisConsumer(Consumer):
         self._backend._consumers.discard(self)
         with self._backend.errors("close consumer"):
             for key in self._keys:
-                try:
+                with _ignore_reply("NOGROUP"):  # the channel was deleted meanwhile
                     self._release(key)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):  # NOGROUP: the channel was deleted meanwhile
-                        raise
 
     def _release(self, key: str) -> None:
         """Hand what this member holds on ``key`` to the next member, then leave the group."""
