@@ -336,8 +336,7 @@ class RedisBackend(Backend):
         key = self.key(channel)
         with self.errors("unacknowledged", channel=channel):
             if group is None:
-                count, after = int(self._redis.xlen(key)), b"0-0"
-                pending = 0
+                count, after, pending = int(self._redis.xlen(key)), b"0-0", 0
             else:
                 after = bytes(group["last-delivered-id"])
                 pending = int(group["pending"])
@@ -346,13 +345,11 @@ class RedisBackend(Backend):
                 count = pending + (undelivered or 0)
             if not count:
                 return 0, None
-            oldest: bytes | None = None
             if pending:
                 oldest = bytes(self.command("XPENDING", key, subscription)[1])
+            elif first := self.command("XRANGE", key, b"(" + after, "+", "COUNT", 1):
+                oldest = bytes(first[0][0])
             else:
-                first = self.command("XRANGE", key, b"(" + after, "+", "COUNT", 1)
-                oldest = bytes(first[0][0]) if first else None
-            if oldest is None:
                 return count, None
             before = self.command("XREVRANGE", key, b"(" + oldest, "-", "COUNT", 1)
         return count, bytes(before[0][0]) if before else oldest
