@@ -472,9 +472,9 @@ class _SQLiteConsumer(Consumer):
         start, then the room left; per channel, ranges waiting for redelivery come first, then the cursor
         moves on."""
         out: list[RawMessage] = []
-        n, first_channel = len(self.channels), self._next_channel
-        self._next_channel = (first_channel + 1) % n
-        order = [self.channels[(first_channel + k) % n] for k in range(n)]
+        n, first = len(self.channels), self._next_channel
+        self._next_channel = (first + 1) % n
+        order = self.channels[first:] + self.channels[:first]
         share = -(-max_messages // n)
         with self._backend._tx(ConsumeError, wait=wait) as conn:
             if conn.execute("SELECT 1 FROM members WHERE token = ?", (self._token,)).fetchone() is None:
