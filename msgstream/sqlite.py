@@ -86,8 +86,7 @@ def _msg_id(seq: int) -> bytes:
 
 
 def _seq(msg_id: bytes) -> int | None:
-    """The sequence number ``msg_id`` stands for; None for bytes that are no id of this backend (SQLite's
-    integers are signed)."""
+    """The sequence number a message id stands for; None for bytes that are none (SQLite's ints are signed)."""
     return int.from_bytes(msg_id, "big") if len(msg_id) == _ID_LEN and msg_id[0] < 0x80 else None
 
 
