@@ -185,9 +185,11 @@ class RedisBackend(Backend):
 
     # -- keys -----------------------------------------------------------------------------------
     def key(self, channel: str) -> str:
+        """The stream key of ``channel``."""
         return f"{self.prefix}ch:{channel}"
 
     def check_channel(self, channel: str) -> None:
+        """``ChannelNotFoundError`` unless ``channel`` is in the registry."""
         with self.errors("check channel"):
             if not self._redis.hexists(self._registry, channel):
                 raise ChannelNotFoundError(channel)
