@@ -337,6 +337,16 @@ def test_produce_stops_at_a_bad_line_with_its_number_and_keeps_what_came_before(
     assert [g["body"]["row_ids"] for g in got] == [[3], [3]]  # the good line of each run
 
 
+def test_produce_that_stops_at_a_bad_line_before_the_end_of_its_input_exits_with_its_status(sqlite_url: str) -> None:
+    """Its stdin reader may still be reading when the command ends; the process ends with status 2, not
+    with the interpreter's abort at shutdown (SIGABRT) over the lock that reader holds on stdin."""
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    good = json.dumps(messages(chan)[5]) + "\n"
+    for before in range(0, 400, 40):  # where the bad line falls, against how far the reader got
+        failed = run("produce", chan, url=sqlite_url, stdin=good * before + "{not json\n" + good * 20_000, status=2)
+        assert f"stdin line {before + 1}" in failed.stderr
+
+
 @pytest.mark.parametrize("args", [["bench", "--messages", "0"], ["demo", "--rows", "0"], ["demo", "--channels", "0"]])
 def test_counts_that_cannot_run_are_usage_errors(args: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

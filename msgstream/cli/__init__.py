@@ -92,7 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``msgstream`` command line; returns the exit status."""
+    """Run the ``msgstream`` command line; returns the exit status. A command that leaves one of its
+    threads blocked in a call nothing can interrupt ends the process here, without the interpreter's
+    shutdown, which such a thread aborts (SIGABRT): a connect past ``--timeout`` (a native client inside
+    it, pulsar-client's), or produce's stdin reader after a bad line (it holds stdin's lock, which the
+    shutdown's close of stdin waits for)."""
+    status = _main(argv)
+    if any(t.name in _LEFT_BLOCKED and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"msgstream {__version__}; backends: {', '.join(installed_schemes())}")
@@ -108,14 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), url, USAGE)
     except (InvalidURLError, MsgStreamError) as exc:
         configuration = isinstance(exc, (InvalidURLError, BackendNotFoundError, InvalidArgumentError))
-        status = _fail(f"{type(exc).__name__}: {exc}", url, USAGE if configuration else FAILED)
-        if any(t.name == _CONNECTING and t.is_alive() for t in threading.enumerate()):
-            # a connect left running (_connect_within): a native client inside it (pulsar-client's)
-            # aborts the interpreter's shutdown (SIGABRT), so the command ends without one
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-        return status
+        return _fail(f"{type(exc).__name__}: {exc}", url, USAGE if configuration else FAILED)
     except BrokenPipeError:  # the reader went away (tail | head): nothing left to say
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush is quiet)
@@ -140,6 +146,7 @@ def _client(url: str, timeout: float) -> Iterator[Client]:
 
 
 _CONNECTING = "msgstream-cli-connect"
+_LEFT_BLOCKED = (_CONNECTING, _commands.READING)
 
 
 def _connect_within(url: str, timeout: float) -> Client:

@@ -26,6 +26,7 @@ from ..values import Position, SubscriptionPosition
 from ._format import json_line, message_from_record, message_record, message_types, position_record, table
 
 _PRODUCE_BATCH = 500  # most lines produced in one call
+READING = "msgstream-produce-stdin"  # the thread that reads produce's stdin
 
 
 def channels(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
@@ -235,7 +236,7 @@ def _batches(
         finally:
             lines.put(None)
 
-    threading.Thread(target=read, name="msgstream-produce-stdin", daemon=True).start()
+    threading.Thread(target=read, name=READING, daemon=True).start()
     number = 0
     while True:
         batch: list[tuple[int, TsMsg]] = []
