@@ -408,19 +408,21 @@ def test_without_proc_members_are_made_and_never_reaped(tmp_path: Path, monkeypa
 
 def test_a_call_waits_for_another_thread_at_most_its_own_timeout(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
-    backend = _backend(path)
+    backend = _backend(path, "busy_timeout=3")
     try:
         backend.create_channel("c", b"")
         producer = backend.create_producer("c")
-        consumer = backend.create_consumer("s", ["c"], SubscriptionPosition.LATEST)
         raw = sqlite3.connect(path, isolation_level=None)
         raw.execute("BEGIN IMMEDIATE")
-        receiving = threading.Thread(target=consumer.receive, args=(1, 3))  # waits for the write lock
+        # one call that holds the connection while it waits (up to busy_timeout) for the write lock
+        # (a receive would not do: it lets the connection go between its looks, and a send taking it
+        # then waits for the write lock instead)
+        other = threading.Thread(target=backend.create_channel, args=("d", b""))
         try:
-            receiving.start()
+            other.start()
             deadline = time.monotonic() + 10
-            while not backend._lock.locked():  # the receive holds the connection, waiting for the write lock
-                assert time.monotonic() < deadline, "the receive never took the connection"
+            while not backend._lock.locked():
+                assert time.monotonic() < deadline, "the other call never took the connection"
                 time.sleep(0.01)
             start = time.monotonic()
             with pytest.raises(ProduceError, match="another thread") as err:
@@ -429,8 +431,9 @@ def test_a_call_waits_for_another_thread_at_most_its_own_timeout(tmp_path: Path)
         finally:
             raw.execute("ROLLBACK")
             raw.close()
-            receiving.join(10)
-        assert not receiving.is_alive()
+            other.join(10)
+        assert not other.is_alive()
+        assert backend.channel_metadata("d") == b""  # it went on once the write lock was free
     finally:
         backend.close()
 
