@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import selectors
@@ -345,6 +346,18 @@ def test_produce_that_stops_at_a_bad_line_before_the_end_of_its_input_exits_with
     for before in range(0, 400, 40):  # where the bad line falls, against how far the reader got
         failed = run("produce", chan, url=sqlite_url, stdin=good * before + "{not json\n" + good * 20_000, status=2)
         assert f"stdin line {before + 1}" in failed.stderr
+
+
+def test_main_in_a_process_of_its_own_returns_where_produce_left_its_reader(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``main`` called by an application returns its status; only the console script ends the process
+    itself over the reader left behind (the test above)."""
+    (chan,) = run("create", "--role", "ops", url=sqlite_url).stdout.split()
+    good = json.dumps(messages(chan)[5]) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("{not json\n" + good * 5000))  # more than the reader's queue holds
+    assert main(["produce", chan, "--url", sqlite_url]) == 2
+    assert "stdin line 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["bench", "--messages", "0"], ["demo", "--rows", "0"], ["demo", "--channels", "0"]])

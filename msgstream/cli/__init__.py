@@ -25,7 +25,7 @@ from . import _commands
 from ._bench import bench
 from ._demo import demo
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
 
 #: exit statuses (docs/cli.md)
 OK, FAILED, USAGE = 0, 1, 2
@@ -92,12 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``msgstream`` command line; returns the exit status. A command that leaves one of its
-    threads blocked in a call nothing can interrupt ends the process here, without the interpreter's
-    shutdown, which such a thread aborts (SIGABRT): a connect past ``--timeout`` (a native client inside
-    it, pulsar-client's), or produce's stdin reader after a bad line (it holds stdin's lock, which the
-    shutdown's close of stdin waits for)."""
-    status = _main(argv)
+    """Run the ``msgstream`` command line; returns the exit status."""
+    return _main(argv)
+
+
+def console() -> int:
+    """The ``msgstream`` console script: :func:`main`, ending the process itself where the command left one
+    of its threads blocked in a call that nothing can interrupt, whose presence aborts the interpreter's
+    shutdown (SIGABRT): a connect past ``--timeout`` (a native client inside it, pulsar-client's), or
+    produce's stdin reader after a bad line (it holds stdin's lock, which the shutdown's close of stdin
+    waits for). Only for a process of its own: it skips ``atexit`` handlers."""
+    status = main()
     if any(t.name in _LEFT_BLOCKED and t.is_alive() for t in threading.enumerate()):
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,5 +1,5 @@
 """``python -m msgstream.cli``: the ``msgstream`` console script."""
 
-from . import main
+from . import console
 
-raise SystemExit(main())
+raise SystemExit(console())
