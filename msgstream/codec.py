@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
-from .messages import HEADER, HEADER_SIZE, MAGIC, PROPERTIES, STOCK_TYPES, VERSION, TsMsg, read_header, split_properties
+from .messages import HEADER_SIZE, PROPERTIES, STOCK_TYPES, TsMsg, plain_header, read_header, split_properties
 
 __all__ = ["Decode", "UnmarshalDispatcher"]
 
@@ -49,7 +49,7 @@ class UnmarshalDispatcher:
             self._names[header] = decode.__name__
         elif callable(decode) and not isinstance(decode, type):
             self._decoders[int(msg_type)] = _guarded(decode)
-            self._by_header.pop(HEADER.pack(MAGIC, VERSION, 0, int(msg_type)), None)
+            self._by_header.pop(plain_header(int(msg_type)), None)
         else:
             raise InvalidArgumentError(f"decode must be a TsMsg subclass or a callable, got {decode!r}")
 

@@ -41,6 +41,13 @@ MAGIC = b"MS"
 VERSION = 1
 HEADER = struct.Struct(">2sBBI")  # magic, version, flags, msg_type
 HEADER_SIZE = HEADER.size
+
+
+def plain_header(msg_type: int) -> bytes:
+    """The frame header of a message of ``msg_type`` without properties (flags 0)."""
+    return HEADER.pack(MAGIC, VERSION, 0, msg_type)
+
+
 #: flag bit: a properties block (uint32 length, then a MessagePack map of str -> str) follows the header
 PROPERTIES = 0x01
 KNOWN_FLAGS = PROPERTIES
@@ -190,7 +197,7 @@ class TsMsg(  # noqa: PLW1641 (unhashable, as every mutable Struct)
         if not 0 < msg_type < 2**32:
             raise TypeError(f"{cls.__name__}.msg_type must be an integer in 1..2**32-1, got {cls.msg_type!r}")
         cls._decoder = msgspec.msgpack.Decoder(cls)
-        cls._frame_header = header = HEADER.pack(MAGIC, VERSION, 0, msg_type)
+        cls._frame_header = header = plain_header(msg_type)
         return header
 
     if not TYPE_CHECKING:

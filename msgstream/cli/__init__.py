@@ -91,11 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``msgstream`` command line; returns the exit status."""
-    return _main(argv)
-
-
 def console() -> int:
     """The ``msgstream`` console script: :func:`main`, ending the process itself where the command left one
     of its threads blocked in a call that nothing can interrupt, whose presence aborts the interpreter's
@@ -110,7 +105,8 @@ def console() -> int:
     return status
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``msgstream`` command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"msgstream {__version__}; backends: {', '.join(installed_schemes())}")
@@ -157,7 +153,7 @@ _LEFT_BLOCKED = (_CONNECTING, _commands.READING)
 def _connect_within(url: str, timeout: float) -> Client:
     """``connect(url)`` within ``timeout`` seconds. A backend checks its broker when it is made, on its own
     timeouts (several seconds, with retries): past ``timeout`` the command reports the broker
-    unreachable, and the attempt is left to a daemon thread that the command's exit ends (see main)."""
+    unreachable, and the attempt is left to a daemon thread that the command's exit ends (see console)."""
     outcome: list[Client | BaseException] = []
 
     def attempt() -> None:
