@@ -192,10 +192,6 @@ def _unwrapped(consumer: Any) -> Any:
     return inner if inner is not None and hasattr(inner, "receive") and hasattr(inner, "acknowledge") else consumer
 
 
-def _unwrapped_id(msg_id: Any) -> Any:
-    return getattr(msg_id, "_msg_id", msg_id)
-
-
 def _parse_id(raw: bytes, channel: str) -> Any:
     try:
         return pulsar.MessageId.deserialize(raw)
@@ -889,7 +885,6 @@ class _PulsarConsumer(Consumer):
             raise StreamClosedError("consumer is closed")
         backend = self._backend
         starts: dict[str, Any] = {}  # channel -> where its cursor goes (None: an empty channel)
-        skips: dict[str, Any] = {}
         for channel, after in targets.items():  # check every target before moving any
             if channel not in self._entries:
                 raise SeekError(f"channel {channel!r} is not consumed by this consumer")
@@ -903,7 +898,7 @@ class _PulsarConsumer(Consumer):
                 found = backend.read_one(topic, target) if last is not None and _key(target) <= _key(last) else None
             if found is None or _key(found) != _key(target):
                 raise SeekError(f"message id {after.hex()!r} is not on channel {channel!r}")
-            starts[channel], skips[channel] = target, _unwrapped_id(target)
+            starts[channel] = target
         with backend.errors("seek", SeekError):
             # a multi-topic consumer cannot seek one of its topics to a message id: close it, move each
             # cursor with a short-lived consumer of that topic, subscribe again. Channels not named keep
@@ -927,8 +922,8 @@ class _PulsarConsumer(Consumer):
                         mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
                     finally:
                         mover.close()
-                    if channel in skips:
-                        self._skip[channel] = (skips[channel], channel in inclusive)
+                    if targets[channel] is not None:
+                        self._skip[channel] = (start, channel in inclusive)
             finally:
                 with contextlib.suppress(MsgStreamError):  # else the next receive subscribes again
                     self._subscribe()
