@@ -248,29 +248,27 @@ class _Admin:
                     self._conn.request(method, self._prefix + path, headers=self._headers)
                     response = self._conn.getresponse()
                     data = response.read()
-                    body = data[:200]
+                    break
                 except (OSError, http.client.HTTPException) as exc:
                     self._conn.close()
                     self._conn = None
                     if attempt == 2:
                         raise BrokerUnavailableError(f"admin {method} {path}: {type(exc).__name__}") from None
-                    continue
-                if response.status == 404 and absent is not None and b"Topic" in data and b"not found" in data:
-                    return absent  # not a 404 of a wrong admin_url, tenant or namespace
-                if response.status not in ok:
-                    refused = BrokerUnavailableError(
-                        f"admin {method} {path}: HTTP {response.status} {body.decode(errors='replace')}"
-                    )
-                    refused.retriable = response.status >= 500  # a 4xx will not cure itself
-                    raise refused
-                return data
-        raise AssertionError("unreachable")
+        if response.status == 404 and absent is not None and b"Topic" in data and b"not found" in data:
+            return absent  # not a 404 of a wrong admin_url, tenant or namespace
+        if response.status not in ok:
+            refused = BrokerUnavailableError(
+                f"admin {method} {path}: HTTP {response.status} {data[:200].decode(errors='replace')}"
+            )
+            refused.retriable = response.status >= 500  # a 4xx will not cure itself
+            raise refused
+        return data
 
-    def json(self, topic: str, tail: str, absent: str | None = None) -> Any:
+    def json(self, topic: str, tail: str, absent: bytes | None = None) -> Any:
         """GET the topic's path followed by ``tail`` and decode its JSON body; ``absent`` (JSON) where the
         broker does not have the topic yet: a client without ``admin_url`` made the channel, and the
         broker creates its topic on first use."""
-        return json.loads(self.request("GET", topic, tail, absent=None if absent is None else absent.encode()))
+        return json.loads(self.request("GET", topic, tail, absent=absent))
 
     def close(self) -> None:
         with self._lock:
@@ -556,7 +554,7 @@ class PulsarBackend(Backend):
     def list_subscriptions(self, channel: str) -> list[str]:
         """The topic's subscriptions, from the admin REST API (``admin_url``)."""
         admin = self._need_admin("list_subscriptions")
-        names = admin.json(self.live(channel).topic, "/subscriptions", absent="[]")
+        names = admin.json(self.live(channel).topic, "/subscriptions", absent=b"[]")
         return [str(n) for n in names if not str(n).startswith("__msgstream_probe_")]
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
@@ -566,7 +564,7 @@ class PulsarBackend(Backend):
         topics = [self.live(channel).topic for channel in channels]
         if self.admin is not None:
             for channel, topic in zip(channels, topics, strict=True):
-                stats = self.admin.json(topic, "/stats", absent="{}")
+                stats = self.admin.json(topic, "/stats", absent=b"{}")
                 sub = stats.get("subscriptions", {}).get(subscription)
                 if sub and sub.get("consumers"):
                     raise SubscriptionInUseError(
@@ -641,7 +639,7 @@ class PulsarBackend(Backend):
         if self.admin is None:
             return None, None
         topic = self.live(channel).topic
-        sub = self.admin.json(topic, "/stats", absent="{}").get("subscriptions", {}).get(subscription)
+        sub = self.admin.json(topic, "/stats", absent=b"{}").get("subscriptions", {}).get(subscription)
         if sub is None:  # would start at the first message
             count = self.count_after(channel, None)
             first = self.read_one(topic, pulsar.MessageId.earliest) if count else None
