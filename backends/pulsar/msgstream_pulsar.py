@@ -291,6 +291,7 @@ class PulsarBackend(Backend):
         # member active on every channel; the others stand by (docs/backends.md)
         balanced_members=False,
     )
+    native_errors = (*((kind, True) for kind in _RETRIABLE_EXC), (pulsar.PulsarException, False))
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
@@ -365,9 +366,6 @@ class PulsarBackend(Backend):
 
     def topic(self, physical: str) -> str:
         return f"persistent://{self.tenant}/{self.namespace}/{physical}"
-
-    # -- errors ---------------------------------------------------------------------------------
-    native_errors = (*((kind, True) for kind in _RETRIABLE_EXC), (pulsar.PulsarException, False))
 
     # -- the registry ---------------------------------------------------------------------------
     def refresh_registry(self, force: bool = True) -> None:
@@ -544,17 +542,13 @@ class PulsarBackend(Backend):
         self.refresh_registry()
         return [name for name, live in self._registry.items() if live is not None]
 
-    def _need_admin(self, operation: str) -> _Admin:
-        if self.admin is None:
-            raise UnsupportedOperationError(
-                f"the pulsar backend needs admin_url for {operation}() (the client protocol has no call for it)"
-            )
-        return self.admin
-
     def list_subscriptions(self, channel: str) -> list[str]:
         """The topic's subscriptions, from the admin REST API (``admin_url``)."""
-        admin = self._need_admin("list_subscriptions")
-        names = admin.json(self.live(channel).topic, "/subscriptions", absent=b"[]")
+        if self.admin is None:
+            raise UnsupportedOperationError(
+                "the pulsar backend needs admin_url for list_subscriptions() (the client protocol has no call for it)"
+            )
+        names = self.admin.json(self.live(channel).topic, "/subscriptions", absent=b"[]")
         return [str(n) for n in names if not str(n).startswith("__msgstream_probe_")]
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
