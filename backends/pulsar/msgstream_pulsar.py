@@ -204,8 +204,8 @@ def _flag(value: Any) -> bool:
 
 
 class _Entry(msgspec.Struct, array_like=True, frozen=True):
-    """A registry record: ``kind`` "C" (create, with the channel's metadata), "D" (destroy) or "I" (the
-    first record of a new registry; it means nothing)."""
+    """A registry record: ``kind`` "C" (create, with the channel's metadata) or "D" (destroy); a record
+    of another kind means nothing."""
 
     kind: str
     name: str
@@ -377,20 +377,18 @@ class PulsarBackend(Backend):
             # a hot path never waits behind a create or destroy in another thread: it checks next time
             if not self._lock.acquire(blocking=False):
                 return
-            self._lock.release()
-        if not self._lock.acquire(timeout=self.timeout):
+        elif not self._lock.acquire(timeout=self.timeout):
             raise BrokerUnavailableError(f"the channel registry was busy for {self.timeout}s")
-        with contextlib.ExitStack() as held, self.errors("read the channel registry", BrokerUnavailableError):
-            held.callback(self._lock.release)
-            for message in self._messages(self._reader):
-                data = message.data()
-                try:
-                    record = msgspec.msgpack.decode(data, type=_Entry)
-                except msgspec.DecodeError:
-                    log.warning("skipped a record of the channel registry that is not msgstream's")
-                    continue
-                self._apply(record)
-            self._refreshed = time.monotonic()
+        try:
+            with self.errors("read the channel registry", BrokerUnavailableError):
+                for message in self._messages(self._reader):
+                    try:
+                        self._apply(msgspec.msgpack.decode(message.data(), type=_Entry))
+                    except msgspec.DecodeError:
+                        log.warning("skipped a record of the channel registry that is not msgstream's")
+                self._refreshed = time.monotonic()
+        finally:
+            self._lock.release()
 
     def _apply(self, record: _Entry) -> None:
         live = self._registry.get(record.name)
