@@ -13,9 +13,9 @@ Mapping (docs/backends.md has the long form):
   is also terminated and deleted through the admin REST API; without it the topic stays, unlisted.
 * message id -> ``MessageId.serialize()`` as the client hands it out (send callback, receive, reader).
 * produce -> one producer per channel, ``send_async`` for every payload (batching off by default, see
-  ``batching`` below); every callback's
-  result is collected and waited for with the timeout; any failure raises ``ProduceError`` with the ids
-  that were accepted. ``block_if_queue_full``: the async queue never drops a message.
+  ``batching`` below); every callback's result is collected and waited for with the timeout; any failure
+  raises ``ProduceError`` with the ids that were accepted. ``block_if_queue_full``: the async queue never
+  drops a message.
 * subscription -> a Pulsar subscription, ``Failover`` by default (each channel has one active member,
   which gets its messages in order; another member takes over a channel, unacknowledged messages
   included, when it leaves); ``subscription_type=shared`` spreads one channel's messages over members.
@@ -35,8 +35,7 @@ Options: ``tenant`` (public), ``namespace`` (default), ``operation_timeout`` (5 
 but a member leaving mid-batch makes the next one see the whole batch again), ``batch_index_ack``
 (false; true fixes that where the broker has ``acknowledgmentAtBatchIndexLevelEnabled``),
 ``batching_max_messages`` (1000), ``batching_max_publish_delay_ms`` (1), ``max_pending_messages``
-(10000), ``receiver_queue_size`` (1000),
-and for TLS ``tls_trust_certs_file_path``,
+(10000), ``receiver_queue_size`` (1000), and for TLS ``tls_trust_certs_file_path``,
 ``tls_allow_insecure_connection``, ``tls_validate_hostname``, ``tls_certificate_file_path``,
 ``tls_private_key_file_path``.
 """
