@@ -191,6 +191,10 @@ def _unwrapped(consumer: Any) -> Any:
     return inner if inner is not None and hasattr(inner, "receive") and hasattr(inner, "acknowledge") else consumer
 
 
+def _serialized(msg_id: Any) -> bytes | None:
+    return None if msg_id is None else bytes(msg_id.serialize())
+
+
 def _parse_id(raw: bytes, channel: str) -> Any:
     try:
         return pulsar.MessageId.deserialize(raw)
@@ -464,8 +468,7 @@ class PulsarBackend(Backend):
         return consumer
 
     def latest_message_id(self, channel: str) -> bytes | None:
-        last = self.last_id(self.live(channel).topic)
-        return None if last is None else bytes(last.serialize())
+        return _serialized(self.last_id(self.live(channel).topic))
 
     def last_id(self, topic: str) -> Any:
         """The MessageId of the topic's newest message, or None. ``get_last_message_id`` names an entry,
@@ -499,6 +502,12 @@ class PulsarBackend(Backend):
         with contextlib.closing(self._read(topic, start)) as messages:
             first = next(messages, None)
         return None if first is None else first.message_id()
+
+    def message_at(self, topic: str, msg_id: Any) -> Any:
+        """The message ``msg_id`` names (its ledger, entry and batch index), or None."""
+        with contextlib.closing(self._read(topic, msg_id)) as messages:
+            found = next(messages, None)
+        return found if found is not None and _key(found.message_id()) == _key(msg_id) else None
 
     def _read(self, topic: str, start: Any) -> Generator[Any, None, None]:
         """The topic's messages from ``start`` (inclusive) to its end, by a reader closed when this
@@ -583,13 +592,9 @@ class PulsarBackend(Backend):
 
     def read_message(self, channel: str, msg_id: bytes) -> bytes | None:
         target = _parse_id(msg_id, channel)
-        topic = self.live(channel).topic
-        read = contextlib.closing(self._read(topic, target))
-        with self.errors(f"read {channel!r}", BrokerUnavailableError, channel), read as messages:
-            first = next(messages, None)
-        if first is None or _key(first.message_id()) != _key(target):
-            return None
-        return bytes(first.data())
+        with self.errors(f"read {channel!r}", BrokerUnavailableError, channel):
+            found = self.message_at(self.live(channel).topic, target)
+        return None if found is None else bytes(found.data())
 
     def _entries_after(self, topic: str, ledger: int, entry: int, newest: Any) -> int | None:
         """Entries after ``ledger:entry`` up to ``newest``: within one ledger entry ids are contiguous;
@@ -633,8 +638,7 @@ class PulsarBackend(Backend):
         sub = self.admin.json(topic, "/stats", absent=b"{}").get("subscriptions", {}).get(subscription)
         if sub is None:  # would start at the first message
             count = self.count_after(channel, None)
-            first = self.read_one(topic, pulsar.MessageId.earliest) if count else None
-            return count, None if first is None else bytes(first.serialize())
+            return count, _serialized(self.read_one(topic, pulsar.MessageId.earliest) if count else None)
         count = int(sub.get("msgBacklog", 0))
         if not count:
             return 0, None
@@ -643,11 +647,10 @@ class PulsarBackend(Backend):
         if not ledger.lstrip("-").isdigit() or not entry.lstrip("-").isdigit():
             return count, None
         mark = pulsar.MessageId(-1, int(ledger), int(entry), -1)
-        found = self.read_one(topic, mark) if int(entry) >= 0 else None
-        if found is not None and _key(found) == _key(mark):
-            return count, bytes(found.serialize())
-        first = self.read_one(topic, pulsar.MessageId(-1, int(ledger), int(entry) + 1, -1))
-        return count, None if first is None else bytes(first.serialize())
+        found = self.message_at(topic, mark) if int(entry) >= 0 else None
+        if found is not None:
+            return count, _serialized(found.message_id())
+        return count, _serialized(self.read_one(topic, pulsar.MessageId(-1, int(ledger), int(entry) + 1, -1)))
 
     def close(self) -> None:
         if self._closed:
@@ -884,8 +887,8 @@ class _PulsarConsumer(Consumer):
                     continue
                 target = _parse_id(after, channel)
                 last = backend.last_id(topic)
-                found = backend.read_one(topic, target) if last is not None and _key(target) <= _key(last) else None
-            if found is None or _key(found) != _key(target):
+                found = backend.message_at(topic, target) if last is not None and _key(target) <= _key(last) else None
+            if found is None:
                 raise SeekError(f"message id {after.hex()!r} is not on channel {channel!r}")
             starts[channel] = target
         with backend.errors("seek", SeekError):
