@@ -596,26 +596,10 @@ class PulsarBackend(Backend):
             found = self.message_at(self.live(channel).topic, target)
         return None if found is None else bytes(found.data())
 
-    def _entries_after(self, topic: str, ledger: int, entry: int, newest: Any) -> int | None:
-        """Entries after ``ledger:entry`` up to ``newest``: within one ledger entry ids are contiguous;
-        across ledgers the admin API's internal stats give each ledger's entry count."""
-        if ledger == newest.ledger_id():
-            return max(0, int(newest.entry_id()) - entry)
-        if self.admin is None or ledger > newest.ledger_id():
-            return None
-        stats = self.admin.json(topic, "/internalStats")
-        count = int(newest.entry_id()) + 1
-        for item in stats.get("ledgers", []):
-            lid = int(item["ledgerId"])
-            if lid == ledger:
-                count += max(0, int(item["entries"]) - entry - 1)
-            elif ledger < lid < newest.ledger_id():
-                count += int(item["entries"])
-        return count
-
     def count_after(self, channel: str, msg_id: bytes | None) -> int | None:
         """Exact with batching off (one message per entry); ``None`` with batching on, and across ledgers
-        without ``admin_url``."""
+        without ``admin_url``. Within one ledger entry ids are contiguous; across ledgers the admin API's
+        internal stats give each ledger's entry count."""
         if self.producer_conf["batching_enabled"]:
             return None
         topic = self.live(channel).topic
@@ -627,7 +611,19 @@ class PulsarBackend(Backend):
                 return None
             return int(self.admin.json(topic, "/internalStats").get("numberOfEntries", 0))
         after = _parse_id(msg_id, channel)
-        return self._entries_after(topic, after.ledger_id(), after.entry_id(), newest)
+        ledger, entry = int(after.ledger_id()), int(after.entry_id())
+        if ledger == newest.ledger_id():
+            return max(0, int(newest.entry_id()) - entry)
+        if self.admin is None or ledger > newest.ledger_id():
+            return None
+        count = int(newest.entry_id()) + 1
+        for item in self.admin.json(topic, "/internalStats").get("ledgers", []):
+            lid = int(item["ledgerId"])
+            if lid == ledger:
+                count += max(0, int(item["entries"]) - entry - 1)
+            elif ledger < lid < newest.ledger_id():
+                count += int(item["entries"])
+        return count
 
     def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
         """The subscription's ``msgBacklog`` and its cursor's mark-delete position, from the admin REST
