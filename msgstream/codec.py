@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from .errors import InvalidArgumentError, MsgStreamError, UnknownMsgTypeError, UnmarshalError
-from .messages import HEADER_SIZE, PROPERTIES, STOCK_TYPES, TsMsg, plain_header, read_header, split_properties
+from .messages import HEADER_SIZE, STOCK_TYPES, TsMsg, decode_frame, plain_header, read_header
 
 __all__ = ["Decode", "UnmarshalDispatcher"]
 
@@ -78,12 +78,7 @@ class UnmarshalDispatcher:
         decode = self._decoders.get(msg_type)
         if decode is None:
             raise UnknownMsgTypeError(msg_type, data=bytes(data))
-        if not flags & PROPERTIES:
-            return decode(data)
-        props, plain = split_properties(data)  # the decoder sees the frame as if it had none
-        msg = decode(plain)
-        msg._props = props
-        return msg
+        return decode_frame(decode, data, flags)
 
 
 def _guarded(decode: Decode) -> Decode:

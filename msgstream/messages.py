@@ -243,20 +243,15 @@ class TsMsg(  # noqa: PLW1641 (unhashable, as every mutable Struct)
     @classmethod
     def unmarshal(cls: type[T], data: bytes) -> T:
         """Decode a frame of exactly this type; see :class:`msgstream.UnmarshalDispatcher` for any type."""
-        msg_type, _flags = read_header(data)
+        msg_type, flags = read_header(data)
         if msg_type != cls.msg_type:
             raise UnknownMsgTypeError(msg_type, data=bytes(data))
-        return cls.decode_body(data)
+        return decode_frame(cls.decode_body, data, flags)
 
     @classmethod
     def decode_body(cls: type[T], data: bytes) -> T:
-        """Decode the body of a frame whose header was already checked."""
+        """Decode the body of a frame without properties (flags 0) whose header was already checked."""
         cls.prepare()
-        if data[3] & PROPERTIES:  # properties between header and body
-            props, plain = split_properties(data)
-            with_props = cls.decode_body(plain)
-            with_props._props = props
-            return with_props
         try:
             msg: T = cls._decoder.decode(memoryview(data)[HEADER_SIZE:])
         except Exception as exc:  # decoding is pure: any failure (incl. bad UTF-8) is bad input
@@ -303,6 +298,16 @@ def split_properties(data: bytes | bytearray | memoryview) -> tuple[dict[str, st
     head = bytes(data[:HEADER_SIZE])
     plain = b"".join((head[:3], bytes((head[3] & ~PROPERTIES,)), head[4:], data[end + size :]))
     return props, plain
+
+
+def decode_frame(decode: Callable[[bytes], T], data: bytes, flags: int) -> T:
+    """``decode(data)``, ``flags`` read from its header; a frame with properties is decoded without them."""
+    if not flags & PROPERTIES:
+        return decode(data)
+    props, plain = split_properties(data)
+    msg = decode(plain)
+    msg._props = props
+    return msg
 
 
 def frame_properties(payload: bytes) -> dict[str, str]:
