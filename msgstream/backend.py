@@ -498,7 +498,7 @@ class Backend(abc.ABC):
         if issubclass(cls, ChannelNotFoundError):
             return cls(channel or "?", scrub(text, self.url, self.options))
         text = f"{scrub(text, self.url, self.options)} [{self.url.redacted()}]"
-        err = cls(text, channel=channel, retriable=retriable) if issubclass(cls, ProduceError) else cls(text)
+        err = cls(text, channel=channel) if issubclass(cls, ProduceError) else cls(text)
         err.retriable = retriable
         return err
 
