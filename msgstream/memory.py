@@ -18,7 +18,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from .backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from .backend import CHANNEL_NAME, CLOSED, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
 from .errors import (
     ChannelExistsError,
     ChannelNotFoundError,
@@ -180,11 +180,8 @@ class _MemoryProducer(Producer):
     def __init__(self, broker: _Broker, channel: str) -> None:
         super().__init__(channel)
         self._broker = broker
-        self._closed = False
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
-        if self._closed:
-            raise StreamClosedError("producer is closed")
         with self._broker.lock:
             ch = self._broker.channels.get(self.channel)
             if ch is None:
@@ -195,7 +192,7 @@ class _MemoryProducer(Producer):
         return [_msg_id(i) for i in range(start, start + len(payloads))]
 
     def close(self) -> None:
-        self._closed = True
+        self._broker = CLOSED
 
 
 class _MemoryConsumer(Consumer):

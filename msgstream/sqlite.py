@@ -37,7 +37,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from sqlite3 import Connection
 from typing import Any
 
-from .backend import CHANNEL_NAME, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
+from .backend import CHANNEL_NAME, CLOSED, URL, Backend, Consumer, Features, Producer, RawMessage, SubscriptionPosition
 from .errors import (
     BrokerUnavailableError,
     ChannelExistsError,
@@ -400,11 +400,8 @@ class _SQLiteProducer(Producer):
         super().__init__(channel)
         self._backend = backend
         self._chan = chan
-        self._closed = False
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
-        if self._closed:
-            raise StreamClosedError("producer is closed")
         backend, chan, now = self._backend, self._chan, time.time()
         with backend._tx(ProduceError, wait=timeout, channel=self.channel) as conn:
             row = conn.execute("SELECT first, next FROM channels WHERE id = ?", (chan,)).fetchone()
@@ -420,7 +417,7 @@ class _SQLiteProducer(Producer):
         return [_msg_id(seq) for seq in range(start, end)]
 
     def close(self) -> None:
-        self._closed = True
+        self._backend = CLOSED
 
 
 class _SQLiteConsumer(Consumer):
