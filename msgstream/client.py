@@ -199,12 +199,11 @@ class Client:
     def tt_msg_stream(self, **options: Any) -> TimeTickStream:
         """A :class:`~msgstream.TimeTickStream` over a new MsgStream; options go to the TimeTickStream
         (``max_buffered``, ``lag_warning_after``) or else to the MsgStream."""
-        tt_opts = {k: v for k, v in options.items() if k in _TT_OPTIONS}
-        stream_opts = {k: v for k, v in options.items() if k not in _TT_OPTIONS}
+        tt_opts = {k: options.pop(k) for k in _TT_OPTIONS & options.keys()}
         self._check_open()
-        _check_options(stream_opts, _STREAM_OPTIONS)
+        _check_options(options, _STREAM_OPTIONS)
         # the time-tick stream is what this client closes (acknowledging what its packs covered first)
-        stream = TimeTickStream(MsgStream(self.backend, **stream_opts), **tt_opts)
+        stream = TimeTickStream(MsgStream(self.backend, **options), **tt_opts)
         self._streams.add(stream)
         return stream
 
