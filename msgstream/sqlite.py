@@ -301,9 +301,9 @@ class SQLiteBackend(Backend):
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
         self._reap(BrokerUnavailableError)  # members whose process died do not hold it
-        with self._tx(BrokerUnavailableError) as conn:
-            chans = [self._channel(conn, name)[0] for name in channels]
-            for name, chan in zip(channels, chans, strict=True):
+        with self._tx(BrokerUnavailableError) as conn:  # one transaction: an error drops nothing
+            for name in channels:
+                chan = self._channel(conn, name)[0]
                 live = conn.execute(
                     "SELECT count(*) FROM joined WHERE chan = ? AND sub = ?", (chan, subscription)
                 ).fetchone()[0]
@@ -311,7 +311,6 @@ class SQLiteBackend(Backend):
                     raise SubscriptionInUseError(
                         f"subscription {subscription!r} has {live} open consumer(s) on {name!r}"
                     )
-            for chan in chans:
                 for table in ("subscriptions", "pending"):
                     conn.execute(f"DELETE FROM {table} WHERE chan = ? AND sub = ?", (chan, subscription))
 
@@ -548,7 +547,6 @@ class _SQLiteConsumer(Consumer):
     def seek(self, targets: Mapping[str, bytes | None], inclusive: Collection[str] = frozenset()) -> None:
         self._check_open()
         with self._backend._tx(ConsumeError) as conn:  # one transaction: all targets or none
-            cursors: dict[int, int] = {}
             for channel, after in targets.items():
                 if (chan := self._ids.get(channel)) is None:
                     raise SeekError(f"channel {channel!r} is not consumed by this consumer")
@@ -564,8 +562,6 @@ class _SQLiteConsumer(Consumer):
                     raise SeekError(f"message id {seq:016x} is past the end of {channel!r} ({nxt} messages)")
                 if cursor < first:
                     raise SeekError(f"seek to {seq:016x} on {channel!r}: messages it needs were trimmed (retention)")
-                cursors[chan] = cursor
-            for chan, cursor in cursors.items():
                 conn.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?)", (chan, self.subscription, cursor))
                 conn.execute("DELETE FROM pending WHERE chan = ? AND sub = ?", (chan, self.subscription))
 
