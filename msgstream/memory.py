@@ -223,17 +223,12 @@ class _MemoryConsumer(Consumer):
         """Collect up to ``max_messages``, an equal share from each channel first (from a rotating start),
         then what room is left from the channels that have more."""
         out: list[RawMessage] = []
-        n = len(self.channels)
         first = self._next_channel
-        self._next_channel = (first + 1) % n
-        share = -(-max_messages // n)
-        while len(out) < max_messages:
-            before = len(out)
-            for k in range(n):
-                self._take_from(self.channels[(first + k) % n], min(share, max_messages - len(out)), out)
-            if len(out) == before:
-                break
-            share = max_messages
+        self._next_channel = (first + 1) % len(self.channels)
+        order = self.channels[first:] + self.channels[:first]
+        for share in (-(-max_messages // len(order)), max_messages):
+            for name in order:
+                self._take_from(name, min(share, max_messages - len(out)), out)
         return out
 
     def _take_from(self, name: str, room: int, out: list[RawMessage]) -> None:
