@@ -387,7 +387,9 @@ class Unacked(Generic[H]):
 
     def add(self, channel: str, msg_id: bytes, handle: H | None = None) -> None:
         """:meth:`deliver` for one message."""
-        self.deliver(channel, [msg_id], None if handle is None else [handle])
+        self._order.setdefault(channel, []).append(msg_id)
+        if handle is not None:
+            self._handles.setdefault(channel, {})[msg_id] = handle
 
     def held(self, channel: str) -> set[bytes]:
         """The ids delivered on ``channel`` and not acknowledged."""

@@ -48,6 +48,17 @@ def test_unacked_forget_drops_one_channel() -> None:
     assert held.settle("a", [b"5"]) == b"5"
 
 
+def test_unacked_add_is_deliver_of_one_message() -> None:
+    held: Unacked[str] = Unacked()
+    held.add("a", b"1", "h1")
+    held.add("a", b"2")  # without a handle
+    held.add("a", b"3", "h3")
+    assert held.held("a") == {b"1", b"2", b"3"}
+    assert held.handle("a", b"1") == "h1" and held.handle("a", b"2") is None and held.handle("a", b"3") == "h3"
+    assert held.settle("a", [b"2"]) is None and held.settle("a", [b"1"]) == b"2"
+    assert held.handle("a", b"1") is None and held.settle("a", [b"3"]) == b"3"
+
+
 class _NativeError(Exception):
     pass
 
