@@ -376,15 +376,22 @@ class RedisBackend(Backend):
         reply: a create or delete that had run would then find its own work done and fail, and an
         XREADGROUP that had run would leave the entries it assigned behind newer ones. ``reply_within``:
         seconds to wait for the reply to start (else ``redis.TimeoutError``, the connection dropped)."""
-        pool = self._redis.connection_pool
-        conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
-        try:
-            conn.send_command(*args)  # type: ignore[no-untyped-call]
+        with self._raw_connection() as conn:
+            conn.send_command(*args)
             if reply_within is not None and not conn.can_read(reply_within):
                 raise redis.TimeoutError(f"no reply within {reply_within:g} s")
             return conn.read_response()
+
+    @contextlib.contextmanager
+    def _raw_connection(self) -> Iterator[Any]:
+        """A connection of the pool for a command sent by hand; dropped if the block raises, since
+        replies may be left unread on it."""
+        pool = self._redis.connection_pool
+        conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
+        try:
+            yield conn
         except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # its reply may be unread
+            conn.disconnect()  # type: ignore[no-untyped-call]
             raise
         finally:
             pool.release(conn)
@@ -409,7 +416,6 @@ class _RedisProducer(Producer):
             raise StreamClosedError("producer is closed")
         ids: list[bytes] = []
         head = self._head
-        pool = self._backend.client.connection_pool
         deadline = time.monotonic() + timeout
         for start in range(0, len(payloads), _SEND_CHUNK):
             chunk = payloads[start : start + _SEND_CHUNK]
@@ -417,25 +423,19 @@ class _RedisProducer(Producer):
             for p in chunk:
                 parts += (head, b"$%d\r\n" % len(p), p, b"\r\n")
             replies: list[Any] = []
+            errors = self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel)
             try:
-                with self._backend.errors(f"send to {self.channel!r}", ProduceError, self.channel):
-                    conn = pool.get_connection()  # without a command name: redis-py 5.3 and later
-                    try:
-                        conn.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]
-                        for _ in chunk:  # read every reply, errors included, to know what was accepted
-                            # the wait for a reply's start is the send's timeout; the reply's end, the
-                            # connection's socket_timeout
-                            if not conn.can_read(max(0.0, deadline - time.monotonic())):
-                                raise redis.TimeoutError(f"no reply within the send's {timeout:g} s")
-                            try:
-                                replies.append(conn.read_response())
-                            except redis.ResponseError as exc:
-                                replies.append(exc)
-                    except BaseException:
-                        conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread
-                        raise
-                    finally:
-                        pool.release(conn)
+                with errors, self._backend._raw_connection() as conn:
+                    conn.send_packed_command([b"".join(parts)])
+                    for _ in chunk:  # read every reply, errors included, to know what was accepted
+                        # the wait for a reply's start is the send's timeout; the reply's end, the
+                        # connection's socket_timeout
+                        if not conn.can_read(max(0.0, deadline - time.monotonic())):
+                            raise redis.TimeoutError(f"no reply within the send's {timeout:g} s")
+                        try:
+                            replies.append(conn.read_response())
+                        except redis.ResponseError as exc:
+                            replies.append(exc)
             except ProduceError as exc:  # connection lost or timed out: the replies read are what is known
                 exc.sent = {self.channel: ids + [r for r in replies if isinstance(r, bytes)]}
                 raise
