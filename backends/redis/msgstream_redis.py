@@ -474,11 +474,10 @@ class _RedisConsumer(Consumer):
         # The entry ids this member has delivered and not seen acknowledged, per channel. If a
         # connection breaks during XREADGROUP, Redis may have assigned entries to this member whose
         # reply never arrived (and redis-py may have read again by itself, bringing newer ones): they
-        # sit in its own pending list, where no claim of other members' entries finds them. So after
-        # an error the next receive, and every claim round, looks through its own pending list for
-        # entries it never delivered.
+        # sit in its own pending list, where no claim of other members' entries finds them. So every
+        # claim round, and an error brings the next one forward, looks through its own pending list
+        # for entries it never delivered.
         self._held: Unacked[None] = Unacked()
-        self._recover = False
 
     def receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         if self._closed:
@@ -486,16 +485,15 @@ class _RedisConsumer(Consumer):
         if any(self._buffer.values()):
             return self._share(max_messages, [])
         try:
-            recovered = self._recover_lost_replies(max_messages) if self._recover else []
-            return recovered or self._receive(max_messages, timeout)
+            return self._receive(max_messages, timeout)
         except MsgStreamError as exc:
             if exc.retriable:  # the connection broke: a reply may have been lost with it
-                self._recover = True
+                self._next_claim = 0.0
             raise
 
     def _recover_lost_replies(self, max_messages: int) -> list[RawMessage]:
         """Entries in this member's own pending list that it never delivered: assigned by Redis, lost
-        on the way. Clears the recovery flag once there are none left."""
+        on the way."""
         out: list[RawMessage] = []
         with self._errors("receive"):
             for channel, key in zip(self.channels, self._keys, strict=True):
@@ -517,8 +515,6 @@ class _RedisConsumer(Consumer):
                             self._backend.command("XACK", key, self.subscription, *gone)
                     if len(out) >= max_messages:
                         return out
-        if not out:
-            self._recover = False
         return out
 
     def _receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
@@ -529,8 +525,8 @@ class _RedisConsumer(Consumer):
             now = time.monotonic()
             if now >= self._next_claim:  # also within one long receive: a member may die meanwhile
                 self._next_claim = now + self._backend.claim_interval
-                # a reply lost in a connection that redis-py re-established by itself raised nothing:
-                # look for such entries at every claim round too (one cheap command)
+                # entries whose reply was lost (also in a connection that redis-py re-established by
+                # itself, which raised nothing), then other members' idle ones
                 claimed = self._recover_lost_replies(max_messages) or self._claim(max_messages)
                 if claimed:
                     if len(claimed) >= max_messages:  # more may wait: take them before any newer entry
