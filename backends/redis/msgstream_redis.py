@@ -70,7 +70,7 @@ __all__ = ["RedisBackend"]
 
 _ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
 _RELEASED = "__msgstream_released__"  # placeholder owner of entries handed over by a closing member
-_RAW_COMMANDS = ("XREADGROUP", "XCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
+_RAW_COMMANDS = ("XCLAIM", "XPENDING", "XREVRANGE", "XRANGE")
 _SEND_CHUNK = 5000  # payloads per write
 #: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
 #: ended by the deletion; XGROUP SETID on a stream that is gone
@@ -164,7 +164,7 @@ class RedisBackend(Backend):
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
             **self._connection,
         )
-        for command in _RAW_COMMANDS:  # raw replies: no per-entry dicts on the hot path
+        for command in _RAW_COMMANDS:  # raw replies, the lists this module reads: no per-entry dicts
             self._redis.set_response_callback(command, lambda response, **_: response)
         self._consumers: set[_RedisConsumer] = set()
         self._closed = False
@@ -463,9 +463,8 @@ class _RedisConsumer(Consumer):
         self._backend = backend
         self._r = backend.client
         self._name = f"m-{uuid.uuid4().hex[:16]}"
-        self._keys = [backend.key(c) for c in channels]
-        self._key_of = dict(zip(channels, self._keys, strict=True))
-        self._channel_of = {k.encode(): c for k, c in zip(self._keys, channels, strict=True)}
+        self._key_of = {c: backend.key(c) for c in channels}
+        self._channel_of = {k.encode(): c for c, k in self._key_of.items()}
         # delivered by Redis beyond what a receive returns (COUNT applies per stream), per channel
         self._buffer: dict[str, deque[RawMessage]] = {c: deque() for c in channels}
         self._next_claim = 0.0
@@ -496,7 +495,7 @@ class _RedisConsumer(Consumer):
         on the way."""
         out: list[RawMessage] = []
         with self._errors("receive"):
-            for channel, key in zip(self.channels, self._keys, strict=True):
+            for channel, key in self._key_of.items():
                 held = self._held.held(channel)
                 for mine in self._pending(key, member=self._name):
                     lost = [p[0] for p in mine if p[0] not in held][: max_messages - len(out)]
@@ -520,7 +519,7 @@ class _RedisConsumer(Consumer):
     def _receive(self, max_messages: int, timeout: float) -> list[RawMessage]:
         deadline = time.monotonic() + timeout
         args: list[Any] = ["XREADGROUP", "GROUP", self.subscription, self._name, "COUNT", max_messages]
-        streams = ["STREAMS", *self._keys, *([">"] * len(self._keys))]
+        streams = ["STREAMS", *self._key_of.values(), *([">"] * len(self._key_of))]
         while True:
             now = time.monotonic()
             if now >= self._next_claim:  # also within one long receive: a member may die meanwhile
@@ -579,7 +578,7 @@ class _RedisConsumer(Consumer):
         me = self._name.encode()
         out: list[RawMessage] = []
         with self._errors("claim pending entries"):
-            for channel, key in zip(self.channels, self._keys, strict=True):
+            for channel, key in self._key_of.items():
                 for pending in itertools.islice(self._pending(key, idle=idle_ms), 10):  # a bounded scan
                     theirs = [p[0] for p in pending if p[1] != me][: max_messages - len(out)]
                     if theirs:
@@ -653,7 +652,7 @@ class _RedisConsumer(Consumer):
         self._closed = True
         self._backend._consumers.discard(self)
         with self._backend.errors("close consumer"):
-            for key in self._keys:
+            for key in self._key_of.values():
                 with _ignore_reply("NOGROUP"):  # the channel was deleted meanwhile
                     self._release(key)
 
