@@ -75,6 +75,8 @@ _SEND_CHUNK = 5000  # payloads per write
 #: Redis's replies to a consumer whose stream or group was deleted: no group; a blocked XREADGROUP
 #: ended by the deletion; XGROUP SETID on a stream that is gone
 _GONE = ("NOGROUP", "UNBLOCKED the stream key no longer exists", "requires the key to exist")
+#: the registry field and the empty stream, made by XGROUP CREATE ... MKSTREAM with a group that the
+#: same script destroys (so no client ever sees it)
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XGROUP', 'CREATE', KEYS[2], '__msgstream_init', '$', 'MKSTREAM')
@@ -287,7 +289,7 @@ class RedisBackend(Backend):
             groups = self._redis.xinfo_groups(self.key(channel))
         for group in groups:
             group["name"] = group["name"].decode()
-        return [g for g in groups if g["name"] != "__msgstream_init"]
+        return groups
 
     def list_subscriptions(self, channel: str) -> list[str]:
         return [g["name"] for g in self._groups(channel)]
