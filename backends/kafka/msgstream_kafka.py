@@ -222,9 +222,7 @@ def _offset(msg_id: bytes) -> int:
 class KafkaBackend(Backend):
     """See the module docstring."""
 
-    features = Features(
-        shared_subscription=True, durable=True, cross_process=True, exact_acks=False, members_before_receive=False
-    )
+    features = Features(durable=True, exact_acks=False, members_before_receive=False)
 
     def __init__(self, url: URL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
