@@ -133,7 +133,6 @@ def _take(consumer: ck.Consumer, n: int, timeout: float) -> list[Any]:
     return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
 
 
-_pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
 _NO_TOPIC = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
 #: refusals that asking again cannot change (every other failure to read the registry's end offset is
 #: asked again until the timeout: around a broker restart librdkafka reports, for a moment, an unknown
@@ -152,6 +151,13 @@ _TRANSIENT = (
     ck.KafkaError._MSG_TIMED_OUT,
     ck.KafkaError.REQUEST_TIMED_OUT,
     ck.KafkaError._PURGE_QUEUE,  # taken back from the local queue (see send): never left the client
+)
+#: a synchronous commit refused while the group is between generations (a rebalance): made again
+_REBALANCING = (
+    ck.KafkaError.REBALANCE_IN_PROGRESS,
+    ck.KafkaError.UNKNOWN_MEMBER_ID,
+    ck.KafkaError.ILLEGAL_GENERATION,
+    ck.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
 )
 
 
@@ -213,6 +219,9 @@ class _BatchLimits:
             return False
         largest = len(max(payloads, key=len))
         return largest <= self.max_bytes and n * largest <= self.queue_bytes
+
+
+_pack_offset = struct.Struct(">q").pack  # offset -> message id: 8 signed big-endian bytes
 
 
 def _offset(msg_id: bytes) -> int:
@@ -959,28 +968,19 @@ class _KafkaConsumer(Consumer):
             offsets = {t: o for t, o in offsets.items() if t not in ahead}
             if not offsets:
                 return
-        self._commit_retrying([ck.TopicPartition(t, 0, o) for t, o in offsets.items()], deadline)
+        parts = [ck.TopicPartition(t, 0, o) for t, o in offsets.items()]
+        while True:
+            try:
+                self._c.commit(offsets=parts, asynchronous=False)
+                break
+            except ck.KafkaException as exc:
+                if _code(exc) not in _REBALANCING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         for topic, offset in offsets.items():
             self._sent[topic] = offset
             if self._committed.get(topic, offset) <= offset:
                 self._committed.pop(topic, None)
-
-    def _commit_retrying(self, offsets: list[ck.TopicPartition], deadline: float) -> None:
-        """A synchronous commit, tried again until ``deadline`` while the group is between generations."""
-        transient = (
-            ck.KafkaError.REBALANCE_IN_PROGRESS,
-            ck.KafkaError.UNKNOWN_MEMBER_ID,
-            ck.KafkaError.ILLEGAL_GENERATION,
-            ck.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        )
-        while True:
-            try:
-                self._c.commit(offsets=offsets, asynchronous=False)
-                return
-            except ck.KafkaException as exc:
-                if _code(exc) not in transient or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
     def close(self) -> None:
         if self._closed:
