@@ -409,7 +409,7 @@ class KafkaBackend(Backend):
         """Whether ``name`` is a live channel; ``refresh=False``: by a registry at most ``registry_refresh``
         seconds old (read again within ``timeout`` if it is older)."""
         self.refresh_registry(force=refresh, timeout=timeout)
-        return self._registry.get(name) is not None
+        return self.known(name)
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is a live channel by the registry as last read (no broker call)."""
@@ -735,7 +735,7 @@ class _KafkaConsumer(Consumer):
         # unacknowledged (a time-tick stream waiting for a tick) is not delivered to it a second time.
         self._delivered: dict[str, int] = {}
         self._assigned: set[str] = set()
-        self._error: tuple[ck.KafkaError, str] | None = None  # one that came after records, for the next receive
+        self._error: tuple[ck.KafkaError, str] | None = None  # an error event, raised once its batch is returned
         self._closed = False
         with backend.errors("create consumer", BrokerUnavailableError):
             self._c = ck.Consumer(conf)
@@ -847,8 +847,8 @@ class _KafkaConsumer(Consumer):
                 for m in batch
                 if m.error() is None
             ]
-            if len(out) != len(batch):  # end-of-partition events are skipped; any other error raises,
-                self._raise_errors(batch, after=bool(out))  # after the good records beside it are returned
+            if len(out) != len(batch):  # end-of-partition events are skipped; any other error is raised
+                self._keep_error(batch)  # once the good records beside it are returned
             if out and self._guard:
                 out = self._unguarded(out)
             if out:
@@ -856,7 +856,7 @@ class _KafkaConsumer(Consumer):
                     self._unacked.deliver(channel, ids)
                     self._delivered[channel] = _offset(ids[-1]) + 1
                 return out
-            self._raise_deferred()  # an error deferred by _raise_errors, now nothing is left to return first
+            self._raise_deferred()  # an error kept by _keep_error, now nothing is left to return first
             if remaining <= 0:
                 return out
 
@@ -869,16 +869,14 @@ class _KafkaConsumer(Consumer):
             (err, topic), self._error = self._error, None
             self._backend.fail(ConsumeError, f"receive: {err.str()}", err, topic)
 
-    def _raise_errors(self, batch: list[Any], after: bool) -> None:
-        """Raise the first error in ``batch`` that is not an end-of-partition event; with ``after``, on
-        the next receive (librdkafka has handed over the batch's records: they are returned first)."""
+    def _keep_error(self, batch: list[Any]) -> None:
+        """Keep the first error in ``batch`` that is not an end-of-partition event, for _raise_deferred:
+        librdkafka has handed over the batch's records, so they are returned before it is raised."""
         for m in batch:
             err = m.error()
             if err is not None and err.code() != ck.KafkaError._PARTITION_EOF:
-                if after:
-                    self._error = (err, m.topic())
-                    return
-                self._backend.fail(ConsumeError, f"receive: {err.str()}", err, m.topic())
+                self._error = (err, m.topic())
+                return
 
     def _unguarded(self, out: list[RawMessage]) -> list[RawMessage]:
         """Drop what this member acknowledged before a rebalance whose commit was lost (see ``_floor``)."""
