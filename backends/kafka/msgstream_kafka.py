@@ -253,12 +253,11 @@ class KafkaBackend(Backend):
         self.delete_topics = str(opts.get("delete_topics", "true")).lower() not in ("false", "0", "no")
         # librdkafka's own log lines go to the "msgstream.kafka" logger, not to stderr
         common: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": log}
-        roles: dict[str, dict[str, Any]] = {r: {} for r in _ROLES}
+        roles: dict[str, dict[str, Any]] = {"": common, **{r: {} for r in _ROLES}}
         for key, value in opts.items():
-            if key in _OWN_OPTIONS:
-                continue
-            role = next((r for r in _ROLES if key.startswith(r)), None)
-            (roles[role] if role else common)[key[len(role) :] if role else key] = value
+            if key not in _OWN_OPTIONS:
+                role = next((r for r in _ROLES if key.startswith(r)), "")
+                roles[role][key.removeprefix(role)] = value
         self.producer_conf = _settings(_PRODUCER_DEFAULTS, {**common, **roles["producer."]}, _PRODUCER_NEEDS)
         self.batch_limits = _BatchLimits.of(self.producer_conf)
         self.consumer_conf = _settings(_CONSUMER_DEFAULTS, {**common, **roles["consumer."]}, _CONSUMER_NEEDS)
@@ -585,7 +584,7 @@ class _KafkaProducer(Producer):
             backend = self._backend
             try:  # briefly: the send has had its time already
                 backend.refresh_registry(timeout=1.0)
-                gone = not exc.sent.get(self.channel) and not backend.exists(self.channel, refresh=False)
+                gone = not exc.sent.get(self.channel) and not backend.known(self.channel)
             except MsgStreamError:
                 gone = False
             if gone:
@@ -940,7 +939,7 @@ class _KafkaConsumer(Consumer):
             return
         backend = self._backend
         try:  # a channel destroyed meanwhile has no offsets to commit
-            backend.refresh_registry(force=True, timeout=backend.timeout)
+            backend.refresh_registry()
         except MsgStreamError as exc:
             err = ConsumeError(f"commit acknowledgements: {exc}")
             err.retriable = exc.retriable
