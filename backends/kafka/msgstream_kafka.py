@@ -77,6 +77,7 @@ log = logging.getLogger("msgstream.kafka")
 _OWN_OPTIONS = {"registry_topic", "registry_refresh", "operation_timeout", "replication_factor", "delete_topics"}
 _ROLES = ("producer.", "consumer.", "admin.")
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing committed yet
+_READER_GROUP = "msgstream-reader-"  # prefix of the group ids of backends' readers, which never join
 # what the backend's guarantees rest on: a URL may repeat these, not change them
 _PRODUCER_NEEDS = {
     "acks": "all",  # a message is confirmed once the in-sync replicas have it
@@ -269,7 +270,7 @@ class KafkaBackend(Backend):
             self._reader = ck.Consumer(  # reads to the end of a partition (registry, latest offset)
                 {
                     **self.consumer_conf,
-                    "group.id": f"msgstream-reader-{uuid.uuid4().hex}",  # never joins: assign() only
+                    "group.id": _READER_GROUP + uuid.uuid4().hex,  # assign() only
                     "enable.partition.eof": True,
                     "fetch.wait.max.ms": 10,  # the end-of-partition event must not wait out a long poll
                     "fetch.error.backoff.ms": 10,
@@ -506,7 +507,7 @@ class KafkaBackend(Backend):
         self.check_channel(channel)
         with self.errors("list consumer groups", BrokerUnavailableError):
             listing = self._wait(self.admin.list_consumer_groups(request_timeout=self.timeout))
-        groups = [g.group_id for g in listing.valid if not g.group_id.startswith("msgstream-reader-")]
+        groups = [g.group_id for g in listing.valid if not g.group_id.startswith(_READER_GROUP)]
         return [g for g in groups if channel in self._group_offsets(g, [channel])]
 
     def drop_subscription(self, subscription: str, channels: Sequence[str]) -> None:
