@@ -312,6 +312,7 @@ class TimeTickStream:
     def lag(self) -> list[ChannelLag]:
         """As :meth:`MsgStream.lag`, counted from the last message each channel's packs covered (a
         message buffered here, waiting for its tick, is still behind)."""
+        self._require_consumer()
         return self._stream.lag(after={ch.name: ch.position.msg_id for ch in self._order if ch.position.msg_id})
 
     # -- lifecycle ------------------------------------------------------------------------------
