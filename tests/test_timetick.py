@@ -258,7 +258,7 @@ def test_a_failed_acknowledgement_loses_no_pack(client: ms.Client) -> None:
 
 def test_consume_without_its_own_consumer_takes_nothing_from_the_inner_stream(client: ms.Client) -> None:
     """A time-tick stream whose consumer was made on the inner stream, not through it, refuses to
-    consume, and leaves what the inner stream could deliver where it is."""
+    consume and to report lag, and leaves what the inner stream could deliver where it is."""
     chans = _chans(client, 1)
     with client.msg_stream() as out, client.tt_msg_stream() as tt:
         out.create_producers(chans)
@@ -266,6 +266,8 @@ def test_consume_without_its_own_consumer_takes_nothing_from_the_inner_stream(cl
         tt.inner.create_consumers("qn", chans)
         with pytest.raises(StreamStateError):
             tt.consume(timeout=0.5)
+        with pytest.raises(StreamStateError):  # nor does it report a lag of packs it cannot make
+            tt.lag()
         pack = tt.inner.consume(timeout=5)
         assert pack is not None and [m.row_ids for m in pack.msgs] == [[5]]
     with pytest.raises(StreamClosedError):
