@@ -77,7 +77,7 @@ class _ClosedHandle:
     instead of an AttributeError."""
 
     def __getattr__(self, name: str) -> Any:
-        raise StreamClosedError("closed")
+        raise StreamClosedError("closed: used after close()")
 
     def __repr__(self) -> str:
         return "<closed>"

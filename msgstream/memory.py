@@ -182,13 +182,14 @@ class _MemoryProducer(Producer):
         self._broker = broker
 
     def send(self, payloads: Sequence[bytes], timeout: float) -> list[bytes]:
-        with self._broker.lock:
-            ch = self._broker.channels.get(self.channel)
+        broker = self._broker  # once: a close() in another thread does not cut a send that began short
+        with broker.lock:
+            ch = broker.channels.get(self.channel)
             if ch is None:
                 raise ProduceError(f"channel {self.channel!r} does not exist (deleted?)", channel=self.channel)
             start = len(ch.log)
             ch.log.extend(payloads)
-            self._broker.changed.notify_all()
+            broker.changed.notify_all()
         return [_msg_id(i) for i in range(start, start + len(payloads))]
 
     def close(self) -> None:

@@ -133,3 +133,22 @@ def test_a_join_refused_for_a_missing_channel_subscribes_to_none() -> None:
     with pytest.raises(ChannelNotFoundError):
         backend.create_consumer("s", ["a", "missing"], SubscriptionPosition.LATEST)
     assert backend.list_subscriptions("a") == []
+
+
+def test_a_producer_closed_during_its_send_finishes_that_send() -> None:
+    """A close() from another thread that lands while a send is storing its batch: the send returns the
+    ids of what it stored (a caller told otherwise would send the batch twice)."""
+    backend = MemoryBackend(URL(f"memory://close-send-{uuid.uuid4().hex[:8]}"), {})
+    backend.create_channel("a", b"")
+    producer = backend.create_producer("a")
+
+    class _ClosesMidway(list[bytes]):
+        def extend(self, items: object) -> None:
+            super().extend(items)  # type: ignore[arg-type]
+            producer.close()  # as another thread would, between storing and notifying
+
+    channel = backend._broker.channels["a"]  # type: ignore[attr-defined]
+    channel.log = _ClosesMidway()
+    ids = producer.send([b"x", b"y"], 1.0)
+    assert len(ids) == 2 and backend.latest_message_id("a") == ids[1]
+    assert [backend.read_message("a", i) for i in ids] == [b"x", b"y"]
