@@ -511,13 +511,12 @@ class PulsarBackend(Backend):
 
     def _read(self, topic: str, start: Any) -> Generator[Any, None, None]:
         """The topic's messages from ``start`` (inclusive) to its end, by a reader closed when this
-        generator is; a client error raises ``BrokerUnavailableError``."""
-        with self.errors(f"read {topic!r}", BrokerUnavailableError):
-            reader = self.client.create_reader(topic, start, start_message_id_inclusive=True)
-            try:
-                yield from self._messages(reader)
-            finally:
-                reader.close()
+        generator is."""
+        reader = self.client.create_reader(topic, start, start_message_id_inclusive=True)
+        try:
+            yield from self._messages(reader)
+        finally:
+            reader.close()
 
     def _messages(self, reader: Any) -> Iterator[Any]:
         """What ``reader`` holds from where it is to the end of its topic."""
