@@ -627,26 +627,27 @@ class PulsarBackend(Backend):
 
     def unacknowledged(self, subscription: str, channel: str) -> tuple[int | None, bytes | None]:
         """The subscription's ``msgBacklog`` and its cursor's mark-delete position, from the admin REST
-        API; ``(None, None)`` without ``admin_url``."""
+        API; ``(None, None)`` without ``admin_url``. A client error of its reads raises ``BrokerUnavailableError``."""
         if self.admin is None:
             return None, None
-        topic = self.live(channel).topic
-        sub = self.admin.json(topic, "/stats", absent=b"{}").get("subscriptions", {}).get(subscription)
-        if sub is None:  # would start at the first message
-            count = self.count_after(channel, None)
-            return count, _serialized(self.read_one(topic, pulsar.MessageId.earliest) if count else None)
-        count = int(sub.get("msgBacklog", 0))
-        if not count:
-            return 0, None
-        cursor = self.admin.json(topic, "/internalStats").get("cursors", {}).get(subscription, {})
-        ledger, _, entry = str(cursor.get("markDeletePosition", "")).partition(":")
-        if not ledger.lstrip("-").isdigit() or not entry.lstrip("-").isdigit():
-            return count, None
-        mark = pulsar.MessageId(-1, int(ledger), int(entry), -1)
-        found = self.message_at(topic, mark) if int(entry) >= 0 else None
-        if found is not None:
-            return count, _serialized(found.message_id())
-        return count, _serialized(self.read_one(topic, pulsar.MessageId(-1, int(ledger), int(entry) + 1, -1)))
+        with self.errors(f"lag of {channel!r}", BrokerUnavailableError, channel):
+            topic = self.live(channel).topic
+            sub = self.admin.json(topic, "/stats", absent=b"{}").get("subscriptions", {}).get(subscription)
+            if sub is None:  # would start at the first message
+                count = self.count_after(channel, None)
+                return count, _serialized(self.read_one(topic, pulsar.MessageId.earliest) if count else None)
+            count = int(sub.get("msgBacklog", 0))
+            if not count:
+                return 0, None
+            cursor = self.admin.json(topic, "/internalStats").get("cursors", {}).get(subscription, {})
+            ledger, _, entry = str(cursor.get("markDeletePosition", "")).partition(":")
+            if not ledger.lstrip("-").isdigit() or not entry.lstrip("-").isdigit():
+                return count, None
+            mark = pulsar.MessageId(-1, int(ledger), int(entry), -1)
+            found = self.message_at(topic, mark) if int(entry) >= 0 else None
+            if found is not None:
+                return count, _serialized(found.message_id())
+            return count, _serialized(self.read_one(topic, pulsar.MessageId(-1, int(ledger), int(entry) + 1, -1)))
 
     def close(self) -> None:
         if self._closed:
