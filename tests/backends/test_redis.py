@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from msgstream.backend import installed_schemes
 from msgstream.errors import (
     BrokerUnavailableError,
     ChannelNotFoundError,
+    ConsumeError,
     InvalidURLError,
     MsgStreamError,
     ProduceError,
@@ -410,3 +412,31 @@ def test_a_consumer_of_a_deleted_channel_is_told_the_channel_is_gone(redis_url: 
         assert len(outcome) == 1 and isinstance(outcome[0], ChannelNotFoundError), outcome
         with pytest.raises(ChannelNotFoundError):
             seeker.seek({chans[1]: None})
+
+
+def test_a_join_refused_on_one_channel_leaves_no_member_on_the_others(redis_url: str) -> None:
+    """XGROUP CREATECONSUMER refused on the second channel of a join (an ACL allows it on the first
+    channel's stream only): the join raises a typed error, and the member it had made on the first channel
+    is removed again, so that it does not count as a live member for ``claim_idle`` seconds."""
+    admin = redis.Redis.from_url(redis_url)
+    user = f"msgstream-test-{uuid.uuid4().hex[:8]}"
+    with ms.connect(redis_url) as client:
+        first, second = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
+        key = client.backend.key(first)  # type: ignore[attr-defined]
+        admin.execute_command(
+            "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-xgroup|createconsumer",
+            f"(+xgroup|createconsumer ~{key})",
+        )  # fmt: skip
+        try:
+            at = urllib.parse.urlsplit(redis_url)
+            as_user = f"{at.scheme}://{user}:pw@{at.hostname}:{at.port}{at.path}"
+            with (
+                ms.connect(as_user) as limited,
+                limited.msg_stream() as stream,
+                pytest.raises(ConsumeError, match="no permissions"),
+            ):
+                stream.create_consumers("s", [first, second])
+        finally:
+            admin.execute_command("ACL", "DELUSER", user)
+        assert admin.xinfo_consumers(key, "s") == []
+    admin.close()
