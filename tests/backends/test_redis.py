@@ -419,6 +419,9 @@ def test_a_join_refused_on_one_channel_leaves_no_member_on_the_others(redis_url:
     channel's stream only): the join raises a typed error, and the member it had made on the first channel
     is removed again, so that it does not count as a live member for ``claim_idle`` seconds."""
     admin = redis.Redis.from_url(redis_url)
+    if int(str(admin.info("server")["redis_version"]).split(".")[0]) < 7:  # the backend supports 6.2
+        admin.close()
+        pytest.skip("the test refuses one channel only through an ACL selector, which needs Redis 7")
     user = f"msgstream-test-{uuid.uuid4().hex[:8]}"
     with ms.connect(redis_url) as client:
         first, second = client.create_channels(ms.CreateChannelRequest(owner=owner(), num_channels=2))
