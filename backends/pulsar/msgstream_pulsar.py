@@ -909,6 +909,12 @@ class _PulsarConsumer(Consumer):
                     )
                     try:  # the cursor goes to the target's entry, inclusive; its batch is filtered in receive
                         mover.seek(pulsar.MessageId(start.partition(), start.ledger_id(), start.entry_id(), -1))
+                        # the broker drops a consumer that seeks, and the client subscribes it again: a close
+                        # in between can leave it on the broker, where as the Failover subscription's active
+                        # consumer it would take the channel's messages (pulsar-client-cpp#483)
+                        deadline = time.monotonic() + backend.timeout
+                        while not mover.is_connected() and time.monotonic() < deadline:
+                            time.sleep(0.005)
                     finally:
                         mover.close()
                     if targets[channel] is not None:
